@@ -1,0 +1,360 @@
+"""The ``nbo`` command line."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from service import db
+from service.importing import (
+    ImportFailed,
+    ImportSummary,
+    SnapshotOptions,
+    count_rows,
+    import_adoptions,
+    import_customers,
+    import_products,
+    import_snapshots,
+)
+from service.settings import Settings
+
+app = typer.Typer(
+    name="nbo",
+    help="nbo: next-best-offer recommendations for banks.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+db_app = typer.Typer(help="Database schema: apply or revert migrations.", no_args_is_help=True)
+import_app = typer.Typer(
+    help="Load the bank's data (CSV or Parquet). An import loads whole or not at all.",
+    no_args_is_help=True,
+)
+app.add_typer(db_app, name="db")
+app.add_typer(import_app, name="import")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _settings() -> Settings:
+    return Settings()
+
+
+@contextmanager
+def _progress(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda n: progress.advance(task, n)
+
+
+def _engine_ready(settings: Settings) -> Any:
+    engine = db.engine_from_settings(settings)
+    if not db.has_schema(engine):
+        # Migrations are cheap and idempotent; a fresh SQLite file needs them before anything else.
+        db.upgrade(settings.resolved_database_url)
+    return engine
+
+
+def _print_summary(summary: ImportSummary) -> None:
+    table = Table(title=f"import {summary.kind}: {summary.file}", show_header=False)
+    table.add_row("rows read", f"{summary.rows_read:,}")
+    table.add_row("added", f"{summary.added:,}")
+    table.add_row("updated", f"{summary.updated:,}")
+    table.add_row("unchanged", f"{summary.unchanged:,}")
+    table.add_row("rejected", f"{summary.rejected:,}")
+    for key, value in summary.extra.items():
+        table.add_row(key.replace("_", " "), f"{value:,}")
+    table.add_row("time", f"{summary.seconds:.1f} s ({summary.rows_per_second:,.0f} rows/s)")
+    console.print(table)
+
+
+def _run_import(
+    kind: str, path: Path, run: Callable[[Callable[[int], None]], ImportSummary]
+) -> None:
+    try:
+        with _progress(f"import {kind}", count_rows(path) if path.exists() else None) as advance:
+            summary = run(advance)
+    except ImportFailed as exc:
+        err_console.print(f"[red]import {kind} failed; nothing was written.[/red]")
+        for problem in exc.problems:
+            err_console.print(f"  {problem}", markup=False, highlight=False)
+        if exc.truncated:
+            err_console.print("  (more problems not shown)")
+        raise typer.Exit(code=1) from None
+    _print_summary(summary)
+
+
+FileArg = Annotated[Path, typer.Argument(help="CSV (optionally .gz) or Parquet file.")]
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
+) -> None:
+    """Apply migrations up to REVISION (default: the latest)."""
+    settings = _settings()
+    db.upgrade(settings.resolved_database_url, revision)
+    engine = db.engine_from_settings(settings)
+    console.print(f"database at revision {db.current_revision(engine)}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision, or 'base' to drop everything.")],
+) -> None:
+    """Revert migrations down to REVISION."""
+    settings = _settings()
+    db.downgrade(settings.resolved_database_url, revision)
+    console.print(f"database at revision {db.current_revision(db.engine_from_settings(settings))}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Show the database URL's backend and its schema revision."""
+    settings = _settings()
+    engine = db.engine_from_settings(settings)
+    console.print(
+        f"{engine.url.render_as_string(hide_password=True)}: {db.current_revision(engine)}"
+    )
+
+
+@import_app.command("products")
+def import_products_cmd(file: FileArg) -> None:
+    """Import the product catalogue: product_code,name,category,value[,business_weight,active,
+    min_age,max_age,segments,requires,excludes] (lists |-separated)."""
+    settings = _settings()
+    engine = _engine_ready(settings)
+    _run_import(
+        "products",
+        file,
+        lambda advance: import_products(
+            engine,
+            file,
+            chunk_rows=settings.import_chunk_rows,
+            max_errors=settings.import_max_errors,
+            progress=advance,
+        ),
+    )
+
+
+@import_app.command("customers")
+def import_customers_cmd(
+    file: FileArg,
+    categorical: Annotated[
+        list[str] | None, typer.Option(help="Attribute column to import as text even if numeric.")
+    ] = None,
+    numeric: Annotated[
+        list[str] | None, typer.Option(help="Attribute column that must be numeric.")
+    ] = None,
+) -> None:
+    """Import customers: customer_id[,segment,branch_id,joined_at,birth_date] plus any
+    attribute columns (numeric or categorical, whatever the bank has)."""
+    settings = _settings()
+    engine = _engine_ready(settings)
+    _run_import(
+        "customers",
+        file,
+        lambda advance: import_customers(
+            engine,
+            file,
+            chunk_rows=settings.import_chunk_rows,
+            max_errors=settings.import_max_errors,
+            categorical=categorical or (),
+            numeric=numeric or (),
+            progress=advance,
+        ),
+    )
+
+
+@import_app.command("adoptions")
+def import_adoptions_cmd(file: FileArg) -> None:
+    """Import adoptions: customer_id,product_code,adopted_at[,closed_at] (dates YYYY-MM-DD)."""
+    settings = _settings()
+    engine = _engine_ready(settings)
+    _run_import(
+        "adoptions",
+        file,
+        lambda advance: import_adoptions(
+            engine,
+            file,
+            chunk_rows=settings.import_chunk_rows,
+            max_errors=settings.import_max_errors,
+            progress=advance,
+        ),
+    )
+
+
+@import_app.command("snapshots")
+def import_snapshots_cmd(
+    file: FileArg,
+    products: Annotated[
+        list[str],
+        typer.Option(
+            "--products",
+            help="Product flag column name or glob pattern (repeatable), e.g. 'ind_*_ult1'.",
+        ),
+    ],
+    id_column: Annotated[str, typer.Option(help="Column with the customer id.")] = "customer_id",
+    date_column: Annotated[
+        str, typer.Option(help="Column with the snapshot date.")
+    ] = "snapshot_date",
+    map_: Annotated[
+        list[str] | None,
+        typer.Option("--map", help="COLUMN=PRODUCT_CODE: the product a flag column stands for."),
+    ] = None,
+    create_products: Annotated[
+        bool, typer.Option(help="Add product codes missing from the catalogue (value 0).")
+    ] = False,
+) -> None:
+    """Import monthly holding snapshots (one row per customer per month, one 0/1 column per
+    product): 0->1 flips become adoptions, 1->0 flips closures."""
+    mapping: dict[str, str] = {}
+    for item in map_ or ():
+        column, sep, code = item.partition("=")
+        if not sep or not column or not code:
+            err_console.print(f"--map expects COLUMN=PRODUCT_CODE, got '{item}'")
+            raise typer.Exit(code=2)
+        mapping[column.strip()] = code.strip()
+    options = SnapshotOptions(
+        id_column=id_column,
+        date_column=date_column,
+        product_columns=tuple(products),
+        product_map=mapping,
+        create_products=create_products,
+    )
+    settings = _settings()
+    engine = _engine_ready(settings)
+    _run_import(
+        "snapshots",
+        file,
+        lambda advance: import_snapshots(
+            engine,
+            file,
+            options,
+            chunk_rows=settings.import_chunk_rows,
+            max_errors=settings.import_max_errors,
+            progress=advance,
+        ),
+    )
+
+
+def _bank_file(directory: Path, name: str) -> Path:
+    for suffix in (".csv", ".parquet", ".csv.gz"):
+        candidate = directory / f"{name}{suffix}"
+        if candidate.exists():
+            return candidate
+    err_console.print(f"{directory}: no {name}.csv or {name}.parquet")
+    raise typer.Exit(code=1)
+
+
+@import_app.command("bank")
+def import_bank_cmd(
+    directory: Annotated[
+        Path, typer.Argument(help="Folder with products, customers and adoptions files.")
+    ],
+) -> None:
+    """Import a whole bank folder (as `nbo generate` or examples/berka write it): products,
+    then customers, then adoptions."""
+    files = [_bank_file(directory, n) for n in ("products", "customers", "adoptions")]
+    import_products_cmd(files[0])
+    import_customers_cmd(files[1], None, None)
+    import_adoptions_cmd(files[2])
+
+
+@app.command()
+def generate(
+    customers: Annotated[int, typer.Option(min=1, help="Number of customers.")] = 10_000,
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same bank.")] = 0,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("data/bank"),
+    fmt: Annotated[str, typer.Option("--format", help="csv or parquet.")] = "csv",
+    start: Annotated[str, typer.Option(help="First day of the bank's history.")] = "2019-01-01",
+    end: Annotated[str, typer.Option(help="Last day of the bank's history.")] = "2025-12-31",
+) -> None:
+    """Write a realistic synthetic bank in the import format, with its ground truth."""
+    from models.synthetic import generate_bank, write_bank
+
+    if fmt not in ("csv", "parquet"):
+        err_console.print("--format must be csv or parquet")
+        raise typer.Exit(code=2)
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("simulating months", total=None)
+
+        def advance(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        bank = generate_bank(
+            customers,
+            seed,
+            start=dt.date.fromisoformat(start),
+            end=dt.date.fromisoformat(end),
+            progress=advance,
+        )
+        progress.update(task, description="writing files")
+        written = write_bank(bank, out, fmt=fmt)  # type: ignore[arg-type]
+    table = Table(title=f"synthetic bank (seed {seed}) in {out}", show_header=False)
+    table.add_row("products", f"{len(bank.products):,}")
+    table.add_row("customers", f"{len(bank.customers):,}")
+    table.add_row("adoptions", f"{len(bank.adoptions):,}")
+    table.add_row("history", f"{bank.start} .. {bank.end}")
+    for name, path in written.items():
+        table.add_row(name, str(path))
+    console.print(table)
+
+
+@app.command()
+def demo(
+    customers: Annotated[int, typer.Option(min=100, help="Customers in the demo bank.")] = 20_000,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 7,
+) -> None:
+    """The main job: generate a bank into the local SQLite database and run the pipeline on it."""
+    settings = _settings()
+    out = settings.data_dir / "demo-bank"
+    console.rule("1. generate a synthetic bank")
+    generate(
+        customers=customers, seed=seed, out=out, fmt="csv", start="2019-01-01", end="2025-12-31"
+    )
+    console.rule(f"2. migrate the database ({settings.resolved_database_url})")
+    db_upgrade("head")
+    console.rule("3. import the bank")
+    import_bank_cmd(out)
+    console.print("[green]demo complete.[/green]")
+
+
+def main() -> None:
+    """Entry point of the ``nbo`` console script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1237 @@
+"""Getting the bank's data in: products, customers, adoptions and holding snapshots.
+
+Every import follows the same shape, so that it loads whole or not at all:
+
+1. the file is read in chunks of ``import_chunk_rows`` rows (bounded memory);
+   each row is checked and the good ones go into a temporary staging table;
+2. checks that need the whole file (duplicate keys, unknown customers) run as
+   SQL over the staging table;
+3. if any problem was found, the transaction is rolled back and an
+   :class:`ImportFailed` lists the problems with file, row, column and reason;
+   otherwise the staged rows are merged (insert new, update changed) and the
+   transaction commits.
+
+Row numbers count data rows from 1 (the header is not a row), so row N is on
+line N + 1 of a CSV file. Importing the same file twice adds nothing: rows are
+matched by their natural key (product code, customer id, or customer +
+product + adoption date).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fnmatch
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+from sqlalchemy import Connection, Engine, text
+
+ProgressFn = Callable[[int], None]
+"""Called with the number of rows just read."""
+
+PRODUCT_COLUMNS = (
+    "product_code",
+    "name",
+    "category",
+    "value",
+    "business_weight",
+    "active",
+    "min_age",
+    "max_age",
+    "segments",
+    "requires",
+    "excludes",
+)
+PRODUCT_REQUIRED = ("product_code", "name", "category", "value")
+CUSTOMER_FIXED = ("customer_id", "segment", "branch_id", "joined_at", "birth_date")
+ADOPTION_COLUMNS = ("customer_id", "product_code", "adopted_at", "closed_at")
+ADOPTION_REQUIRED = ("customer_id", "product_code", "adopted_at")
+
+_CODE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_ATTRIBUTE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_TRUE = {"true", "1", "yes", "y", "t"}
+_FALSE = {"false", "0", "no", "n", "f"}
+_MISSING = {"", "na", "nan", "null", "none"}
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with an input file."""
+
+    file: str
+    row: int | None
+    column: str | None
+    reason: str
+
+    def __str__(self) -> str:
+        where = [self.file]
+        if self.row is not None:
+            where.append(f"row {self.row}")
+        if self.column is not None:
+            where.append(f"column '{self.column}'")
+        return f"{', '.join(where)}: {self.reason}"
+
+
+class ImportFailed(Exception):
+    """The file was rejected; nothing was written."""
+
+    def __init__(self, problems: Sequence[Problem], *, truncated: bool = False) -> None:
+        self.problems = list(problems)
+        self.truncated = truncated
+        lines = [str(p) for p in self.problems]
+        if truncated:
+            lines.append("(more problems not shown)")
+        super().__init__("\n".join(lines))
+
+
+class _Collector:
+    """Collects problems up to a limit; the import fails if any were seen."""
+
+    def __init__(self, file: str, limit: int) -> None:
+        self.file = file
+        self.limit = limit
+        self.problems: list[Problem] = []
+        self.truncated = False
+        self.rejected_rows: set[int] = set()
+
+    def add(self, row: int | None, column: str | None, reason: str) -> None:
+        if row is not None:
+            self.rejected_rows.add(row)
+        if len(self.problems) < self.limit:
+            self.problems.append(Problem(self.file, row, column, reason))
+        else:
+            self.truncated = True
+
+    @property
+    def full(self) -> bool:
+        return len(self.problems) >= self.limit
+
+    def raise_if_any(self) -> None:
+        if self.problems:
+            raise ImportFailed(self.problems, truncated=self.truncated)
+
+
+@dataclass
+class ImportSummary:
+    """What an import did."""
+
+    kind: str
+    file: str
+    rows_read: int = 0
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    rejected: int = 0
+    seconds: float = 0.0
+    extra: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows_read / self.seconds if self.seconds > 0 else math.inf
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def count_rows(path: Path) -> int | None:
+    """Data rows in ``path`` when cheap to know (Parquet metadata, plain CSV lines)."""
+    if path.suffix.lower() == ".parquet":
+        return int(pq.ParquetFile(path).metadata.num_rows)
+    if path.suffix.lower() in {".csv", ".txt"}:
+        with path.open("rb") as handle:
+            lines = sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
+        return max(lines - 1, 0)
+    return None
+
+
+def read_chunks(path: Path, chunk_rows: int) -> Iterator[tuple[int, pd.DataFrame]]:
+    """Yield ``(first_row_number, frame)`` chunks of ``path``, every cell as text.
+
+    CSV (optionally compressed) and Parquet are read; cells are stripped of
+    surrounding spaces and missing values become empty strings, so every
+    check below sees one representation whatever the source format.
+    """
+    if not path.exists():
+        raise ImportFailed([Problem(str(path), None, None, "file not found")])
+    first = 1
+    if path.suffix.lower() == ".parquet":
+        parquet = pq.ParquetFile(path)
+        for batch in parquet.iter_batches(batch_size=chunk_rows):
+            frame = _as_text(batch.to_pandas())
+            yield first, frame
+            first += len(frame)
+        return
+    try:
+        reader = pd.read_csv(
+            path,
+            dtype=str,
+            keep_default_na=False,
+            chunksize=chunk_rows,
+            skipinitialspace=True,
+        )
+        for frame in reader:
+            frame.columns = [str(c).strip() for c in frame.columns]
+            yield first, _strip(frame)
+            first += len(frame)
+    except pd.errors.EmptyDataError:
+        raise ImportFailed([Problem(str(path), None, None, "the file is empty")]) from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise ImportFailed(
+            [Problem(str(path), None, None, f"not a readable CSV file: {exc}")]
+        ) from None
+
+
+def _strip(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.apply(lambda s: s.str.strip())
+
+
+def _as_text(frame: pd.DataFrame) -> pd.DataFrame:
+    out = {}
+    for name, column in frame.items():
+        if pd.api.types.is_datetime64_any_dtype(column):
+            text_col = column.dt.strftime("%Y-%m-%d")
+        elif (
+            column.dtype == object
+            and len(column)
+            and isinstance(column.dropna().iloc[0] if column.notna().any() else None, dt.date)
+        ):
+            text_col = column.map(lambda d: d.isoformat() if isinstance(d, dt.date) else d)
+        elif pd.api.types.is_float_dtype(column):
+            # Whole floats print without ".0" so integer columns survive Parquet's NaN upcast.
+            text_col = column.map(
+                lambda v: "" if pd.isna(v) else (str(int(v)) if v == int(v) else repr(v))
+            )
+        else:
+            text_col = column
+        out[str(name).strip()] = text_col.astype("string").fillna("").str.strip()
+    return pd.DataFrame(out)
+
+
+def _missing(series: pd.Series) -> np.ndarray:
+    return np.asarray(series.str.lower().isin(_MISSING))
+
+
+def _parse_dates(
+    frame: pd.DataFrame, column: str, first: int, problems: _Collector, *, required: bool
+) -> pd.Series:
+    """Parse an ISO date column; report unparsable and (when required) empty cells."""
+    raw = frame[column]
+    missing = _missing(raw)
+    parsed = pd.to_datetime(raw.where(~missing, None), format="ISO8601", errors="coerce")
+    bad = parsed.isna().to_numpy() & ~missing
+    for i in np.flatnonzero(bad):
+        problems.add(
+            first + int(i), column, f"unparsable date '{raw.iloc[i]}' (expected YYYY-MM-DD)"
+        )
+    if required:
+        for i in np.flatnonzero(missing):
+            problems.add(first + int(i), column, "missing value")
+    return parsed.dt.normalize()
+
+
+def _parse_numbers(
+    frame: pd.DataFrame,
+    column: str,
+    first: int,
+    problems: _Collector,
+    *,
+    required: bool,
+    minimum: float | None = None,
+    integer: bool = False,
+) -> pd.Series:
+    raw = frame[column]
+    missing = _missing(raw)
+    parsed = pd.to_numeric(raw.where(~missing, None), errors="coerce")
+    bad = parsed.isna().to_numpy() & ~missing
+    for i in np.flatnonzero(bad):
+        problems.add(first + int(i), column, f"not a number: '{raw.iloc[i]}'")
+    values = parsed.to_numpy(dtype=float, na_value=np.nan)
+    if integer:
+        not_int = ~np.isnan(values) & (values != np.round(values))
+        for i in np.flatnonzero(not_int):
+            problems.add(first + int(i), column, f"not a whole number: '{raw.iloc[i]}'")
+    if minimum is not None:
+        for i in np.flatnonzero(~np.isnan(values) & (values < minimum)):
+            kind = "negative value" if minimum == 0 else "value too small"
+            problems.add(first + int(i), column, f"{kind} {raw.iloc[i]} (must be >= {minimum:g})")
+    if required:
+        for i in np.flatnonzero(missing):
+            problems.add(first + int(i), column, "missing value")
+    return pd.Series(values, index=frame.index)
+
+
+def _check_columns(
+    columns: Sequence[str],
+    problems: _Collector,
+    *,
+    required: Sequence[str],
+    allowed: Sequence[str] | None = None,
+) -> None:
+    seen: set[str] = set()
+    for name in columns:
+        if name in seen:
+            problems.add(None, name, "column appears twice in the header")
+        seen.add(name)
+    for name in required:
+        if name not in seen:
+            problems.add(None, name, f"missing column (required: {', '.join(required)})")
+    if allowed is not None:
+        for name in columns:
+            if name not in allowed:
+                problems.add(None, name, f"unknown column (allowed: {', '.join(allowed)})")
+
+
+def _date_text(value: Any) -> str | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NaT:
+        return None
+    if isinstance(value, pd.Timestamp):
+        return value.date().isoformat()
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    return str(value)
+
+
+def _as_date(value: Any) -> dt.date | None:
+    if value is None or value is pd.NaT:
+        return None
+    if isinstance(value, dt.datetime):
+        return value.date()
+    if isinstance(value, dt.date):
+        return value
+    return dt.date.fromisoformat(str(value)[:10])
+
+
+# --------------------------------------------------------------------------- staging
+
+
+class _Stage:
+    """A temporary table on the import's connection, filled in bulk."""
+
+    def __init__(self, conn: Connection, name: str, columns: Sequence[tuple[str, str]]) -> None:
+        self.conn = conn
+        self.name = name
+        self.columns = [c for c, _ in columns]
+        self.postgres = conn.dialect.name == "postgresql"
+        column_sql = ", ".join(f"{c} {t}" for c, t in columns)
+        suffix = " ON COMMIT DROP" if self.postgres else ""
+        conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
+        conn.exec_driver_sql(f"CREATE TEMPORARY TABLE {name} ({column_sql}){suffix}")
+
+    def insert(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        if not rows:
+            return
+        raw = self.conn.connection.dbapi_connection
+        assert raw is not None
+        if self.postgres:
+            cols = ", ".join(self.columns)
+            with (
+                raw.cursor() as cursor,
+                cursor.copy(f"COPY {self.name} ({cols}) FROM STDIN") as copy,
+            ):
+                for row in rows:
+                    copy.write_row(row)
+        else:
+            marks = ", ".join("?" for _ in self.columns)
+            cursor = raw.cursor()
+            cursor.executemany(f"INSERT INTO {self.name} VALUES ({marks})", rows)
+            cursor.close()
+
+    def index(self, *columns: str) -> None:
+        name = f"ix_{self.name}_{'_'.join(columns)}"
+        self.conn.exec_driver_sql(f"CREATE INDEX {name} ON {self.name} ({', '.join(columns)})")
+
+    def drop(self) -> None:
+        if not self.postgres:
+            self.conn.exec_driver_sql(f"DROP TABLE IF EXISTS {self.name}")
+
+
+def _distinct(conn: Connection, a: str, b: str) -> str:
+    return f"{a} IS DISTINCT FROM {b}" if conn.dialect.name == "postgresql" else f"{a} IS NOT {b}"
+
+
+def _catalogue(conn: Connection) -> dict[str, int]:
+    return {code: pid for code, pid in conn.execute(text("SELECT code, id FROM products"))}
+
+
+# --------------------------------------------------------------------------- products
+
+
+def import_products(
+    engine: Engine,
+    path: Path,
+    *,
+    chunk_rows: int = 100_000,
+    max_errors: int = 20,
+    progress: ProgressFn | None = None,
+) -> ImportSummary:
+    """Import the product catalogue (``product_code,name,category,value,...``).
+
+    Lists (``segments``, ``requires``, ``excludes``) are ``|``-separated.
+    Products are matched by ``product_code``; a changed row updates the product.
+    """
+    started = time.perf_counter()
+    problems = _Collector(str(path), max_errors)
+    summary = ImportSummary("products", str(path))
+    rows: list[dict[str, Any]] = []
+    first_seen: dict[str, int] = {}
+    for first, frame in read_chunks(path, chunk_rows):
+        if first == 1:
+            _check_columns(
+                frame.columns, problems, required=PRODUCT_REQUIRED, allowed=PRODUCT_COLUMNS
+            )
+            problems.raise_if_any()
+        summary.rows_read += len(frame)
+        value = _parse_numbers(frame, "value", first, problems, required=True, minimum=0)
+        weight = (
+            _parse_numbers(frame, "business_weight", first, problems, required=False, minimum=0)
+            if "business_weight" in frame
+            else pd.Series(np.nan, index=frame.index)
+        )
+        ages = {
+            c: (
+                _parse_numbers(frame, c, first, problems, required=False, minimum=0, integer=True)
+                if c in frame
+                else pd.Series(np.nan, index=frame.index)
+            )
+            for c in ("min_age", "max_age")
+        }
+        for i, record in enumerate(frame.to_dict("records")):
+            row = first + i
+            code = record["product_code"]
+            if not code:
+                problems.add(row, "product_code", "missing value")
+                continue
+            if not _CODE_RE.match(code):
+                problems.add(
+                    row, "product_code", f"invalid code '{code}' (letters, digits, _ . - only)"
+                )
+                continue
+            if code in first_seen:
+                problems.add(
+                    row, "product_code", f"duplicate key '{code}' (also on row {first_seen[code]})"
+                )
+                continue
+            first_seen[code] = row
+            for column in ("name", "category"):
+                if not record[column]:
+                    problems.add(row, column, "missing value")
+            active_text = record.get("active", "").lower()
+            if active_text and active_text not in _TRUE | _FALSE:
+                problems.add(row, "active", f"not a boolean: '{record['active']}' (use true/false)")
+            min_age, max_age = ages["min_age"].iloc[i], ages["max_age"].iloc[i]
+            if not np.isnan(min_age) and not np.isnan(max_age) and min_age > max_age:
+                problems.add(row, "max_age", f"max_age {max_age:g} is below min_age {min_age:g}")
+            rows.append(
+                {
+                    "row": row,
+                    "code": code,
+                    "name": record["name"],
+                    "category": record["category"],
+                    "value": float(value.iloc[i]),
+                    "business_weight": 1.0 if np.isnan(weight.iloc[i]) else float(weight.iloc[i]),
+                    "active": active_text not in _FALSE,
+                    "min_age": None if np.isnan(min_age) else int(min_age),
+                    "max_age": None if np.isnan(max_age) else int(max_age),
+                    "segments": _split_list(record.get("segments", "")),
+                    "requires": _split_list(record.get("requires", "")),
+                    "excludes": _split_list(record.get("excludes", "")),
+                }
+            )
+        if progress:
+            progress(len(frame))
+    if summary.rows_read == 0:
+        problems.add(None, None, "the file has no rows")
+
+    with engine.begin() as conn:
+        known = set(_catalogue(conn)) | set(first_seen)
+        for product in rows:
+            for column in ("requires", "excludes"):
+                for code in product[column] or ():
+                    if code not in known:
+                        problems.add(product["row"], column, f"unknown product '{code}'")
+                    elif code == product["code"]:
+                        problems.add(product["row"], column, f"product '{code}' refers to itself")
+        summary.rejected = len(problems.rejected_rows)
+        problems.raise_if_any()
+        existing = {
+            r.code: r
+            for r in conn.execute(
+                text(
+                    "SELECT id, code, name, category, value, business_weight, active, min_age, "
+                    "max_age, segments, requires, excludes FROM products"
+                )
+            )
+        }
+        now = dt.datetime.now(dt.UTC)
+        for product in rows:
+            params = {k: v for k, v in product.items() if k != "row"}
+            for key in ("segments", "requires", "excludes"):
+                params[key] = json.dumps(params[key]) if params[key] is not None else None
+            old = existing.get(product["code"])
+            if old is None:
+                conn.execute(
+                    text(
+                        "INSERT INTO products (code, name, category, value, business_weight, active, "
+                        "min_age, max_age, segments, requires, excludes) VALUES (:code, :name, "
+                        ":category, :value, :business_weight, :active, :min_age, :max_age, "
+                        ":segments, :requires, :excludes)"
+                    ),
+                    params,
+                )
+                summary.added += 1
+            elif _product_changed(old, product):
+                conn.execute(
+                    text(
+                        "UPDATE products SET name = :name, category = :category, value = :value, "
+                        "business_weight = :business_weight, active = :active, min_age = :min_age, "
+                        "max_age = :max_age, segments = :segments, requires = :requires, "
+                        "excludes = :excludes, updated_at = :now WHERE code = :code"
+                    ),
+                    {**params, "now": now},
+                )
+                summary.updated += 1
+            else:
+                summary.unchanged += 1
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _split_list(cell: str) -> list[str] | None:
+    items = [item.strip() for item in cell.split("|") if item.strip()] if cell else []
+    return items or None
+
+
+def _json_value(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _product_changed(old: Any, new: dict[str, Any]) -> bool:
+    return (
+        old.name != new["name"]
+        or old.category != new["category"]
+        or not math.isclose(old.value, new["value"])
+        or not math.isclose(old.business_weight, new["business_weight"])
+        or bool(old.active) != new["active"]
+        or old.min_age != new["min_age"]
+        or old.max_age != new["max_age"]
+        or _json_value(old.segments) != new["segments"]
+        or _json_value(old.requires) != new["requires"]
+        or _json_value(old.excludes) != new["excludes"]
+    )
+
+
+# --------------------------------------------------------------------------- customers
+
+
+def import_customers(
+    engine: Engine,
+    path: Path,
+    *,
+    chunk_rows: int = 100_000,
+    max_errors: int = 20,
+    categorical: Sequence[str] = (),
+    numeric: Sequence[str] = (),
+    progress: ProgressFn | None = None,
+) -> ImportSummary:
+    """Import customers: ``customer_id`` plus any attribute columns.
+
+    ``segment``, ``branch_id``, ``joined_at`` and ``birth_date`` are known
+    columns; every other column is a bank attribute. An attribute's kind
+    (numeric or categorical) is what it was first imported as; a new
+    attribute is numeric when every value in the first chunk that has values
+    is a number, unless named in ``categorical`` (or forced by ``numeric``).
+    Attributes present in the file replace the stored ones; others are kept.
+    An empty cell removes the attribute for that customer.
+    """
+    started = time.perf_counter()
+    problems = _Collector(str(path), max_errors)
+    summary = ImportSummary("customers", str(path))
+    with engine.begin() as conn:
+        kinds: dict[str, str] = {
+            name: kind
+            for name, kind in conn.execute(text("SELECT name, kind FROM attribute_definitions"))
+        }
+        stored_kinds = dict(kinds)
+        stage = _Stage(
+            conn,
+            "stage_customers",
+            [
+                ("row_no", "BIGINT"),
+                ("external_id", "VARCHAR(128)"),
+                ("segment", "TEXT"),
+                ("branch_id", "TEXT"),
+                ("joined_at", "TEXT"),
+                ("birth_date", "TEXT"),
+                ("attributes", "TEXT"),
+                ("present", "TEXT"),
+            ],
+        )
+        attribute_columns: list[str] = []
+        for first, frame in read_chunks(path, chunk_rows):
+            if first == 1:
+                _check_columns(frame.columns, problems, required=("customer_id",))
+                attribute_columns = [c for c in frame.columns if c not in CUSTOMER_FIXED]
+                for name in attribute_columns:
+                    if not _ATTRIBUTE_RE.match(name):
+                        problems.add(
+                            None,
+                            name,
+                            "invalid attribute name (letters, digits, _; not starting with a digit)",
+                        )
+                for name in set(categorical) | set(numeric):
+                    if name not in attribute_columns:
+                        problems.add(
+                            None,
+                            name,
+                            "named as categorical/numeric but not an attribute column of the file",
+                        )
+                problems.raise_if_any()
+            summary.rows_read += len(frame)
+            staged = _stage_customer_chunk(
+                frame, first, problems, attribute_columns, kinds, stored_kinds, categorical, numeric
+            )
+            if not problems.full:
+                stage.insert(staged)
+            if progress:
+                progress(len(frame))
+        if summary.rows_read == 0:
+            problems.add(None, None, "the file has no rows")
+        problems.raise_if_any()
+
+        stage.index("external_id")
+        for ext, lo, hi in conn.exec_driver_sql(
+            "SELECT external_id, MIN(row_no), MAX(row_no) FROM stage_customers "
+            "GROUP BY external_id HAVING COUNT(*) > 1 ORDER BY MIN(row_no) LIMIT 50"
+        ):
+            problems.add(hi, "customer_id", f"duplicate key '{ext}' (also on row {lo})")
+        summary.rejected = len(problems.rejected_rows)
+        problems.raise_if_any()
+
+        for name, kind in kinds.items():
+            if name not in stored_kinds:
+                conn.execute(
+                    text("INSERT INTO attribute_definitions (name, kind) VALUES (:n, :k)"),
+                    {"n": name, "k": kind},
+                )
+        _merge_customers(conn, summary)
+        stage.drop()
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _stage_customer_chunk(
+    frame: pd.DataFrame,
+    first: int,
+    problems: _Collector,
+    attribute_columns: Sequence[str],
+    kinds: dict[str, str],
+    stored_kinds: dict[str, str],
+    categorical: Sequence[str],
+    numeric: Sequence[str],
+) -> list[tuple[Any, ...]]:
+    ids = frame["customer_id"]
+    for i in np.flatnonzero(_missing(ids)):
+        problems.add(first + int(i), "customer_id", "missing value")
+    dates = {
+        c: _parse_dates(frame, c, first, problems, required=False) if c in frame else None
+        for c in ("joined_at", "birth_date")
+    }
+    values: dict[str, list[Any]] = {}
+    for name in attribute_columns:
+        column = frame[name]
+        missing = _missing(column)
+        numbers = pd.to_numeric(column.where(~missing, None), errors="coerce")
+        not_number = numbers.isna().to_numpy() & ~missing
+        if name not in kinds and (~missing).any():
+            if name in categorical:
+                kinds[name] = "categorical"
+            elif name in numeric or not not_number.any():
+                kinds[name] = "numeric"
+            else:
+                kinds[name] = "categorical"
+        kind = kinds.get(name)
+        if kind == "numeric":
+            for i in np.flatnonzero(not_number):
+                origin = (
+                    "is numeric"
+                    if name in stored_kinds
+                    else "was taken as numeric from earlier rows"
+                )
+                problems.add(
+                    first + int(i),
+                    name,
+                    f"not a number: '{column.iloc[i]}' (attribute '{name}' {origin}; "
+                    "use --categorical to import it as text)",
+                )
+            arr = numbers.to_numpy(dtype=float, na_value=np.nan)
+            values[name] = [None if np.isnan(v) else float(v) for v in arr]
+        else:
+            values[name] = [None if m else v for v, m in zip(column.tolist(), missing, strict=True)]
+    staged: list[tuple[Any, ...]] = []
+    segments = frame["segment"].tolist() if "segment" in frame else [""] * len(frame)
+    branches = frame["branch_id"].tolist() if "branch_id" in frame else [""] * len(frame)
+    joined = dates["joined_at"]
+    born = dates["birth_date"]
+    present = json.dumps(sorted(attribute_columns))
+    for i, ext in enumerate(ids.tolist()):
+        if not ext:
+            continue
+        if len(ext) > 128:
+            problems.add(first + i, "customer_id", "longer than 128 characters")
+            continue
+        attributes = {
+            name: values[name][i] for name in attribute_columns if values[name][i] is not None
+        }
+        staged.append(
+            (
+                first + i,
+                ext,
+                segments[i] or None,
+                branches[i] or None,
+                _date_text(joined.iloc[i]) if joined is not None else None,
+                _date_text(born.iloc[i]) if born is not None else None,
+                json.dumps(attributes, sort_keys=True),
+                present,
+            )
+        )
+    return staged
+
+
+def _merge_customers(conn: Connection, summary: ImportSummary) -> None:
+    has_column = {
+        name: conn.exec_driver_sql(
+            f"SELECT 1 FROM stage_customers WHERE {name} IS NOT NULL LIMIT 1"
+        ).first()
+        is not None
+        for name in ("segment", "branch_id", "joined_at", "birth_date")
+    }
+    result = conn.exec_driver_sql(
+        "SELECT s.external_id, s.segment, s.branch_id, s.joined_at, s.birth_date, s.attributes, "
+        "s.present, c.id, c.segment, c.branch_id, c.joined_at, c.birth_date, c.attributes "
+        "FROM stage_customers s LEFT JOIN customers c ON c.external_id = s.external_id"
+    )
+    inserts: list[dict[str, Any]] = []
+    updates: list[dict[str, Any]] = []
+    now = dt.datetime.now(dt.UTC)
+
+    def flush() -> None:
+        if inserts:
+            conn.execute(
+                text(
+                    "INSERT INTO customers (external_id, segment, branch_id, joined_at, birth_date, "
+                    "attributes, updated_at) VALUES (:external_id, :segment, :branch_id, :joined_at, "
+                    ":birth_date, :attributes, :now)"
+                ),
+                inserts,
+            )
+            inserts.clear()
+        if updates:
+            conn.execute(
+                text(
+                    "UPDATE customers SET segment = :segment, branch_id = :branch_id, "
+                    "joined_at = :joined_at, birth_date = :birth_date, attributes = :attributes, "
+                    "updated_at = :now WHERE id = :id"
+                ),
+                updates,
+            )
+            updates.clear()
+
+    # Read everything to merge first; writing while a cursor is open is not portable.
+    rows = result.fetchall()
+    for (
+        ext,
+        seg,
+        branch,
+        joined,
+        born,
+        attrs,
+        present,
+        cid,
+        o_seg,
+        o_branch,
+        o_joined,
+        o_born,
+        o_attrs,
+    ) in rows:
+        new_attrs = json.loads(attrs)
+        new = {
+            "external_id": ext,
+            "segment": seg,
+            "branch_id": branch,
+            "joined_at": _as_date(joined),
+            "birth_date": _as_date(born),
+            "now": now,
+        }
+        if cid is None:
+            inserts.append({**new, "attributes": json.dumps(new_attrs, sort_keys=True)})
+            summary.added += 1
+        else:
+            old_attrs = _json_value(o_attrs) or {}
+            merged = {k: v for k, v in old_attrs.items() if k not in json.loads(present)}
+            merged.update(new_attrs)
+            old = {
+                "segment": o_seg,
+                "branch_id": o_branch,
+                "joined_at": _as_date(o_joined),
+                "birth_date": _as_date(o_born),
+            }
+            for name in old:
+                if not has_column[name]:
+                    new[name] = old[name]
+            if old == {k: new[k] for k in old} and merged == old_attrs:
+                summary.unchanged += 1
+            else:
+                updates.append({**new, "attributes": json.dumps(merged, sort_keys=True), "id": cid})
+                summary.updated += 1
+        if len(inserts) + len(updates) >= 20_000:
+            flush()
+    flush()
+
+
+# --------------------------------------------------------------------------- adoptions
+
+
+def import_adoptions(
+    engine: Engine,
+    path: Path,
+    *,
+    chunk_rows: int = 100_000,
+    max_errors: int = 20,
+    today: dt.date | None = None,
+    progress: ProgressFn | None = None,
+) -> ImportSummary:
+    """Import adoptions: ``customer_id,product_code,adopted_at[,closed_at]``.
+
+    An adoption is identified by customer, product and adoption date; a
+    re-imported adoption whose ``closed_at`` changed is updated. Customers and
+    products must exist already.
+    """
+    started = time.perf_counter()
+    problems = _Collector(str(path), max_errors)
+    summary = ImportSummary("adoptions", str(path))
+    today = today or dt.date.today()
+    with engine.begin() as conn:
+        catalogue = _catalogue(conn)
+        stage = _Stage(
+            conn,
+            "stage_adoptions",
+            [
+                ("row_no", "BIGINT"),
+                ("external_id", "VARCHAR(128)"),
+                ("customer_id", "BIGINT"),
+                ("product_id", "INTEGER"),
+                ("adopted_at", "DATE"),
+                ("closed_at", "DATE"),
+            ],
+        )
+        for first, frame in read_chunks(path, chunk_rows):
+            if first == 1:
+                _check_columns(
+                    frame.columns, problems, required=ADOPTION_REQUIRED, allowed=ADOPTION_COLUMNS
+                )
+                problems.raise_if_any()
+            summary.rows_read += len(frame)
+            staged = _stage_adoption_chunk(frame, first, problems, catalogue, today)
+            if not problems.full:
+                stage.insert(staged)
+            if progress:
+                progress(len(frame))
+        problems.raise_if_any()
+        _resolve_customers(conn, "stage_adoptions", stage, problems)
+        for ext, pid, adopted, lo, hi in conn.exec_driver_sql(
+            "SELECT external_id, product_id, adopted_at, MIN(row_no), MAX(row_no) FROM stage_adoptions "
+            "GROUP BY external_id, product_id, adopted_at HAVING COUNT(*) > 1 ORDER BY MIN(row_no) LIMIT 50"
+        ):
+            code = next(c for c, i in catalogue.items() if i == pid)
+            problems.add(
+                hi,
+                None,
+                f"duplicate key: customer '{ext}', product '{code}', adopted_at {_date_text(adopted)} "
+                f"(also on row {lo})",
+            )
+        summary.rejected = len(problems.rejected_rows)
+        problems.raise_if_any()
+        summary.updated, summary.added = _merge_adoptions(conn, "stage_adoptions", "import")
+        summary.unchanged = summary.rows_read - summary.added - summary.updated
+        stage.drop()
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _stage_adoption_chunk(
+    frame: pd.DataFrame,
+    first: int,
+    problems: _Collector,
+    catalogue: dict[str, int],
+    today: dt.date,
+) -> list[tuple[Any, ...]]:
+    ids = frame["customer_id"]
+    for i in np.flatnonzero(_missing(ids)):
+        problems.add(first + int(i), "customer_id", "missing value")
+    codes = frame["product_code"]
+    product_ids = codes.map(catalogue)
+    unknown = product_ids.isna().to_numpy()
+    for i in np.flatnonzero(unknown):
+        shown = codes.iloc[i]
+        problems.add(
+            first + int(i),
+            "product_code",
+            f"unknown product '{shown}'" if shown else "missing value",
+        )
+    adopted = _parse_dates(frame, "adopted_at", first, problems, required=True)
+    if "closed_at" in frame:
+        closed = _parse_dates(frame, "closed_at", first, problems, required=False)
+    else:
+        closed = pd.Series(pd.NaT, index=frame.index, dtype="datetime64[ns]")
+    before = (closed < adopted).to_numpy()
+    for i in np.flatnonzero(before):
+        problems.add(
+            first + int(i),
+            "closed_at",
+            f"closed_at {closed.iloc[i].date()} is before adopted_at {adopted.iloc[i].date()}",
+        )
+    limit = pd.Timestamp(today + dt.timedelta(days=1))
+    for column, series in (("adopted_at", adopted), ("closed_at", closed)):
+        for i in np.flatnonzero((series > limit).to_numpy()):
+            problems.add(first + int(i), column, f"date {series.iloc[i].date()} is in the future")
+    ok = ~unknown & ~_missing(ids) & adopted.notna().to_numpy()
+    adopted_text = adopted.dt.strftime("%Y-%m-%d")
+    closed_text = closed.dt.strftime("%Y-%m-%d")
+    rows = np.arange(first, first + len(frame))
+    return [
+        (int(r), e, None, int(p), a, None if pd.isna(c) else c)
+        for r, e, p, a, c, good in zip(
+            rows,
+            ids.tolist(),
+            product_ids.tolist(),
+            adopted_text.tolist(),
+            closed_text.tolist(),
+            ok,
+            strict=True,
+        )
+        if good
+    ]
+
+
+def _resolve_customers(conn: Connection, table: str, stage: _Stage, problems: _Collector) -> None:
+    """Fill ``customer_id`` from ``external_id``; report ids no customer has."""
+    stage.index("external_id")
+    conn.exec_driver_sql(
+        f"UPDATE {table} SET customer_id = "
+        f"(SELECT c.id FROM customers c WHERE c.external_id = {table}.external_id)"
+    )
+    for row, ext in conn.exec_driver_sql(
+        f"SELECT row_no, external_id FROM {table} WHERE customer_id IS NULL ORDER BY row_no LIMIT 50"
+    ):
+        problems.add(row, "customer_id", f"unknown customer '{ext}' (import customers first)")
+
+
+def _merge_adoptions(conn: Connection, table: str, source: str) -> tuple[int, int]:
+    """Update changed closures, then insert new adoptions; returns (updated, added)."""
+    distinct = _distinct(conn, "adoptions.closed_at", "s.closed_at")
+    updated = conn.exec_driver_sql(
+        f"UPDATE adoptions SET closed_at = s.closed_at FROM {table} s "
+        "WHERE adoptions.customer_id = s.customer_id AND adoptions.product_id = s.product_id "
+        f"AND adoptions.adopted_at = s.adopted_at AND {distinct}"
+    ).rowcount
+    added = conn.exec_driver_sql(
+        "INSERT INTO adoptions (customer_id, product_id, adopted_at, closed_at, source) "
+        f"SELECT s.customer_id, s.product_id, s.adopted_at, s.closed_at, '{source}' FROM {table} s "
+        "WHERE NOT EXISTS (SELECT 1 FROM adoptions a WHERE a.customer_id = s.customer_id "
+        "AND a.product_id = s.product_id AND a.adopted_at = s.adopted_at)"
+    ).rowcount
+    return int(updated), int(added)
+
+
+# --------------------------------------------------------------------------- snapshots
+
+
+@dataclass(frozen=True)
+class SnapshotOptions:
+    """How to read a monthly holdings snapshot file.
+
+    ``product_columns`` are column names or glob patterns (``ind_*_ult1``);
+    ``product_map`` renames a column to a product code (default: the column
+    name itself). With ``create_products``, product codes not in the catalogue
+    are added (name = code, category ``unknown``, value 0) instead of failing.
+    """
+
+    id_column: str = "customer_id"
+    date_column: str = "snapshot_date"
+    product_columns: tuple[str, ...] = ()
+    product_map: dict[str, str] = field(default_factory=dict)
+    create_products: bool = False
+
+
+def import_snapshots(
+    engine: Engine,
+    path: Path,
+    options: SnapshotOptions,
+    *,
+    chunk_rows: int = 100_000,
+    max_errors: int = 20,
+    today: dt.date | None = None,
+    progress: ProgressFn | None = None,
+) -> ImportSummary:
+    """Derive adoptions from monthly holding snapshots (one 0/1 column per product).
+
+    Each customer's rows must come in date order (any interleaving of
+    customers is fine). A 0 -> 1 flip between consecutive snapshots is an
+    adoption dated at the later snapshot, a 1 -> 0 flip closes it. Products
+    held at a customer's first snapshot in the file are recorded as held
+    since that date (source ``snapshot_initial``: the true adoption date is
+    unknown), unless an adoption already open at that date is on record.
+    Empty or ``NA`` flags carry the previous month's value. Customers not yet
+    known are created.
+    """
+    started = time.perf_counter()
+    problems = _Collector(str(path), max_errors)
+    summary = ImportSummary("snapshots", str(path))
+    today = today or dt.date.today()
+    state: dict[str, tuple[int, int]] = {}  # external id -> (last date ordinal, holdings bitmask)
+    with engine.begin() as conn:
+        catalogue = _catalogue(conn)
+        opens = _Stage(
+            conn,
+            "stage_snapshot_opens",
+            [
+                ("row_no", "BIGINT"),
+                ("external_id", "VARCHAR(128)"),
+                ("customer_id", "BIGINT"),
+                ("product_id", "INTEGER"),
+                ("adopted_at", "DATE"),
+                ("closed_at", "DATE"),
+                ("initial", "INTEGER"),
+            ],
+        )
+        closes = _Stage(
+            conn,
+            "stage_snapshot_closes",
+            [("external_id", "VARCHAR(128)"), ("product_id", "INTEGER"), ("closed_at", "DATE")],
+        )
+        columns: list[str] = []
+        codes: list[str] = []
+        for first, frame in read_chunks(path, chunk_rows):
+            if first == 1:
+                columns, codes = _snapshot_header(frame.columns, options, problems)
+                problems.raise_if_any()
+                unknown = [c for c in codes if c not in catalogue]
+                if unknown and options.create_products:
+                    for code in unknown:
+                        conn.execute(
+                            text(
+                                "INSERT INTO products (code, name, category, value) "
+                                "VALUES (:c, :c, 'unknown', 0)"
+                            ),
+                            {"c": code},
+                        )
+                    summary.extra["products_created"] = len(unknown)
+                    catalogue = _catalogue(conn)
+                elif unknown:
+                    for column, code in zip(columns, codes, strict=True):
+                        if code in unknown:
+                            problems.add(
+                                None,
+                                column,
+                                f"unknown product '{code}' (import it in the catalogue, map the "
+                                "column with --map COLUMN=CODE, or pass --create-products)",
+                            )
+                    problems.raise_if_any()
+            summary.rows_read += len(frame)
+            opened, closed = _snapshot_chunk(
+                frame,
+                first,
+                problems,
+                options,
+                columns,
+                [catalogue[c] for c in codes],
+                state,
+                today,
+            )
+            if not problems.full:
+                opens.insert(opened)
+                closes.insert(closed)
+            if progress:
+                progress(len(frame))
+        if summary.rows_read == 0:
+            problems.add(None, None, "the file has no rows")
+        summary.rejected = len(problems.rejected_rows)
+        problems.raise_if_any()
+
+        # Customers not yet known are created bare; attributes come from `import customers`.
+        empty = "CAST('{}' AS JSONB)" if conn.dialect.name == "postgresql" else "'{}'"
+        created = conn.exec_driver_sql(
+            f"INSERT INTO customers (external_id, attributes) SELECT DISTINCT o.external_id, {empty} "
+            "FROM stage_snapshot_opens o WHERE NOT EXISTS "
+            "(SELECT 1 FROM customers c WHERE c.external_id = o.external_id)"
+        ).rowcount
+        summary.extra["customers_created"] = int(created)
+        _resolve_customers(conn, "stage_snapshot_opens", opens, problems)
+        problems.raise_if_any()
+        closes.index("external_id", "product_id", "closed_at")
+        # Opens and closes of one customer and product alternate, so each open's
+        # closure is the first close after it.
+        conn.exec_driver_sql(
+            "UPDATE stage_snapshot_opens SET closed_at = (SELECT MIN(c.closed_at) FROM "
+            "stage_snapshot_closes c WHERE c.external_id = stage_snapshot_opens.external_id "
+            "AND c.product_id = stage_snapshot_opens.product_id "
+            "AND c.closed_at > stage_snapshot_opens.adopted_at)"
+        )
+        # A product already held when the file starts continues the open adoption on record.
+        distinct = _distinct(conn, "adoptions.closed_at", "s.closed_at")
+        continued = conn.exec_driver_sql(
+            f"UPDATE adoptions SET closed_at = s.closed_at FROM stage_snapshot_opens s "
+            "WHERE s.initial = 1 AND adoptions.customer_id = s.customer_id "
+            "AND adoptions.product_id = s.product_id AND adoptions.adopted_at < s.adopted_at "
+            "AND (adoptions.closed_at IS NULL OR adoptions.closed_at >= s.adopted_at) "
+            f"AND {distinct}"
+        ).rowcount
+        conn.exec_driver_sql(
+            "DELETE FROM stage_snapshot_opens WHERE initial = 1 AND EXISTS (SELECT 1 FROM adoptions a "
+            "WHERE a.customer_id = stage_snapshot_opens.customer_id "
+            "AND a.product_id = stage_snapshot_opens.product_id "
+            "AND a.adopted_at < stage_snapshot_opens.adopted_at "
+            "AND (a.closed_at IS NULL OR a.closed_at >= stage_snapshot_opens.adopted_at))"
+        )
+        updated_initial, added_initial = _merge_adoptions_where(
+            conn, "initial = 1", "snapshot_initial"
+        )
+        updated_flips, added_flips = _merge_adoptions_where(conn, "initial = 0", "snapshot")
+        summary.added = added_initial + added_flips
+        summary.updated = updated_initial + updated_flips + int(continued)
+        summary.extra["adoptions_from_flips"] = added_flips
+        summary.extra["held_at_first_snapshot"] = added_initial
+        summary.extra["closures"] = int(
+            conn.exec_driver_sql("SELECT COUNT(*) FROM stage_snapshot_closes").scalar_one()
+        )
+        opens.drop()
+        closes.drop()
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _merge_adoptions_where(conn: Connection, condition: str, source: str) -> tuple[int, int]:
+    conn.exec_driver_sql("DROP TABLE IF EXISTS stage_snapshot_part")
+    suffix = " ON COMMIT DROP" if conn.dialect.name == "postgresql" else ""
+    conn.exec_driver_sql(
+        f"CREATE TEMPORARY TABLE stage_snapshot_part{suffix} AS SELECT customer_id, product_id, "
+        f"adopted_at, closed_at FROM stage_snapshot_opens WHERE {condition}"
+    )
+    result = _merge_adoptions(conn, "stage_snapshot_part", source)
+    conn.exec_driver_sql("DROP TABLE stage_snapshot_part")
+    return result
+
+
+def _snapshot_header(
+    header: Sequence[str], options: SnapshotOptions, problems: _Collector
+) -> tuple[list[str], list[str]]:
+    _check_columns(header, problems, required=(options.id_column, options.date_column))
+    columns: list[str] = []
+    for pattern in options.product_columns:
+        matched = [c for c in header if fnmatch.fnmatchcase(c, pattern)]
+        if not matched:
+            problems.add(None, pattern, "no column matches this product column name or pattern")
+        columns.extend(c for c in matched if c not in columns)
+    if not options.product_columns:
+        problems.add(None, None, "no product columns given (use --products COLUMN_OR_PATTERN)")
+    for column in options.product_map:
+        if column not in columns:
+            problems.add(None, column, "mapped with --map but not among the product columns")
+    codes = [options.product_map.get(c, c) for c in columns]
+    for column, code in zip(columns, codes, strict=True):
+        if not _CODE_RE.match(code):
+            problems.add(None, column, f"invalid product code '{code}' (map it with --map)")
+    if len(set(codes)) != len(codes):
+        problems.add(None, None, "two product columns map to the same product code")
+    if len(columns) > 62:
+        problems.add(None, None, "at most 62 product columns per snapshot file")
+    return columns, codes
+
+
+def _snapshot_chunk(
+    frame: pd.DataFrame,
+    first: int,
+    problems: _Collector,
+    options: SnapshotOptions,
+    columns: Sequence[str],
+    product_ids: Sequence[int],
+    state: dict[str, tuple[int, int]],
+    today: dt.date,
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    ids = frame[options.id_column]
+    for i in np.flatnonzero(_missing(ids)):
+        problems.add(first + int(i), options.id_column, "missing value")
+    dates = _parse_dates(frame, options.date_column, first, problems, required=True)
+    limit = pd.Timestamp(today + dt.timedelta(days=1))
+    for i in np.flatnonzero((dates > limit).to_numpy()):
+        problems.add(
+            first + int(i), options.date_column, f"date {dates.iloc[i].date()} is in the future"
+        )
+    flags = np.zeros((len(frame), len(columns)), dtype=np.int64)
+    known = np.zeros((len(frame), len(columns)), dtype=bool)
+    for j, column in enumerate(columns):
+        raw = frame[column]
+        missing = _missing(raw)
+        numbers = pd.to_numeric(raw.where(~missing, None), errors="coerce").to_numpy(
+            dtype=float, na_value=np.nan
+        )
+        bad = ~missing & ~np.isin(numbers, (0.0, 1.0))
+        for i in np.flatnonzero(bad):
+            problems.add(
+                first + int(i), column, f"holding flag must be 0 or 1, got '{raw.iloc[i]}'"
+            )
+        known[:, j] = ~missing & ~bad
+        flags[:, j] = np.where(known[:, j], numbers, 0).astype(np.int64)
+    bits = 1 << np.arange(len(columns), dtype=np.int64)
+    masks = (flags * bits).sum(axis=1).tolist()
+    known_masks = (known * bits).sum(axis=1).tolist()
+    ordinals = [d.toordinal() if not pd.isna(d) else None for d in dates.dt.date.tolist()]
+    opened: list[tuple[Any, ...]] = []
+    closed: list[tuple[Any, ...]] = []
+    for i, ext in enumerate(ids.tolist()):
+        ordinal = ordinals[i]
+        if not ext or ordinal is None:
+            continue
+        row = first + i
+        day = dt.date.fromordinal(ordinal).isoformat()
+        previous = state.get(ext)
+        if previous is None:
+            mask = masks[i]
+            for j, pid in enumerate(product_ids):
+                if mask >> j & 1:
+                    opened.append((row, ext, None, pid, day, None, 1))
+        else:
+            last_ordinal, last_mask = previous
+            if ordinal <= last_ordinal:
+                what = "duplicate snapshot" if ordinal == last_ordinal else "out of date order"
+                problems.add(
+                    row,
+                    options.date_column,
+                    f"{what}: customer '{ext}' already has a snapshot on "
+                    f"{dt.date.fromordinal(last_ordinal)} (each customer's rows must come in date order)",
+                )
+                continue
+            # Unknown flags carry last month's value.
+            mask = (masks[i] & known_masks[i]) | (last_mask & ~known_masks[i])
+            changed = mask ^ last_mask
+            if changed:
+                for j, pid in enumerate(product_ids):
+                    if changed >> j & 1:
+                        if mask >> j & 1:
+                            opened.append((row, ext, None, pid, day, None, 0))
+                        else:
+                            closed.append((ext, pid, day))
+        state[ext] = (ordinal, mask)
+    return opened, closed

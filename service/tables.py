@@ -1,0 +1,293 @@
+"""The database schema: one class per table, SQLAlchemy 2 declarative style.
+
+Customers are identified outside nbo by ``customers.external_id`` (the bank's
+id); inside, rows reference the integer primary key. Arbitrary bank-supplied
+customer attributes live in ``customers.attributes`` (JSON), and
+``attribute_definitions`` records each attribute's kind so models can treat
+numeric and categorical columns correctly whatever columns the bank has.
+
+The decision hot path reads a customer's attributes and adoptions with one
+query over two indexed lookups: ``customers.external_id`` (unique) and
+``adoptions(customer_id, product_id, adopted_at)``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Date,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    true,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# JSONB on PostgreSQL (indexable, compares by value), JSON text elsewhere.
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+# BIGINT on PostgreSQL; SQLite only auto-increments an INTEGER PRIMARY KEY.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+CHANNELS = ("branch", "contact_centre", "digital", "chatbot")
+OUTCOMES = ("presented", "accepted", "declined", "not_now")
+MODEL_STATUSES = ("candidate", "active", "retired", "rejected")
+
+
+def utcnow() -> dt.datetime:
+    """Timezone-aware now, for Python-side defaults."""
+    return dt.datetime.now(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Product(Base):
+    """The bank's catalogue: one row per product that can be offered."""
+
+    __tablename__ = "products"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    code: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    category: Mapped[str] = mapped_column(String(64))
+    value: Mapped[float] = mapped_column(Float, doc="Business value of one adoption.")
+    business_weight: Mapped[float] = mapped_column(Float, default=1.0, server_default="1")
+    active: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    min_age: Mapped[int | None] = mapped_column(SmallInteger)
+    max_age: Mapped[int | None] = mapped_column(SmallInteger)
+    segments: Mapped[list[str] | None] = mapped_column(
+        JSONType, doc="Segments allowed to hold the product; null means all."
+    )
+    requires: Mapped[list[str] | None] = mapped_column(
+        JSONType, doc="Product codes that must all be held first."
+    )
+    excludes: Mapped[list[str] | None] = mapped_column(
+        JSONType, doc="Product codes that rule this product out while held."
+    )
+    created_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    updated_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+
+    __table_args__ = (
+        CheckConstraint("value >= 0", name="value_not_negative"),
+        CheckConstraint("business_weight >= 0", name="weight_not_negative"),
+    )
+
+
+class AttributeDefinition(Base):
+    """The kind of each bank-supplied customer attribute."""
+
+    __tablename__ = "attribute_definitions"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+
+    __table_args__ = (CheckConstraint("kind IN ('numeric', 'categorical')", name="kind"),)
+
+
+class Customer(Base):
+    """A bank customer; ``attributes`` holds whatever columns the bank supplies."""
+
+    __tablename__ = "customers"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    external_id: Mapped[str] = mapped_column(String(128), unique=True)
+    segment: Mapped[str | None] = mapped_column(String(64))
+    branch_id: Mapped[str | None] = mapped_column(String(64))
+    joined_at: Mapped[dt.date | None] = mapped_column(Date)
+    birth_date: Mapped[dt.date | None] = mapped_column(Date)
+    attributes: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    updated_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+
+
+class Adoption(Base):
+    """One product taken up by one customer; open while ``closed_at`` is null."""
+
+    __tablename__ = "adoptions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id", ondelete="CASCADE"))
+    product_id: Mapped[int] = mapped_column(ForeignKey("products.id"))
+    adopted_at: Mapped[dt.date] = mapped_column(Date)
+    closed_at: Mapped[dt.date | None] = mapped_column(Date)
+    source: Mapped[str] = mapped_column(
+        String(32),
+        default="import",
+        server_default="import",
+        doc=(
+            "import | snapshot | snapshot_initial (held at the first snapshot, true date "
+            "unknown) | api | offer"
+        ),
+    )
+
+    __table_args__ = (
+        UniqueConstraint("customer_id", "product_id", "adopted_at"),
+        CheckConstraint("closed_at IS NULL OR closed_at >= adopted_at", name="closed_after"),
+        Index("ix_adoptions_product_id_adopted_at", "product_id", "adopted_at"),
+    )
+
+
+class ModelVersion(Base):
+    """A trained model bundle; the artifact lives on disk, its metadata here."""
+
+    __tablename__ = "model_versions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[str] = mapped_column(String(64), unique=True)
+    status: Mapped[str] = mapped_column(String(16), default="candidate")
+    path: Mapped[str] = mapped_column(Text)
+    checksum: Mapped[str] = mapped_column(String(64))
+    as_of: Mapped[dt.date] = mapped_column(Date)
+    horizon_days: Mapped[int] = mapped_column(Integer)
+    params: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    activated_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        CheckConstraint("status IN ('candidate', 'active', 'retired', 'rejected')", name="status"),
+    )
+
+
+class Decision(Base):
+    """One answer to a teller or agent system: the audit record of a contact."""
+
+    __tablename__ = "decisions"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, doc="UUID, made by the server.")
+    customer_id: Mapped[int | None] = mapped_column(ForeignKey("customers.id", ondelete="SET NULL"))
+    customer_external_id: Mapped[str] = mapped_column(String(128))
+    channel: Mapped[str] = mapped_column(String(32))
+    staff_id: Mapped[str | None] = mapped_column(String(64))
+    branch_id: Mapped[str | None] = mapped_column(String(64))
+    context: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    control: Mapped[bool] = mapped_column(Boolean, default=False)
+    degraded: Mapped[bool] = mapped_column(Boolean, default=False)
+    cold_start: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (
+        CheckConstraint(
+            "channel IN ('branch', 'contact_centre', 'digital', 'chatbot')", name="channel"
+        ),
+        Index("ix_decisions_customer_id_created_at", "customer_id", "created_at"),
+        Index("ix_decisions_created_at", "created_at"),
+    )
+
+
+class Offer(Base):
+    """One ranked offer inside a decision."""
+
+    __tablename__ = "offers"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, doc="UUID, made by the server.")
+    decision_id: Mapped[str] = mapped_column(ForeignKey("decisions.id", ondelete="CASCADE"))
+    customer_id: Mapped[int | None] = mapped_column(ForeignKey("customers.id", ondelete="SET NULL"))
+    product_id: Mapped[int] = mapped_column(ForeignKey("products.id"))
+    rank: Mapped[int] = mapped_column(SmallInteger)
+    propensity: Mapped[float] = mapped_column(Float)
+    expected_value: Mapped[float] = mapped_column(Float)
+    score: Mapped[float] = mapped_column(Float)
+    reasons: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (
+        Index("ix_offers_decision_id", "decision_id"),
+        Index(
+            "ix_offers_customer_id_product_id_created_at", "customer_id", "product_id", "created_at"
+        ),
+    )
+
+
+class OfferOutcome(Base):
+    """What the customer said to an offer; retries are counted once."""
+
+    __tablename__ = "offer_outcomes"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    offer_id: Mapped[str] = mapped_column(ForeignKey("offers.id", ondelete="CASCADE"))
+    outcome: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    staff_id: Mapped[str | None] = mapped_column(String(64))
+    idempotency_key: Mapped[str | None] = mapped_column(String(128), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("offer_id", "outcome"),
+        CheckConstraint(
+            "outcome IN ('presented', 'accepted', 'declined', 'not_now')", name="outcome"
+        ),
+    )
+
+
+class Feedback(Base):
+    """An NPS (0-10) or CSAT (1-5) answer from a customer after a contact."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    score: Mapped[int] = mapped_column(SmallInteger)
+    decision_id: Mapped[str | None] = mapped_column(ForeignKey("decisions.id", ondelete="SET NULL"))
+    customer_id: Mapped[int | None] = mapped_column(ForeignKey("customers.id", ondelete="SET NULL"))
+    staff_id: Mapped[str | None] = mapped_column(String(64))
+    branch_id: Mapped[str | None] = mapped_column(String(64))
+    comment: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (
+        CheckConstraint(
+            "(kind = 'nps' AND score BETWEEN 0 AND 10) OR (kind = 'csat' AND score BETWEEN 1 AND 5)",
+            name="score_range",
+        ),
+        Index("ix_feedback_created_at", "created_at"),
+        Index("ix_feedback_customer_id_created_at", "customer_id", "created_at"),
+    )
+
+
+class ApiKey(Base):
+    """An API key: only a salted hash of the secret is stored, found by its prefix."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prefix: Mapped[str] = mapped_column(String(16), unique=True)
+    secret_hash: Mapped[str] = mapped_column(String(128))
+    name: Mapped[str] = mapped_column(String(128))
+    scopes: Mapped[list[str]] = mapped_column(JSONType)
+    created_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
