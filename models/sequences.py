@@ -32,7 +32,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -54,7 +54,7 @@ NEVER: Final[int] = int(np.iinfo(np.int32).max)
 _DAY_MIN: Final[int] = -(2**31) + 1
 _ADOPTION_COLUMNS: Final[tuple[str, ...]] = ("customer_id", "product_code", "adopted_at")
 
-DateLike = pd.Timestamp | dt.datetime | dt.date | str
+DateLike: TypeAlias = pd.Timestamp | dt.datetime | dt.date | str
 """Anything :func:`to_timestamp` turns into a timestamp."""
 
 
@@ -148,7 +148,12 @@ def to_days(values: pd.Series | pd.DatetimeIndex | Sequence[DateLike]) -> npt.ND
     ValueError
         If a value is missing.
     """
-    stamps = _naive(pd.Series(pd.to_datetime(values)))
+    if isinstance(values, pd.Series | pd.DatetimeIndex) and pd.api.types.is_datetime64_any_dtype(
+        values
+    ):
+        stamps = _naive(pd.Series(values))
+    else:
+        stamps = pd.Series([pd.NaT if pd.isna(v) else to_timestamp(v) for v in values])
     if stamps.isna().any():
         raise ValueError("dates must not be missing")
     return np.asarray(stamps.to_numpy().astype("datetime64[D]").astype(np.int64))
@@ -294,7 +299,8 @@ def adoption_sequences(matrix: AdoptionMatrix) -> pd.Series:
     counts = (ordered_days != NEVER).sum(axis=1)
     codes = matrix.product_codes
     sequences = [
-        tuple(codes[j] for j in row[:count]) for row, count in zip(order.tolist(), counts.tolist())
+        tuple(codes[j] for j in row[:count])
+        for row, count in zip(order.tolist(), counts.tolist(), strict=True)
     ]
     return pd.Series(
         sequences, index=pd.Index(matrix.customer_ids, name="customer_id"), name="sequence"

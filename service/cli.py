@@ -203,6 +203,7 @@ def import_adoptions_cmd(file: FileArg) -> None:
             file,
             chunk_rows=settings.import_chunk_rows,
             max_errors=settings.import_max_errors,
+            bulk_rows=settings.import_bulk_rows,
             progress=advance,
         ),
     )

@@ -35,6 +35,16 @@ class Settings(BaseSettings):
         gt=0,
         description="Rows read and validated per chunk when importing a file (bounds memory).",
     )
+    import_bulk_rows: int = Field(
+        default=200_000,
+        ge=0,
+        description=(
+            "Adoption files of at least this many rows are loaded on PostgreSQL with the "
+            "foreign keys checked once after the insert instead of per row (about twice as "
+            "fast; the adoptions table is locked against readers until the import commits). "
+            "0 turns it off."
+        ),
+    )
     import_max_errors: int = Field(
         default=20,
         gt=0,

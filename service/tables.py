@@ -152,7 +152,6 @@ class Adoption(Base):
     __table_args__ = (
         UniqueConstraint("customer_id", "product_id", "adopted_at"),
         CheckConstraint("closed_at IS NULL OR closed_at >= adopted_at", name="closed_after"),
-        Index("ix_adoptions_product_id_adopted_at", "product_id", "adopted_at"),
     )
 
 

@@ -148,11 +148,6 @@ def upgrade() -> None:
             name=op.f("uq_adoptions_customer_id_product_id_adopted_at"),
         ),
     )
-    with op.batch_alter_table("adoptions", schema=None) as batch_op:
-        batch_op.create_index(
-            "ix_adoptions_product_id_adopted_at", ["product_id", "adopted_at"], unique=False
-        )
-
     op.create_table(
         "decisions",
         sa.Column("id", sa.String(length=36), nullable=False),
@@ -310,9 +305,6 @@ def downgrade() -> None:
         batch_op.drop_index("ix_decisions_created_at")
 
     op.drop_table("decisions")
-    with op.batch_alter_table("adoptions", schema=None) as batch_op:
-        batch_op.drop_index("ix_adoptions_product_id_adopted_at")
-
     op.drop_table("adoptions")
     op.drop_table("products")
     op.drop_table("model_versions")

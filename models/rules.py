@@ -1,0 +1,1066 @@
+"""Association rules: plain basket rules and order-aware product-adoption rules.
+
+Three miners share one rule vocabulary:
+
+- :func:`mine_basket_rules` mines market baskets (one row per item in a transaction)
+  with arules semantics and returns a DataFrame; it reproduces the published results on
+  the Groceries data exactly.
+- :func:`mine_sequence_rules` mines "customers who adopted {A, B} go on to adopt C"
+  from dated adoptions, counting only what happened after the antecedent was complete.
+- :func:`mine_coholding_rules` treats each customer's adopted products as one basket.
+
+Sequence and co-holding miners return a :class:`RuleSet` (saved as plain JSON), which
+answers "which rule applies best to this customer" one customer at a time
+(:meth:`RuleSet.best_rules`) or for many at once (:func:`best_rule_confidence`).
+
+Thresholds are exact: a threshold is read as the decimal it is written as (0.8 is 4/5)
+and compared with integer counts, so a rule exactly at a threshold is always kept,
+whatever the floating-point rounding of the ratio.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from fractions import Fraction
+from functools import cached_property
+from os import PathLike
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+from mlxtend.frequent_patterns import association_rules, fpgrowth
+
+from models.sequences import NEVER, AdoptionMatrix, DateLike, first_adoption_matrix
+
+__all__ = [
+    "BASKET_COLUMNS",
+    "Rule",
+    "RuleSet",
+    "best_rule_confidence",
+    "mine_basket_rules",
+    "mine_coholding_rules",
+    "mine_coholding_rules_from_matrix",
+    "mine_sequence_rules",
+    "mine_sequence_rules_from_matrix",
+    "read_baskets",
+    "rule_sentence",
+]
+
+BASKET_COLUMNS: Final[tuple[str, ...]] = (
+    "antecedent",
+    "consequent",
+    "support",
+    "confidence",
+    "lift",
+    "conviction",
+    "count",
+)
+"""Columns of :func:`mine_basket_rules`'s result, in order."""
+
+_FORMAT: Final[str] = "nbo.rules"
+_FORMAT_VERSION: Final[int] = 1
+
+
+# --------------------------------------------------------------------------- rule types
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One association rule ``antecedent => consequent``.
+
+    Attributes
+    ----------
+    antecedent : tuple of str
+        The products (items) the rule starts from: sorted for unordered rules, in
+        adoption order for ordered rules. Empty only for basket rules ``{} => c``.
+    consequent : str
+        The product the rule predicts; never in the antecedent.
+    support : float
+        ``n_customers`` / all customers (or transactions).
+    confidence : float
+        ``n_customers / n_at_risk``.
+    lift : float
+        ``confidence`` / share of all customers who have the consequent.
+    conviction : float
+        ``(1 - base) / (1 - confidence)`` with ``base`` that share; ``inf`` when
+        ``confidence == 1``.
+    n_customers : int
+        Customers the rule held for (sequence rules: adopted the consequent after the
+        antecedent; co-holding rules: hold antecedent and consequent).
+    n_at_risk : int
+        Customers the rule could have held for (sequence rules: completed the
+        antecedent without the consequent; co-holding rules: hold the antecedent).
+    median_days : float or None
+        Median days from completing the antecedent to adopting the consequent among
+        ``n_customers``; None for rules without timing.
+    ordered : bool
+        Whether the antecedent only counts when adopted in the order given.
+    """
+
+    antecedent: tuple[str, ...]
+    consequent: str
+    support: float
+    confidence: float
+    lift: float
+    conviction: float
+    n_customers: int
+    n_at_risk: int
+    median_days: float | None
+    ordered: bool
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.antecedent, tuple):
+            raise TypeError("Rule.antecedent must be a tuple")
+        if len(set(self.antecedent)) != len(self.antecedent):
+            raise ValueError(f"Rule.antecedent has repeated products: {self.antecedent}")
+        if self.consequent in self.antecedent:
+            raise ValueError(f"consequent {self.consequent!r} is in the antecedent")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; an infinite conviction becomes None."""
+        data = {field.name: getattr(self, field.name) for field in fields(self)}
+        data["antecedent"] = list(self.antecedent)
+        if math.isinf(self.conviction):
+            data["conviction"] = None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Rule:
+        """Inverse of :meth:`to_dict`."""
+        conviction = data["conviction"]
+        median = data["median_days"]
+        return cls(
+            antecedent=tuple(str(item) for item in data["antecedent"]),
+            consequent=str(data["consequent"]),
+            support=float(data["support"]),
+            confidence=float(data["confidence"]),
+            lift=float(data["lift"]),
+            conviction=math.inf if conviction is None else float(conviction),
+            n_customers=int(data["n_customers"]),
+            n_at_risk=int(data["n_at_risk"]),
+            median_days=None if median is None else float(median),
+            ordered=bool(data["ordered"]),
+        )
+
+
+def _rank_key(rule: Rule) -> tuple[float, float, int]:
+    """Sort key putting the best rule first: confidence, then lift, then customers."""
+    return (-rule.confidence, -rule.lift, -rule.n_customers)
+
+
+_Entry = tuple[int, str, Rule]
+"""(rank, consequent, rule): rank 0 is the best rule of the set."""
+
+
+@dataclass(frozen=True)
+class _Lookup:
+    """Rules by antecedent length, then antecedent key; best rule per consequent."""
+
+    by_size: dict[int, dict[tuple[str, ...], tuple[_Entry, ...]]]
+    ordered: bool
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """Rules mined together, with the settings that produced them.
+
+    Treat a RuleSet as immutable: its lookup index is built on first use.
+
+    Attributes
+    ----------
+    rules : list of Rule
+        Best first (confidence, then lift, then customers) as mined.
+    mode : str
+        ``"sequence"`` or ``"coholding"`` for mined sets.
+    params : dict
+        The mining settings and data facts (cutoff, customer count, product codes);
+        JSON values only.
+    """
+
+    rules: list[Rule]
+    mode: str
+    params: dict[str, Any]
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+    def to_json(self) -> str:
+        """Serialise to plain JSON (no pickle); :meth:`from_json` restores it exactly.
+
+        Returns
+        -------
+        str
+            A JSON document; infinite convictions are written as ``null``.
+        """
+        document = {
+            "format": _FORMAT,
+            "version": _FORMAT_VERSION,
+            "mode": self.mode,
+            "params": self.params,
+            "rules": [rule.to_dict() for rule in self.rules],
+        }
+        return json.dumps(document, allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> RuleSet:
+        """Load a RuleSet written by :meth:`to_json`.
+
+        Parameters
+        ----------
+        text : str
+            The JSON document.
+
+        Returns
+        -------
+        RuleSet
+            Equal to the RuleSet that was saved.
+
+        Raises
+        ------
+        ValueError
+            If the document is not a rule set of a known format version.
+        """
+        document = json.loads(text)
+        if not isinstance(document, dict) or document.get("format") != _FORMAT:
+            raise ValueError(f"not an {_FORMAT} document")
+        if document.get("version") != _FORMAT_VERSION:
+            raise ValueError(f"unsupported {_FORMAT} version {document.get('version')!r}")
+        try:
+            rules = [Rule.from_dict(item) for item in document["rules"]]
+            return cls(rules=rules, mode=str(document["mode"]), params=dict(document["params"]))
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"malformed {_FORMAT} document: {error!r}") from error
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per rule, columns named as the :class:`Rule` fields, in set order."""
+        columns = [field.name for field in fields(Rule)]
+        return pd.DataFrame(
+            [[getattr(rule, name) for name in columns] for rule in self.rules],
+            columns=columns,
+        )
+
+    def for_consequent(self, code: str) -> list[Rule]:
+        """Rules predicting ``code``, in set order."""
+        return [rule for rule in self.rules if rule.consequent == code]
+
+    def best_rules(self, held: Sequence[str]) -> dict[str, Rule]:
+        """The best applicable rule for every product the customer does not hold.
+
+        Parameters
+        ----------
+        held : sequence of str
+            The customer's adopted products in adoption order (first adoption counts;
+            later repeats are ignored). Each position is strictly after the previous
+            one: callers with same-day adoptions decide their order.
+
+        Returns
+        -------
+        dict of str to Rule
+            For each consequent not in ``held`` that some rule applies to, the best
+            such rule (highest confidence, then lift, then ``n_customers``, then set
+            order), best first. A rule applies if its antecedent is a subset of
+            ``held`` and, for ordered rules, appears in ``held`` in that order.
+        """
+        sequence = list(dict.fromkeys(held))
+        held_set = set(sequence)
+        best: dict[str, tuple[int, Rule]] = {}
+        for lookup in self._lookups:
+            items = sequence if lookup.ordered else sorted(held_set)
+            _collect(lookup, items, held_set, best)
+        ranked = sorted(best.items(), key=lambda item: item[1][0])
+        return {consequent: rule for consequent, (_, rule) in ranked}
+
+    @cached_property
+    def _lookups(self) -> tuple[_Lookup, ...]:
+        order = sorted(range(len(self.rules)), key=lambda i: (_rank_key(self.rules[i]), i))
+        rank = {index: position for position, index in enumerate(order)}
+        lookups = []
+        for ordered in (False, True):
+            grouped: dict[tuple[str, ...], dict[str, _Entry]] = defaultdict(dict)
+            for index, rule in enumerate(self.rules):
+                if rule.ordered != ordered:
+                    continue
+                key = rule.antecedent if ordered else tuple(sorted(rule.antecedent))
+                entry = (rank[index], rule.consequent, rule)
+                current = grouped[key].get(rule.consequent)
+                if current is None or entry[0] < current[0]:
+                    grouped[key][rule.consequent] = entry
+            if not grouped:
+                continue
+            by_size: dict[int, dict[tuple[str, ...], tuple[_Entry, ...]]] = defaultdict(dict)
+            for key, entries in grouped.items():
+                by_size[len(key)][key] = tuple(sorted(entries.values(), key=lambda e: e[0]))
+            lookups.append(_Lookup(by_size=dict(sorted(by_size.items())), ordered=ordered))
+        return tuple(lookups)
+
+
+def _collect(
+    lookup: _Lookup,
+    items: Sequence[str],
+    held_set: set[str],
+    best: dict[str, tuple[int, Rule]],
+) -> None:
+    """Merge into ``best`` every rule of ``lookup`` that applies to ``items``."""
+    positions = {item: i for i, item in enumerate(items)} if lookup.ordered else {}
+    for size, table in lookup.by_size.items():
+        if size > len(items):
+            break
+        if math.comb(len(items), size) <= len(table):
+            # combinations() keeps the order of ``items``: sorted for unordered keys,
+            # adoption order (so exactly the ordered sub-sequences) for ordered keys.
+            found = [table[key] for key in itertools.combinations(items, size) if key in table]
+        elif lookup.ordered:
+            found = [
+                entries
+                for key, entries in table.items()
+                if all(item in positions for item in key)
+                and all(positions[a] < positions[b] for a, b in itertools.pairwise(key))
+            ]
+        else:
+            found = [entries for key, entries in table.items() if held_set.issuperset(key)]
+        for entries in found:
+            for rank, consequent, rule in entries:
+                if consequent in held_set:
+                    continue
+                current = best.get(consequent)
+                if current is None or rank < current[0]:
+                    best[consequent] = (rank, rule)
+
+
+def best_rule_confidence(
+    held: npt.NDArray[np.bool_],
+    first_days: npt.NDArray[np.integer[Any]] | npt.NDArray[np.floating[Any]],
+    product_codes: Sequence[str],
+    rules: RuleSet | Iterable[Rule],
+) -> npt.NDArray[np.float64]:
+    """Each customer's best applicable rule confidence per product, vectorised.
+
+    Row by row this equals ``max(rule.confidence for rule in
+    rule_set.best_rules(sequence).values() if rule.consequent == code)`` where
+    ``sequence`` lists the held products in order of ``first_days`` (no ties).
+
+    Parameters
+    ----------
+    held : numpy.ndarray
+        Bool, customers x products: the products each customer holds.
+    first_days : numpy.ndarray
+        Customers x products, any numbers that order the held products: first-adoption
+        days (:attr:`models.sequences.AdoptionMatrix.first_days`) or positions. Ordered
+        rules need strictly increasing values, so products adopted the same day do not
+        satisfy an ordered antecedent. Ignored where ``held`` is False.
+    product_codes : sequence of str
+        The product of each column.
+    rules : RuleSet or iterable of Rule
+        Rules mentioning products outside ``product_codes`` never apply.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64, customers x products: the highest confidence among rules predicting
+        the column's product whose antecedent the customer holds (in order, for ordered
+        rules); 0 where none applies and where the customer holds the product.
+    """
+    held = np.asarray(held, dtype=bool)
+    order = np.asarray(first_days)
+    if held.ndim != 2 or held.shape != order.shape or held.shape[1] != len(product_codes):
+        raise ValueError(
+            f"held {held.shape} and first_days {order.shape} must both be customers x "
+            f"{len(product_codes)} products"
+        )
+    column = {str(code): j for j, code in enumerate(product_codes)}
+    # Only the best confidence per (antecedent, order flag, consequent) can matter.
+    best: dict[tuple[tuple[int, ...], bool], dict[int, float]] = defaultdict(dict)
+    rule_list = rules.rules if isinstance(rules, RuleSet) else list(rules)
+    for rule in rule_list:
+        if rule.consequent not in column or any(a not in column for a in rule.antecedent):
+            continue
+        cols = tuple(column[a] for a in rule.antecedent)
+        key = (cols if rule.ordered else tuple(sorted(cols)), rule.ordered and len(cols) > 1)
+        j = column[rule.consequent]
+        best[key][j] = max(best[key].get(j, 0.0), rule.confidence)
+
+    held_t = np.ascontiguousarray(held.T)
+    order_t = np.ascontiguousarray(order.T)
+    out_t = np.zeros(held_t.shape, dtype=np.float64)
+    for (cols, ordered), confidences in best.items():
+        applies = np.ones(held.shape[0], dtype=bool)
+        for j in cols:
+            applies &= held_t[j]
+        if ordered:
+            for a, b in itertools.pairwise(cols):
+                applies &= order_t[a] < order_t[b]
+        for j, confidence in confidences.items():
+            np.maximum(out_t[j], np.where(applies, confidence, 0.0), out=out_t[j])
+    out_t[held_t] = 0.0
+    return np.ascontiguousarray(out_t.T)
+
+
+# --------------------------------------------------------------------------- wording
+
+
+def rule_sentence(rule: Rule, product_names: Mapping[str, str]) -> str:
+    """A sentence a bank teller can say out loud about a rule.
+
+    For example "8 in 10 customers with an everyday account and a credit card take home
+    insurance, usually within 4 months".
+
+    Parameters
+    ----------
+    rule : Rule
+        The rule.
+    product_names : mapping of str to str
+        Spoken name of every product in the rule, as it reads after "with" and "take":
+        "an everyday account", "a credit card", "home insurance".
+
+    Returns
+    -------
+    str
+        The sentence, without a final full stop. The share is the confidence: "N in 10"
+        (rounded) from 15% to 95%, otherwise a percentage ("97% of customers", "Fewer
+        than 1% of customers"), and "All customers" at 100%. Ordered rules say "who took
+        A and then B ... go on to take C". The timing is the median time, rounded up,
+        in days up to 13 days, weeks up to 8 weeks, months up to 18 months, else years;
+        it is left out when ``median_days`` is None.
+
+    Raises
+    ------
+    KeyError
+        If a product of the rule has no name.
+    """
+    missing = [c for c in (*rule.antecedent, rule.consequent) if c not in product_names]
+    if missing:
+        raise KeyError(f"no spoken name for product(s) {missing}")
+    names = [product_names[code] for code in rule.antecedent]
+    share = _share_phrase(rule.confidence)
+    consequent = product_names[rule.consequent]
+    if not names:
+        sentence = f"{share} take {consequent}"
+    elif rule.ordered and len(names) > 1:
+        sentence = f"{share} who took {' and then '.join(names)} go on to take {consequent}"
+    else:
+        sentence = f"{share} with {_join_and(names)} take {consequent}"
+    if rule.median_days is not None:
+        sentence += f", usually within {_duration_phrase(rule.median_days)}"
+    return sentence
+
+
+def _share_phrase(confidence: float) -> str:
+    if confidence >= 1.0:
+        return "All customers"
+    tenths = math.floor(confidence * 10 + 0.5)
+    if 2 <= tenths <= 9:
+        return f"{tenths} in 10 customers"
+    percent = math.floor(confidence * 100 + 0.5)
+    if percent < 1:
+        return "Fewer than 1% of customers"
+    # Below 100% a rule is not universal, so never round up to "100%".
+    return f"{min(percent, 99)}% of customers"
+
+
+def _join_and(names: Sequence[str]) -> str:
+    if len(names) == 1:
+        return names[0]
+    return f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def _duration_phrase(days: float) -> str:
+    # Rounded up, so "within" stays true of the median.
+    if days <= 13:
+        count, unit = max(1, math.ceil(days)), "day"
+    elif days <= 56:
+        count, unit = math.ceil(days / 7), "week"
+    elif days <= 548:
+        count, unit = math.ceil(days / 30.4375), "month"
+    else:
+        count, unit = math.ceil(days / 365.25), "year"
+    return f"a {unit}" if count == 1 else f"{count} {unit}s"
+
+
+# --------------------------------------------------------------------------- baskets
+
+
+def read_baskets(
+    path: str | PathLike[str],
+    *,
+    transaction_col: str = "transaction_id",
+    item_col: str = "item",
+) -> pd.DataFrame:
+    """Read a tidy basket CSV: one row per item in a transaction.
+
+    Parameters
+    ----------
+    path : str or path-like
+        CSV with a header naming at least ``transaction_col`` and ``item_col``
+        (``transaction_id,item`` like ``groceries_tidy.csv``).
+    transaction_col, item_col : str
+        Column names.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The two columns, read as text exactly as written (an item called "NA" stays
+        "NA"; leading zeros in ids stay).
+
+    Raises
+    ------
+    ValueError
+        If a column is missing or a row has an empty transaction id or item.
+    """
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[])
+    missing = [c for c in (transaction_col, item_col) if c not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"{path}: missing column(s) {missing}; the header has {list(frame.columns)}"
+        )
+    frame = frame[[transaction_col, item_col]]
+    empty = (frame == "").any(axis=1)
+    if empty.any():
+        first = int(np.flatnonzero(empty.to_numpy())[0]) + 2  # 1-based, after the header
+        raise ValueError(
+            f"{path}: {int(empty.sum())} row(s) with an empty value, first on line {first}"
+        )
+    return frame.reset_index(drop=True)
+
+
+def mine_basket_rules(
+    transactions: pd.DataFrame,
+    *,
+    min_support: float,
+    min_confidence: float,
+    min_len: int = 1,
+    max_len: int | None = None,
+    transaction_col: str = "transaction_id",
+    item_col: str = "item",
+) -> pd.DataFrame:
+    """Mine single-consequent association rules from baskets, with arules semantics.
+
+    An itemset is frequent when at least ``ceil(min_support * n_transactions)``
+    transactions contain it; every frequent itemset ``S`` with
+    ``min_len <= |S| <= max_len`` gives the rules ``S - {c} => c`` for each ``c`` in
+    ``S`` whose confidence ``count(S) / count(S - {c})`` is at least ``min_confidence``.
+    With ``min_len=1`` that includes ``{} => c`` (confidence = support of ``c``), as
+    arules does. Thresholds are compared exactly on counts.
+
+    Parameters
+    ----------
+    transactions : pandas.DataFrame
+        One row per item in a transaction; repeated items count once.
+    min_support : float
+        In [0, 1]; an itemset must also occur in at least one transaction.
+    min_confidence : float
+        In [0, 1].
+    min_len, max_len : int
+        Bounds on antecedent + consequent items (arules' ``minlen``/``maxlen``;
+        ``max_len=None`` is unbounded, arules' default is 10).
+    transaction_col, item_col : str
+        Column names.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns :data:`BASKET_COLUMNS`: ``antecedent`` (sorted tuple of items),
+        ``consequent`` (str), ``support`` (of antecedent and consequent together),
+        ``confidence``, ``lift``, ``conviction`` (``inf`` at confidence 1), ``count``
+        (transactions containing antecedent and consequent). Sorted by lift, then
+        confidence, then count (all descending), then antecedent and consequent.
+    """
+    missing = [c for c in (transaction_col, item_col) if c not in transactions.columns]
+    if missing:
+        raise ValueError(
+            f"transactions is missing column(s) {missing}; it has {list(transactions.columns)}"
+        )
+    if transactions[[transaction_col, item_col]].isna().any().any():
+        raise ValueError("transactions must not have missing ids or items")
+    rows, _ = pd.factorize(transactions[transaction_col])
+    cols, items = pd.factorize(transactions[item_col].astype(str), sort=True)
+    onehot = np.zeros((int(rows.max()) + 1 if rows.size else 0, len(items)), dtype=bool)
+    onehot[rows, cols] = True
+    found = _onehot_rules(
+        onehot,
+        [str(item) for item in items],
+        min_support=min_support,
+        min_confidence=min_confidence,
+        min_len=min_len,
+        max_len=max_len,
+        min_count=1,
+    )
+    return found[list(BASKET_COLUMNS)]
+
+
+def _onehot_rules(
+    onehot: npt.NDArray[np.bool_],
+    items: Sequence[str],
+    *,
+    min_support: float,
+    min_confidence: float,
+    min_len: int,
+    max_len: int | None,
+    min_count: int,
+) -> pd.DataFrame:
+    """Basket rules from a transactions x items bool matrix (see mine_basket_rules).
+
+    The result also has ``antecedent_count`` and ``consequent_count``.
+    """
+    support = _threshold(min_support, "min_support", low=0.0, high=1.0)
+    confidence = _threshold(min_confidence, "min_confidence", low=0.0, high=1.0)
+    if min_len < 1 or (max_len is not None and max_len < max(min_len, 1)):
+        raise ValueError(f"need 1 <= min_len <= max_len, got {min_len} and {max_len}")
+    n = onehot.shape[0]
+    records: list[dict[str, Any]] = []
+    needed = max(_ceil(support * n), min_count, 1)
+    if n and needed <= n:
+        frequent = _fpgrowth(onehot, needed, max_len)
+        counts = dict(zip(frequent["itemsets"], frequent["count"], strict=True))
+        item_count = {next(iter(s)): c for s, c in counts.items() if len(s) == 1}
+
+        def add(antecedent: frozenset[int], consequent: int) -> None:
+            both = counts[antecedent | {consequent}]
+            before = counts[antecedent] if antecedent else n
+            if not _at_least(both, before, confidence):
+                return
+            base = item_count[consequent]
+            records.append(
+                {
+                    "antecedent": tuple(sorted(items[i] for i in antecedent)),
+                    "consequent": items[consequent],
+                    "support": both / n,
+                    "confidence": both / before,
+                    "lift": (both * n) / (before * base),
+                    "conviction": (
+                        math.inf
+                        if both == before
+                        else ((n - base) * before) / (n * (before - both))
+                    ),
+                    "count": both,
+                    "antecedent_count": before,
+                    "consequent_count": base,
+                }
+            )
+
+        if min_len <= 1:
+            for item in item_count:
+                add(frozenset(), item)
+        if any(len(s) >= max(min_len, 2) for s in counts):
+            # mlxtend's float confidence may fall a hair under the threshold for a rule
+            # exactly at it; ask for slightly less and decide exactly in add().
+            relaxed = float(confidence) * (1.0 - 1e-9)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                candidates = association_rules(
+                    frequent[["support", "itemsets"]],
+                    num_itemsets=n,
+                    metric="confidence",
+                    min_threshold=relaxed,
+                    return_metrics=["confidence"],
+                )
+            for antecedent, consequent in zip(
+                candidates["antecedents"], candidates["consequents"], strict=True
+            ):
+                if len(consequent) == 1 and len(antecedent) + 1 >= min_len:
+                    add(frozenset(antecedent), next(iter(consequent)))
+
+    records.sort(
+        key=lambda r: (-r["lift"], -r["confidence"], -r["count"], r["antecedent"], r["consequent"])
+    )
+    columns = [*BASKET_COLUMNS, "antecedent_count", "consequent_count"]
+    return pd.DataFrame.from_records(records, columns=columns)
+
+
+def _fpgrowth(onehot: npt.NDArray[np.bool_], min_count: int, max_len: int | None) -> pd.DataFrame:
+    """Itemsets (frozensets of column positions) in at least ``min_count`` rows.
+
+    Returns mlxtend's frame (``support``, ``itemsets``) plus the exact ``count``.
+    """
+    n = onehot.shape[0]
+    frame = pd.DataFrame(onehot, columns=range(onehot.shape[1]))
+    # mlxtend keeps itemsets with count / n >= min_support; halfway between two counts
+    # is safe from rounding and admits exactly the counts >= min_count.
+    frequent = fpgrowth(frame, min_support=(min_count - 0.5) / n, max_len=max_len)
+    frequent["itemsets"] = [frozenset(int(i) for i in s) for s in frequent["itemsets"]]
+    frequent["count"] = np.rint(frequent["support"].to_numpy() * n).astype(np.int64)
+    return frequent
+
+
+# --------------------------------------------------------------------------- adoptions
+
+
+def mine_sequence_rules(
+    adoptions: pd.DataFrame,
+    *,
+    min_support: float,
+    min_confidence: float,
+    min_lift: float | None = None,
+    min_customers: int = 1,
+    max_antecedent: int = 2,
+    ordered: bool = False,
+    within_days: int | None = None,
+    as_of: DateLike | None = None,
+    product_codes: Sequence[str] | None = None,
+) -> RuleSet:
+    """Mine "customers who adopted X go on to adopt c" rules from dated adoptions.
+
+    Builds :func:`models.sequences.first_adoption_matrix` (only adoptions before
+    ``as_of``) and calls :func:`mine_sequence_rules_from_matrix`; see there for the
+    exact definitions.
+
+    Parameters
+    ----------
+    adoptions : pandas.DataFrame
+        ``customer_id, product_code, adopted_at`` (and ``closed_at``, unused here).
+    min_support, min_confidence, min_lift, min_customers, max_antecedent, ordered, \
+within_days
+        See :func:`mine_sequence_rules_from_matrix`.
+    as_of : date-like, optional
+        Use only adoptions strictly before this instant. The customers are those with
+        at least one such adoption.
+    product_codes : sequence of str, optional
+        Products to mine over (default: all adopted before ``as_of``).
+
+    Returns
+    -------
+    RuleSet
+        Mode ``"sequence"``.
+    """
+    matrix = first_adoption_matrix(adoptions, as_of=as_of, product_codes=product_codes)
+    return mine_sequence_rules_from_matrix(
+        matrix,
+        min_support=min_support,
+        min_confidence=min_confidence,
+        min_lift=min_lift,
+        min_customers=min_customers,
+        max_antecedent=max_antecedent,
+        ordered=ordered,
+        within_days=within_days,
+    )
+
+
+def mine_sequence_rules_from_matrix(
+    matrix: AdoptionMatrix,
+    *,
+    min_support: float,
+    min_confidence: float,
+    min_lift: float | None = None,
+    min_customers: int = 1,
+    max_antecedent: int = 2,
+    ordered: bool = False,
+    within_days: int | None = None,
+) -> RuleSet:
+    """Mine order-aware adoption rules from a first-adoption matrix.
+
+    Definitions, for antecedent X (1 to ``max_antecedent`` products) and consequent
+    c not in X, over the N customers (rows) of ``matrix``, with days as in
+    :mod:`models.sequences`:
+
+    - ``t_X``, the day the customer completed X: the latest first-adoption day over X.
+      With ``ordered=True`` X is a sequence ``(x1, ..., xk)`` and a customer completes
+      it only if ``first(x1) < first(x2) < ... < first(xk)`` (strictly, so same-day
+      adoptions are in no order); then ``t_X = first(xk)``.
+    - at risk: completed X and did not adopt c on or before ``t_X``
+      (``first(c) > t_X``). With ``within_days = W`` also ``t_X + W`` before
+      ``matrix.horizon_day``, so the whole window ``(t_X, t_X + W]`` was observed and
+      late completers do not bias confidence downwards.
+    - hit: at risk and adopted c after ``t_X`` (``0 < first(c) - t_X``, and
+      ``<= W`` when ``within_days`` is set).
+    - ``n_customers`` = hits, ``n_at_risk`` = at risk, ``support`` = hits / N,
+      ``confidence`` = hits / at risk, ``base`` = share of the N customers who adopted
+      c, ``lift`` = confidence / base, ``conviction`` = (1 - base) / (1 - confidence)
+      (``inf`` at confidence 1), ``median_days`` = median of ``first(c) - t_X`` over
+      hits.
+
+    A rule is kept when ``hits >= max(ceil(min_support * N), min_customers, 1)``,
+    ``confidence >= min_confidence`` and, if given, ``lift >= min_lift``, all compared
+    exactly. Since every hit holds X and c, only X and c with X + {c} frequent among
+    ever-adopted products are candidates: mlxtend's fpgrowth finds those, and the
+    order-aware counts are vectorised over customers.
+
+    Parameters
+    ----------
+    matrix : AdoptionMatrix
+        First-adoption days of the customers to learn from.
+    min_support : float
+        In [0, 1].
+    min_confidence : float
+        In [0, 1].
+    min_lift : float, optional
+        Non-negative.
+    min_customers : int
+        Minimum hits.
+    max_antecedent : int
+        Longest antecedent, at least 1.
+    ordered : bool
+        Antecedents are sequences (see above); every rule gets ``ordered=True``.
+    within_days : int, optional
+        Count a consequent only if adopted within this many days of ``t_X`` (positive),
+        and only customers observed for the whole window as at risk.
+
+    Returns
+    -------
+    RuleSet
+        Mode ``"sequence"``, rules best first (confidence, lift, customers, then
+        antecedent and consequent); ``params`` records the settings, ``as_of``,
+        ``horizon_day``, ``n_customers`` and ``product_codes``.
+    """
+    support = _threshold(min_support, "min_support", low=0.0, high=1.0)
+    confidence = _threshold(min_confidence, "min_confidence", low=0.0, high=1.0)
+    lift = None if min_lift is None else _threshold(min_lift, "min_lift", low=0.0, high=None)
+    if max_antecedent < 1:
+        raise ValueError(f"max_antecedent must be at least 1, got {max_antecedent}")
+    if within_days is not None and within_days < 1:
+        raise ValueError(f"within_days must be positive, got {within_days}")
+    if min_customers < 0:
+        raise ValueError(f"min_customers must be non-negative, got {min_customers}")
+
+    codes = matrix.product_codes
+    n = matrix.n_customers
+    params = _params(
+        matrix,
+        min_support=min_support,
+        min_confidence=min_confidence,
+        min_lift=min_lift,
+        min_customers=min_customers,
+        max_antecedent=max_antecedent,
+        ordered=ordered,
+        within_days=within_days,
+    )
+    needed = max(_ceil(support * n), min_customers, 1)
+    if n == 0 or needed > n or len(codes) < 2:
+        return RuleSet(rules=[], mode="sequence", params=params)
+
+    adopted = matrix.adopted
+    base_counts = adopted.sum(axis=0)
+    frequent = _fpgrowth(adopted, needed, max_antecedent + 1)
+    consequents: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for itemset in frequent["itemsets"]:
+        if len(itemset) >= 2:
+            for c in itemset:
+                consequents[tuple(sorted(itemset - {c}))].append(c)
+
+    # Products as rows: each product's days are contiguous, so per-product reads are fast.
+    days_t = np.ascontiguousarray(matrix.first_days.T)
+    last_start = None if within_days is None else matrix.horizon_day - within_days - 1
+    rules: list[Rule] = []
+    for antecedent_set in sorted(consequents):
+        targets = np.array(sorted(consequents[antecedent_set]), dtype=np.intp)
+        sequences = itertools.permutations(antecedent_set) if ordered else [antecedent_set]
+        for antecedent in sequences:
+            if ordered and len(antecedent) > 1:
+                completed_at = days_t[antecedent[-1]]
+                done = completed_at != NEVER
+                for a, b in itertools.pairwise(antecedent):
+                    done &= days_t[a] < days_t[b]
+            else:
+                completed_at = np.maximum.reduce([days_t[i] for i in antecedent])
+                done = completed_at != NEVER
+            if last_start is not None:
+                done &= completed_at <= last_start
+            customers = np.flatnonzero(done)
+            if customers.size < needed:
+                continue
+            start = completed_at[customers].astype(np.int64)
+            later = days_t[np.ix_(targets, customers)]  # targets x completers
+            at_risk = later > start
+            hit = at_risk & (later != NEVER)
+            if within_days is not None:
+                hit &= later <= start + within_days
+            n_at_risk = at_risk.sum(axis=1)
+            n_hits = hit.sum(axis=1)
+            for k in np.flatnonzero(n_hits >= needed):
+                hits, risk, c = int(n_hits[k]), int(n_at_risk[k]), int(targets[k])
+                base = int(base_counts[c])
+                if not _at_least(hits, risk, confidence):
+                    continue
+                if lift is not None and not _at_least(hits * n, risk * base, lift):
+                    continue
+                waits = later[k][hit[k]] - start[hit[k]]
+                rules.append(
+                    Rule(
+                        antecedent=tuple(codes[i] for i in antecedent),
+                        consequent=codes[c],
+                        support=hits / n,
+                        confidence=hits / risk,
+                        lift=(hits * n) / (risk * base),
+                        conviction=(
+                            math.inf if hits == risk else ((n - base) * risk) / (n * (risk - hits))
+                        ),
+                        n_customers=hits,
+                        n_at_risk=risk,
+                        median_days=float(np.median(waits)),
+                        ordered=ordered,
+                    )
+                )
+    rules.sort(key=lambda r: (_rank_key(r), len(r.antecedent), r.antecedent, r.consequent))
+    return RuleSet(rules=rules, mode="sequence", params=params)
+
+
+def mine_coholding_rules(
+    adoptions: pd.DataFrame,
+    *,
+    min_support: float,
+    min_confidence: float,
+    min_lift: float | None = None,
+    min_customers: int = 1,
+    max_antecedent: int = 2,
+    as_of: DateLike | None = None,
+    product_codes: Sequence[str] | None = None,
+) -> RuleSet:
+    """Plain co-holding rules: each customer's ever-adopted products as one basket.
+
+    Order and timing are ignored. Products adopted before ``as_of`` count, closed or
+    not; for current holdings pass ``models.sequences.held_matrix`` to
+    :func:`mine_coholding_rules_from_matrix`.
+
+    Parameters
+    ----------
+    adoptions : pandas.DataFrame
+        Adoptions frame.
+    min_support, min_confidence, min_lift, min_customers, max_antecedent
+        See :func:`mine_coholding_rules_from_matrix`.
+    as_of : date-like, optional
+        Use only adoptions strictly before this instant.
+    product_codes : sequence of str, optional
+        Products to mine over.
+
+    Returns
+    -------
+    RuleSet
+        Mode ``"coholding"``.
+    """
+    matrix = first_adoption_matrix(adoptions, as_of=as_of, product_codes=product_codes)
+    found = mine_coholding_rules_from_matrix(
+        matrix.adopted,
+        matrix.product_codes,
+        min_support=min_support,
+        min_confidence=min_confidence,
+        min_lift=min_lift,
+        min_customers=min_customers,
+        max_antecedent=max_antecedent,
+    )
+    facts = {"as_of": _iso(matrix.as_of), "horizon_day": matrix.horizon_day}
+    return RuleSet(rules=found.rules, mode=found.mode, params={**found.params, **facts})
+
+
+def mine_coholding_rules_from_matrix(
+    held: npt.NDArray[np.bool_],
+    product_codes: Sequence[str],
+    *,
+    min_support: float,
+    min_confidence: float,
+    min_lift: float | None = None,
+    min_customers: int = 1,
+    max_antecedent: int = 2,
+) -> RuleSet:
+    """Co-holding rules from a customers x products bool matrix, as baskets.
+
+    The same rules as :func:`mine_basket_rules` with ``min_len=2`` and
+    ``max_len=max_antecedent + 1``, further requiring ``count >= min_customers`` and
+    ``lift >= min_lift``. ``n_customers`` is the count holding antecedent and
+    consequent, ``n_at_risk`` those holding the antecedent; no timing, not ordered.
+
+    Parameters
+    ----------
+    held : numpy.ndarray
+        Bool, customers x products.
+    product_codes : sequence of str
+        The product of each column.
+    min_support, min_confidence : float
+        As in :func:`mine_basket_rules`.
+    min_lift : float, optional
+        Minimum lift.
+    min_customers : int
+        Minimum customers holding antecedent and consequent.
+    max_antecedent : int
+        Longest antecedent, at least 1.
+
+    Returns
+    -------
+    RuleSet
+        Mode ``"coholding"``, rules best first.
+    """
+    held = np.asarray(held, dtype=bool)
+    if held.ndim != 2 or held.shape[1] != len(product_codes):
+        raise ValueError(f"held {held.shape} must be customers x {len(product_codes)} products")
+    if max_antecedent < 1:
+        raise ValueError(f"max_antecedent must be at least 1, got {max_antecedent}")
+    lift = None if min_lift is None else _threshold(min_lift, "min_lift", low=0.0, high=None)
+    codes = [str(code) for code in product_codes]
+    found = _onehot_rules(
+        held,
+        codes,
+        min_support=min_support,
+        min_confidence=min_confidence,
+        min_len=2,
+        max_len=max_antecedent + 1,
+        min_count=max(min_customers, 1),
+    )
+    n = held.shape[0]
+    rules = [
+        Rule(
+            antecedent=row.antecedent,
+            consequent=row.consequent,
+            support=float(row.support),
+            confidence=float(row.confidence),
+            lift=float(row.lift),
+            conviction=float(row.conviction),
+            n_customers=int(row.count),
+            n_at_risk=int(row.antecedent_count),
+            median_days=None,
+            ordered=False,
+        )
+        for row in found.itertuples(index=False)
+        if lift is None
+        or _at_least(
+            int(row.count) * n, int(row.antecedent_count) * int(row.consequent_count), lift
+        )
+    ]
+    rules.sort(key=lambda r: (_rank_key(r), len(r.antecedent), r.antecedent, r.consequent))
+    params = {
+        "min_support": float(min_support),
+        "min_confidence": float(min_confidence),
+        "min_lift": None if min_lift is None else float(min_lift),
+        "min_customers": int(min_customers),
+        "max_antecedent": int(max_antecedent),
+        "n_customers": int(n),
+        "product_codes": codes,
+    }
+    return RuleSet(rules=rules, mode="coholding", params=params)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _threshold(value: float, name: str, *, low: float, high: float | None) -> Fraction:
+    """The threshold as the exact decimal it is written as (0.8 -> 4/5)."""
+    if not math.isfinite(value) or value < low or (high is not None and value > high):
+        bounds = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be in {bounds}, got {value!r}")
+    return Fraction(repr(float(value)))
+
+
+def _ceil(value: Fraction) -> int:
+    return math.ceil(value)
+
+
+def _at_least(numerator: int, denominator: int, threshold: Fraction) -> bool:
+    """``numerator / denominator >= threshold``, exactly (denominator > 0)."""
+    return numerator * threshold.denominator >= threshold.numerator * denominator
+
+
+def _iso(stamp: pd.Timestamp | None) -> str | None:
+    return None if stamp is None else stamp.isoformat()
+
+
+def _params(matrix: AdoptionMatrix, **settings: Any) -> dict[str, Any]:
+    return {
+        **settings,
+        "min_support": float(settings["min_support"]),
+        "min_confidence": float(settings["min_confidence"]),
+        "as_of": _iso(matrix.as_of),
+        "horizon_day": int(matrix.horizon_day),
+        "n_customers": matrix.n_customers,
+        "product_codes": list(matrix.product_codes),
+    }
