@@ -352,6 +352,39 @@ def demo(
     console.print("[green]demo complete.[/green]")
 
 
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
+) -> None:
+    """Run the HTTP service (uvicorn) on the configured database, after migrating it."""
+    import uvicorn
+
+    settings = _settings()
+    db.upgrade(settings.resolved_database_url)
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="info",
+    )
+
+
+@app.command()
+def openapi(
+    out: Annotated[Path, typer.Option(help="Where to write the spec.")] = Path("openapi.yaml"),
+) -> None:
+    """Write the OpenAPI spec the service serves (kept in the repository as openapi.yaml)."""
+    from service.app import create_app
+    from service.openapi import render_openapi
+
+    out.write_text(render_openapi(create_app(Settings())))
+    console.print(f"wrote {out}")
+
+
 def main() -> None:
     """Entry point of the ``nbo`` console script."""
     app()
