@@ -33,6 +33,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    text,
     true,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -176,6 +177,14 @@ class ModelVersion(Base):
 
     __table_args__ = (
         CheckConstraint("status IN ('candidate', 'active', 'retired', 'rejected')", name="status"),
+        # At most one active version, enforced by the database itself.
+        Index(
+            "uq_model_versions_one_active",
+            "status",
+            unique=True,
+            sqlite_where=text("status = 'active'"),
+            postgresql_where=text("status = 'active'"),
+        ),
     )
 
 

@@ -87,6 +87,15 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_model_versions")),
         sa.UniqueConstraint("version", name=op.f("uq_model_versions_version")),
     )
+    with op.batch_alter_table("model_versions", schema=None) as batch_op:
+        batch_op.create_index(
+            "uq_model_versions_one_active",
+            ["status"],
+            unique=True,
+            sqlite_where=sa.text("status = 'active'"),
+            postgresql_where=sa.text("status = 'active'"),
+        )
+
     op.create_table(
         "products",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -307,6 +316,9 @@ def downgrade() -> None:
     op.drop_table("decisions")
     op.drop_table("adoptions")
     op.drop_table("products")
+    with op.batch_alter_table("model_versions", schema=None) as batch_op:
+        batch_op.drop_index("uq_model_versions_one_active")
+
     op.drop_table("model_versions")
     op.drop_table("customers")
     op.drop_table("attribute_definitions")

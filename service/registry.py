@@ -1,0 +1,198 @@
+"""The model registry: versions on disk, their metadata in the database, one active.
+
+A model version is a bundle folder (written by :mod:`models.artifacts`) copied
+under ``<data_dir>/models/<version>``, plus a ``model_versions`` row with its
+manifest checksum, data window, parameters and holdout metrics. At most one
+version is ``active``; the others are ``candidate`` (trained, not promoted),
+``retired`` (was active) or ``rejected`` (failed the promotion gate).
+
+The gate: a newly registered version becomes active only when no version is
+active, or its holdout metric is not worse than the active version's by more
+than the configured tolerance. A person can promote any version by hand.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.tables import ModelVersion
+
+MANIFEST = "manifest.json"
+
+
+class RegistryError(Exception):
+    """A registry operation that cannot be done (unknown version, bad bundle...)."""
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """Whether a new version was activated, and why."""
+
+    activated: bool
+    reason: str
+
+
+def manifest_checksum(bundle: Path) -> str:
+    """sha256 of the bundle's manifest (which itself lists every file's sha256)."""
+    path = bundle / MANIFEST
+    if not path.exists():
+        raise RegistryError(f"{bundle}: no {MANIFEST}; not a model bundle")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def new_version_id(checksum: str, now: dt.datetime | None = None) -> str:
+    """A sortable, unique version id: UTC time of registration plus a checksum prefix."""
+    now = now or dt.datetime.now(dt.UTC)
+    return f"{now:%Y%m%d-%H%M%S}-{checksum[:6]}"
+
+
+def get_version(session: Session, version: str) -> ModelVersion:
+    row = session.scalar(select(ModelVersion).where(ModelVersion.version == version))
+    if row is None:
+        raise RegistryError(f"no model version '{version}' (see `nbo models list`)")
+    return row
+
+
+def active_version(session: Session) -> ModelVersion | None:
+    return session.scalar(select(ModelVersion).where(ModelVersion.status == "active"))
+
+
+def list_versions(session: Session) -> list[ModelVersion]:
+    return list(session.scalars(select(ModelVersion).order_by(ModelVersion.created_at.desc(), ModelVersion.id.desc())))
+
+
+def register(
+    session: Session,
+    *,
+    bundle: Path,
+    artifacts_dir: Path,
+    as_of: dt.date,
+    horizon_days: int,
+    params: dict[str, Any],
+    metrics: dict[str, Any],
+    gate_metric: str,
+    tolerance: float,
+    version: str | None = None,
+) -> tuple[ModelVersion, GateDecision]:
+    """Copy ``bundle`` into the registry, record it, and apply the promotion gate.
+
+    ``metrics[gate_metric]`` is compared with the active version's; the new
+    version is activated when ``new >= active * (1 - tolerance)``.
+    """
+    checksum = manifest_checksum(bundle)
+    version = version or new_version_id(checksum)
+    target = artifacts_dir / version
+    if target.exists():
+        raise RegistryError(f"{target} already exists")
+    artifacts_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(bundle, target)
+    row = ModelVersion(
+        version=version,
+        status="candidate",
+        path=str(target.resolve()),
+        checksum=checksum,
+        as_of=as_of,
+        horizon_days=horizon_days,
+        params=params,
+        metrics=metrics,
+    )
+    session.add(row)
+    session.flush()
+    decision = gate(session, row, gate_metric=gate_metric, tolerance=tolerance)
+    if decision.activated:
+        activate(session, row)
+    else:
+        row.status = "rejected"
+    row.metrics = {**metrics, "gate": {"activated": decision.activated, "reason": decision.reason}}
+    return row, decision
+
+
+def gate(session: Session, candidate: ModelVersion, *, gate_metric: str, tolerance: float) -> GateDecision:
+    """Decide whether ``candidate`` may replace the active version."""
+    current = active_version(session)
+    if current is None or current.id == candidate.id:
+        return GateDecision(True, "no active version")
+    new_value = _metric(candidate.metrics, gate_metric)
+    old_value = _metric(current.metrics, gate_metric)
+    if new_value is None:
+        return GateDecision(False, f"candidate has no holdout {gate_metric}")
+    if old_value is None:
+        return GateDecision(True, f"active version {current.version} has no holdout {gate_metric}")
+    floor = old_value * (1.0 - tolerance)
+    verdict = (
+        f"holdout {gate_metric} {new_value:.4f} vs active {current.version} {old_value:.4f} "
+        f"(floor {floor:.4f} at tolerance {tolerance:.0%})"
+    )
+    if new_value >= floor:
+        return GateDecision(True, verdict)
+    return GateDecision(False, verdict + "; promote by hand with `nbo models promote` if intended")
+
+
+def _metric(metrics: dict[str, Any] | None, name: str) -> float | None:
+    value = (metrics or {}).get(name)
+    return float(value) if isinstance(value, int | float) else None
+
+
+def activate(session: Session, row: ModelVersion) -> ModelVersion | None:
+    """Make ``row`` the active version; the previous one becomes retired. Returns it."""
+    previous = active_version(session)
+    if previous is not None and previous.id != row.id:
+        previous.status = "retired"
+        session.flush()
+    row.status = "active"
+    row.activated_at = dt.datetime.now(dt.UTC)
+    session.flush()
+    return previous if previous is not None and previous.id != row.id else None
+
+
+def rollback(session: Session) -> tuple[ModelVersion, ModelVersion]:
+    """Re-activate the version that was active before the current one.
+
+    Returns ``(now_active, retired)``.
+    """
+    current = active_version(session)
+    if current is None:
+        raise RegistryError("no active version to roll back from")
+    earlier = session.scalar(
+        select(ModelVersion)
+        .where(
+            ModelVersion.status == "retired",
+            ModelVersion.activated_at.is_not(None),
+            ModelVersion.id != current.id,
+        )
+        .order_by(ModelVersion.activated_at.desc(), ModelVersion.id.desc())
+        .limit(1)
+    )
+    if earlier is None:
+        raise RegistryError(f"no earlier active version to roll back to from {current.version}")
+    activate(session, earlier)
+    return earlier, current
+
+
+def describe(row: ModelVersion) -> dict[str, Any]:
+    """A JSON-ready description of a version."""
+    return {
+        "version": row.version,
+        "status": row.status,
+        "as_of": row.as_of.isoformat(),
+        "horizon_days": row.horizon_days,
+        "created_at": row.created_at.isoformat() if row.created_at else None,
+        "activated_at": row.activated_at.isoformat() if row.activated_at else None,
+        "path": row.path,
+        "checksum": row.checksum,
+        "params": row.params,
+        "metrics": row.metrics,
+    }
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True, default=str)
