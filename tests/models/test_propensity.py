@@ -1,0 +1,467 @@
+"""Propensity models: planted signals found, calibrated, leak-free, one path == batch."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from models.data import BankData, CustomerState
+from models.eligibility import Catalogue, eligible_matrix
+from models.propensity import (
+    ProductScore,
+    PropensityModel,
+    TrainConfig,
+    plan_cutoffs,
+    train,
+)
+from models.synthetic import SyntheticBank, generate_bank, true_propensities
+
+REPO = Path(__file__).resolve().parents[2]
+BERKA = REPO.parent / "shared" / "data" / "berka"
+HORIZON = pd.Timedelta(days=90)
+
+
+def planted_bank(n: int = 6_000, seed: int = 0) -> BankData:
+    """A bank with two planted signals.
+
+    - ``insurance`` follows ``acc`` then ``card``: 70% of card holders take it within
+      two months of the card; otherwise 8% of customers take it at a random time.
+    - ``savings`` has a monthly hazard that triples from December 2023 (a campaign),
+      so a model trained on earlier cutoffs is miscalibrated until calibrated on the
+      recent validation cutoff.
+    """
+    rng = np.random.default_rng(seed)
+    start, end = pd.Timestamp("2019-01-01"), pd.Timestamp("2024-12-31")
+    joined = start + pd.to_timedelta(rng.integers(0, 5 * 365, n), unit="D")
+    ids = np.array([f"C{i:05d}" for i in range(n)], dtype=object)
+    rows = [pd.DataFrame({"customer_id": ids, "product_code": "acc", "adopted_at": joined})]
+    has_card = rng.random(n) < 0.6
+    card_at = joined + pd.to_timedelta(rng.exponential(300, n).astype(int) + 1, unit="D")
+    rows.append(
+        pd.DataFrame(
+            {"customer_id": ids[has_card], "product_code": "card", "adopted_at": card_at[has_card]}
+        )
+    )
+    after = has_card & (rng.random(n) < 0.7)
+    insurance_at = pd.DatetimeIndex(
+        np.where(
+            after,
+            card_at + pd.to_timedelta(rng.integers(1, 60, n), unit="D"),
+            joined + pd.to_timedelta(rng.integers(0, 2000, n), unit="D"),
+        )
+    )
+    insured = after | (~has_card & (rng.random(n) < 0.08))
+    rows.append(
+        pd.DataFrame(
+            {
+                "customer_id": ids[insured],
+                "product_code": "insurance",
+                "adopted_at": insurance_at[insured],
+            }
+        )
+    )
+    taken = np.zeros(n, dtype=bool)
+    when = np.full(n, np.datetime64("NaT"), dtype="datetime64[ns]")
+    for month in pd.date_range(start, end, freq="MS"):
+        rate = 0.006 if month < pd.Timestamp("2023-12-01") else 0.02
+        new = ~taken & (joined < month) & (rng.random(n) < rate)
+        days = month + pd.to_timedelta(rng.integers(0, 28, n), unit="D")
+        when[new] = days[new]
+        taken |= new
+    rows.append(
+        pd.DataFrame(
+            {"customer_id": ids[taken], "product_code": "savings", "adopted_at": when[taken]}
+        )
+    )
+    adoptions = pd.concat(rows, ignore_index=True)
+    adoptions = adoptions[adoptions["adopted_at"] <= end].assign(closed_at=pd.NaT)
+    customers = pd.DataFrame(
+        {
+            "customer_id": ids,
+            "segment": rng.choice(["mass", "affluent"], n),
+            "branch_id": rng.choice(["B1", "B2", "B3"], n),
+            "joined_at": joined,
+            "birth_date": joined - pd.to_timedelta(rng.integers(20 * 365, 70 * 365, n), unit="D"),
+            "income": rng.lognormal(8, 0.5, n).round(),
+        }
+    )
+    products = pd.DataFrame(
+        {
+            "product_code": ["acc", "card", "insurance", "savings"],
+            "name": ["Current account", "Credit card", "Home insurance", "Savings account"],
+        }
+    )
+    return BankData.from_frames(products, customers, adoptions)
+
+
+def outcomes_after(data: BankData, scores: pd.DataFrame, as_of: pd.Timestamp) -> np.ndarray:
+    """For each scored pair: adopted within the horizon after ``as_of``?"""
+    adoptions = data.adoptions
+    window = adoptions[
+        (adoptions["adopted_at"] >= as_of) & (adoptions["adopted_at"] < as_of + HORIZON)
+    ]
+    adopted = set(zip(window["customer_id"], window["product_code"], strict=True))
+    return np.array(
+        [
+            (c, p) in adopted
+            for c, p in zip(scores["customer_id"], scores["product_code"].astype(str), strict=True)
+        ]
+    )
+
+
+# --------------------------------------------------------------------------- planted bank
+
+AS_OF = pd.Timestamp("2024-04-01")
+
+
+@pytest.fixture(scope="module")
+def planted() -> BankData:
+    return planted_bank()
+
+
+@pytest.fixture(scope="module")
+def planted_model(planted: BankData) -> PropensityModel:
+    return train(planted, as_of=AS_OF, config=TrainConfig(n_cutoffs=4))
+
+
+@pytest.fixture(scope="module")
+def planted_scores(planted: BankData, planted_model: PropensityModel) -> pd.DataFrame:
+    """Scores at the training instant, with what happened in the next 90 days."""
+    scores = planted_model.score(planted, as_of=AS_OF, uncalibrated=True)
+    return scores.assign(adopted=outcomes_after(planted, scores, AS_OF))
+
+
+def test_planted_path_is_found_on_a_later_cutoff(planted_scores: pd.DataFrame) -> None:
+    insurance = planted_scores[planted_scores["product_code"] == "insurance"]
+    assert insurance["adopted"].sum() > 50
+    assert roc_auc_score(insurance["adopted"], insurance["propensity"]) > 0.8
+
+
+def test_the_planted_rule_is_mined_and_worded(
+    planted: BankData, planted_model: PropensityModel, planted_scores: pd.DataFrame
+) -> None:
+    assert planted_model.rules is not None
+    best = max(planted_model.rules.for_consequent("insurance"), key=lambda rule: rule.confidence)
+    assert "card" in best.antecedent and best.confidence > 0.6
+    insurance = planted_scores[planted_scores["product_code"] == "insurance"]
+    top = insurance.sort_values("propensity").iloc[-1]
+    explanation = planted_model.explain(
+        planted.customer_state(top["customer_id"]), "insurance", as_of=AS_OF
+    )
+    assert explanation.rule is not None and explanation.rule.confidence == top["rules"]
+    assert explanation.rule_sentence is not None
+    assert "credit card" in explanation.rule_sentence
+    assert "home insurance" in explanation.rule_sentence
+    assert any("Credit card" in c.label for c in explanation.contributions)
+
+
+def test_calibration_corrects_a_drifting_base_rate(
+    planted_model: PropensityModel, planted_scores: pd.DataFrame
+) -> None:
+    """Training cutoffs predate the savings campaign; the validation cutoff does not."""
+    assert planted_model.report["products"]["savings"]["calibration"] in ("platt", "isotonic")
+    savings = planted_scores[planted_scores["product_code"] == "savings"]
+    observed = savings["adopted"].mean()
+    brier = {
+        column: float(np.mean((savings[column] - savings["adopted"]) ** 2))
+        for column in ("lgbm_uncalibrated", "lgbm")
+    }
+    assert brier["lgbm"] < brier["lgbm_uncalibrated"]
+    assert savings["lgbm_uncalibrated"].mean() < 0.6 * observed
+    assert savings["lgbm"].mean() == pytest.approx(observed, rel=0.2)
+
+
+def test_training_reads_nothing_on_or_after_as_of(
+    planted: BankData, planted_model: PropensityModel
+) -> None:
+    """Rewriting every later adoption leaves the trained model bit-identical."""
+    rng = np.random.default_rng(3)
+    adoptions = planted.adoptions.copy()
+    later = (adoptions["adopted_at"] >= AS_OF).to_numpy()
+    adoptions.loc[later, "adopted_at"] = AS_OF + pd.to_timedelta(
+        rng.integers(0, 200, int(later.sum())), unit="D"
+    )
+    adoptions = adoptions[~(later & (rng.random(len(adoptions)) < 0.5))]
+    adoptions.loc[adoptions["adopted_at"] < AS_OF, "closed_at"] = AS_OF + pd.Timedelta(days=3)
+    changed = BankData.from_frames(planted.products, planted.customers, adoptions)
+    again = train(changed, as_of=AS_OF, config=TrainConfig(n_cutoffs=4))
+    assert [p.model_text for p in again.products] == [p.model_text for p in planted_model.products]
+    assert [p.parameters() for p in again.products] == [
+        p.parameters() for p in planted_model.products
+    ]
+    assert again.rules is not None and planted_model.rules is not None
+    assert again.rules.to_json() == planted_model.rules.to_json()
+
+
+def test_training_is_deterministic(planted: BankData, planted_model: PropensityModel) -> None:
+    again = train(planted, as_of=AS_OF, config=TrainConfig(n_cutoffs=4))
+    pd.testing.assert_frame_equal(
+        again.score(planted, as_of=AS_OF), planted_model.score(planted, as_of=AS_OF)
+    )
+
+
+def test_progress_is_reported_to_the_end(planted: BankData) -> None:
+    seen: list[tuple[str, float]] = []
+    PropensityModel.train(
+        planted,
+        as_of=AS_OF,
+        config=TrainConfig(n_cutoffs=2, products=("insurance",)),
+        progress=lambda stage, fraction: seen.append((stage, fraction)),
+    )
+    fractions = [fraction for _, fraction in seen]
+    assert fractions == sorted(fractions)
+    assert seen[-1] == ("done", 1.0)
+    assert any(stage.startswith("training insurance") for stage, _ in seen)
+
+
+# --------------------------------------------------------------------------- synthetic bank
+
+SYNTHETIC_AS_OF = pd.Timestamp("2025-03-01")
+
+
+@pytest.fixture(scope="module")
+def bank() -> SyntheticBank:
+    return generate_bank(15_000, seed=12)
+
+
+@pytest.fixture(scope="module")
+def data(bank: SyntheticBank) -> BankData:
+    return BankData.from_frames(bank.products, bank.customers, bank.adoptions)
+
+
+@pytest.fixture(scope="module")
+def model(data: BankData) -> PropensityModel:
+    return train(data, as_of=SYNTHETIC_AS_OF, config=TrainConfig(n_cutoffs=4))
+
+
+@pytest.fixture(scope="module")
+def scores(data: BankData, model: PropensityModel) -> pd.DataFrame:
+    scores = model.score(data, as_of=SYNTHETIC_AS_OF, uncalibrated=True)
+    return scores.assign(adopted=outcomes_after(data, scores, SYNTHETIC_AS_OF))
+
+
+def test_model_approaches_the_true_propensities(bank: SyntheticBank, scores: pd.DataFrame) -> None:
+    """Against the simulator's own probabilities: close in ranking and level."""
+    oracle = true_propensities(
+        bank.truth,
+        bank.customers,
+        bank.adoptions,
+        bank.personas,
+        as_of=(SYNTHETIC_AS_OF - pd.Timedelta(days=1)).date(),
+    ).astype({"product_code": "str"})
+    merged = scores.astype({"product_code": "str"}).merge(
+        oracle, on=["customer_id", "product_code"]
+    )
+    assert len(merged) > 0.99 * len(scores)
+    assert merged["propensity"].corr(merged["probability"], method="spearman") > 0.6
+    ours, best = [], []
+    for _, pairs in merged.groupby("product_code"):
+        if pairs["adopted"].sum() >= 40:
+            ours.append(roc_auc_score(pairs["adopted"], pairs["propensity"]))
+            best.append(roc_auc_score(pairs["adopted"], pairs["probability"]))
+    assert len(ours) >= 12
+    assert np.mean(ours) > 0.85 * np.mean(best)
+
+
+def test_held_out_calibration(scores: pd.DataFrame) -> None:
+    brier_calibrated = np.mean((scores["lgbm"] - scores["adopted"]) ** 2)
+    brier_uncalibrated = np.mean((scores["lgbm_uncalibrated"] - scores["adopted"]) ** 2)
+    assert brier_calibrated <= brier_uncalibrated
+    assert scores["propensity"].mean() == pytest.approx(scores["adopted"].mean(), rel=0.1)
+    for _, pairs in scores.groupby("product_code", observed=True):
+        if pairs["adopted"].sum() >= 100:
+            assert pairs["propensity"].mean() == pytest.approx(pairs["adopted"].mean(), rel=0.35)
+
+
+def test_report_has_validation_metrics(model: PropensityModel) -> None:
+    summary = model.report["summary"]
+    assert summary["lightgbm_products"] >= 15 and summary["mean_auc"] > 0.6
+    metrics = model.report["products"]["mobile_banking"]
+    assert metrics["kind"] == "lightgbm" and metrics["n_trees"] > 0
+    assert metrics["brier_lgbm"] <= metrics["brier_uncalibrated"] * 1.01
+    bins = metrics["reliability"]
+    assert len(bins) == 10
+    # Bins hold equal weight; negatives weigh 1 / sampling share, so more than the rows.
+    weights = [b["weight"] for b in bins]
+    assert min(weights) > 0.8 * max(weights)
+    assert sum(weights) >= metrics["validation_rows"]
+    assert bins[-1]["observed"] > 3 * bins[0]["observed"]
+
+
+def test_only_eligible_pairs_are_scored(
+    data: BankData, model: PropensityModel, scores: pd.DataFrame
+) -> None:
+    eligible = eligible_matrix(data, at=SYNTHETIC_AS_OF)
+    rows = pd.Index(data.customers["customer_id"]).get_indexer(scores["customer_id"])
+    cols = pd.Index(Catalogue.from_data(data).product_codes).get_indexer(
+        scores["product_code"].astype(str)
+    )
+    assert eligible[rows, cols].all()
+    held = data.adoptions[
+        (data.adoptions["adopted_at"] < SYNTHETIC_AS_OF)
+        & ~(data.adoptions["closed_at"] < SYNTHETIC_AS_OF)
+    ]
+    held_pairs = set(zip(held["customer_id"], held["product_code"], strict=True))
+    scored_pairs = set(zip(scores["customer_id"], scores["product_code"].astype(str), strict=True))
+    assert not held_pairs & scored_pairs
+    # Every eligible pair of a joined customer and a modelled product is scored.
+    joined = (data.customers["joined_at"] < SYNTHETIC_AS_OF).to_numpy()
+    modelled = np.isin(Catalogue.from_data(data).product_codes, model.product_codes)
+    assert len(scores) == int(eligible[joined][:, modelled].sum())
+
+
+def test_one_customer_path_equals_the_batch(
+    data: BankData, model: PropensityModel, scores: pd.DataFrame
+) -> None:
+    by_customer = {c: frame for c, frame in scores.groupby("customer_id")}
+    ids = data.customers["customer_id"][data.customers["joined_at"] < SYNTHETIC_AS_OF]
+    for customer in ids.iloc[::97]:
+        fast = model.score_customer(data.customer_state(customer), as_of=SYNTHETIC_AS_OF)
+        assert [s.propensity for s in fast] == sorted((s.propensity for s in fast), reverse=True)
+        batch = by_customer.get(customer, scores.iloc[:0])
+        expected = {
+            str(row.product_code): ProductScore(
+                str(row.product_code), row.propensity, row.lgbm, row.rules
+            )
+            for row in batch.itertuples()
+        }
+        assert {s.product_code: s for s in fast} == expected
+
+
+def test_one_customer_path_is_thread_safe(data: BankData, model: PropensityModel) -> None:
+    states = [data.customer_state(c) for c in data.customers["customer_id"].iloc[:400]]
+    expected = [model.score_customer(s, as_of=SYNTHETIC_AS_OF) for s in states]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for _ in range(3):
+            got = list(pool.map(lambda s: model.score_customer(s, as_of=SYNTHETIC_AS_OF), states))
+            assert got == expected
+
+
+def test_scores_are_the_same_without_the_fast_path(
+    data: BankData, model: PropensityModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If LightGBM's single-row C API is unavailable, Booster.predict takes over."""
+    states = [data.customer_state(c) for c in data.customers["customer_id"].iloc[:50]]
+    expected = [model.score_customer(s, as_of=SYNTHETIC_AS_OF) for s in states]
+    monkeypatch.setattr(model._runtime.fast, "_predict", None)
+    assert [model.score_customer(s, as_of=SYNTHETIC_AS_OF) for s in states] == expected
+
+
+def test_a_narrower_catalogue_is_respected(data: BankData, model: PropensityModel) -> None:
+    products = data.products.copy()
+    products.loc[products["product_code"] == "mobile_banking", "active"] = False
+    catalogue = Catalogue.from_products(products)
+    state = next(
+        s
+        for s in (data.customer_state(c) for c in data.customers["customer_id"])
+        if "mobile_banking"
+        in [x.product_code for x in model.score_customer(s, as_of=SYNTHETIC_AS_OF)]
+    )
+    narrowed = model.score_customer(state, as_of=SYNTHETIC_AS_OF, catalogue=catalogue)
+    assert "mobile_banking" not in [s.product_code for s in narrowed]
+    assert len(narrowed) == len(model.score_customer(state, as_of=SYNTHETIC_AS_OF)) - 1
+    batch = model.score(data, as_of=SYNTHETIC_AS_OF, catalogue=catalogue)
+    assert "mobile_banking" not in set(batch["product_code"].astype(str))
+
+
+def test_explanations_add_up_to_the_score(
+    data: BankData, model: PropensityModel, scores: pd.DataFrame
+) -> None:
+    for row in scores.iloc[::5000].itertuples():
+        state = data.customer_state(row.customer_id)
+        product = str(row.product_code)
+        full = model.explain(state, product, as_of=SYNTHETIC_AS_OF, top_n=1_000)
+        raw = math.log(row.lgbm_uncalibrated / (1 - row.lgbm_uncalibrated))
+        assert full.baseline + sum(c.contribution for c in full.contributions) == pytest.approx(
+            raw, abs=1e-6
+        )
+        assert full.score.propensity == row.propensity
+        top = model.explain(state, product, as_of=SYNTHETIC_AS_OF)
+        assert len(top.contributions) <= 3
+        magnitudes = [abs(c.contribution) for c in top.contributions]
+        assert magnitudes == sorted(magnitudes, reverse=True)
+        assert all(" " in c.label or c.label.isalpha() for c in top.contributions)
+        assert (top.rule is None) == (row.rules == 0)
+
+
+def test_explain_refuses_unknown_and_ineligible_products(
+    data: BankData, model: PropensityModel
+) -> None:
+    state = data.customer_state(data.customers["customer_id"].iloc[0])
+    with pytest.raises(KeyError):
+        model.explain(state, "no_such_product", as_of=SYNTHETIC_AS_OF)
+    held = CustomerState(
+        customer_id="X",
+        birth_date=pd.Timestamp("1980-01-01"),
+        adoptions=(),
+    )
+    assert "credit_card" in model.product_codes
+    with pytest.raises(ValueError, match="not eligible"):
+        model.explain(held, "credit_card", as_of=SYNTHETIC_AS_OF)  # needs current_account
+
+
+def test_feature_importance(model: PropensityModel) -> None:
+    importance = model.feature_importance()
+    assert list(importance.columns) == ["product_code", "feature", "label", "gain", "splits"]
+    home = importance[importance["product_code"] == "home_insurance"]
+    assert len(home) == len(model.spec.columns)
+    assert home["gain"].is_monotonic_decreasing
+    assert home["gain"].iloc[0] > 0
+
+
+# --------------------------------------------------------------------------- cutoffs
+
+
+def test_cutoffs_leave_the_validation_window_unseen() -> None:
+    plan = plan_cutoffs("2025-06-01", horizon_days=90, first_adoption="2019-01-01", n_cutoffs=12)
+    assert plan.validation == pd.Timestamp("2025-03-01")
+    assert plan.validation + HORIZON <= pd.Timestamp("2025-06-01")
+    assert len(plan.train) == 12 and not plan.split_customers
+    assert all(t + HORIZON <= plan.validation for t in plan.train)
+    assert plan.train[0] == pd.Timestamp("2024-12-01")
+    assert list(plan.train) == sorted(plan.train, reverse=True)
+    assert all(t.day == 1 for t in plan.train)
+
+
+def test_short_history_uses_one_cutoff_split_by_customer() -> None:
+    plan = plan_cutoffs("2025-06-01", horizon_days=90, first_adoption="2024-10-15")
+    assert plan.split_customers and plan.train == (plan.validation,)
+    with pytest.raises(ValueError, match="not enough history"):
+        plan_cutoffs("2025-06-01", horizon_days=90, first_adoption="2025-01-01")
+
+
+def test_one_cutoff_training_still_produces_a_model(planted: BankData) -> None:
+    recent = planted.adoptions[planted.adoptions["adopted_at"] >= pd.Timestamp("2023-09-01")]
+    short = BankData.from_frames(planted.products, planted.customers, recent)
+    model = train(short, as_of=AS_OF, config=TrainConfig(products=("card", "savings")))
+    assert model.window["split_customers"] is True
+    assert model.report["products"]["card"]["kind"] == "lightgbm"
+
+
+# --------------------------------------------------------------------------- real data
+
+
+@pytest.mark.skipif(not BERKA.exists(), reason="the Berka data is not available")
+def test_berka_loans_are_predicted() -> None:
+    spec = importlib.util.spec_from_file_location(
+        "berka_convert", REPO / "examples/berka/convert.py"
+    )
+    assert spec is not None and spec.loader is not None
+    convert = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert)
+    frames = convert.convert(BERKA)
+    data = BankData.from_frames(frames["products"], frames["customers"], frames["adoptions"])
+    as_of = pd.Timestamp("1998-01-01")
+    model = train(data, as_of=as_of, config=TrainConfig(min_positives=10))
+    scores = model.score(data, as_of=as_of)
+    loans = scores[scores["product_code"] == "loan"]
+    adopted = outcomes_after(data, loans, as_of)
+    assert adopted.sum() >= 30
+    assert roc_auc_score(adopted, loans["propensity"]) > 0.8
