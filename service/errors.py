@@ -56,7 +56,13 @@ class Unavailable(Problem):
 
 
 def problem_response(status: int, title: str, detail: str, slug: str, **extra: Any) -> JSONResponse:
-    body = {"type": PROBLEM_BASE + slug, "title": title, "status": status, "detail": detail, **extra}
+    body = {
+        "type": PROBLEM_BASE + slug,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        **extra,
+    }
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
 
 
@@ -80,7 +86,11 @@ def install_error_handlers(app: FastAPI) -> None:
         ]
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
         return problem_response(
-            422, "Unprocessable Content", detail, "validation", errors=errors,
+            422,
+            "Unprocessable Content",
+            detail,
+            "validation",
+            errors=errors,
             instance=request.url.path,
         )
 
@@ -98,6 +108,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", extra={"path": request.url.path})
         return problem_response(
-            500, "Internal Server Error", "An unexpected error occurred; it has been logged.",
+            500,
+            "Internal Server Error",
+            "An unexpected error occurred; it has been logged.",
             "internal",
         )

@@ -67,7 +67,11 @@ def active_version(session: Session) -> ModelVersion | None:
 
 
 def list_versions(session: Session) -> list[ModelVersion]:
-    return list(session.scalars(select(ModelVersion).order_by(ModelVersion.created_at.desc(), ModelVersion.id.desc())))
+    return list(
+        session.scalars(
+            select(ModelVersion).order_by(ModelVersion.created_at.desc(), ModelVersion.id.desc())
+        )
+    )
 
 
 def register(
@@ -116,7 +120,9 @@ def register(
     return row, decision
 
 
-def gate(session: Session, candidate: ModelVersion, *, gate_metric: str, tolerance: float) -> GateDecision:
+def gate(
+    session: Session, candidate: ModelVersion, *, gate_metric: str, tolerance: float
+) -> GateDecision:
     """Decide whether ``candidate`` may replace the active version."""
     current = active_version(session)
     if current is None or current.id == candidate.id:

@@ -42,7 +42,9 @@ def test_import_bank_through_cli(database_url: str, tmp_path: Path) -> None:
         code, out = nbo(["import", kind, str(FIXTURES / f"{kind}.csv")], database_url, tmp_path)
         assert code == 0, out
         assert "rows read" in out and "added" in out
-    code, out = nbo(["import", "adoptions", str(FIXTURES / "adoptions.csv")], database_url, tmp_path)
+    code, out = nbo(
+        ["import", "adoptions", str(FIXTURES / "adoptions.csv")], database_url, tmp_path
+    )
     assert code == 0 and "unchanged" in out
 
 
@@ -111,3 +113,23 @@ def test_berka_real_bank_imports_with_published_counts(database_url: str, tmp_pa
     assert by_category.get("lending") == 682
     assert by_category.get("account") == 4_500
     assert loans_closed == 234  # status A (203) and B (31): finished loans
+
+
+def test_generate_is_deterministic_and_imports(database_url: str, tmp_path: Path) -> None:
+    outputs = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        code, output = nbo(
+            ["generate", "--customers", "300", "--seed", "5", "--out", str(out)],
+            database_url,
+            tmp_path,
+        )
+        assert code == 0, output
+        outputs.append({p.name: p.read_bytes() for p in out.glob("*.csv")})
+    assert outputs[0] == outputs[1] and set(outputs[0]) == {
+        "products.csv",
+        "customers.csv",
+        "adoptions.csv",
+    }
+    code, output = nbo(["import", "bank", str(tmp_path / "a")], database_url, tmp_path)
+    assert code == 0, output
