@@ -45,7 +45,15 @@ import_app = typer.Typer(
     help="Load the bank's data (CSV or Parquet). An import loads whole or not at all.",
     no_args_is_help=True,
 )
+rules_app = typer.Typer(
+    help="Association rules: mine baskets for exploration.", no_args_is_help=True
+)
+models_app = typer.Typer(
+    help="The model registry: list, show, promote, roll back.", no_args_is_help=True
+)
 app.add_typer(db_app, name="db")
+app.add_typer(rules_app, name="rules")
+app.add_typer(models_app, name="models")
 app.add_typer(import_app, name="import")
 
 console = Console()
@@ -350,6 +358,136 @@ def demo(
     console.rule("3. import the bank")
     import_bank_cmd(out)
     console.print("[green]demo complete.[/green]")
+
+
+@rules_app.command("mine")
+def rules_mine(
+    file: Annotated[Path, typer.Argument(help="Basket CSV: transaction_id,item rows.")],
+    min_support: Annotated[float, typer.Option(min=0.0, max=1.0, help="Minimum support.")] = 0.01,
+    min_confidence: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Minimum confidence.")
+    ] = 0.5,
+    min_len: Annotated[
+        int, typer.Option(min=1, help="Minimum items in antecedent + consequent.")
+    ] = 1,
+    max_len: Annotated[int | None, typer.Option(min=1, help="Maximum items in a rule.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the rules as CSV here.")] = None,
+    top: Annotated[int, typer.Option(min=0, help="Rules to print (by lift).")] = 20,
+) -> None:
+    """Mine single-consequent rules from a basket file (basket mode, arules semantics)."""
+    from models.rules import mine_basket_rules, read_baskets
+
+    try:
+        baskets = read_baskets(file)
+        rules = mine_basket_rules(
+            baskets,
+            min_support=min_support,
+            min_confidence=min_confidence,
+            min_len=min_len,
+            max_len=max_len,
+        )
+    except (ValueError, OSError) as exc:
+        err_console.print(f"{file}: {exc}", markup=False)
+        raise typer.Exit(code=1) from None
+    table = rules.assign(antecedent=rules["antecedent"].map(lambda a: "{" + ", ".join(a) + "}"))
+    if out is not None:
+        table.to_csv(out, index=False)
+    shown = Table(
+        title=f"{len(rules):,} rules from {baskets['transaction_id'].nunique():,} baskets "
+        f"(support >= {min_support}, confidence >= {min_confidence})"
+    )
+    for column in ("antecedent", "consequent", "support", "confidence", "lift", "count"):
+        shown.add_column(column)
+    for row in table.head(top).itertuples(index=False):
+        shown.add_row(
+            str(row.antecedent),
+            str(row.consequent),
+            f"{row.support:.4f}",
+            f"{row.confidence:.3f}",
+            f"{row.lift:.2f}",
+            f"{row.count:,}",
+        )
+    console.print(shown)
+    if out is not None:
+        console.print(f"wrote {len(rules):,} rules to {out}")
+
+
+def _registry_session() -> Any:
+    settings = _settings()
+    return db.unit_of_work(_engine_ready(settings))
+
+
+def _version_table(rows: list[Any]) -> Table:
+    table = Table()
+    for column in ("version", "status", "as_of", "horizon", "created", "gate metric"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row.version,
+            row.status,
+            row.as_of.isoformat(),
+            f"{row.horizon_days} d",
+            f"{row.created_at:%Y-%m-%d %H:%M}" if row.created_at else "",
+            str((row.metrics or {}).get("gate", {}).get("reason", "")),
+        )
+    return table
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List model versions, newest first."""
+    from service import registry
+
+    with _registry_session() as session:
+        rows = registry.list_versions(session)
+        if not rows:
+            console.print("no model versions yet")
+            return
+        console.print(_version_table(rows))
+
+
+@models_app.command("show")
+def models_show(version: Annotated[str, typer.Argument(help="Version id.")]) -> None:
+    """Show one version: status, data window, parameters, holdout metrics."""
+    from service import registry
+
+    with _registry_session() as session:
+        try:
+            row = registry.get_version(session, version)
+        except registry.RegistryError as exc:
+            err_console.print(str(exc), markup=False)
+            raise typer.Exit(code=1) from None
+        console.print_json(registry.dumps(registry.describe(row)))
+
+
+@models_app.command("promote")
+def models_promote(version: Annotated[str, typer.Argument(help="Version id.")]) -> None:
+    """Make VERSION active by hand, whatever the gate said; the active one retires."""
+    from service import registry
+
+    with _registry_session() as session:
+        try:
+            row = registry.get_version(session, version)
+            previous = registry.activate(session, row)
+        except registry.RegistryError as exc:
+            err_console.print(str(exc), markup=False)
+            raise typer.Exit(code=1) from None
+        retired = f" ({previous.version} retired)" if previous else ""
+        console.print(f"{row.version} is active{retired}")
+
+
+@models_app.command("rollback")
+def models_rollback() -> None:
+    """Re-activate the version that was active before the current one."""
+    from service import registry
+
+    with _registry_session() as session:
+        try:
+            now_active, retired = registry.rollback(session)
+        except registry.RegistryError as exc:
+            err_console.print(str(exc), markup=False)
+            raise typer.Exit(code=1) from None
+        console.print(f"{now_active.version} is active again ({retired.version} retired)")
 
 
 @app.command()

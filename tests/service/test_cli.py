@@ -133,3 +133,53 @@ def test_generate_is_deterministic_and_imports(database_url: str, tmp_path: Path
     }
     code, output = nbo(["import", "bank", str(tmp_path / "a")], database_url, tmp_path)
     assert code == 0, output
+
+
+def test_rules_mine_groceries(tmp_path: Path) -> None:
+    """Basket mode on the real Groceries data reproduces the published 120 rules."""
+    groceries = SHARED_DATA / "groceries" / "groceries_tidy.csv"
+    if not groceries.exists():
+        pytest.skip(f"{groceries} not present")
+    out = tmp_path / "rules.csv"
+    result = runner.invoke(
+        app,
+        [
+            "rules",
+            "mine",
+            str(groceries),
+            "--min-support",
+            "0.005",
+            "--min-confidence",
+            "0.5",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "120 rules from 9,835 baskets" in result.output
+    import pandas as pd
+
+    rules = pd.read_csv(out)
+    assert len(rules) == 120
+    assert {"antecedent", "consequent", "support", "confidence", "lift", "count"} <= set(
+        rules.columns
+    )
+    top = rules.sort_values("lift", ascending=False).iloc[0]
+    assert top["lift"] > 3 and top["confidence"] >= 0.5
+
+
+def test_rules_mine_bad_file(tmp_path: Path) -> None:
+    bad = tmp_path / "b.csv"
+    bad.write_text("basket,thing\n1,milk\n")
+    result = runner.invoke(app, ["rules", "mine", str(bad)])
+    assert result.exit_code == 1
+    assert "transaction_id" in result.output
+
+
+def test_models_commands_on_empty_registry(database_url: str, tmp_path: Path) -> None:
+    code, out = nbo(["models", "list"], database_url, tmp_path)
+    assert code == 0 and "no model versions yet" in out
+    code, out = nbo(["models", "rollback"], database_url, tmp_path)
+    assert code == 1 and "no active version" in out
+    code, out = nbo(["models", "show", "v9"], database_url, tmp_path)
+    assert code == 1 and "no model version 'v9'" in out
