@@ -346,7 +346,7 @@ def demo(
     customers: Annotated[int, typer.Option(min=100, help="Customers in the demo bank.")] = 20_000,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 7,
 ) -> None:
-    """The main job: generate a bank into the local SQLite database and run the pipeline on it."""
+    """The main job: generate a bank into the local SQLite database, import it, and train a model."""
     settings = _settings()
     out = settings.data_dir / "demo-bank"
     console.rule("1. generate a synthetic bank")
@@ -357,7 +357,55 @@ def demo(
     db_upgrade("head")
     console.rule("3. import the bank")
     import_bank_cmd(out)
-    console.print("[green]demo complete.[/green]")
+    console.rule("4. evaluate on a holdout, train, register the model version")
+    train(as_of=None, horizon_days=90)
+    console.print("[green]demo complete.[/green] Next: `nbo models list`, `nbo serve`.")
+
+
+@app.command()
+def train(
+    as_of: Annotated[
+        str | None,
+        typer.Option(help="End of history to learn from (default: day after the last adoption)."),
+    ] = None,
+    horizon_days: Annotated[int, typer.Option(min=7, help="Propensity horizon in days.")] = 90,
+) -> None:
+    """Evaluate on a temporal holdout, train on all history, and register a model version
+    (activated if it is not worse than the active one)."""
+    from service.training import train_and_register
+
+    settings = _settings()
+    engine = _engine_ready(settings)
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("loading the bank", total=1.0)
+
+        def advance(stage: str, fraction: float) -> None:
+            progress.update(task, description=stage, completed=fraction)
+
+        outcome = train_and_register(
+            engine,
+            artifacts_dir=settings.artifacts_dir,
+            as_of=dt.date.fromisoformat(as_of) if as_of else None,
+            horizon_days=horizon_days,
+            tolerance=settings.promotion_tolerance,
+            progress=advance,
+        )
+    table = Table(title=f"holdout from {outcome.holdout.cutoff} ({horizon_days} days)")
+    comparison = outcome.holdout.comparison
+    table.add_column("model")
+    for column in ("MAP@1", "MAP@3", "MAP@5", "hit@3"):
+        table.add_column(column)
+    for name, row in comparison.iterrows():
+        table.add_row(str(name), *(f"{row[c]:.4f}" for c in ("MAP@1", "MAP@3", "MAP@5", "hit@3")))
+    console.print(table)
+    state = "active" if outcome.activated else outcome.version.status
+    console.print(f"model version {outcome.version.version}: {state} ({outcome.reason})")
 
 
 @rules_app.command("mine")

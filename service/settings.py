@@ -51,6 +51,16 @@ class Settings(BaseSettings):
         description="An import stops collecting problems after this many and reports them.",
     )
 
+    promotion_tolerance: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "A new model version becomes active only if its holdout MAP@3 is at least the "
+            "active version's times (1 - tolerance)."
+        ),
+    )
+
     @property
     def resolved_database_url(self) -> str:
         """The database URL in force: the configured one, or the SQLite default."""
