@@ -58,19 +58,6 @@ DAYS_PER_MONTH = 30.4375
 TRUTH_FORMAT = "nbo-synthetic-truth"
 TRUTH_VERSION = 1
 
-PRODUCT_COLUMNS = (
-    "product_code",
-    "name",
-    "category",
-    "value",
-    "business_weight",
-    "active",
-    "min_age",
-    "max_age",
-    "segments",
-    "requires",
-    "excludes",
-)
 CUSTOMER_COLUMNS = (
     "customer_id",
     "segment",
@@ -85,7 +72,6 @@ CUSTOMER_COLUMNS = (
     "income",
     "digital_active",
 )
-ADOPTION_COLUMNS = ("customer_id", "product_code", "adopted_at", "closed_at")
 PROPENSITY_COLUMNS = ("customer_id", "product_code", "probability")
 
 _NO_MAX_AGE = 10_000
@@ -879,12 +865,12 @@ class SyntheticBank:
     Attributes
     ----------
     products : pandas.DataFrame
-        Columns :data:`PRODUCT_COLUMNS`.
+        Columns :data:`models.data.PRODUCT_COLUMNS`.
     customers : pandas.DataFrame
         Columns :data:`CUSTOMER_COLUMNS`, ordered by ``customer_id`` (which is
         also joining order); dates are ``datetime64``.
     adoptions : pandas.DataFrame
-        Columns :data:`ADOPTION_COLUMNS`, sorted by ``customer_id`` then
+        Columns :data:`models.data.ADOPTION_COLUMNS`, sorted by ``customer_id`` then
         ``adopted_at``; ``closed_at`` is ``NaT`` while the adoption is open.
     personas : pandas.DataFrame
         ``customer_id, persona``: the hidden truth, not a customer column.

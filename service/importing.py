@@ -37,25 +37,13 @@ import pyarrow.parquet as pq
 from sqlalchemy import Connection, Engine, ForeignKeyConstraint, text
 from sqlalchemy.schema import AddConstraint, DropConstraint
 
+from models.data import ADOPTION_COLUMNS, CUSTOMER_FIXED_COLUMNS, PRODUCT_COLUMNS
+
 ProgressFn = Callable[[int], None]
 """Called with the number of rows just read."""
 
-PRODUCT_COLUMNS = (
-    "product_code",
-    "name",
-    "category",
-    "value",
-    "business_weight",
-    "active",
-    "min_age",
-    "max_age",
-    "segments",
-    "requires",
-    "excludes",
-)
 PRODUCT_REQUIRED = ("product_code", "name", "category", "value")
-CUSTOMER_FIXED = ("customer_id", "segment", "branch_id", "joined_at", "birth_date")
-ADOPTION_COLUMNS = ("customer_id", "product_code", "adopted_at", "closed_at")
+CUSTOMER_FIXED = CUSTOMER_FIXED_COLUMNS
 ADOPTION_REQUIRED = ("customer_id", "product_code", "adopted_at")
 
 _CODE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from models.data import ADOPTION_COLUMNS, PRODUCT_COLUMNS
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SRC = REPO_ROOT.parent / "shared" / "data" / "berka"
 
@@ -38,19 +40,6 @@ SOURCE_COLUMNS: dict[str, tuple[str, ...]] = {
 # Read as text: leading zeros and the "YYMMDD hh:mm:ss" suffix matter.
 TEXT_COLUMNS = ("date", "issued", "birth_number", "frequency", "type", "status", "A2", "A3")
 
-PRODUCT_COLUMNS = (
-    "product_code",
-    "name",
-    "category",
-    "value",
-    "business_weight",
-    "active",
-    "min_age",
-    "max_age",
-    "segments",
-    "requires",
-    "excludes",
-)
 CUSTOMER_COLUMNS = (
     "customer_id",
     "segment",
@@ -69,7 +58,6 @@ CUSTOMER_COLUMNS = (
     "n_permanent_orders",
     "permanent_orders_amount",
 )
-ADOPTION_COLUMNS = ("customer_id", "product_code", "adopted_at", "closed_at")
 
 # Values are invented (rough yearly contribution of one adoption, in CZK); the
 # weights are neutral. Constraints follow the data: see README.md.

@@ -9,10 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from models.data import ADOPTION_COLUMNS, PRODUCT_COLUMNS
 from models.synthetic import (
-    ADOPTION_COLUMNS,
     CUSTOMER_COLUMNS,
-    PRODUCT_COLUMNS,
     SyntheticBank,
     TruthModel,
     generate_bank,
