@@ -8,14 +8,27 @@ candidates (eligible, not held at the cutoff) and the same customers.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from models.data import BankData
-from models.metrics import compare, popularity_scores
+from models.metrics import (
+    calibration_table,
+    compare,
+    gains_table,
+    label_pairs,
+    popularity_scores,
+    product_metrics,
+)
 from models.propensity import ProgressFn, PropensityModel, TrainConfig, train
+from models.synthetic import read_truth, true_propensities
+
+ReferenceScorer = Callable[[dt.date, int, pd.DataFrame], pd.DataFrame]
+"""``(cutoff, horizon_days, candidates) -> scores``: a reference ranking (e.g. the oracle)."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +41,8 @@ class HoldoutResult:
     scores: pd.DataFrame
     actual: pd.DataFrame
     comparison: pd.DataFrame
+    ranked: Mapping[str, pd.DataFrame]
+    """Each compared model's scores (``customer_id, product_code, score``)."""
 
     def summary_metrics(self, served: str = "blend") -> dict[str, Any]:
         """Flat, JSON-ready headline metrics (``map@3`` of the served model first)."""
@@ -52,6 +67,7 @@ def holdout_evaluation(
     horizon_days: int = 90,
     config: TrainConfig | None = None,
     progress: ProgressFn | None = None,
+    references: Mapping[str, ReferenceScorer] | None = None,
 ) -> HoldoutResult:
     """Train with data before ``as_of - horizon_days`` and measure the next ``horizon_days``.
 
@@ -63,6 +79,10 @@ def holdout_evaluation(
         End of the observed history; the cutoff is ``horizon_days`` before it.
     horizon_days : int
         Length of the evaluation window (the propensity horizon).
+    references : mapping of str to ReferenceScorer, optional
+        Extra rows for the comparison, such as the oracle of a synthetic bank
+        (:func:`truth_reference`). Each is called with the cutoff, the horizon and the
+        candidate pairs and scores only those pairs.
     """
     cutoff = as_of - dt.timedelta(days=horizon_days)
     model = train(data, as_of=cutoff, horizon_days=horizon_days, config=config, progress=progress)
@@ -82,5 +102,101 @@ def holdout_evaluation(
         "lightgbm": scores[["customer_id", "product_code"]].assign(score=scores["lgbm"]),
         "blend": scores[["customer_id", "product_code"]].assign(score=scores["propensity"]),
     }
+    for name, scorer in (references or {}).items():
+        reference = scorer(cutoff, horizon_days, candidates)
+        models[name] = candidates.merge(
+            reference[["customer_id", "product_code", "score"]],
+            on=["customer_id", "product_code"],
+            how="left",
+        ).fillna({"score": 0.0})
     comparison = compare(models, actual, ks=(1, 3, 5))
-    return HoldoutResult(cutoff, horizon_days, model, scores, actual, comparison)
+    return HoldoutResult(cutoff, horizon_days, model, scores, actual, comparison, models)
+
+
+def truth_reference(bank_dir: str | Path) -> ReferenceScorer:
+    """The oracle of a synthetic bank: each pair scored by its true propensity.
+
+    Parameters
+    ----------
+    bank_dir : str or pathlib.Path
+        A folder written by :func:`models.synthetic.write_bank` (its ``truth/``,
+        ``customers`` and ``adoptions`` files are read once, here).
+
+    Returns
+    -------
+    ReferenceScorer
+        Scores candidates by the probability, under the generator's own hazard model, of
+        adopting within the horizon from the state the day before the cutoff (features
+        see only what happened strictly before the cutoff, the same information).
+
+    Raises
+    ------
+    FileNotFoundError
+        If the folder holds no ground truth.
+    """
+    folder = Path(bank_dir)
+    truth, personas = read_truth(folder)
+    customers = _read_table(folder, "customers")
+    adoptions = _read_table(folder, "adoptions")
+
+    def score(cutoff: dt.date, horizon_days: int, candidates: pd.DataFrame) -> pd.DataFrame:
+        probabilities = true_propensities(
+            truth,
+            customers,
+            adoptions,
+            personas,
+            as_of=cutoff - dt.timedelta(days=1),
+            horizon_days=horizon_days,
+        )
+        frame = probabilities.rename(columns={"probability": "score"})
+        frame["product_code"] = frame["product_code"].astype(str)
+        return frame
+
+    return score
+
+
+def _read_table(folder: Path, name: str) -> pd.DataFrame:
+    for suffix in (".parquet", ".csv", ".csv.gz"):
+        path = folder / f"{name}{suffix}"
+        if path.exists():
+            if suffix == ".parquet":
+                return pd.read_parquet(path)
+            return pd.read_csv(path, dtype=str, keep_default_na=False)
+    raise FileNotFoundError(f"{folder}: no {name}.parquet, {name}.csv or {name}.csv.gz")
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    """The frames :func:`models.report.write_report` draws, for one holdout."""
+
+    products: pd.DataFrame
+    calibration: dict[str, pd.DataFrame]
+    gains: dict[str, pd.DataFrame]
+    rules: pd.DataFrame | None
+    importance: pd.DataFrame
+
+
+def report_inputs(result: HoldoutResult) -> ReportInputs:
+    """Per-product metrics of the served blend, calibration and gains per model, rules
+    and feature importance of the holdout model."""
+    blend = result.ranked["blend"]
+    products = product_metrics(blend, result.actual)
+    calibration: dict[str, pd.DataFrame] = {}
+    gains: dict[str, pd.DataFrame] = {}
+    for name, scores in result.ranked.items():
+        labelled = label_pairs(scores, result.actual)
+        gains[name] = gains_table(labelled["score"], labelled["label"])
+        if name in ("blend", "lightgbm", "oracle"):
+            calibration[name] = calibration_table(labelled["score"], labelled["label"])
+    rules = result.model.rules.to_frame() if result.model.rules is not None else None
+    per_product = result.model.feature_importance()
+    total = per_product.groupby("label", sort=False)["gain"].sum()
+    importance = (
+        (total / max(float(total.sum()), 1e-12))
+        .rename("importance")
+        .rename_axis("feature")
+        .reset_index()
+        .sort_values("importance", ascending=False, kind="stable")
+        .reset_index(drop=True)
+    )
+    return ReportInputs(products, calibration, gains, rules, importance)

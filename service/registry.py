@@ -24,6 +24,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from models.artifacts import BundleError, load_bundle
+from models.propensity import PropensityModel
 from service.tables import ModelVersion
 
 MANIFEST = "manifest.json"
@@ -86,11 +88,14 @@ def register(
     gate_metric: str,
     tolerance: float,
     version: str | None = None,
+    active_value: float | None = None,
+    active_note: str = "",
 ) -> tuple[ModelVersion, GateDecision]:
     """Copy ``bundle`` into the registry, record it, and apply the promotion gate.
 
-    ``metrics[gate_metric]`` is compared with the active version's; the new
-    version is activated when ``new >= active * (1 - tolerance)``.
+    ``metrics[gate_metric]`` is compared with the active version's (``active_value``
+    when the caller measured it on the candidate's holdout, else its recorded metric);
+    the new version is activated when ``new >= active * (1 - tolerance)``.
     """
     checksum = manifest_checksum(bundle)
     version = version or new_version_id(checksum)
@@ -111,7 +116,14 @@ def register(
     )
     session.add(row)
     session.flush()
-    decision = gate(session, row, gate_metric=gate_metric, tolerance=tolerance)
+    decision = gate(
+        session,
+        row,
+        gate_metric=gate_metric,
+        tolerance=tolerance,
+        active_value=active_value,
+        active_note=active_note,
+    )
     if decision.activated:
         activate(session, row)
     else:
@@ -121,14 +133,20 @@ def register(
 
 
 def gate(
-    session: Session, candidate: ModelVersion, *, gate_metric: str, tolerance: float
+    session: Session,
+    candidate: ModelVersion,
+    *,
+    gate_metric: str,
+    tolerance: float,
+    active_value: float | None = None,
+    active_note: str = "",
 ) -> GateDecision:
     """Decide whether ``candidate`` may replace the active version."""
     current = active_version(session)
     if current is None or current.id == candidate.id:
         return GateDecision(True, "no active version")
     new_value = _metric(candidate.metrics, gate_metric)
-    old_value = _metric(current.metrics, gate_metric)
+    old_value = active_value if active_value is not None else _metric(current.metrics, gate_metric)
     if new_value is None:
         return GateDecision(False, f"candidate has no holdout {gate_metric}")
     if old_value is None:
@@ -137,6 +155,7 @@ def gate(
     verdict = (
         f"holdout {gate_metric} {new_value:.4f} vs active {current.version} {old_value:.4f} "
         f"(floor {floor:.4f} at tolerance {tolerance:.0%})"
+        + (f"; {active_note}" if active_note else "")
     )
     if new_value >= floor:
         return GateDecision(True, verdict)
@@ -182,6 +201,32 @@ def rollback(session: Session) -> tuple[ModelVersion, ModelVersion]:
         raise RegistryError(f"no earlier active version to roll back to from {current.version}")
     activate(session, earlier)
     return earlier, current
+
+
+def load_model(row: ModelVersion) -> PropensityModel:
+    """Load a registered version's bundle, verified against the registry and its manifest.
+
+    Raises
+    ------
+    RegistryError
+        If the manifest is not the one registered (the files were replaced) or the
+        bundle fails its own checks (a missing or altered file, feature columns that do
+        not match); the message says which.
+    """
+    path = Path(row.path)
+    try:
+        checksum = manifest_checksum(path)
+    except RegistryError as exc:
+        raise RegistryError(f"model version {row.version}: {exc}") from None
+    if checksum != row.checksum:
+        raise RegistryError(
+            f"model version {row.version}: manifest {path / MANIFEST} has sha256 "
+            f"{checksum[:12]}..., registered {row.checksum[:12]}...; the bundle was changed"
+        )
+    try:
+        return load_bundle(path)
+    except BundleError as exc:
+        raise RegistryError(f"model version {row.version}: {exc}") from None
 
 
 def describe(row: ModelVersion) -> dict[str, Any]:

@@ -13,10 +13,12 @@ from typing import Any
 import pandas as pd
 from sqlalchemy import Engine, text
 
-from models.artifacts import save_bundle
+from models.artifacts import BundleError, load_bundle, save_bundle
 from models.data import BankData
-from models.evaluation import HoldoutResult, holdout_evaluation
+from models.evaluation import HoldoutResult, holdout_evaluation, report_inputs, truth_reference
+from models.metrics import compare
 from models.propensity import TrainConfig, train
+from models.report import write_report
 from service import registry
 from service.db import unit_of_work
 from service.tables import ModelVersion
@@ -79,6 +81,99 @@ class TrainOutcome:
     holdout: HoldoutResult
 
 
+def default_as_of(data: BankData) -> dt.date:
+    """The end of the observed history: the day after the last recorded adoption."""
+    if data.adoptions.empty:
+        return dt.date.today()
+    return (data.adoptions["adopted_at"].max() + pd.Timedelta(days=1)).date()
+
+
+def evaluate(
+    data: BankData,
+    *,
+    as_of: dt.date | None,
+    horizon_days: int,
+    truth_dir: Path | None = None,
+    config: TrainConfig | None = None,
+    progress: Callable[[str, float], None] | None = None,
+) -> HoldoutResult:
+    """The temporal holdout of ``data`` ending at ``as_of``, with the oracle row when the
+    bank is synthetic and ``truth_dir`` (the generated bank folder) is given."""
+    as_of = as_of or default_as_of(data)
+    references = {"oracle": truth_reference(truth_dir)} if truth_dir is not None else None
+    return holdout_evaluation(
+        data,
+        as_of=as_of,
+        horizon_days=horizon_days,
+        config=config,
+        progress=(lambda stage, f: progress(f"holdout: {stage}", f)) if progress else None,
+        references=references,
+    )
+
+
+def write_evaluation_report(
+    holdout: HoldoutResult, path: Path, *, data: BankData, title: str = "nbo evaluation"
+) -> Path:
+    """The HTML report of a holdout: comparison, gains, calibration, products, rules."""
+    inputs = report_inputs(holdout)
+    adopted = data.adoptions["adopted_at"]
+    summary = {
+        "customers evaluated": f"{int(holdout.comparison['n_customers'].iloc[0]):,}",
+        "history": f"{adopted.min():%Y-%m-%d} to {holdout.cutoff - dt.timedelta(days=1)}",
+        "holdout window": f"{holdout.cutoff} + {holdout.horizon_days} days",
+        "adoptions in window": f"{len(holdout.actual):,}",
+        "products": f"{len(holdout.model.products)}",
+        "served model": "blend",
+    }
+    return write_report(
+        path,
+        title=title,
+        summary=summary,
+        comparison=holdout.comparison,
+        products=inputs.products,
+        calibration=inputs.calibration,
+        gains=inputs.gains,
+        rules=inputs.rules,
+        importance=inputs.importance,
+    )
+
+
+def active_on_holdout(
+    engine: Engine, holdout: HoldoutResult, data: BankData
+) -> tuple[float | None, str]:
+    """The active version's MAP@3 measured on ``holdout``, when that is fair.
+
+    Fair means the active version was trained only on data before the holdout window
+    (its ``as_of`` is on or before the cutoff), so it has not seen the adoptions it is
+    scored on. Otherwise (a retrain on the same history) the recorded metrics are
+    compared instead, and the note says so.
+    """
+    with unit_of_work(engine) as session:
+        current = registry.active_version(session)
+        if current is None:
+            return None, "no active version"
+        path, version, as_of = Path(current.path), current.version, current.as_of
+    if as_of > holdout.cutoff:
+        return (
+            None,
+            f"active {version} was trained past the holdout cutoff; recorded metrics compared",
+        )
+    try:
+        active = load_bundle(path)
+    except BundleError as exc:
+        return None, f"active {version} could not be loaded ({exc}); recorded metrics compared"
+    scores = active.score(data, as_of=holdout.cutoff)
+    table = compare(
+        {
+            "active": scores[["customer_id", "product_code"]].assign(score=scores["propensity"]),
+            "candidate": holdout.ranked["blend"],
+        },
+        holdout.actual,
+        ks=(3,),
+    )
+    return float(table.loc["active", "MAP@3"]), f"active {version} scored on the same holdout"
+
+
 def train_and_register(
     engine: Engine,
     *,
@@ -87,20 +182,26 @@ def train_and_register(
     horizon_days: int,
     tolerance: float,
     config: TrainConfig | None = None,
+    truth_dir: Path | None = None,
     progress: Callable[[str, float], None] | None = None,
 ) -> TrainOutcome:
-    """Holdout-evaluate, train on all history to ``as_of``, save the bundle, register it."""
+    """Holdout-evaluate, train on all history to ``as_of``, save the bundle, register it.
+
+    The promotion gate compares the candidate's holdout MAP@3 with the active version's
+    measured on the same holdout (see :func:`active_on_holdout`).
+    """
     data = load_bank(engine)
-    if as_of is None:
-        as_of = (data.adoptions["adopted_at"].max() + pd.Timedelta(days=1)).date()
-    holdout = holdout_evaluation(
+    as_of = as_of or default_as_of(data)
+    holdout = evaluate(
         data,
         as_of=as_of,
         horizon_days=horizon_days,
+        truth_dir=truth_dir,
         config=config,
-        progress=(lambda stage, f: progress(f"holdout: {stage}", f)) if progress else None,
+        progress=progress,
     )
     metrics = holdout.summary_metrics()
+    active_value, active_note = active_on_holdout(engine, holdout, data)
     model = train(
         data,
         as_of=as_of,
@@ -118,9 +219,11 @@ def train_and_register(
                 artifacts_dir=artifacts_dir,
                 as_of=as_of,
                 horizon_days=horizon_days,
-                params={"config": repr(config or TrainConfig())},
+                params={"config": (config or TrainConfig()).to_dict()},
                 metrics=metrics,
                 gate_metric="map@3",
                 tolerance=tolerance,
+                active_value=active_value,
+                active_note=active_note,
             )
     return TrainOutcome(row, decision.activated, decision.reason, holdout)

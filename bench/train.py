@@ -1,0 +1,166 @@
+"""End-to-end training benchmark: speed, memory and holdout quality of `nbo train`.
+
+Usage::
+
+    python bench/train.py [--customers 100000] [--seed 0] [--keep DIR] [--berka]
+
+For each bank size asked (``--customers`` may be repeated, e.g. ``--customers 100000
+--customers 1000000``), it generates a synthetic bank (Parquet), imports it into a fresh
+SQLite database, and runs ``nbo train --truth BANK`` as a child process, timing it and
+reading its peak RSS. The holdout comparison recorded with the model version gives the
+quality figures: MAP@3 of the served blend against the oracle (the generator's true
+propensities) and against popularity.
+
+``--berka`` also converts the real Czech bank data (``../shared/data/berka``), imports
+it and runs ``nbo evaluate`` (temporal holdout): MAP@3 of the blend against popularity.
+
+Targets (issue 3): 100k customers <= 3 min; 1M <= 20 min with peak RSS <= 8 GB;
+blend >= 0.9 x oracle and >= 1.3 x popularity at 100k; Berka blend >= 1.15 x popularity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+NBO = str(Path(sys.executable).with_name("nbo"))
+
+
+def run(args: list[str], env: dict[str, str]) -> tuple[float, float, str]:
+    """Seconds, peak RSS (MiB) of the child, and its output."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    started = time.perf_counter()
+    result = subprocess.run(
+        [NBO, *args], env=env, capture_output=True, text=True, check=False
+    )
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        sys.exit(f"nbo {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    # ru_maxrss of children is the largest child so far: report it only when it grew.
+    return seconds, max(peak, before) / 1024, result.stdout
+
+
+def environment(folder: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["NBO_DATA_DIR"] = str(folder)
+    env["NBO_DATABASE_URL"] = f"sqlite:///{folder / 'nbo.sqlite3'}"
+    env["COLUMNS"] = "160"
+    return env
+
+
+def latest_metrics(folder: Path) -> dict[str, float]:
+    with sqlite3.connect(folder / "nbo.sqlite3") as conn:
+        (text,) = conn.execute(
+            "SELECT metrics FROM model_versions ORDER BY id DESC LIMIT 1"
+        ).fetchone()
+    return json.loads(text)
+
+
+def synthetic(customers: int, seed: int, root: Path) -> dict[str, float]:
+    folder = root / f"synthetic-{customers}"
+    folder.mkdir(parents=True, exist_ok=True)
+    env = environment(folder)
+    bank = folder / "bank"
+    if not (bank / "adoptions.parquet").exists():
+        seconds, _, _ = run(
+            ["generate", "--customers", str(customers), "--seed", str(seed), "--out", str(bank),
+             "--format", "parquet"],
+            env,
+        )
+        print(f"  generated {customers:,} customers in {seconds:.0f} s", flush=True)
+    database = folder / "nbo.sqlite3"
+    for stale in (database, folder / "nbo.sqlite3-wal", folder / "nbo.sqlite3-shm"):
+        stale.unlink(missing_ok=True)
+    run(["db", "upgrade"], env)
+    seconds, _, _ = run(["import", "bank", str(bank)], env)
+    print(f"  imported in {seconds:.0f} s", flush=True)
+    seconds, rss, _ = run(["train", "--truth", str(bank)], env)
+    metrics = latest_metrics(folder)
+    return {
+        "customers": customers,
+        "train_seconds": seconds,
+        "peak_rss_mib": rss,
+        "blend": metrics["blend.map@3"],
+        "lightgbm": metrics["lightgbm.map@3"],
+        "rules": metrics["rules.map@3"],
+        "popularity": metrics["popularity.map@3"],
+        "oracle": metrics["oracle.map@3"],
+    }
+
+
+def berka(root: Path) -> dict[str, float]:
+    folder = root / "berka"
+    folder.mkdir(parents=True, exist_ok=True)
+    env = environment(folder)
+    (folder / "nbo.sqlite3").unlink(missing_ok=True)
+    subprocess.run(
+        [sys.executable, str(REPO / "examples" / "berka" / "convert.py"), "--out",
+         str(folder / "bank")],
+        check=True,
+        capture_output=True,
+        env={**env, "PYTHONPATH": str(REPO)},
+    )
+    run(["db", "upgrade"], env)
+    run(["import", "bank", str(folder / "bank")], env)
+    seconds, _, out = run(["train", "--report", str(folder / "evaluation.html")], env)
+    metrics = latest_metrics(folder)
+    return {
+        "train_seconds": seconds,
+        "blend": metrics["blend.map@3"],
+        "popularity": metrics["popularity.map@3"],
+        "rules": metrics["rules.map@3"],
+        "lightgbm": metrics["lightgbm.map@3"],
+        "customers": metrics["holdout_customers"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--customers", type=int, action="append")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep", type=Path, help="Keep generated banks here (reused).")
+    parser.add_argument("--berka", action="store_true", help="Also the Berka holdout.")
+    args = parser.parse_args()
+    sizes = args.customers or [100_000]
+    root = args.keep or Path(tempfile.mkdtemp(prefix="nbo-bench-train-"))
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"load {os.getloadavg()[0]:.2f}; data in {root}")
+    for customers in sizes:
+        print(f"synthetic bank, {customers:,} customers", flush=True)
+        r = synthetic(customers, args.seed, root)
+        print(
+            f"  nbo train: {r['train_seconds']:.0f} s ({r['train_seconds'] / 60:.1f} min), "
+            f"peak RSS {r['peak_rss_mib'] / 1024:.2f} GiB"
+        )
+        print(
+            f"  holdout MAP@3: blend {r['blend']:.4f}, lightgbm {r['lightgbm']:.4f}, rules "
+            f"{r['rules']:.4f}, popularity {r['popularity']:.4f}, oracle {r['oracle']:.4f}"
+        )
+        print(
+            f"  blend / oracle = {r['blend'] / r['oracle']:.3f} (target >= 0.9); "
+            f"blend / popularity = {r['blend'] / r['popularity']:.3f} (target >= 1.3)"
+        )
+    if args.berka:
+        print("Berka (real Czech bank data), temporal holdout", flush=True)
+        b = berka(root)
+        print(
+            f"  holdout MAP@3 over {b['customers']:,} customers: blend {b['blend']:.4f}, "
+            f"lightgbm {b['lightgbm']:.4f}, rules {b['rules']:.4f}, popularity "
+            f"{b['popularity']:.4f}; blend / popularity = {b['blend'] / b['popularity']:.3f} "
+            "(target >= 1.15)"
+        )
+
+
+if __name__ == "__main__":
+    main()
