@@ -110,6 +110,7 @@ ProgressFn = Callable[[str, float], None]
 _EPS: Final[float] = 1e-6
 _PREDICT_CHUNK: Final[int] = 200_000
 _C_API_PREDICT_RAW_SCORE: Final[int] = 1
+_C_API_PREDICT_CONTRIB: Final[int] = 3
 _C_API_DTYPE_FLOAT32: Final[int] = 0
 
 
@@ -642,50 +643,84 @@ class PropensityModel:
         ValueError
             If the product is not eligible for the customer.
         """
+        return self.explain_many(
+            state, [product_code], as_of=as_of, top_n=top_n, catalogue=catalogue
+        )[0]
+
+    def explain_many(
+        self,
+        state: CustomerState,
+        product_codes: Sequence[str],
+        *,
+        as_of: DateInput,
+        top_n: int = 3,
+        catalogue: Catalogue | None = None,
+    ) -> list[Explanation]:
+        """:meth:`explain` for several products, building the customer's features once.
+
+        The contributions come from LightGBM's single-row TreeSHAP on each product's own
+        booster (a fast handle made on first use), so explaining a few offers costs tens
+        of microseconds each, not a full batch predict.
+
+        Raises
+        ------
+        KeyError
+            If the model does not score one of ``product_codes``.
+        ValueError
+            If one of the products is not eligible for the customer.
+        """
         runtime = self._runtime
-        if product_code not in runtime.product_index:
-            raise KeyError(product_code)
-        k = runtime.product_index[product_code]
+        for code in product_codes:
+            if code not in runtime.product_index:
+                raise KeyError(code)
         as_of_ns = _instant(as_of)
         values, inputs, ages, rule_confidence = runtime.builder.customer_features(state, as_of_ns)
         eligible = runtime.eligible_row(state, inputs.held, ages, as_of_ns, catalogue)
-        if not eligible[k]:
-            raise ValueError(f"{product_code} is not eligible for customer {state.customer_id}")
         raw = runtime.fast.predict(values[0])
         rules = runtime.rules_of(rule_confidence)
         lgbm, propensity = runtime.finish_all(raw, rules)
-        score = ProductScore(product_code, float(propensity[k]), float(lgbm[k]), float(rules[k]))
-        rule = None
-        j = self.spec.product_codes.index(product_code)
-        if self.spec.rule_features:
-            ever = inputs.first_days != np.iinfo(np.int32).max
-            rule = runtime.builder.rule_table.best_rule(ever, inputs.first_days, j)
-        sentence = None if rule is None else rule_sentence(rule, runtime.spoken_names)
-        contributions: tuple[Contribution, ...] = ()
-        baseline = math.nan
-        booster = runtime.boosters[k]
-        if booster is not None:
-            contrib = booster.predict(values, pred_contrib=True)[0]
-            baseline = float(contrib[-1])
-            order = np.argsort(-np.abs(contrib[:-1]), kind="stable")[:top_n]
-            contributions = tuple(
-                Contribution(
-                    feature=self.spec.columns[c],
-                    label=self.spec.label(self.spec.columns[c], runtime.names),
-                    value=self.spec.display_value(self.spec.columns[c], float(values[0, c])),
-                    contribution=float(contrib[c]),
-                )
-                for c in order
-                if contrib[c] != 0
+        ever = inputs.first_days != np.iinfo(np.int32).max
+        explanations = []
+        for product_code in product_codes:
+            k = runtime.product_index[product_code]
+            if not eligible[k]:
+                raise ValueError(f"{product_code} is not eligible for customer {state.customer_id}")
+            score = ProductScore(
+                product_code, float(propensity[k]), float(lgbm[k]), float(rules[k])
             )
-        return Explanation(
-            product_code=product_code,
-            score=score,
-            rule=rule,
-            rule_sentence=sentence,
-            contributions=contributions,
-            baseline=baseline,
-        )
+            rule = None
+            if self.spec.rule_features:
+                j = self.spec.product_codes.index(product_code)
+                rule = runtime.builder.rule_table.best_rule(ever, inputs.first_days, j)
+            sentence = None if rule is None else rule_sentence(rule, runtime.spoken_names)
+            contributions: tuple[Contribution, ...] = ()
+            baseline = math.nan
+            explainer = runtime.explainer(k)
+            if explainer is not None:
+                contrib = explainer.contributions(values[0])[0]
+                baseline = float(contrib[-1])
+                order = np.argsort(-np.abs(contrib[:-1]), kind="stable")[:top_n]
+                contributions = tuple(
+                    Contribution(
+                        feature=self.spec.columns[c],
+                        label=self.spec.label(self.spec.columns[c], runtime.names),
+                        value=self.spec.display_value(self.spec.columns[c], float(values[0, c])),
+                        contribution=float(contrib[c]),
+                    )
+                    for c in order
+                    if contrib[c] != 0
+                )
+            explanations.append(
+                Explanation(
+                    product_code=product_code,
+                    score=score,
+                    rule=rule,
+                    rule_sentence=sentence,
+                    contributions=contributions,
+                    baseline=baseline,
+                )
+            )
+        return explanations
 
     def feature_importance(self) -> pd.DataFrame:
         """Gain and split importance of every feature in every product's booster.
@@ -742,6 +777,8 @@ class _Runtime:
             for p in model.products
         ]
         self.fast = _FastPredictor([p.model_text for p in model.products], len(spec.columns))
+        self._explainers: dict[int, _FastPredictor | None] = {}
+        self._explainers_lock = threading.Lock()
         self.catalogue = model.catalogue
         catalogue_columns = [model.catalogue.index.get(c, -1) for c in codes]
         if min(catalogue_columns, default=0) < 0:
@@ -775,6 +812,18 @@ class _Runtime:
         self.model_positions = np.asarray(
             [i for i, p in enumerate(model.products) if p.model_text is not None], dtype=np.intp
         )
+
+    def explainer(self, k: int) -> _FastPredictor | None:
+        """Product ``k``'s booster alone, for single-row TreeSHAP; None without a booster."""
+        explainer = self._explainers.get(k, False)
+        if explainer is not False:
+            return explainer  # type: ignore[return-value]
+        with self._explainers_lock:
+            if k not in self._explainers:
+                text = self.products[k].model_text
+                n_features = self.fast.n_features
+                self._explainers[k] = None if text is None else _FastPredictor([text], n_features)
+            return self._explainers[k]
 
     def raw_batch(
         self, k: int, values: npt.NDArray[np.float32], rows: npt.NDArray[np.intp]
@@ -991,6 +1040,10 @@ class _FastPredictor:
             self._predict = None
 
     def _init_fast_path(self, n_features: int) -> None:
+        self._handle, self._predict = self._fast_handle(_C_API_PREDICT_RAW_SCORE, n_features)
+        self._contrib_handle, self._contrib = self._fast_handle(_C_API_PREDICT_CONTRIB, n_features)
+
+    def _fast_handle(self, predict_type: int, n_features: int) -> tuple[ctypes.c_void_p, Any]:
         assert self.booster is not None
         from lightgbm.basic import _LIB, _c_str, _safe_call  # type: ignore[attr-defined]
 
@@ -998,7 +1051,7 @@ class _FastPredictor:
         _safe_call(
             _LIB.LGBM_BoosterPredictForMatSingleRowFastInit(
                 self.booster._handle,
-                ctypes.c_int(_C_API_PREDICT_RAW_SCORE),
+                ctypes.c_int(predict_type),
                 ctypes.c_int(0),
                 ctypes.c_int(-1),
                 ctypes.c_int(_C_API_DTYPE_FLOAT32),
@@ -1016,8 +1069,7 @@ class _FastPredictor:
             ctypes.POINTER(ctypes.c_int64),
             ctypes.c_void_p,
         )
-        self._handle = handle
-        self._predict = prototype(("LGBM_BoosterPredictForMatSingleRowFast", _LIB))
+        return handle, prototype(("LGBM_BoosterPredictForMatSingleRowFast", _LIB))
 
     def predict(self, row: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
         """Raw scores (log-odds) of every model for one float32 feature row."""
@@ -1029,16 +1081,37 @@ class _FastPredictor:
             return np.asarray(
                 self.booster.predict(row[None, :], raw_score=True)[0], dtype=np.float64
             )
+        self._call(self._predict, self._handle, row, out)
+        return out
+
+    def contributions(self, row: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        """SHAP values of every model for one row: ``(n_models, n_features + 1)``, the
+        last column the model's expected raw score (TreeSHAP, as ``pred_contrib``)."""
+        width = self.n_features + 1
+        out = np.zeros(self.n_models * width, dtype=np.float64)
+        if self.booster is None:
+            return out.reshape(self.n_models, width)
+        row = np.ascontiguousarray(row, dtype=np.float32)
+        if self._predict is None:
+            values = self.booster.predict(row[None, :], pred_contrib=True, num_threads=1)
+            return np.asarray(values, dtype=np.float64).reshape(self.n_models, width)
+        self._call(self._contrib, self._contrib_handle, row, out)
+        return out.reshape(self.n_models, width)
+
+    def _call(
+        self,
+        function: Any,
+        handle: ctypes.c_void_p,
+        row: npt.NDArray[np.float32],
+        out: npt.NDArray[np.float64],
+    ) -> None:
         length = ctypes.c_int64()
         with self._lock:
-            code = self._predict(
-                self._handle, row.ctypes.data, ctypes.byref(length), out.ctypes.data
-            )
+            code = function(handle, row.ctypes.data, ctypes.byref(length), out.ctypes.data)
         if code != 0:
             from lightgbm.basic import _LIB  # type: ignore[attr-defined]
 
             raise lgb.basic.LightGBMError(_LIB.LGBM_GetLastError().decode("utf-8"))
-        return out
 
 
 def _free_fast_config(free: Any, handle: ctypes.c_void_p, booster: lgb.Booster) -> None:
