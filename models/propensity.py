@@ -722,6 +722,10 @@ class PropensityModel:
             )
         return explanations
 
+    def rule_sentence(self, rule: Rule) -> str:
+        """``rule`` as a sentence a teller can say, with the catalogue's spoken names."""
+        return rule_sentence(rule, self._runtime.spoken_names)
+
     def feature_importance(self) -> pd.DataFrame:
         """Gain and split importance of every feature in every product's booster.
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +33,7 @@ from service.importing import (
     import_products,
     import_snapshots,
 )
+from service.keys_cli import keys_app
 from service.settings import Settings
 
 app = typer.Typer(
@@ -46,7 +49,7 @@ import_app = typer.Typer(
     no_args_is_help=True,
 )
 rules_app = typer.Typer(
-    help="Association rules: mine baskets for exploration.", no_args_is_help=True
+    help="Adoption-sequence rules of a model version; `nbo rules mine` explores a basket file."
 )
 models_app = typer.Typer(
     help="The model registry: list, show, promote, roll back.", no_args_is_help=True
@@ -55,6 +58,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(rules_app, name="rules")
 app.add_typer(models_app, name="models")
 app.add_typer(import_app, name="import")
+app.add_typer(keys_app, name="keys")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -345,8 +349,12 @@ def generate(
 def demo(
     customers: Annotated[int, typer.Option(min=100, help="Customers in the demo bank.")] = 20_000,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 7,
+    port: Annotated[int, typer.Option(help="Port of the service started at the end.")] = 8000,
+    serve_after: Annotated[
+        bool, typer.Option("--serve/--no-serve", help="Start the service at the end.")
+    ] = True,
 ) -> None:
-    """The main job: generate a bank into the local SQLite database, import it, and train a model."""
+    """The main job: generate a bank, import it, train a model, and serve next best offers."""
     settings = _settings()
     out = settings.data_dir / "demo-bank"
     console.rule("1. generate a synthetic bank")
@@ -358,24 +366,40 @@ def demo(
     console.rule("3. import the bank")
     import_bank_cmd(out)
     console.rule("4. evaluate on a holdout, train, register the model version")
-    train(as_of=None, horizon_days=90)
-    console.print("[green]demo complete.[/green] Next: `nbo models list`, `nbo serve`.")
+    train(as_of=None, horizon_days=90, truth=out, report=settings.data_dir / "evaluation.html")
+    console.rule("5. an API key for a teller system, and the service")
+    from service.auth import ROLES, create_key
+
+    with db.unit_of_work(_engine_ready(settings)) as session:
+        key = create_key(session, name="demo teller", scopes=list(ROLES["admin"]))
+    curl = (
+        f"curl -s -X POST http://127.0.0.1:{port}/v1/customers/C0000042/decisions "
+        f"-H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' "
+        '-d \'{"channel": "branch", "max_offers": 3, "explain": true}\''
+    )
+    console.print("[green]demo ready.[/green] Ask for the next best offers of customer C0000042:")
+    print(curl, flush=True)
+    console.print(
+        f"(an admin key for the demo; report: {settings.data_dir / 'evaluation.html'}; "
+        "Ctrl-C stops the service)"
+    )
+    if serve_after:
+        serve(host="127.0.0.1", port=port, workers=1)
 
 
-@app.command()
-def train(
-    as_of: Annotated[
-        str | None,
-        typer.Option(help="End of history to learn from (default: day after the last adoption)."),
-    ] = None,
-    horizon_days: Annotated[int, typer.Option(min=7, help="Propensity horizon in days.")] = 90,
-) -> None:
-    """Evaluate on a temporal holdout, train on all history, and register a model version
-    (activated if it is not worse than the active one)."""
-    from service.training import train_and_register
+AsOfOption = Annotated[
+    str | None,
+    typer.Option(help="End of history to learn from (default: the day after the last adoption)."),
+]
+HorizonOption = Annotated[int, typer.Option(min=7, help="Propensity horizon in days.")]
+TruthOption = Annotated[
+    Path | None,
+    typer.Option(help="A synthetic bank folder (from `nbo generate`): adds the oracle row."),
+]
 
-    settings = _settings()
-    engine = _engine_ready(settings)
+
+@contextmanager
+def _stage_progress() -> Iterator[Callable[[str, float], None]]:
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -388,24 +412,210 @@ def train(
         def advance(stage: str, fraction: float) -> None:
             progress.update(task, description=stage, completed=fraction)
 
+        yield advance
+
+
+def _comparison_table(holdout: Any) -> Table:
+    table = Table(
+        title=f"holdout: trained before {holdout.cutoff}, measured on the next "
+        f"{holdout.horizon_days} days ({int(holdout.comparison['n_customers'].iloc[0]):,} "
+        "customers with an adoption)"
+    )
+    columns = ("MAP@1", "MAP@3", "MAP@5", "NDCG@3", "hit@3")
+    table.add_column("model")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for name, row in holdout.comparison.iterrows():
+        table.add_row(str(name), *(f"{row[c]:.4f}" if c in row else "" for c in columns))
+    return table
+
+
+def _parse_day(value: str | None, option: str) -> dt.date | None:
+    if value is None:
+        return None
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        err_console.print(f"{option}: {value!r} is not a date (YYYY-MM-DD)")
+        raise typer.Exit(code=2) from None
+
+
+@app.command()
+def train(
+    as_of: AsOfOption = None,
+    horizon_days: HorizonOption = 90,
+    truth: TruthOption = None,
+    report: Annotated[
+        Path | None, typer.Option(help="Also write the holdout's HTML report here.")
+    ] = None,
+) -> None:
+    """Evaluate on a holdout, train on all history, register a model version (activated if not worse).
+
+    The new version is compared with the active one on the same holdout.
+    """
+    from service.training import load_bank, train_and_register, write_evaluation_report
+
+    settings = _settings()
+    engine = _engine_ready(settings)
+    day = _parse_day(as_of, "--as-of")
+    with _stage_progress() as advance:
         outcome = train_and_register(
             engine,
             artifacts_dir=settings.artifacts_dir,
-            as_of=dt.date.fromisoformat(as_of) if as_of else None,
+            as_of=day,
             horizon_days=horizon_days,
             tolerance=settings.promotion_tolerance,
+            truth_dir=truth,
             progress=advance,
         )
-    table = Table(title=f"holdout from {outcome.holdout.cutoff} ({horizon_days} days)")
-    comparison = outcome.holdout.comparison
-    table.add_column("model")
-    for column in ("MAP@1", "MAP@3", "MAP@5", "hit@3"):
-        table.add_column(column)
-    for name, row in comparison.iterrows():
-        table.add_row(str(name), *(f"{row[c]:.4f}" for c in ("MAP@1", "MAP@3", "MAP@5", "hit@3")))
-    console.print(table)
+        if report is not None:
+            advance("writing the report", 1.0)
+            write_evaluation_report(outcome.holdout, report, data=load_bank(engine))
+    console.print(_comparison_table(outcome.holdout))
     state = "active" if outcome.activated else outcome.version.status
     console.print(f"model version {outcome.version.version}: {state} ({outcome.reason})")
+    if report is not None:
+        console.print(f"report: {report}")
+
+
+@app.command()
+def evaluate(
+    report: Annotated[Path, typer.Option(help="Where to write the HTML report.")] = Path(
+        "data/evaluation.html"
+    ),
+    as_of: AsOfOption = None,
+    horizon_days: HorizonOption = 90,
+    truth: TruthOption = None,
+) -> None:
+    """Temporal holdout comparison of popularity, rules, LightGBM and the served blend, as HTML.
+
+    Trains before a cutoff and measures on the adoptions after it (with --truth, also the
+    oracle of a synthetic bank).
+    """
+    from service.training import evaluate as run_evaluation
+    from service.training import load_bank, write_evaluation_report
+
+    engine = _engine_ready(_settings())
+    day = _parse_day(as_of, "--as-of")
+    with _stage_progress() as advance:
+        data = load_bank(engine)
+        holdout = run_evaluation(
+            data, as_of=day, horizon_days=horizon_days, truth_dir=truth, progress=advance
+        )
+        advance("writing the report", 1.0)
+        write_evaluation_report(holdout, report, data=data)
+    console.print(_comparison_table(holdout))
+    console.print(f"report: {report}")
+
+
+@app.command()
+def score(
+    out: Annotated[Path, typer.Option(help="Output file: .csv, .csv.gz or .parquet.")],
+    top_k: Annotated[
+        int | None, typer.Option(min=1, help="Keep each customer's K best products.")
+    ] = None,
+    product: Annotated[
+        str | None,
+        typer.Option(help="One product's ranking over every customer who can take it."),
+    ] = None,
+    as_of: Annotated[
+        str | None,
+        typer.Option(
+            help="Score as of this day (default: the later of the model's as-of "
+            "and the day after the last adoption)."
+        ),
+    ] = None,
+    version: Annotated[
+        str | None, typer.Option(help="Model version (default: the active one).")
+    ] = None,
+) -> None:
+    """Score every customer with a model version and write the ranked offers."""
+    from service.scoring import ScoringError, score_bank
+
+    settings = _settings()
+    engine = _engine_ready(settings)
+    try:
+        with _stage_progress() as advance:
+            result = score_bank(
+                engine,
+                out=out,
+                version=version,
+                product=product,
+                top_k=top_k,
+                as_of=_parse_day(as_of, "--as-of"),
+                progress=advance,
+            )
+    except ScoringError as exc:
+        err_console.print(str(exc), markup=False)
+        raise typer.Exit(code=1) from None
+    table = Table(title=f"scored with model version {result.version} as of {result.as_of}")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("customers scored", f"{result.customers:,}")
+    table.add_row("rows written", f"{result.rows:,}")
+    table.add_row("file", str(out))
+    console.print(table)
+
+
+@rules_app.callback(invoke_without_command=True)
+def rules_list(
+    ctx: typer.Context,
+    version: Annotated[
+        str | None, typer.Option(help="Model version (default: the active one).")
+    ] = None,
+    consequent: Annotated[
+        list[str] | None, typer.Option(help="Only rules leading to this product (repeatable).")
+    ] = None,
+    min_confidence: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.0,
+    min_lift: Annotated[float, typer.Option(min=0.0)] = 0.0,
+    ordered: Annotated[
+        bool | None, typer.Option("--ordered/--unordered", help="Only ordered / unordered rules.")
+    ] = None,
+    csv: Annotated[Path | None, typer.Option(help="Write the rules as CSV here.")] = None,
+    top: Annotated[int, typer.Option(min=0, help="Rules to print.")] = 30,
+) -> None:
+    """List the adoption-sequence rules of a model version (`nbo rules mine` explores baskets)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from service.scoring import ScoringError, model_rules
+
+    settings = _settings()
+    try:
+        version_id, rules = model_rules(
+            _engine_ready(settings),
+            version=version,
+            consequents=consequent or None,
+            min_confidence=min_confidence,
+            min_lift=min_lift,
+            ordered=ordered,
+        )
+    except ScoringError as exc:
+        err_console.print(str(exc), markup=False)
+        raise typer.Exit(code=1) from None
+    if csv is not None:
+        rules.to_csv(csv, index=False)
+    table = Table(title=f"{len(rules):,} rules of model version {version_id}")
+    for column in (
+        "if the customer holds",
+        "then",
+        "confidence",
+        "lift",
+        "customers",
+        "median days",
+    ):
+        table.add_column(column)
+    for row in rules.head(top).itertuples(index=False):
+        table.add_row(
+            row.antecedent,
+            row.consequent,
+            f"{row.confidence:.3f}",
+            f"{row.lift:.2f}",
+            f"{row.n_customers:,}",
+            "" if row.median_days != row.median_days else f"{row.median_days:.0f}",
+        )
+    console.print(table)
+    if csv is not None:
+        console.print(f"wrote {len(rules):,} rules to {csv}")
 
 
 @rules_app.command("mine")
@@ -549,14 +759,25 @@ def serve(
 
     settings = _settings()
     db.upgrade(settings.resolved_database_url)
-    uvicorn.run(
-        "service.app:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_level="info",
-    )
+    metrics_dir: Path | None = None
+    if workers > 1:  # one worker serves in-process and needs no shared metric files
+        from service import metrics
+
+        metrics_dir = Path(tempfile.mkdtemp(prefix="nbo-metrics-"))
+        metrics.prepare_multiprocess(metrics_dir)
+    try:
+        uvicorn.run(
+            "service.app:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level="warning",
+            access_log=False,
+        )
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 @app.command()

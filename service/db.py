@@ -50,7 +50,17 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _sqlite_on_begin(connection: Any) -> None:
-    connection.exec_driver_sql("BEGIN")
+    # Writers take the write lock up front (BEGIN IMMEDIATE), waiting busy_timeout for it:
+    # a deferred transaction that reads and then writes fails at once with "database is
+    # locked" if another writer committed in between. Readers (read_only) stay deferred
+    # so that they never block a writer in WAL mode.
+    mode = connection.get_execution_options().get("nbo_begin", "IMMEDIATE")
+    connection.exec_driver_sql(f"BEGIN {mode}")
+
+
+def read_only(engine: Engine) -> Engine:
+    """The same engine for reads: on SQLite its transactions do not take the write lock."""
+    return engine.execution_options(nbo_begin="DEFERRED")
 
 
 def engine_from_settings(settings: Settings) -> Engine:

@@ -28,6 +28,7 @@ class Problem(Exception):
     status: int = 500
     title: str = "Internal Server Error"
     slug: str = "internal"
+    headers: dict[str, str] | None = None
 
     def __init__(self, detail: str, **extensions: Any) -> None:
         super().__init__(detail)
@@ -72,7 +73,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
         return JSONResponse(
-            exc.body(request.url.path), status_code=exc.status, media_type=PROBLEM_JSON
+            exc.body(request.url.path),
+            status_code=exc.status,
+            media_type=PROBLEM_JSON,
+            headers=exc.headers,
         )
 
     @app.exception_handler(RequestValidationError)

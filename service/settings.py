@@ -61,6 +61,82 @@ class Settings(BaseSettings):
         ),
     )
 
+    # ------------------------------------------------------------------ decisioning
+    control_share: float = Field(
+        default=0.05,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Share of customers in the control group (no model offers, flagged), chosen "
+            "deterministically by a hash of the customer id and control_salt."
+        ),
+    )
+    control_salt: str = Field(
+        default="nbo-control-v1",
+        description="Salt of the control-group hash; changing it reshuffles the groups.",
+    )
+    min_propensity: float = Field(
+        default=0.01,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "A product whose propensity is below this is never offered: an empty answer "
+            "is better than a bad offer."
+        ),
+    )
+    decline_cooldown_days: int = Field(
+        default=30,
+        ge=0,
+        description="After a decline, the product is not offered to that customer for this many days.",
+    )
+    frequency_cap: int = Field(
+        default=3,
+        ge=1,
+        description="At most this many offers of one product to one customer per frequency window.",
+    )
+    frequency_window_days: int = Field(
+        default=30, ge=1, description="The window of frequency_cap, in days."
+    )
+    max_offers_per_contact: int = Field(
+        default=5,
+        ge=1,
+        le=10,
+        description="Overall cap on offers in one answer, whatever the caller asks for.",
+    )
+    cold_start: bool = Field(
+        default=False,
+        description=(
+            "Unknown customers get the most popular products of their segment (flagged "
+            "cold_start) instead of a 404."
+        ),
+    )
+    detractor_suppress_days: int = Field(
+        default=30,
+        ge=0,
+        description="After an NPS detractor answer (0-6) following an offer, no offers for this many days.",
+    )
+    poll_interval_seconds: float = Field(
+        default=0.5,
+        gt=0.0,
+        description=(
+            "How often each worker applies changes made through other workers (adoptions, "
+            "outcomes, offers, catalogue, model activation)."
+        ),
+    )
+    scoring_date: str | None = Field(
+        default=None,
+        description=(
+            "The day the service scores as of (YYYY-MM-DD). Unset: the later of the active "
+            "model's as-of day and the day after the last recorded adoption (for a live "
+            "bank, today; for a replayed or synthetic history, the end of that history)."
+        ),
+    )
+    api_key_ttl_seconds: float = Field(
+        default=30.0,
+        gt=0.0,
+        description="How long a worker trusts a verified API key before re-reading it (revocation delay).",
+    )
+
     @property
     def resolved_database_url(self) -> str:
         """The database URL in force: the configured one, or the SQLite default."""

@@ -299,3 +299,29 @@ class ApiKey(Base):
         DateTime(timezone=True), server_default=func.now()
     )
     revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ChangeEvent(Base):
+    """A change every serving worker must apply: appended in the transaction of the change.
+
+    Each worker holds customers' scores and contact history in memory and polls this log
+    (``id`` greater than the last it saw), so an adoption, an outcome or an offer made
+    through one worker reaches every other worker within the poll interval.
+    """
+
+    __tablename__ = "change_events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    customer_external_id: Mapped[str | None] = mapped_column(String(128))
+    product_code: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str | None] = mapped_column(String(64))
+    origin: Mapped[str | None] = mapped_column(String(64), doc="The worker that made it.")
+    occurred_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (
+        CheckConstraint(
+            "kind IN ('adoption', 'customer', 'offer', 'outcome', 'catalogue', 'model')",
+            name="kind",
+        ),
+    )

@@ -20,7 +20,7 @@ from models.metrics import compare
 from models.propensity import TrainConfig, train
 from models.report import write_report
 from service import registry
-from service.db import unit_of_work
+from service.db import read_only, unit_of_work
 from service.tables import ModelVersion
 
 
@@ -33,7 +33,7 @@ def _joined(value: Any) -> str:
 
 def load_bank(engine: Engine) -> BankData:
     """The bank as the models library sees it, read in a few set-based queries."""
-    with engine.connect() as conn:
+    with read_only(engine).connect() as conn:
         kinds = dict(conn.execute(text("SELECT name, kind FROM attribute_definitions")).all())
         products = pd.read_sql(
             text(

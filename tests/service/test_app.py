@@ -29,11 +29,7 @@ def test_openapi_yaml_equals_served_spec() -> None:
 
 
 def test_health(client: TestClient) -> None:
-    assert client.get("/health/live").json() == {
-        "status": "ok",
-        "database": None,
-        "schema_revision": None,
-    }
+    assert client.get("/health/live").json()["status"] == "ok"
     ready = client.get("/health/ready")
     assert ready.status_code == 200
     assert ready.json()["schema_revision"] is not None

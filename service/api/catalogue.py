@@ -1,0 +1,279 @@
+"""Catalogue administration, model versions and rules for analysts.
+
+GET/PUT /v1/products[/{code}], GET /v1/models, POST /v1/models/{version}/activate,
+GET /v1/rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from sqlalchemy import select
+
+from models.rules import rule_sentence
+from service import metrics, registry
+from service.auth import Principal, require
+from service.db import unit_of_work
+from service.errors import NotFound, Problem
+from service.schemas import (
+    ActivationResponse,
+    ModelVersionOut,
+    ProductRequest,
+    ProductResponse,
+    RuleOut,
+    RulesResponse,
+)
+from service.serving import ServingState, record_event
+from service.tables import ModelVersion, Product
+
+router = APIRouter(prefix="/v1")
+
+
+class Invalid(Problem):
+    status, title, slug = 422, "Unprocessable Content", "validation"
+
+
+def _product_out(row: Product) -> ProductResponse:
+    return ProductResponse(
+        product_code=row.code,
+        name=row.name,
+        category=row.category,
+        value=row.value,
+        business_weight=row.business_weight,
+        active=row.active,
+        min_age=row.min_age,
+        max_age=row.max_age,
+        segments=row.segments,
+        requires=row.requires or [],
+        excludes=row.excludes or [],
+    )
+
+
+@router.get(
+    "/products",
+    operation_id="listProducts",
+    summary="The product catalogue",
+    tags=["catalogue"],
+    response_model=list[ProductResponse],
+)
+def list_products(
+    request: Request, principal: Annotated[Principal, Depends(require("catalogue"))]
+) -> list[ProductResponse]:
+    with unit_of_work(request.app.state.engine) as session:
+        return [_product_out(p) for p in session.scalars(select(Product).order_by(Product.code))]
+
+
+@router.get(
+    "/products/{code}",
+    operation_id="getProduct",
+    summary="One product",
+    tags=["catalogue"],
+    response_model=ProductResponse,
+    responses={404: {"description": "Unknown product."}},
+)
+def get_product(
+    request: Request,
+    code: Annotated[str, Path(max_length=64)],
+    principal: Annotated[Principal, Depends(require("catalogue"))],
+) -> ProductResponse:
+    with unit_of_work(request.app.state.engine) as session:
+        row = session.scalar(select(Product).where(Product.code == code))
+        if row is None:
+            raise NotFound(f"product '{code}' does not exist")
+        return _product_out(row)
+
+
+@router.put(
+    "/products/{code}",
+    operation_id="putProduct",
+    summary="Create or replace a product",
+    description=(
+        "Value, business weight (arbitration multiplies propensity x value x weight), "
+        "eligibility (ages, segments, required and excluded products) and whether it is "
+        "active. Every worker reloads its catalogue within seconds. Needs scope 'catalogue'."
+    ),
+    tags=["catalogue"],
+    response_model=ProductResponse,
+    responses={201: {"description": "Created.", "model": ProductResponse}},
+)
+async def put_product(
+    request: Request,
+    response: Response,
+    code: Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")],
+    body: ProductRequest,
+    principal: Annotated[Principal, Depends(require("catalogue"))],
+) -> ProductResponse:
+    state: ServingState = request.app.state.serving
+
+    def write() -> tuple[ProductResponse, bool]:
+        with unit_of_work(request.app.state.engine) as session:
+            known = set(session.scalars(select(Product.code)))
+            for field in ("requires", "excludes"):
+                unknown = sorted(set(getattr(body, field)) - known - {code})
+                if unknown:
+                    raise Invalid(
+                        f"{field}: unknown product(s) {', '.join(unknown)}",
+                        errors=[{"field": field, "message": "unknown product"}],
+                    )
+            if (
+                body.min_age is not None
+                and body.max_age is not None
+                and body.min_age > body.max_age
+            ):
+                raise Invalid(
+                    "min_age: greater than max_age",
+                    errors=[{"field": "min_age", "message": "greater than max_age"}],
+                )
+            row = session.scalar(select(Product).where(Product.code == code))
+            created = row is None
+            if row is None:
+                row = Product(code=code)
+                session.add(row)
+            for name, value in body.model_dump().items():
+                setattr(row, name, value)
+            session.flush()
+            record_event(session.connection(), kind="catalogue", origin=state.origin, product=code)
+            return _product_out(row), created
+
+    answer, created = await asyncio.to_thread(write)
+    # Load the new catalogue fully, then swap (requests keep the old one meanwhile).
+    await asyncio.to_thread(state.load)
+    response.status_code = 201 if created else 200
+    return answer
+
+
+@router.get(
+    "/models",
+    operation_id="listModels",
+    summary="Model versions, newest first",
+    tags=["models"],
+    response_model=list[ModelVersionOut],
+)
+def list_models(
+    request: Request, principal: Annotated[Principal, Depends(require("models"))]
+) -> list[ModelVersionOut]:
+    with unit_of_work(request.app.state.engine) as session:
+        return [_version_out(row) for row in registry.list_versions(session)]
+
+
+def _version_out(row: ModelVersion) -> ModelVersionOut:
+    return ModelVersionOut(
+        version=row.version,
+        status=row.status,
+        as_of=row.as_of,
+        horizon_days=row.horizon_days,
+        created_at=row.created_at,
+        activated_at=row.activated_at,
+        metrics=row.metrics or {},
+    )
+
+
+@router.post(
+    "/models/{version}/activate",
+    operation_id="activateModel",
+    summary="Make a model version the active one",
+    description=(
+        "Checks the bundle (checksums, feature columns) before anything changes; then "
+        "marks it active and this worker loads it fully and swaps it in without failing a "
+        "request. Other workers follow within seconds. Needs scope 'models'."
+    ),
+    tags=["models"],
+    response_model=ActivationResponse,
+    responses={
+        404: {"description": "Unknown version."},
+        422: {"description": "Bundle fails its checks."},
+    },
+)
+async def activate_model(
+    request: Request,
+    version: Annotated[str, Path(max_length=64)],
+    principal: Annotated[Principal, Depends(require("models"))],
+) -> ActivationResponse:
+    state: ServingState = request.app.state.serving
+    engine = request.app.state.engine
+
+    def activate() -> str | None:
+        with unit_of_work(engine) as session:
+            try:
+                row = registry.get_version(session, version)
+            except registry.RegistryError as exc:
+                raise NotFound(str(exc)) from None
+            try:
+                registry.load_model(row)
+            except registry.RegistryError as exc:
+                metrics.MODEL_LOADS.labels("failure").inc()
+                raise Invalid(str(exc)) from None
+            previous = registry.activate(session, row)
+            record_event(session.connection(), kind="model", origin=state.origin, detail=version)
+            return None if previous is None else previous.version
+
+    previous = await asyncio.to_thread(activate)
+    snapshot = await asyncio.to_thread(state.load)
+    metrics.MODEL_LOADS.labels("success" if snapshot.model is not None else "failure").inc()
+    metrics.set_active_model(snapshot.version)
+    return ActivationResponse(version=version, previous=previous, serving=snapshot.version)
+
+
+@router.get(
+    "/rules",
+    operation_id="listRules",
+    summary="Mined adoption-sequence rules of the served model",
+    description="Best first (confidence, lift, customers). Needs scope 'rules'.",
+    tags=["models"],
+    response_model=RulesResponse,
+    responses={503: {"description": "No model is loaded."}},
+)
+def list_rules(
+    request: Request,
+    principal: Annotated[Principal, Depends(require("rules"))],
+    consequent: Annotated[str | None, Query(max_length=64)] = None,
+    min_confidence: Annotated[float, Query(ge=0, le=1)] = 0.0,
+    min_lift: Annotated[float, Query(ge=0)] = 0.0,
+    ordered: bool | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> RulesResponse:
+    state: ServingState = request.app.state.serving
+    snapshot = state.snapshot
+    if snapshot is None or snapshot.model is None:
+        from service.errors import Unavailable
+
+        raise Unavailable("no model version is loaded: train one with `nbo train`")
+    model = snapshot.model
+    rules = [] if model.rules is None else list(model.rules.rules)
+    if consequent is not None and consequent not in snapshot.catalogue.index:
+        raise Invalid(
+            f"consequent: unknown product '{consequent}'",
+            errors=[{"field": "consequent", "message": "unknown product"}],
+        )
+    chosen = [
+        r
+        for r in rules
+        if r.confidence >= min_confidence
+        and r.lift >= min_lift
+        and (consequent is None or r.consequent == consequent)
+        and (ordered is None or r.ordered == ordered)
+    ]
+    chosen.sort(key=lambda r: (-r.confidence, -r.lift, -r.n_customers))
+    names = {code: name for code, name in snapshot.names.items()}
+    return RulesResponse(
+        model_version=snapshot.version or "",
+        rules=[
+            RuleOut(
+                antecedent=list(r.antecedent),
+                ordered=r.ordered,
+                consequent=r.consequent,
+                support=r.support,
+                confidence=r.confidence,
+                lift=r.lift,
+                conviction=r.conviction
+                if r.conviction == r.conviction and r.conviction != float("inf")
+                else 1e9,
+                n_customers=r.n_customers,
+                median_days=r.median_days,
+                sentence=rule_sentence(r, names),
+            )
+            for r in chosen[:limit]
+        ],
+    )

@@ -1,0 +1,546 @@
+"""POST /v1/customers/{customer_id}/decisions and POST /v1/offers/{offer_id}/outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+import uuid
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, Header, Path, Request, Response, Security
+from sqlalchemy import select, text
+from sqlalchemy.exc import IntegrityError
+
+from service import metrics
+from service.audit import AuditRecord, AuditWriter
+from service.auth import Principal, _api_key_scheme, _bearer_scheme, require
+from service.db import unit_of_work
+from service.decisioning import Policy, in_control_group, popular_products, rank
+from service.errors import NotFound, Problem
+from service.schemas import DecisionRequest, DecisionResponse, OutcomeRequest, OutcomeResponse
+from service.serving import CustomerEntry, ServingState, Snapshot, record_event
+from service.settings import Settings
+from service.tables import Adoption, Decision, Offer, OfferOutcome, Product
+
+router = APIRouter(prefix="/v1", tags=["decisions"])
+
+CustomerId = Annotated[
+    str, Path(min_length=1, max_length=128, description="The bank's customer id.")
+]
+
+
+class Conflict(Problem):
+    status, title, slug = 409, "Conflict", "conflict"
+
+
+def policy_of(settings: Settings) -> Policy:
+    return Policy(
+        min_propensity=settings.min_propensity,
+        decline_cooldown_days=settings.decline_cooldown_days,
+        frequency_cap=settings.frequency_cap,
+        frequency_window_days=settings.frequency_window_days,
+        max_offers_per_contact=settings.max_offers_per_contact,
+        detractor_suppress_days=settings.detractor_suppress_days,
+    )
+
+
+@router.post(
+    "/customers/{customer_id}/decisions",
+    operation_id="createDecision",
+    summary="Next best offers for a customer at contact",
+    description=(
+        "Ranks the products the customer may be offered now (eligible, not held, not "
+        "recently declined, under the frequency caps, above the minimum propensity) by "
+        "propensity x value x business weight, records the decision and its offers, and "
+        "answers with each offer's reasons. An empty list is a valid answer. Needs scope "
+        "'decisions'."
+    ),
+    response_model=DecisionResponse,
+    responses={
+        404: {"description": "Unknown customer (unless cold start is configured)."},
+        401: {"description": "Missing or invalid API key."},
+        403: {"description": "The key lacks scope 'decisions'."},
+    },
+    dependencies=[Security(_bearer_scheme), Security(_api_key_scheme)],
+)
+async def create_decision(
+    request: Request, customer_id: CustomerId, body: DecisionRequest
+) -> Response:
+    app = request.app
+    principal = app.state.keys.authenticate(
+        request.headers.get("authorization"), request.headers.get("x-api-key"), "decisions"
+    )
+    state: ServingState = app.state.serving
+    settings: Settings = app.state.settings
+    started = time.perf_counter()
+    snapshot = state.snapshot
+    entry: CustomerEntry | None = None
+    lookup_failed = False
+    if snapshot is not None:
+        entry = snapshot.customers.get(customer_id)
+        if entry is None:
+            try:
+                entry = await asyncio.to_thread(state.lookup, customer_id)
+            except Exception:  # noqa: BLE001 - the database is down: answer degraded
+                lookup_failed = True
+    metrics.DECISION_STAGE_SECONDS.labels("lookup").observe(time.perf_counter() - started)
+    now = dt.datetime.now(dt.UTC)
+    answer = _decide(
+        state,
+        snapshot,
+        entry,
+        customer_id,
+        body,
+        principal,
+        settings,
+        now,
+        lookup_failed,
+        app.state.audit.stamp(now),
+    )
+    record = answer.pop("_record")
+    result = answer["result"]
+    recorded_at = time.perf_counter()
+    if record is not None:
+        writer: AuditWriter = app.state.audit
+        durable = await writer.write(record)
+        if not durable:
+            answer["degraded"] = True
+            result = "degraded"
+        for offer in answer["offers"]:
+            state.history[customer_id].add_offer(offer["offer_id"], offer["product_code"], now)
+    metrics.DECISION_STAGE_SECONDS.labels("record").observe(time.perf_counter() - recorded_at)
+    metrics.DECISIONS.labels(body.channel, result).inc()
+    for offer in answer["offers"]:
+        metrics.OFFERS.labels(offer["product_code"]).inc()
+    del answer["result"]
+    return Response(orjson.dumps(answer), media_type="application/json")
+
+
+def _decide(
+    state: ServingState,
+    snapshot: Snapshot | None,
+    entry: CustomerEntry | None,
+    customer_id: str,
+    body: DecisionRequest,
+    principal: Principal,
+    settings: Settings,
+    now: dt.datetime,
+    lookup_failed: bool,
+    stamp: str,
+) -> dict[str, Any]:
+    decision_id = str(uuid.uuid4())
+    base: dict[str, Any] = {
+        "decision_id": decision_id,
+        "customer_id": customer_id,
+        "model_version": None if snapshot is None else snapshot.version,
+        "control": False,
+        "degraded": snapshot is None or snapshot.degraded or lookup_failed,
+        "cold_start": False,
+        "offers": [],
+        "suppressed": None,
+        "note": None,
+        "created_at": now,
+    }
+    if snapshot is None or lookup_failed:
+        # Nothing known about the customer: offering anything could offer a held product.
+        base["note"] = "customer data unavailable; no offers rather than a wrong one"
+        base["result"] = "degraded"
+        base["_record"] = _record(base, body, None, [], state, snapshot, stamp)
+        return base
+    control = in_control_group(
+        customer_id, share=settings.control_share, salt=settings.control_salt
+    )
+    if entry is None:
+        if not settings.cold_start:
+            raise NotFound(
+                f"customer '{customer_id}' is not known; push it with PUT /v1/customers/{customer_id}"
+            )
+        base["cold_start"] = True
+        base["control"] = control
+        offers = [] if control else _cold_start_offers(snapshot, body)
+        base["offers"] = offers
+        base["result"] = "control" if control else ("cold_start" if offers else "empty")
+        if not offers:
+            base["note"] = "control group" if control else "no popular product to offer"
+        base["_record"] = _record(base, body, None, offers, state, snapshot, stamp)
+        return base
+    started = time.perf_counter()
+    catalogue = snapshot.catalogue
+    propensity = entry.propensity
+    if snapshot.degraded:
+        # No model: the segment's most adopted eligible products, in popularity order.
+        counts = snapshot.popularity.get(entry.state.segment) or snapshot.popularity.get(None, {})
+        total = max(sum(counts.values()), 1)
+        propensity = propensity.copy()
+        for code, k in catalogue.index.items():
+            if propensity[k] == propensity[k]:
+                propensity[k] = counts.get(code, 0) / total
+    ranking = rank(
+        propensity,
+        product_codes=catalogue.product_codes,
+        values=catalogue.values,
+        weights=catalogue.business_weights,
+        active=catalogue.active,
+        history=state.history.get(customer_id),
+        now=now,
+        policy=policy_of(settings),
+        limit=body.max_offers,
+    )
+    metrics.DECISION_STAGE_SECONDS.labels("policy").observe(time.perf_counter() - started)
+    base["control"] = control
+    if principal.allows("models"):
+        base["suppressed"] = dict(ranking.suppressed)
+    if control:
+        base["note"] = "control group: no model offers, by design"
+        base["result"] = "control"
+        base["_record"] = _record(base, body, entry, [], state, snapshot, stamp)
+        return base
+    started = time.perf_counter()
+    offers = _offers(snapshot, entry, ranking.offers, body.explain, degraded=snapshot.degraded)
+    metrics.DECISION_STAGE_SECONDS.labels("scoring").observe(time.perf_counter() - started)
+    base["offers"] = offers
+    if ranking.detractor_until is not None:
+        base["note"] = (
+            f"no offers until {ranking.detractor_until:%Y-%m-%d}: the customer gave a low "
+            "satisfaction score after an offer"
+        )
+    elif not offers:
+        base["note"] = "no product is likely enough to be worth offering now"
+    base["result"] = "degraded" if snapshot.degraded else ("normal" if offers else "empty")
+    base["_record"] = _record(base, body, entry, offers, state, snapshot, stamp)
+    return base
+
+
+def _offers(
+    snapshot: Snapshot,
+    entry: CustomerEntry,
+    choices: Any,
+    explain: bool,
+    *,
+    degraded: bool,
+) -> list[dict[str, Any]]:
+    if not choices:
+        return []
+    rules = {} if degraded else snapshot.rule_reasons(entry)
+    contributions: dict[str, list[dict[str, Any]]] = {}
+    model = snapshot.model
+    if explain and model is not None and not degraded:
+        codes = [c.product_code for c in choices if c.product_code in model.product_codes]
+        try:
+            found = model.explain_many(
+                entry.state,
+                codes,
+                as_of=entry.as_of if entry.as_of is not None else snapshot.as_of,
+                catalogue=snapshot.catalogue,
+            )
+        except (KeyError, ValueError):
+            found = []
+        contributions = {
+            e.product_code: [
+                {
+                    "feature": c.feature,
+                    "label": c.label,
+                    "value": c.value,
+                    "contribution": round(c.contribution, 4),
+                }
+                for c in e.contributions
+            ]
+            for e in found
+        }
+    offers = []
+    for position, choice in enumerate(choices, start=1):
+        code = choice.product_code
+        name = snapshot.names.get(code, code)
+        rule, sentence = rules.get(code, (None, None))
+        factors = contributions.get(code, [])
+        offers.append(
+            {
+                "offer_id": str(uuid.uuid4()),
+                "product_code": code,
+                "product_name": name,
+                "rank": position,
+                "propensity": round(choice.propensity, 6),
+                "expected_value": round(choice.expected_value, 4),
+                "score": round(choice.score, 6),
+                "reasons": {
+                    "rule": sentence,
+                    "rule_confidence": None if rule is None else round(rule.confidence, 4),
+                    "rule_lift": None if rule is None else round(rule.lift, 3),
+                    "factors": factors,
+                },
+                "talking_point": _talking_point(name, sentence, factors, degraded),
+            }
+        )
+    return offers
+
+
+def _talking_point(
+    name: str, sentence: str | None, factors: list[dict[str, Any]], degraded: bool
+) -> str:
+    if degraded:
+        return f"{name} is one of the products customers like this one take most often."
+    if sentence:
+        return f"{name}: {sentence[0].upper()}{sentence[1:]}."
+    if factors:
+        return f"{name} fits this customer well, mostly because of their {factors[0]['label']}."
+    return f"{name} fits this customer's profile."
+
+
+def _cold_start_offers(snapshot: Snapshot, body: DecisionRequest) -> list[dict[str, Any]]:
+    catalogue = snapshot.catalogue
+    counts = snapshot.popularity.get(None, {})
+    total = max(sum(counts.values()), 1)
+    inactive = frozenset(
+        c for c, ok in zip(catalogue.product_codes, catalogue.active, strict=True) if not ok
+    )
+    # Without the customer's holdings, only products with no requirement are safe to offer.
+    unsafe = frozenset(
+        code
+        for code, requires, segments, lo, hi in zip(
+            catalogue.product_codes,
+            catalogue.requires,
+            catalogue.segments,
+            catalogue.min_age,
+            catalogue.max_age,
+            strict=True,
+        )
+        if requires or segments is not None or lo == lo or hi == hi
+    )
+    codes = popular_products(counts, exclude=inactive | unsafe, limit=body.max_offers)
+    offers = []
+    for position, code in enumerate(codes, start=1):
+        k = catalogue.index[code]
+        share = counts.get(code, 0) / total
+        value = float(catalogue.values[k])
+        name = snapshot.names.get(code, code)
+        offers.append(
+            {
+                "offer_id": str(uuid.uuid4()),
+                "product_code": code,
+                "product_name": name,
+                "rank": position,
+                "propensity": round(share, 6),
+                "expected_value": round(share * value, 4),
+                "score": round(share * value * float(catalogue.business_weights[k]), 6),
+                "reasons": {
+                    "rule": None,
+                    "rule_confidence": None,
+                    "rule_lift": None,
+                    "factors": [],
+                },
+                "talking_point": f"{name} is one of the products new customers take most often.",
+            }
+        )
+    return offers
+
+
+def _record(
+    answer: dict[str, Any],
+    body: DecisionRequest,
+    entry: CustomerEntry | None,
+    offers: list[dict[str, Any]],
+    state: ServingState,
+    snapshot: Snapshot | None,
+    stamp: str,
+) -> AuditRecord:
+    """The audit rows, as driver-ready tuples (see :class:`service.audit.AuditRecord`)."""
+    customer_db_id = None if entry is None else entry.db_id
+    decision_id = answer["decision_id"]
+    customer = answer["customer_id"]
+    decision = [
+        decision_id,
+        customer_db_id,
+        customer,
+        body.channel,
+        body.staff_id,
+        body.branch_id,
+        None if body.context is None else orjson.dumps(body.context).decode(),
+        answer["model_version"],
+        answer["control"],
+        answer["degraded"],
+        answer["cold_start"],
+        stamp,
+    ]
+    product_ids = {} if snapshot is None else snapshot.product_ids
+    rows = []
+    events = []
+    for offer in offers:
+        offer_id = offer["offer_id"]
+        code = offer["product_code"]
+        rows.append(
+            (
+                offer_id,
+                decision_id,
+                customer_db_id,
+                product_ids[code],
+                offer["rank"],
+                offer["propensity"],
+                offer["expected_value"],
+                offer["score"],
+                orjson.dumps(offer["reasons"]).decode(),
+                stamp,
+            )
+        )
+        events.append(("offer", customer, code, offer_id, state.origin, stamp))
+    return AuditRecord(decision, rows, events)
+
+
+# --------------------------------------------------------------------------- outcomes
+
+
+@router.post(
+    "/offers/{offer_id}/outcome",
+    operation_id="recordOutcome",
+    summary="Record what the customer said to an offer",
+    description=(
+        "presented, accepted, declined or not_now. Idempotent: a retry with the same "
+        "Idempotency-Key, or the same outcome for the same offer, is recorded once and "
+        "answered 200 with duplicate=true. An accepted offer adds the product to the "
+        "customer's holdings; a decline stops the product being offered to the customer "
+        "for the cooldown. Needs scope 'outcomes'."
+    ),
+    response_model=OutcomeResponse,
+    status_code=201,
+    responses={
+        200: {"description": "Already recorded (a retry).", "model": OutcomeResponse},
+        404: {"description": "Unknown offer."},
+        409: {"description": "The Idempotency-Key was used for a different outcome."},
+    },
+)
+def record_outcome(
+    request: Request,
+    response: Response,
+    offer_id: Annotated[str, Path(min_length=1, max_length=36)],
+    body: OutcomeRequest,
+    principal: Annotated[Principal, Depends(require("outcomes"))],
+    idempotency_key: Annotated[str | None, Header(max_length=128)] = None,
+) -> OutcomeResponse:
+    state: ServingState = request.app.state.serving
+    engine = request.app.state.engine
+    now = dt.datetime.now(dt.UTC)
+    try:
+        result = _store_outcome(engine, state, offer_id, body, idempotency_key, now)
+    except IntegrityError:
+        # A concurrent retry won the race: answer with what it stored.
+        result = _store_outcome(engine, state, offer_id, body, idempotency_key, now)
+    outcome, duplicate = result
+    if duplicate:
+        response.status_code = 200
+    else:
+        metrics.OUTCOMES.labels(outcome.product_code, outcome.outcome).inc()
+        refresh: set[str] = set()
+        detail = outcome.outcome
+        state.apply_event(
+            "outcome", outcome.customer_id, outcome.product_code, detail, now, refresh
+        )
+        if refresh:
+            state.refresh_customers(refresh)
+    return outcome
+
+
+def _store_outcome(
+    engine: Any,
+    state: ServingState,
+    offer_id: str,
+    body: OutcomeRequest,
+    key: str | None,
+    now: dt.datetime,
+) -> tuple[OutcomeResponse, bool]:
+    with unit_of_work(engine) as session:
+        row = session.execute(
+            select(
+                Offer.id,
+                Offer.customer_id,
+                Offer.product_id,
+                Product.code,
+                Decision.customer_external_id,
+            )
+            .join(Product, Product.id == Offer.product_id)
+            .join(Decision, Decision.id == Offer.decision_id)
+            .where(Offer.id == offer_id)
+        ).first()
+        if row is None:
+            raise NotFound(f"offer '{offer_id}' does not exist")
+        _, customer_db_id, product_db_id, code, customer = row
+        existing = None
+        if key is not None:
+            existing = session.scalar(
+                select(OfferOutcome).where(OfferOutcome.idempotency_key == key)
+            )
+            if existing is not None and (
+                existing.offer_id != offer_id or existing.outcome != body.outcome
+            ):
+                raise Conflict(
+                    f"Idempotency-Key '{key}' was already used for outcome "
+                    f"'{existing.outcome}' of offer '{existing.offer_id}'"
+                )
+        if existing is None:
+            existing = session.scalar(
+                select(OfferOutcome).where(
+                    OfferOutcome.offer_id == offer_id, OfferOutcome.outcome == body.outcome
+                )
+            )
+        if existing is not None:
+            return (
+                OutcomeResponse(
+                    offer_id=offer_id,
+                    outcome=existing.outcome,  # type: ignore[arg-type]
+                    product_code=code,
+                    customer_id=customer,
+                    duplicate=True,
+                    recorded_at=existing.created_at,
+                ),
+                True,
+            )
+        session.add(
+            OfferOutcome(
+                offer_id=offer_id,
+                outcome=body.outcome,
+                reason=body.reason,
+                staff_id=body.staff_id,
+                idempotency_key=key,
+                created_at=now,
+            )
+        )
+        session.flush()
+        conn = session.connection()
+        if body.outcome == "accepted" and customer_db_id is not None:
+            held = conn.execute(
+                text(
+                    "SELECT 1 FROM adoptions WHERE customer_id = :c AND product_id = :p "
+                    "AND closed_at IS NULL"
+                ),
+                {"c": customer_db_id, "p": product_db_id},
+            ).first()
+            if held is None:
+                session.add(
+                    Adoption(
+                        customer_id=customer_db_id,
+                        product_id=product_db_id,
+                        adopted_at=now.date(),
+                        source="offer",
+                    )
+                )
+                session.flush()
+        record_event(
+            conn,
+            kind="outcome",
+            origin=state.origin,
+            customer=customer,
+            product=code,
+            detail=body.outcome,
+            at=now,
+        )
+    return (
+        OutcomeResponse(
+            offer_id=offer_id,
+            outcome=body.outcome,
+            product_code=code,
+            customer_id=customer,
+            duplicate=False,
+            recorded_at=now,
+        ),
+        False,
+    )

@@ -1,0 +1,175 @@
+"""Pure decision logic: contact policy, arbitration and the control group.
+
+Nothing here touches the database, HTTP or the clock: the caller passes the customer's
+propensities, the live catalogue, the contact history and "now", and gets back the
+offers and why every other product was left out. That keeps every policy testable on
+its own, and the decision path free of hidden I/O.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The contact policy, from :class:`service.settings.Settings`."""
+
+    min_propensity: float = 0.01
+    decline_cooldown_days: int = 30
+    frequency_cap: int = 3
+    frequency_window_days: int = 30
+    max_offers_per_contact: int = 5
+    detractor_suppress_days: int = 30
+
+
+@dataclass(slots=True)
+class ContactHistory:
+    """One customer's recent offers, declines and detractor answers (kept in memory).
+
+    ``offers`` maps offer id to (product code, when offered); keyed by id so that
+    applying the same event twice changes nothing.
+    """
+
+    offers: dict[str, tuple[str, dt.datetime]] = field(default_factory=dict)
+    declines: dict[str, dt.datetime] = field(default_factory=dict)
+    detractor_at: dt.datetime | None = None
+
+    def add_offer(self, offer_id: str, product_code: str, at: dt.datetime) -> None:
+        self.offers[offer_id] = (product_code, at)
+
+    def add_decline(self, product_code: str, at: dt.datetime) -> None:
+        previous = self.declines.get(product_code)
+        if previous is None or at > previous:
+            self.declines[product_code] = at
+
+    def add_detractor(self, at: dt.datetime) -> None:
+        if self.detractor_at is None or at > self.detractor_at:
+            self.detractor_at = at
+
+    def offers_since(self, product_code: str, since: dt.datetime) -> int:
+        return sum(1 for code, at in self.offers.values() if code == product_code and at >= since)
+
+    def forget_before(self, cutoff: dt.datetime) -> None:
+        """Drop offers older than any window can look at (bounds memory)."""
+        stale = [key for key, (_, at) in self.offers.items() if at < cutoff]
+        for key in stale:
+            del self.offers[key]
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """One offer chosen for a contact."""
+
+    product_index: int
+    product_code: str
+    propensity: float
+    expected_value: float
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class Ranking:
+    """The outcome of arbitration: what to offer, and why the rest was not offered."""
+
+    offers: tuple[Choice, ...]
+    suppressed: Mapping[str, str]
+    """Product code -> reason (``held_or_ineligible``, ``inactive``, ``low_propensity``,
+    ``declined_recently``, ``frequency_cap``)."""
+    detractor_until: dt.datetime | None = None
+
+
+def in_control_group(customer_id: str, *, share: float, salt: str) -> bool:
+    """Whether a customer is in the control group: deterministic, uniform, salted.
+
+    The first 8 bytes of sha256(salt:customer_id) as a fraction of 2**64 are compared
+    with ``share``, so the same customer is always in the same group and the group is
+    ``share`` of customers whatever their ids look like.
+    """
+    if share <= 0.0:
+        return False
+    digest = hashlib.sha256(f"{salt}:{customer_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64 < share
+
+
+def rank(
+    propensity: npt.NDArray[np.float64],
+    *,
+    product_codes: Sequence[str],
+    values: npt.NDArray[np.float64],
+    weights: npt.NDArray[np.float64],
+    active: npt.NDArray[np.bool_],
+    history: ContactHistory | None,
+    now: dt.datetime,
+    policy: Policy,
+    limit: int,
+) -> Ranking:
+    """Choose up to ``limit`` offers for one customer.
+
+    Parameters
+    ----------
+    propensity : numpy.ndarray
+        Per product (in ``product_codes`` order); NaN where the product is not a
+        candidate (held, or not eligible by age, segment, required/excluded products).
+    values, weights, active : numpy.ndarray
+        The live catalogue, aligned with ``product_codes``.
+    history : ContactHistory or None
+        The customer's contact history (None: none recorded).
+    now : datetime.datetime
+        The decision instant (timezone-aware).
+    policy : Policy
+    limit : int
+        Offers asked for; capped by ``policy.max_offers_per_contact``.
+
+    Returns
+    -------
+    Ranking
+        Offers by score = propensity x value x business weight, highest first (ties by
+        product code); an empty tuple is a valid answer.
+    """
+    suppressed: dict[str, str] = {}
+    if history is not None and history.detractor_at is not None:
+        until = history.detractor_at + dt.timedelta(days=policy.detractor_suppress_days)
+        if now < until:
+            return Ranking((), {code: "detractor" for code in product_codes}, until)
+    decline_since = now - dt.timedelta(days=policy.decline_cooldown_days)
+    window_since = now - dt.timedelta(days=policy.frequency_window_days)
+    candidates: list[Choice] = []
+    for k, code in enumerate(product_codes):
+        p = float(propensity[k])
+        if p != p:  # NaN: held or not eligible
+            suppressed[code] = "held_or_ineligible"
+            continue
+        if not active[k]:
+            suppressed[code] = "inactive"
+            continue
+        if p < policy.min_propensity:
+            suppressed[code] = "low_propensity"
+            continue
+        if history is not None:
+            declined = history.declines.get(code)
+            if declined is not None and declined >= decline_since:
+                suppressed[code] = "declined_recently"
+                continue
+            if history.offers and history.offers_since(code, window_since) >= policy.frequency_cap:
+                suppressed[code] = "frequency_cap"
+                continue
+        value = float(values[k])
+        expected = p * value
+        candidates.append(Choice(k, code, p, expected, expected * float(weights[k])))
+    candidates.sort(key=lambda c: (-c.score, c.product_code))
+    return Ranking(tuple(candidates[: min(limit, policy.max_offers_per_contact)]), suppressed)
+
+
+def popular_products(
+    counts: Mapping[str, int], *, exclude: frozenset[str], limit: int
+) -> list[str]:
+    """The most adopted products not in ``exclude``, most first (ties by code)."""
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return [code for code, _ in ranked if code not in exclude][:limit]

@@ -1,0 +1,558 @@
+"""What each worker holds in memory so a decision needs no database read.
+
+At start-up (and whenever a model version is activated or the catalogue changes) a
+worker loads the active model, reads the bank once, scores every customer in one batch
+and keeps the propensities in a matrix, with each customer's state for explanations.
+A :class:`Snapshot` is immutable once built and replaced whole (load fully, then swap),
+so a request that started on the old one finishes on it.
+
+Changes to one customer (an adoption, an attribute, an outcome, an offer) are applied
+at once by the worker that made them and, through the ``change_events`` log polled every
+``poll_interval_seconds``, by every other worker: the customer is re-read and re-scored.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import logging
+import threading
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+from sqlalchemy import Engine, text
+
+from models.data import Adoption, BankData, CustomerState, to_ns
+from models.eligibility import Catalogue
+from models.propensity import PropensityModel
+from models.rules import Rule
+from service import registry
+from service.db import read_only, unit_of_work
+from service.decisioning import ContactHistory
+from service.settings import Settings
+from service.training import default_as_of, load_bank
+
+log = logging.getLogger("nbo.serving")
+
+
+@dataclass(slots=True)
+class CustomerEntry:
+    """One customer as a worker holds it."""
+
+    db_id: int
+    state: CustomerState
+    propensity: npt.NDArray[np.float64]
+    held: frozenset[str]
+    as_of: dt.date | pd.Timestamp | None = None
+    """The day the customer was scored as of, when later than the snapshot's."""
+    sequence: tuple[str, ...] | None = None
+    """Products in order of first adoption before the scoring day (made on first use)."""
+
+
+@dataclass
+class Snapshot:
+    """Everything a decision reads, built together; replaced whole, never edited except
+    for single customers' entries (a dict assignment, atomic under the GIL)."""
+
+    version: str | None
+    model: PropensityModel | None
+    as_of: dt.date
+    catalogue: Catalogue
+    product_ids: dict[str, int]
+    customers: dict[str, CustomerEntry]
+    popularity: dict[str | None, Counter[str]]
+    load_error: str | None = None
+    names: dict[str, str] = field(default_factory=dict)
+
+    rule_cache: dict[tuple[str, ...], dict[str, tuple[Rule, str]]] = field(default_factory=dict)
+
+    def rule_reasons(self, entry: CustomerEntry) -> dict[str, tuple[Rule, str]]:
+        """The best rule, and its sentence, for every product the customer may take next.
+
+        Cached by adoption sequence: customers on the same path share one entry, so a
+        decision usually costs a dict lookup here.
+        """
+        model = self.model
+        if model is None or model.rules is None:
+            return {}
+        if entry.sequence is None:
+            cutoff = to_ns(entry.as_of if entry.as_of is not None else self.as_of)
+            ordered = sorted(
+                (to_ns(a.adopted_at), a.product_code)
+                for a in entry.state.adoptions
+                if to_ns(a.adopted_at) < cutoff
+            )
+            entry.sequence = tuple(dict.fromkeys(code for _, code in ordered))
+        found = self.rule_cache.get(entry.sequence)
+        if found is None:
+            if len(self.rule_cache) > 200_000:
+                self.rule_cache.clear()
+            found = {
+                code: (rule, model.rule_sentence(rule))
+                for code, rule in model.rules.best_rules(entry.sequence).items()
+            }
+            self.rule_cache[entry.sequence] = found
+        return found
+
+    @property
+    def degraded(self) -> bool:
+        """No model: decisions come from popularity and are flagged."""
+        return self.model is None
+
+
+class ServingState:
+    """The worker's snapshot, contact history and change-log position."""
+
+    def __init__(self, engine: Engine, settings: Settings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.origin = f"worker-{uuid.uuid4().hex[:12]}"
+        self.snapshot: Snapshot | None = None
+        self.history: dict[str, ContactHistory] = defaultdict(ContactHistory)
+        self.last_event = 0
+        self._reload_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ loading
+
+    def load(self) -> Snapshot:
+        """Build a snapshot from the database and swap it in (blocking; run in a thread)."""
+        with self._reload_lock:
+            started = self.last_event or _max_event(self.engine)
+            snapshot = build_snapshot(self.engine, self.settings)
+            if self.last_event == 0:
+                self.last_event = started
+                self._load_history(snapshot)
+            self.snapshot = snapshot
+            # Long-lived start-up objects out of the collector's way: without this,
+            # full collections over the snapshot's objects dominate the p99 latency.
+            gc.collect()
+            gc.freeze()
+            return snapshot
+
+    def _load_history(self, snapshot: Snapshot) -> None:
+        days = max(
+            self.settings.decline_cooldown_days,
+            self.settings.frequency_window_days,
+            self.settings.detractor_suppress_days,
+        )
+        since = dt.datetime.now(dt.UTC) - dt.timedelta(days=days)
+        with read_only(self.engine).connect() as conn:
+            offers = conn.execute(
+                text(
+                    "SELECT o.id, d.customer_external_id, p.code, o.created_at FROM offers o "
+                    "JOIN decisions d ON d.id = o.decision_id JOIN products p ON p.id = o.product_id "
+                    "WHERE o.created_at >= :since"
+                ),
+                {"since": since},
+            ).all()
+            declines = conn.execute(
+                text(
+                    "SELECT d.customer_external_id, p.code, oo.created_at FROM offer_outcomes oo "
+                    "JOIN offers o ON o.id = oo.offer_id JOIN decisions d ON d.id = o.decision_id "
+                    "JOIN products p ON p.id = o.product_id "
+                    "WHERE oo.outcome = 'declined' AND oo.created_at >= :since"
+                ),
+                {"since": since},
+            ).all()
+            detractors = conn.execute(
+                text(
+                    "SELECT c.external_id, f.created_at FROM feedback f "
+                    "JOIN customers c ON c.id = f.customer_id "
+                    "WHERE f.kind = 'nps' AND f.score <= 6 AND f.decision_id IS NOT NULL "
+                    "AND f.created_at >= :since"
+                ),
+                {"since": since},
+            ).all()
+        for offer_id, customer, code, at in offers:
+            self.history[customer].add_offer(offer_id, code, _aware(at))
+        for customer, code, at in declines:
+            self.history[customer].add_decline(code, _aware(at))
+        for customer, at in detractors:
+            self.history[customer].add_detractor(_aware(at))
+
+    # ------------------------------------------------------------------ one customer
+
+    def refresh_customers(self, external_ids: Iterable[str]) -> None:
+        """Re-read and re-score customers after a change (blocking)."""
+        snapshot = self.snapshot
+        if snapshot is None:
+            return
+        ids = sorted(set(external_ids))
+        if not ids:
+            return
+        for external_id, entry in read_customers(self.engine, snapshot, ids).items():
+            snapshot.customers[external_id] = entry
+
+    def lookup(self, external_id: str) -> CustomerEntry | None:
+        """A customer not held yet (imported after start-up) is read from the database."""
+        snapshot = self.snapshot
+        if snapshot is None:
+            return None
+        entry = snapshot.customers.get(external_id)
+        if entry is not None:
+            return entry
+        found = read_customers(self.engine, snapshot, [external_id])
+        entry = found.get(external_id)
+        if entry is not None:
+            snapshot.customers[external_id] = entry
+        return entry
+
+    # ------------------------------------------------------------------ change log
+
+    def poll(self) -> int:
+        """Apply change events made by other workers since the last poll; returns how many."""
+        with read_only(self.engine).connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT id, kind, customer_external_id, product_code, detail, occurred_at "
+                    "FROM change_events WHERE id > :last AND (origin IS NULL OR origin <> :me) "
+                    "ORDER BY id LIMIT 20000"
+                ),
+                {"last": self.last_event, "me": self.origin},
+            ).all()
+            if not rows:
+                newest = conn.execute(text("SELECT max(id) FROM change_events")).scalar()
+                self.last_event = max(self.last_event, int(newest or 0))
+                return 0
+        refresh: set[str] = set()
+        reload = False
+        for _id, kind, customer, product, detail, at in rows:
+            self.apply_event(kind, customer, product, detail, _aware(at), refresh)
+            reload |= kind in ("catalogue", "model")
+        self.last_event = int(rows[-1][0])
+        if reload:
+            self.load()
+        elif refresh:
+            self.refresh_customers(refresh)
+        return len(rows)
+
+    def apply_event(
+        self,
+        kind: str,
+        customer: str | None,
+        product: str | None,
+        detail: str | None,
+        at: dt.datetime,
+        refresh: set[str],
+    ) -> None:
+        """Apply one change to the contact history; customers to re-read go to ``refresh``."""
+        if customer is None:
+            return
+        if kind == "offer" and product is not None and detail is not None:
+            self.history[customer].add_offer(detail, product, at)
+        elif kind == "outcome" and product is not None:
+            if detail == "declined":
+                self.history[customer].add_decline(product, at)
+            elif detail == "detractor":
+                self.history[customer].add_detractor(at)
+            elif detail == "accepted":
+                refresh.add(customer)
+        elif kind in ("adoption", "customer"):
+            refresh.add(customer)
+
+
+def record_event(
+    conn: Any,
+    *,
+    kind: str,
+    origin: str,
+    customer: str | None = None,
+    product: str | None = None,
+    detail: str | None = None,
+    at: dt.datetime | None = None,
+) -> None:
+    """Append one change event inside the caller's transaction."""
+    conn.execute(
+        text(
+            "INSERT INTO change_events (kind, customer_external_id, product_code, detail, "
+            "origin, occurred_at) VALUES (:kind, :customer, :product, :detail, :origin, :at)"
+        ),
+        {
+            "kind": kind,
+            "customer": customer,
+            "product": product,
+            "detail": detail,
+            "origin": origin,
+            "at": at or dt.datetime.now(dt.UTC),
+        },
+    )
+
+
+# --------------------------------------------------------------------------- building
+
+
+def build_snapshot(engine: Engine, settings: Settings) -> Snapshot:
+    """Load the active model and the bank, and score every customer in one batch."""
+    model: PropensityModel | None = None
+    version: str | None = None
+    error: str | None = None
+    with unit_of_work(engine) as session:
+        row = registry.active_version(session)
+        if row is not None:
+            session.expunge(row)
+    if row is None:
+        error = "no active model version"
+    else:
+        try:
+            model = registry.load_model(row)
+            version = row.version
+        except registry.RegistryError as exc:
+            error = str(exc)
+            log.error("model load failed", extra={"version": row.version, "error": error})
+    data = load_bank(engine)
+    catalogue = Catalogue.from_data(data)
+    if settings.scoring_date:
+        as_of = dt.date.fromisoformat(settings.scoring_date)
+    else:
+        as_of = default_as_of(data)
+        if model is not None:
+            as_of = max(as_of, model.as_of.date())
+    with read_only(engine).connect() as conn:
+        ids = dict(conn.execute(text("SELECT external_id, id FROM customers")).all())
+        product_ids = dict(conn.execute(text("SELECT code, id FROM products")).all())
+    states = customer_states(data)
+    matrix, index = _score_matrix(model, data, catalogue, as_of)
+    held = _held(data, as_of)
+    customers = {
+        cid: CustomerEntry(int(ids[cid]), state, matrix[index[cid]], held.get(cid, frozenset()))
+        for cid, state in states.items()
+        if cid in ids
+    }
+    return Snapshot(
+        version=version,
+        model=model,
+        as_of=as_of,
+        catalogue=catalogue,
+        product_ids={str(k): int(v) for k, v in product_ids.items()},
+        customers=customers,
+        popularity=_popularity(data, as_of),
+        load_error=error,
+        names=dict(zip(catalogue.product_codes, catalogue.names, strict=True)),
+    )
+
+
+def _score_matrix(
+    model: PropensityModel | None, data: BankData, catalogue: Catalogue, as_of: dt.date
+) -> tuple[npt.NDArray[np.float64], dict[str, int]]:
+    """Propensity per (customer, catalogue product); NaN where not a candidate.
+
+    Without a model, every eligible product gets 0 (popularity decides; see
+    :func:`service.api.decisions`), and held or ineligible products stay NaN.
+    """
+    customer_ids = data.customers["customer_id"].astype(str).tolist()
+    index = {cid: i for i, cid in enumerate(customer_ids)}
+    matrix = np.full((len(customer_ids), len(catalogue.product_codes)), np.nan)
+    if model is not None:
+        scores = model.score(data, as_of=as_of, catalogue=catalogue)
+        rows = scores["customer_id"].astype(str).map(index).to_numpy()
+        cols = scores["product_code"].astype(str).map(catalogue.index).to_numpy()
+        matrix[rows, cols] = scores["propensity"].to_numpy()
+    else:
+        from models.eligibility import eligible_matrix
+
+        eligible = eligible_matrix(data, at=as_of, catalogue=catalogue)
+        matrix[np.asarray(eligible, dtype=bool)] = 0.0
+    return matrix, index
+
+
+def customer_states(data: BankData) -> dict[str, CustomerState]:
+    """Every customer's :class:`CustomerState`, built in one pass over the frames."""
+    customers = data.customers
+    attributes = list(data.attribute_kinds)
+    adoptions: dict[str, list[Adoption]] = defaultdict(list)
+    frame = data.adoptions
+    for cid, code, adopted, closed in zip(
+        frame["customer_id"].astype(str),
+        frame["product_code"].astype(str),
+        frame["adopted_at"],
+        frame["closed_at"],
+        strict=True,
+    ):
+        adoptions[cid].append(Adoption(code, adopted, None if pd.isna(closed) else closed))
+    states: dict[str, CustomerState] = {}
+    columns = [
+        customers[c] for c in ("customer_id", "segment", "branch_id", "joined_at", "birth_date")
+    ]
+    values = [customers[a] for a in attributes]
+    for i, (cid, segment, branch, joined, birth) in enumerate(zip(*columns, strict=True)):
+        cid = str(cid)
+        states[cid] = CustomerState(
+            customer_id=cid,
+            segment=None if pd.isna(segment) else str(segment),
+            branch_id=None if pd.isna(branch) else str(branch),
+            joined_at=None if pd.isna(joined) else joined,
+            birth_date=None if pd.isna(birth) else birth,
+            attributes={a: _scalar(v.iloc[i]) for a, v in zip(attributes, values, strict=True)},
+            adoptions=tuple(adoptions.get(cid, ())),
+        )
+    return states
+
+
+def read_customers(
+    engine: Engine, snapshot: Snapshot, external_ids: list[str]
+) -> dict[str, CustomerEntry]:
+    """Read customers from the database and score them with the snapshot's model."""
+    with read_only(engine).connect() as conn:
+        kinds = dict(conn.execute(text("SELECT name, kind FROM attribute_definitions")).all())
+        rows = conn.execute(
+            text(
+                "SELECT id, external_id, segment, branch_id, joined_at, birth_date, attributes "
+                "FROM customers WHERE external_id IN :ids"
+            ).bindparams(_expanding("ids")),
+            {"ids": external_ids},
+        ).all()
+        if not rows:
+            return {}
+        adoption_rows = conn.execute(
+            text(
+                "SELECT c.external_id, p.code, a.adopted_at, a.closed_at FROM adoptions a "
+                "JOIN customers c ON c.id = a.customer_id JOIN products p ON p.id = a.product_id "
+                "WHERE c.external_id IN :ids"
+            ).bindparams(_expanding("ids")),
+            {"ids": external_ids},
+        ).all()
+    adoptions: dict[str, list[Adoption]] = defaultdict(list)
+    for cid, code, adopted, closed in adoption_rows:
+        adoptions[cid].append(Adoption(code, _date(adopted), _date(closed)))
+    out: dict[str, CustomerEntry] = {}
+    for db_id, cid, segment, branch, joined, birth, attrs in rows:
+        if isinstance(attrs, str):
+            import json
+
+            attrs = json.loads(attrs)
+        attributes = {
+            name: _attribute(attrs.get(name) if attrs else None, kinds[name]) for name in kinds
+        }
+        state = CustomerState(
+            customer_id=cid,
+            segment=segment,
+            branch_id=branch,
+            joined_at=_date(joined),
+            birth_date=_date(birth),
+            attributes=attributes,
+            adoptions=tuple(adoptions.get(cid, ())),
+        )
+        row, scored_as_of = _score_one(snapshot, state)
+        out[cid] = CustomerEntry(
+            int(db_id), state, row, _held_of(state.adoptions, scored_as_of), scored_as_of
+        )
+    return out
+
+
+def _score_one(
+    snapshot: Snapshot, state: CustomerState
+) -> tuple[npt.NDArray[np.float64], pd.Timestamp]:
+    """One customer's propensities, as of the snapshot's day or, when the customer has
+    adoptions after it (pushed since), the day after the latest, so they are seen.
+    Every product the customer holds open is never a candidate, whatever its date."""
+    catalogue = snapshot.catalogue
+    row = np.full(len(catalogue.product_codes), np.nan)
+    as_of = pd.Timestamp(snapshot.as_of)
+    latest = max((pd.Timestamp(a.adopted_at) for a in state.adoptions), default=None)
+    if latest is not None and latest >= as_of:
+        as_of = latest + pd.Timedelta(days=1)
+    if snapshot.model is not None:
+        for score in snapshot.model.score_customer(state, as_of=as_of, catalogue=catalogue):
+            row[catalogue.index[score.product_code]] = score.propensity
+    else:
+        from models.eligibility import eligible_products
+
+        for code in eligible_products(state, catalogue, as_of):
+            row[catalogue.index[code]] = 0.0
+    for adoption in state.adoptions:
+        if adoption.closed_at is None and adoption.product_code in catalogue.index:
+            row[catalogue.index[adoption.product_code]] = np.nan
+    return row, as_of
+
+
+def _held(data: BankData, as_of: dt.date) -> dict[str, frozenset[str]]:
+    frame = data.adoptions
+    cutoff = pd.Timestamp(as_of)
+    open_ = frame.loc[
+        (frame["adopted_at"] < cutoff)
+        & (frame["closed_at"].isna() | (frame["closed_at"] >= cutoff))
+    ]
+    return {
+        str(cid): frozenset(group.astype(str))
+        for cid, group in open_.groupby("customer_id", sort=False)["product_code"]
+    }
+
+
+def _held_of(adoptions: Iterable[Adoption], as_of: pd.Timestamp) -> frozenset[str]:
+    return frozenset(
+        a.product_code
+        for a in adoptions
+        if pd.Timestamp(a.adopted_at) < as_of
+        and (a.closed_at is None or pd.Timestamp(a.closed_at) >= as_of)
+    )
+
+
+def _popularity(data: BankData, as_of: dt.date) -> dict[str | None, Counter[str]]:
+    """Adoptions per product over the last year, per segment and overall (key None)."""
+    frame = data.adoptions
+    cutoff = pd.Timestamp(as_of)
+    recent = frame.loc[
+        (frame["adopted_at"] < cutoff) & (frame["adopted_at"] >= cutoff - pd.Timedelta(days=365))
+    ]
+    segments = data.customers.set_index("customer_id")["segment"]
+    recent = recent.assign(segment=recent["customer_id"].map(segments))
+    out: dict[str | None, Counter[str]] = {
+        None: Counter(recent["product_code"].astype(str).tolist())
+    }
+    for segment, group in recent.groupby("segment", dropna=True):
+        out[str(segment)] = Counter(group["product_code"].astype(str).tolist())
+    return out
+
+
+def _max_event(engine: Engine) -> int:
+    with read_only(engine).connect() as conn:
+        return int(
+            conn.execute(text("SELECT coalesce(max(id), 0) FROM change_events")).scalar() or 0
+        )
+
+
+def _expanding(name: str) -> Any:
+    from sqlalchemy import bindparam
+
+    return bindparam(name, expanding=True)
+
+
+def _aware(value: dt.datetime | str) -> dt.datetime:
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+
+
+def _date(value: Any) -> dt.date | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return dt.date.fromisoformat(value[:10])
+    if isinstance(value, dt.datetime):
+        return value.date()
+    return value  # type: ignore[no-any-return]
+
+
+def _scalar(value: Any) -> float | int | str | None:
+    if value is None or (isinstance(value, float) and value != value) or value is pd.NA:
+        return None
+    if isinstance(value, np.generic):
+        return value.item()  # type: ignore[no-any-return]
+    return value  # type: ignore[no-any-return]
+
+
+def _attribute(value: Any, kind: str) -> float | int | str | None:
+    if value is None or value == "":
+        return None
+    if kind == "numeric":
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return None
+    return str(value)

@@ -1,0 +1,522 @@
+"""The decision API end to end over HTTP, on SQLite and PostgreSQL.
+
+A small synthetic bank is trained once per module (the bundle is registered into each
+test's fresh database), then every test drives the service as a teller system would.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
+
+from models.artifacts import save_bundle
+from models.data import BankData
+from models.eligibility import Catalogue, check_eligibility
+from models.propensity import TrainConfig, train
+from models.synthetic import generate_bank, write_bank
+from service import registry
+from service.app import create_app
+from service.auth import create_key
+from service.db import make_engine, unit_of_work
+from service.importing import import_adoptions, import_customers, import_products
+from service.settings import Settings
+
+AS_OF = dt.date(2026, 1, 1)
+
+
+@dataclass(frozen=True)
+class Trained:
+    bank: Path
+    bundle: Path
+    bundle_b: Path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    root = tmp_path_factory.mktemp("trained")
+    write_bank(generate_bank(1_500, seed=5), root / "bank")
+    data = BankData.from_folder(root / "bank")
+    config = TrainConfig(max_rounds=60)
+    save_bundle(train(data, as_of=AS_OF, config=config), root / "bundle", metrics={"map@3": 0.3})
+    other = TrainConfig(max_rounds=30, seed=1)
+    save_bundle(train(data, as_of=AS_OF, config=other), root / "bundle_b", metrics={"map@3": 0.3})
+    return Trained(root / "bank", root / "bundle", root / "bundle_b")
+
+
+@dataclass
+class Service:
+    client: TestClient
+    url: str
+    keys: dict[str, str]
+    settings: Settings
+
+    def decide(self, customer: str, key: str = "teller", **body: Any) -> Any:
+        return self.client.post(
+            f"/v1/customers/{customer}/decisions",
+            json={"channel": "branch", "staff_id": "S1", "branch_id": "B1", **body},
+            headers=self.auth(key),
+        )
+
+    def auth(self, key: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[key]}"}
+
+    def sql(self, query: str, **params: Any) -> list[Any]:
+        engine = create_engine(self.url)
+        try:
+            with engine.connect() as conn:
+                return list(conn.execute(text(query), params).all())
+        finally:
+            engine.dispose()
+
+
+def prepare(url: str, trained: Trained, data_dir: Path, *, bundle: bool = True) -> dict[str, str]:
+    engine = make_engine(url)
+    import_products(engine, trained.bank / "products.csv")
+    import_customers(engine, trained.bank / "customers.csv")
+    import_adoptions(engine, trained.bank / "adoptions.csv")
+    keys = {}
+    with unit_of_work(engine) as session:
+        if bundle:
+            registry.register(
+                session,
+                bundle=trained.bundle,
+                artifacts_dir=data_dir / "models",
+                as_of=AS_OF,
+                horizon_days=90,
+                params={},
+                metrics={"map@3": 0.3},
+                gate_metric="map@3",
+                tolerance=0.0,
+                version="v1",
+            )
+        keys["teller"] = create_key(session, name="teller", scopes=["decisions", "outcomes"])
+        keys["admin"] = create_key(session, name="admin", scopes=["admin"])
+        keys["data"] = create_key(session, name="feed", scopes=["data"])
+        keys["analyst"] = create_key(
+            session, name="analyst", scopes=["models", "rules", "catalogue"]
+        )
+    engine.dispose()
+    return keys
+
+
+@pytest.fixture
+def make_service(database_url: str, trained: Trained, tmp_path: Path) -> Iterator[Any]:
+    clients: list[TestClient] = []
+    keys = prepare(database_url, trained, tmp_path)
+
+    def start(**overrides: Any) -> Service:
+        defaults: dict[str, Any] = {
+            "control_share": 0.0,
+            "min_propensity": 0.0,
+            "poll_interval_seconds": 60.0,
+        }
+        settings = Settings(
+            database_url=database_url, data_dir=tmp_path, **{**defaults, **overrides}
+        )
+        client = TestClient(create_app(settings))
+        client.__enter__()
+        clients.append(client)
+        return Service(client, database_url, keys, settings)
+
+    yield start
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+def customers_with_offers(service: Service, n: int = 5) -> list[str]:
+    found = []
+    for i in range(1, 400):
+        cid = f"C{i:07d}"
+        if service.decide(cid).json()["offers"]:
+            found.append(cid)
+        if len(found) == n:
+            return found
+    raise AssertionError("no customer with offers")
+
+
+def test_ranked_offers_with_reasons_are_recorded_before_the_answer(
+    make_service: Any, trained: Trained
+) -> None:
+    service = make_service()
+    response = service.decide("C0000042", max_offers=4, explain=True)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model_version"] == "v1" and body["control"] is False
+    assert body["degraded"] is False and body["cold_start"] is False
+    offers = body["offers"]
+    assert 1 <= len(offers) <= 4
+    assert [o["rank"] for o in offers] == list(range(1, len(offers) + 1))
+    scores = [o["score"] for o in offers]
+    assert scores == sorted(scores, reverse=True)
+    data = BankData.from_folder(trained.bank)
+    catalogue = Catalogue.from_data(data)
+    state = next(s for s in _states(data) if s.customer_id == "C0000042")
+    eligibility = check_eligibility(state, catalogue, AS_OF)
+    for offer in offers:
+        assert offer["product_code"] in eligibility.eligible, offer
+        assert offer["talking_point"]
+        reasons = offer["reasons"]
+        assert reasons["rule"] is None or isinstance(reasons["rule"], str)
+        assert 0 < len(reasons["factors"]) <= 3
+        k = catalogue.index[offer["product_code"]]
+        expected = offer["propensity"] * catalogue.values[k] * catalogue.business_weights[k]
+        assert offer["score"] == pytest.approx(expected, rel=1e-4)
+    rows = service.sql(
+        "SELECT channel, staff_id, model_version FROM decisions WHERE id = :id",
+        id=body["decision_id"],
+    )
+    assert rows == [("branch", "S1", "v1")]
+    stored = service.sql(
+        "SELECT count(*) FROM offers WHERE decision_id = :id", id=body["decision_id"]
+    )
+    assert stored[0][0] == len(offers)
+    # Without factors: still the rule sentence, no SHAP.
+    lean = service.decide("C0000042").json()
+    assert all(o["reasons"]["factors"] == [] for o in lean["offers"])
+
+
+def _states(data: BankData) -> list[Any]:
+    from service.serving import customer_states
+
+    return list(customer_states(data).values())
+
+
+def test_policies_decline_cooldown_frequency_cap_minimum_and_cap(make_service: Any) -> None:
+    service = make_service(frequency_cap=1, max_offers_per_contact=2)
+    customer = customers_with_offers(service, 1)[0]
+    # Per-contact cap: at most 2 whatever is asked.
+    service2 = make_service(max_offers_per_contact=2)
+    assert len(service2.decide(customer, max_offers=10).json()["offers"]) <= 2
+
+    first = service.decide(customer, key="admin").json()
+    offered = {o["product_code"] for o in first["offers"]}
+    assert offered
+    # Frequency cap 1: the same products are not offered again in the window.
+    again = service.decide(customer, key="admin").json()
+    assert offered.isdisjoint(o["product_code"] for o in again["offers"])
+    assert all(again["suppressed"][code] == "frequency_cap" for code in offered)
+
+    # A decline keeps the product away for the cooldown (frequency cap relaxed).
+    relaxed = make_service(frequency_cap=100)
+    body = relaxed.decide(customer).json()
+    top = body["offers"][0]
+    declined = relaxed.client.post(
+        f"/v1/offers/{top['offer_id']}/outcome",
+        json={"outcome": "declined", "reason": "not interested"},
+        headers=relaxed.auth("teller"),
+    )
+    assert declined.status_code == 201, declined.text
+    after = relaxed.decide(customer, key="admin").json()
+    assert top["product_code"] not in {o["product_code"] for o in after["offers"]}
+    assert after["suppressed"][top["product_code"]] == "declined_recently"
+
+    # Nothing good enough: an empty answer, said plainly.
+    picky = make_service(min_propensity=0.999)
+    empty = picky.decide(customer)
+    assert empty.status_code == 200
+    assert empty.json()["offers"] == [] and "likely enough" in empty.json()["note"]
+
+
+def test_inactive_product_is_not_offered_and_catalogue_admin(make_service: Any) -> None:
+    service = make_service()
+    customer = customers_with_offers(service, 1)[0]
+    top = service.decide(customer).json()["offers"][0]["product_code"]
+    product = service.client.get(f"/v1/products/{top}", headers=service.auth("analyst"))
+    assert product.status_code == 200
+    body = product.json()
+    body.pop("product_code")
+    body["active"] = False
+    put = service.client.put(f"/v1/products/{top}", json=body, headers=service.auth("analyst"))
+    assert put.status_code == 200, put.text
+    after = service.decide(customer).json()
+    assert top not in {o["product_code"] for o in after["offers"]}
+    bad = service.client.put(
+        f"/v1/products/{top}",
+        json={**body, "requires": ["no_such_product"]},
+        headers=service.auth("analyst"),
+    )
+    assert bad.status_code == 422 and "no_such_product" in bad.json()["detail"]
+    assert (
+        service.client.get("/v1/products/nope", headers=service.auth("analyst")).status_code == 404
+    )
+
+
+def test_control_group_gets_no_offers_and_is_flagged(make_service: Any) -> None:
+    service = make_service(control_share=1.0)
+    body = service.decide("C0000042").json()
+    assert body["control"] is True and body["offers"] == []
+    rows = service.sql("SELECT control FROM decisions WHERE id = :id", id=body["decision_id"])
+    assert bool(rows[0][0]) is True
+    from service.decisioning import in_control_group
+
+    share = sum(in_control_group(f"C{i}", share=0.05, salt="s") for i in range(20_000)) / 20_000
+    assert 0.04 < share < 0.06
+    assert in_control_group("C1", share=0.05, salt="s") == in_control_group(
+        "C1", share=0.05, salt="s"
+    )
+
+
+def test_outcomes_are_idempotent_and_acceptance_updates_holdings(make_service: Any) -> None:
+    service = make_service(frequency_cap=100)
+    customer = customers_with_offers(service, 1)[0]
+    offer = service.decide(customer).json()["offers"][0]
+    url = f"/v1/offers/{offer['offer_id']}/outcome"
+    headers = {**service.auth("teller"), "Idempotency-Key": "k-1"}
+    first = service.client.post(url, json={"outcome": "accepted"}, headers=headers)
+    retry = service.client.post(url, json={"outcome": "accepted"}, headers=headers)
+    same = service.client.post(url, json={"outcome": "accepted"}, headers=service.auth("teller"))
+    assert (first.status_code, retry.status_code, same.status_code) == (201, 200, 200)
+    assert retry.json()["duplicate"] is True and same.json()["duplicate"] is True
+    clash = service.client.post(url, json={"outcome": "declined"}, headers=headers)
+    assert clash.status_code == 409
+    assert clash.headers["content-type"] == "application/problem+json"
+    count = service.sql(
+        "SELECT count(*) FROM offer_outcomes WHERE offer_id = :o", o=offer["offer_id"]
+    )
+    assert count[0][0] == 1
+    held = service.sql(
+        "SELECT a.source FROM adoptions a JOIN customers c ON c.id = a.customer_id "
+        "JOIN products p ON p.id = a.product_id WHERE c.external_id = :c AND p.code = :p",
+        c=customer,
+        p=offer["product_code"],
+    )
+    assert ("offer",) in held
+    after = service.decide(customer).json()
+    assert offer["product_code"] not in {o["product_code"] for o in after["offers"]}
+    missing = service.client.post(
+        "/v1/offers/nope/outcome", json={"outcome": "accepted"}, headers=service.auth("teller")
+    )
+    assert missing.status_code == 404
+    wrong = service.client.post(url, json={"outcome": "maybe"}, headers=service.auth("teller"))
+    assert wrong.status_code == 422 and "body.outcome" in wrong.json()["detail"]
+
+
+def test_pushed_adoption_and_customer_change_apply_at_once(make_service: Any) -> None:
+    service = make_service(frequency_cap=100)
+    customer = customers_with_offers(service, 1)[0]
+    top = service.decide(customer).json()["offers"][0]["product_code"]
+    pushed = service.client.post(
+        "/v1/adoptions",
+        json={
+            "adoptions": [
+                {"customer_id": customer, "product_code": top, "adopted_at": "2025-12-30"}
+            ]
+        },
+        headers=service.auth("data"),
+    )
+    assert pushed.status_code == 200, pushed.text
+    assert pushed.json() == {"received": 1, "added": 1, "updated": 0}
+    assert top not in {o["product_code"] for o in service.decide(customer).json()["offers"]}
+    unknown = service.client.post(
+        "/v1/adoptions",
+        json={"adoptions": [{"customer_id": customer, "product_code": "nope"}]},
+        headers=service.auth("data"),
+    )
+    assert unknown.status_code == 422 and "adoptions.0.product_code" in unknown.json()["detail"]
+
+    # A new customer pushed through the API can be decided on at once.
+    created = service.client.put(
+        "/v1/customers/NEW1",
+        json={
+            "segment": "mass",
+            "birth_date": "1990-01-01",
+            "joined_at": "2025-06-01",
+            "attributes": {"income": 40000, "region": "north"},
+        },
+        headers=service.auth("data"),
+    )
+    assert created.status_code == 201, created.text
+    service.client.post(
+        "/v1/adoptions",
+        json={
+            "adoptions": [
+                {
+                    "customer_id": "NEW1",
+                    "product_code": "current_account",
+                    "adopted_at": "2025-06-01",
+                }
+            ]
+        },
+        headers=service.auth("data"),
+    )
+    decided = service.decide("NEW1", key="admin").json()
+    assert "current_account" not in {o["product_code"] for o in decided["offers"]}
+    assert decided["suppressed"]["current_account"] == "held_or_ineligible"
+    bad = service.client.put(
+        "/v1/customers/NEW1", json={"attributes": {"income": "lots"}}, headers=service.auth("data")
+    )
+    assert bad.status_code == 422 and "attributes.income" in bad.json()["detail"]
+
+
+def test_other_workers_follow_through_the_change_log(make_service: Any) -> None:
+    worker_a = make_service(frequency_cap=1)
+    worker_b = make_service(frequency_cap=1)
+    customer = customers_with_offers(worker_b, 1)[0]
+    offered = {o["product_code"] for o in worker_a.decide(customer).json()["offers"]}
+    worker_b.client.app.state.serving.poll()  # type: ignore[attr-defined]
+    again = worker_b.decide(customer).json()["offers"]
+    assert offered.isdisjoint(o["product_code"] for o in again)
+
+
+def test_unknown_customer_404_or_cold_start(make_service: Any) -> None:
+    service = make_service()
+    missing = service.decide("NOBODY")
+    assert missing.status_code == 404
+    assert missing.headers["content-type"] == "application/problem+json"
+    assert "NOBODY" in missing.json()["detail"]
+    cold = make_service(cold_start=True).decide("NOBODY").json()
+    assert cold["cold_start"] is True
+    assert cold["offers"], cold
+    for offer in cold["offers"]:
+        assert offer["product_code"] not in {"credit_card", "mortgage", "home_insurance"}
+
+
+def test_degraded_without_a_bundle(make_service: Any, tmp_path: Path) -> None:
+    shutil.rmtree(tmp_path / "models" / "v1")
+    service = make_service()
+    body = service.decide("C0000042").json()
+    assert body["degraded"] is True and body["model_version"] is None
+    held = {
+        code
+        for (code,) in service.sql(
+            "SELECT p.code FROM adoptions a JOIN customers c ON c.id = a.customer_id "
+            "JOIN products p ON p.id = a.product_id WHERE c.external_id = 'C0000042' "
+            "AND a.closed_at IS NULL"
+        )
+    }
+    assert held.isdisjoint(o["product_code"] for o in body["offers"])
+    ready = service.client.get("/health/ready").json()
+    assert ready["degraded"] is True
+
+
+def test_degraded_when_the_database_goes_away_and_nothing_is_lost(
+    make_service: Any, tmp_path: Path
+) -> None:
+    service = make_service()
+    audit = service.client.app.state.audit  # type: ignore[attr-defined]
+    real = audit.engine
+    audit.engine = create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")
+    try:
+        response = service.decide("C0000042")
+        assert response.status_code == 200
+        body = response.json()
+        assert body["degraded"] is True
+        assert (
+            service.sql("SELECT count(*) FROM decisions WHERE id = :i", i=body["decision_id"])[0][0]
+            == 0
+        )
+    finally:
+        audit.engine.dispose()
+        audit.engine = real
+    # The next commit replays the spool: the degraded decision is in the audit trail.
+    service.decide("C0000043")
+    rows = service.sql("SELECT degraded FROM decisions WHERE id = :i", i=body["decision_id"])
+    assert rows and bool(rows[0][0]) is True
+    offers = service.sql(
+        "SELECT count(*) FROM offers WHERE decision_id = :i", i=body["decision_id"]
+    )
+    assert offers[0][0] == len(body["offers"])
+
+
+def test_activation_under_load_fails_no_request(
+    make_service: Any, trained: Trained, tmp_path: Path
+) -> None:
+    service = make_service()
+    engine = make_engine(service.url)
+    with unit_of_work(engine) as session:
+        row, _ = registry.register(
+            session,
+            bundle=trained.bundle_b,
+            artifacts_dir=tmp_path / "models",
+            as_of=AS_OF,
+            horizon_days=90,
+            params={},
+            metrics={"map@3": 0.1},
+            gate_metric="map@3",
+            tolerance=0.0,
+            version="v2",
+        )
+        assert row.status == "rejected"
+    engine.dispose()
+    failures: list[str] = []
+    versions: set[str] = set()
+    stop = threading.Event()
+
+    def hammer() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            r = service.decide(f"C{(i % 300) + 1:07d}")
+            if r.status_code != 200:
+                failures.append(r.text)
+            else:
+                versions.add(r.json()["model_version"])
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        activated = service.client.post(
+            "/v1/models/v2/activate", headers=service.auth("analyst")
+        )
+        after = service.decide("C0000042").json()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert activated.status_code == 200, activated.text
+    assert activated.json() == {"version": "v2", "previous": "v1", "serving": "v2"}
+    assert failures == []
+    assert after["model_version"] == "v2"
+    assert "v1" in versions
+    listed = service.client.get("/v1/models", headers=service.auth("analyst")).json()
+    assert {v["version"]: v["status"] for v in listed} == {"v1": "retired", "v2": "active"}
+    assert (
+        service.client.post("/v1/models/zzz/activate", headers=service.auth("analyst")).status_code
+        == 404
+    )
+
+
+def test_keys_scopes_and_problem_details(make_service: Any) -> None:
+    service = make_service()
+    url = "/v1/customers/C0000042/decisions"
+    none = service.client.post(url, json={"channel": "branch"})
+    assert none.status_code == 401
+    assert none.headers["content-type"] == "application/problem+json"
+    assert "www-authenticate" in none.headers
+    wrong = service.client.post(url, json={"channel": "branch"}, headers={"X-API-Key": "nbo_x_y"})
+    assert wrong.status_code == 401
+    forbidden = service.client.post(url, json={"channel": "branch"}, headers=service.auth("data"))
+    assert forbidden.status_code == 403 and "decisions" in forbidden.json()["detail"]
+    assert service.client.get("/v1/models", headers=service.auth("teller")).status_code == 403
+    invalid = service.decide("C0000042", max_offers=11)
+    assert invalid.status_code == 422
+    assert "body.max_offers" in invalid.json()["detail"]
+    channel = service.decide("C0000042", channel="fax")
+    assert channel.status_code == 422 and "body.channel" in channel.json()["detail"]
+
+
+def test_rules_endpoint_and_metrics(make_service: Any) -> None:
+    service = make_service()
+    rules = service.client.get(
+        "/v1/rules", params={"min_lift": 1.2, "limit": 5}, headers=service.auth("analyst")
+    )
+    assert rules.status_code == 200
+    body = rules.json()
+    assert body["model_version"] == "v1" and len(body["rules"]) <= 5
+    assert all(r["lift"] >= 1.2 and r["sentence"] for r in body["rules"])
+    service.decide("C0000042")
+    exposition = service.client.get("/metrics").text
+    assert 'nbo_decisions_total{channel="branch"' in exposition
+    assert 'route="/v1/customers/{customer_id}/decisions"' in exposition
+    assert "C0000042" not in exposition
+    assert "nbo_decision_stage_seconds" in exposition

@@ -1,0 +1,266 @@
+"""Prometheus metrics: route-template labels, error counting, /metrics, multiprocess mode."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi import APIRouter, FastAPI
+from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from service import metrics
+from service.errors import NotFound, install_error_handlers
+
+REPO = Path(__file__).resolve().parents[2]
+DECISIONS_ROUTE = "/v1/customers/{customer_id}/decisions"
+CUSTOMER_ID = "C-8675309"
+MISSING_CUSTOMER_ID = "C-0000404"
+
+
+def _build_app() -> FastAPI:
+    """A small app shaped like nbo's: resource routers under /v1, errors as problems.
+
+    The nesting matters: a route of an included router knows only its own
+    path ("/{customer_id}/decisions"), not the prefixes it is served under.
+    """
+    customers = APIRouter(prefix="/customers")
+
+    @customers.get("/{customer_id}/decisions")
+    def decide(customer_id: str) -> dict[str, str]:
+        if customer_id == MISSING_CUSTOMER_ID:
+            raise NotFound(f"customer {customer_id} not found")
+        return {"customer_id": customer_id}
+
+    api = APIRouter(prefix="/v1")
+    api.include_router(customers)
+
+    @api.get("/boom")
+    def boom() -> None:
+        raise RuntimeError("a bug")
+
+    app = FastAPI()
+    install_error_handlers(app)
+    app.include_router(api)
+    app.include_router(metrics.router)
+    app.add_middleware(metrics.MetricsMiddleware)
+    return app
+
+
+@pytest.fixture
+def client() -> Iterator[TestClient]:
+    # A 500 must reach the middleware as an exception and the client as a response.
+    with TestClient(_build_app(), raise_server_exceptions=False) as client:
+        yield client
+
+
+def _requests(method: str, route: str, status: int) -> float:
+    """Requests counted so far for one label set (the registry is process-wide)."""
+    labels = {"method": method, "route": route, "status": str(status)}
+    value = REGISTRY.get_sample_value("nbo_http_request_duration_seconds_count", labels)
+    return value or 0.0
+
+
+def _samples(text: str) -> list[tuple[str, dict[str, str], float]]:
+    return [
+        (sample.name, sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    ]
+
+
+def test_request_is_labelled_by_route_template_not_path(client: TestClient) -> None:
+    before = _requests("GET", DECISIONS_ROUTE, 200)
+
+    for _ in range(2):
+        assert client.get(f"/v1/customers/{CUSTOMER_ID}/decisions").status_code == 200
+
+    assert _requests("GET", DECISIONS_ROUTE, 200) == before + 2
+    assert _requests("GET", f"/v1/customers/{CUSTOMER_ID}/decisions", 200) == 0
+
+
+def test_not_found_from_a_handler_keeps_its_route(client: TestClient) -> None:
+    before = _requests("GET", DECISIONS_ROUTE, 404)
+
+    response = client.get(f"/v1/customers/{MISSING_CUSTOMER_ID}/decisions")
+
+    assert response.status_code == 404
+    assert _requests("GET", DECISIONS_ROUTE, 404) == before + 1
+
+
+def test_unknown_path_is_unmatched(client: TestClient) -> None:
+    before = _requests("GET", metrics.UNMATCHED_ROUTE, 404)
+
+    response = client.get(f"/v1/nowhere/{CUSTOMER_ID}")
+
+    assert response.status_code == 404
+    assert response.headers["content-type"] == "application/problem+json"
+    assert _requests("GET", metrics.UNMATCHED_ROUTE, 404) == before + 1
+
+
+def test_exception_is_counted_as_500(client: TestClient) -> None:
+    before = _requests("GET", "/v1/boom", 500)
+
+    response = client.get("/v1/boom")
+
+    assert response.status_code == 500
+    assert response.json()["title"] == "Internal Server Error"
+    assert _requests("GET", "/v1/boom", 500) == before + 1
+
+
+def test_wrong_method_keeps_the_route(client: TestClient) -> None:
+    before = _requests("POST", DECISIONS_ROUTE, 405)
+
+    assert client.post(f"/v1/customers/{CUSTOMER_ID}/decisions").status_code == 405
+
+    assert _requests("POST", DECISIONS_ROUTE, 405) == before + 1
+
+
+def test_non_standard_method_is_other(client: TestClient) -> None:
+    before = _requests("other", DECISIONS_ROUTE, 405)
+
+    client.request("BREW", f"/v1/customers/{CUSTOMER_ID}/decisions")
+
+    assert _requests("other", DECISIONS_ROUTE, 405) == before + 1
+
+
+def test_decisions_show_in_metrics_output(client: TestClient) -> None:
+    metrics.DECISIONS.labels("test-channel", "cold_start").inc(3)
+
+    response = client.get("/metrics")
+
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    found = {
+        (labels["channel"], labels["result"]): value
+        for name, labels, value in _samples(response.text)
+        if name == "nbo_decisions_total"
+    }
+    assert found[("test-channel", "cold_start")] >= 3
+
+
+def test_no_label_holds_a_customer_id(client: TestClient) -> None:
+    client.get(f"/v1/customers/{CUSTOMER_ID}/decisions")
+    client.get(f"/v1/customers/{MISSING_CUSTOMER_ID}/decisions")
+    client.post(f"/v1/customers/{CUSTOMER_ID}/decisions")
+
+    text = client.get("/metrics").text
+
+    assert CUSTOMER_ID not in text and MISSING_CUSTOMER_ID not in text
+    routes = {
+        labels["route"]
+        for name, labels, _ in _samples(text)
+        if name.startswith("nbo_http_request_duration_seconds")
+    }
+    assert DECISIONS_ROUTE in routes
+
+
+def test_metrics_endpoint_is_documented() -> None:
+    operation = _build_app().openapi()["paths"]["/metrics"]["get"]
+
+    assert operation["operationId"] == "getMetrics"
+    assert operation["tags"] == ["operations"]
+    assert operation["summary"] and operation["description"]
+    assert "text/plain" in next(iter(operation["responses"]["200"]["content"]))
+
+
+def test_set_active_model_reports_one_version() -> None:
+    try:
+        metrics.set_active_model("v-old")
+        metrics.set_active_model("v-new")
+
+        assert REGISTRY.get_sample_value("nbo_model_active_info", {"version": "v-new"}) == 1
+        assert REGISTRY.get_sample_value("nbo_model_active_info", {"version": "v-old"}) is None
+
+        metrics.set_active_model(None)
+
+        assert REGISTRY.get_sample_value("nbo_model_active_info", {"version": "v-new"}) is None
+    finally:
+        metrics.set_active_model(None)
+
+
+def test_prepare_multiprocess_empties_the_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(metrics.MULTIPROC_DIR_ENV, raising=False)  # restored afterwards
+    directory = tmp_path / "prometheus"
+    directory.mkdir()
+    (directory / "counter_123.db").write_bytes(b"stale")
+    (directory / "README").write_text("not ours")
+
+    metrics.prepare_multiprocess(directory)
+
+    assert os.environ[metrics.MULTIPROC_DIR_ENV] == str(directory.resolve())
+    assert sorted(p.name for p in directory.iterdir()) == ["README"]
+    # This process imported prometheus_client before: it stays single-process.
+    assert not metrics.is_multiprocess()
+
+
+_WORKER = """
+import os, sys
+from service import metrics
+assert metrics.is_multiprocess()
+metrics.DECISIONS.labels("web", "normal").inc(int(sys.argv[1]))
+for version in sys.argv[2].split(","):
+    metrics.set_active_model(version)
+print(os.getpid())
+"""
+
+_SCRAPE = """
+import sys
+from service import metrics
+for pid in sys.argv[1:]:
+    metrics.mark_worker_dead(int(pid))
+sys.stdout.write(metrics.render_metrics()[0].decode())
+"""
+
+
+def _python(code: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_multiprocess_sums_the_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(metrics.MULTIPROC_DIR_ENV, raising=False)
+    metrics.prepare_multiprocess(tmp_path / "prometheus")  # as `nbo serve` does; children inherit
+    first = _python(_WORKER, "2", "v1").strip()
+    second = _python(_WORKER, "3", "v1,v2").strip()
+
+    samples = _samples(_python(_SCRAPE))
+
+    decisions = [
+        value
+        for name, labels, value in samples
+        if name == "nbo_decisions_total" and labels == {"channel": "web", "result": "normal"}
+    ]
+    assert decisions == [5.0]
+    active = {
+        (labels["pid"], labels["version"]): value
+        for name, labels, value in samples
+        if name == "nbo_model_active_info"
+    }
+    assert active == {(first, "v1"): 1.0, (second, "v1"): 0.0, (second, "v2"): 1.0}
+
+    after_exit = _samples(_python(_SCRAPE, first))
+
+    assert {labels["pid"] for name, labels, _ in after_exit if name == "nbo_model_active_info"} == {
+        second
+    }
+    assert [
+        value
+        for name, labels, value in after_exit
+        if name == "nbo_decisions_total" and labels["channel"] == "web"
+    ] == [5.0]
