@@ -1,0 +1,72 @@
+-- wrk script for bench/serve.py: POST /v1/customers/{id}/decisions, one random
+-- customer id per request, and one parseable result line at the end.
+--
+-- usage: wrk -t1 -c32 -d20s -s bench/wrk/decision.lua http://127.0.0.1:8000 -- IDS_FILE
+--   IDS_FILE            one customer id a line, already URL-safe (bench/serve.py writes it)
+--   NBO_BENCH_API_KEY   environment; when set, every request carries
+--                       "Authorization: Bearer <key>"
+--
+-- done() prints one line:
+--   WRK_RESULT {"requests":..,"rps":..,"p50_ms":..,"p90_ms":..,"p99_ms":..,"non2xx":..,...}
+-- "non2xx" is wrk's own count of responses with status >= 400 (3xx would count as
+-- success; the decision API does not redirect). Counting statuses in a response()
+-- hook would make wrk parse every response, which costs client CPU on a shared
+-- 2-core machine, so it is not done here.
+
+local ids = {}
+local n = 0
+local prefix = "POST /v1/customers/"
+local suffix = nil
+local threads = {}
+
+function setup(thread)
+   table.insert(threads, thread)
+   thread:set("thread_number", #threads)
+end
+
+function init(args)
+   local path = args[1]
+   if path == nil then
+      error("decision.lua needs the customer ids file: wrk ... -- IDS_FILE")
+   end
+   for line in io.lines(path) do
+      if line ~= "" then
+         n = n + 1
+         ids[n] = line
+      end
+   end
+   if n == 0 then
+      error("no customer ids in " .. path)
+   end
+   local body = '{"channel":"branch","staff_id":"S1","branch_id":"B1","max_offers":3}'
+   local head = {
+      "/decisions HTTP/1.1",
+      "Host: " .. wrk.host .. ":" .. wrk.port,
+      "Content-Type: application/json",
+      "Accept: application/json",
+   }
+   local key = os.getenv("NBO_BENCH_API_KEY")
+   if key ~= nil and key ~= "" then
+      head[#head + 1] = "Authorization: Bearer " .. key
+   end
+   head[#head + 1] = "Content-Length: " .. string.len(body)
+   suffix = table.concat(head, "\r\n") .. "\r\n\r\n" .. body
+   math.randomseed(os.time() * 1000 + (thread_number or 0) * 7919)
+end
+
+function request()
+   return prefix .. ids[math.random(n)] .. suffix
+end
+
+function done(summary, latency, requests)
+   local e = summary.errors
+   local seconds = summary.duration / 1e6
+   io.write(string.format(
+      'WRK_RESULT {"requests":%d,"duration_s":%.3f,"rps":%.1f,"bytes":%d,'
+         .. '"mean_ms":%.3f,"p50_ms":%.3f,"p90_ms":%.3f,"p99_ms":%.3f,"p999_ms":%.3f,"max_ms":%.3f,'
+         .. '"non2xx":%d,"connect_errors":%d,"read_errors":%d,"write_errors":%d,"timeouts":%d}\n',
+      summary.requests, seconds, summary.requests / seconds, summary.bytes,
+      latency.mean / 1000, latency:percentile(50) / 1000, latency:percentile(90) / 1000,
+      latency:percentile(99) / 1000, latency:percentile(99.9) / 1000, latency.max / 1000,
+      e.status, e.connect, e.read, e.write, e.timeout))
+end
