@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -36,6 +37,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.serving = state
     app.state.audit = AuditWriter(engine, settings.data_dir / "spool")
     await _load(state)
+    # The audit writer thread needs the GIL several times per commit (the driver
+    # releases it around each call); at the default 5 ms switch interval a busy event
+    # loop made each commit wait ~25 ms for it. A short interval lets the writer in.
+    sys.setswitchinterval(0.0002)
     poller = asyncio.create_task(_poll_forever(state, settings.poll_interval_seconds))
     try:
         yield

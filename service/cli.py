@@ -34,7 +34,7 @@ from service.importing import (
     import_snapshots,
 )
 from service.keys_cli import keys_app
-from service.settings import Settings
+from service.settings import Settings, export_workers
 
 app = typer.Typer(
     name="nbo",
@@ -759,6 +759,7 @@ def serve(
 
     settings = _settings()
     db.upgrade(settings.resolved_database_url)
+    export_workers(workers)
     metrics_dir: Path | None = None
     if workers > 1:  # one worker serves in-process and needs no shared metric files
         from service import metrics

@@ -6,6 +6,7 @@ or in a ``.env`` file in the working directory.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field
@@ -137,6 +138,15 @@ class Settings(BaseSettings):
         description="How long a worker trusts a verified API key before re-reading it (revocation delay).",
     )
 
+    workers: int = Field(
+        default=1,
+        ge=1,
+        description=(
+            "Worker processes serving (set by `nbo serve --workers`). With one worker, "
+            "offers need not be announced to other workers through change_events."
+        ),
+    )
+
     @property
     def resolved_database_url(self) -> str:
         """The database URL in force: the configured one, or the SQLite default."""
@@ -148,3 +158,8 @@ class Settings(BaseSettings):
     def artifacts_dir(self) -> Path:
         """Where model versions are stored."""
         return self.data_dir / "models"
+
+
+def export_workers(workers: int) -> None:
+    """Tell the worker processes uvicorn is about to start how many of them there are."""
+    os.environ["NBO_WORKERS"] = str(workers)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-import uuid
 from typing import Annotated, Any
 
 import orjson
@@ -14,7 +13,7 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 
 from service import metrics
-from service.audit import AuditRecord, AuditWriter
+from service.audit import AuditRecord, AuditWriter, new_id
 from service.auth import Principal, _api_key_scheme, _bearer_scheme, require
 from service.db import unit_of_work
 from service.decisioning import Policy, in_control_group, popular_products, rank
@@ -130,7 +129,7 @@ def _decide(
     lookup_failed: bool,
     stamp: str,
 ) -> dict[str, Any]:
-    decision_id = str(uuid.uuid4())
+    decision_id = new_id()
     base: dict[str, Any] = {
         "decision_id": decision_id,
         "customer_id": customer_id,
@@ -147,7 +146,9 @@ def _decide(
         # Nothing known about the customer: offering anything could offer a held product.
         base["note"] = "customer data unavailable; no offers rather than a wrong one"
         base["result"] = "degraded"
-        base["_record"] = _record(base, body, None, [], state, snapshot, stamp)
+        base["_record"] = _record(
+            base, body, None, [], state, snapshot, stamp, settings.workers > 1
+        )
         return base
     control = in_control_group(
         customer_id, share=settings.control_share, salt=settings.control_salt
@@ -164,7 +165,9 @@ def _decide(
         base["result"] = "control" if control else ("cold_start" if offers else "empty")
         if not offers:
             base["note"] = "control group" if control else "no popular product to offer"
-        base["_record"] = _record(base, body, None, offers, state, snapshot, stamp)
+        base["_record"] = _record(
+            base, body, None, offers, state, snapshot, stamp, settings.workers > 1
+        )
         return base
     started = time.perf_counter()
     catalogue = snapshot.catalogue
@@ -195,7 +198,9 @@ def _decide(
     if control:
         base["note"] = "control group: no model offers, by design"
         base["result"] = "control"
-        base["_record"] = _record(base, body, entry, [], state, snapshot, stamp)
+        base["_record"] = _record(
+            base, body, entry, [], state, snapshot, stamp, settings.workers > 1
+        )
         return base
     started = time.perf_counter()
     offers = _offers(snapshot, entry, ranking.offers, body.explain, degraded=snapshot.degraded)
@@ -209,7 +214,9 @@ def _decide(
     elif not offers:
         base["note"] = "no product is likely enough to be worth offering now"
     base["result"] = "degraded" if snapshot.degraded else ("normal" if offers else "empty")
-    base["_record"] = _record(base, body, entry, offers, state, snapshot, stamp)
+    base["_record"] = _record(
+        base, body, entry, offers, state, snapshot, stamp, settings.workers > 1
+    )
     return base
 
 
@@ -257,7 +264,7 @@ def _offers(
         factors = contributions.get(code, [])
         offers.append(
             {
-                "offer_id": str(uuid.uuid4()),
+                "offer_id": new_id(),
                 "product_code": code,
                 "product_name": name,
                 "rank": position,
@@ -317,7 +324,7 @@ def _cold_start_offers(snapshot: Snapshot, body: DecisionRequest) -> list[dict[s
         name = snapshot.names.get(code, code)
         offers.append(
             {
-                "offer_id": str(uuid.uuid4()),
+                "offer_id": new_id(),
                 "product_code": code,
                 "product_name": name,
                 "rank": position,
@@ -344,6 +351,7 @@ def _record(
     state: ServingState,
     snapshot: Snapshot | None,
     stamp: str,
+    announce: bool = True,
 ) -> AuditRecord:
     """The audit rows, as driver-ready tuples (see :class:`service.audit.AuditRecord`)."""
     customer_db_id = None if entry is None else entry.db_id
@@ -383,7 +391,8 @@ def _record(
                 stamp,
             )
         )
-        events.append(("offer", customer, code, offer_id, state.origin, stamp))
+        if announce:
+            events.append(("offer", customer, code, offer_id, state.origin, stamp))
     return AuditRecord(decision, rows, events)
 
 

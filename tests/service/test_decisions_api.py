@@ -358,8 +358,8 @@ def test_pushed_adoption_and_customer_change_apply_at_once(make_service: Any) ->
 
 
 def test_other_workers_follow_through_the_change_log(make_service: Any) -> None:
-    worker_a = make_service(frequency_cap=1)
-    worker_b = make_service(frequency_cap=1)
+    worker_a = make_service(frequency_cap=1, workers=2)
+    worker_b = make_service(frequency_cap=1, workers=2)
     customer = customers_with_offers(worker_b, 1)[0]
     offered = {o["product_code"] for o in worker_a.decide(customer).json()["offers"]}
     worker_b.client.app.state.serving.poll()  # type: ignore[attr-defined]
