@@ -26,7 +26,7 @@ class DecisionRequest(_Strict):
     explain: bool = Field(
         default=False,
         description=(
-            "Add each offer's top model factors (TreeSHAP contributions; about 0.3 ms more "
+            "Add each offer's top model factors (TreeSHAP contributions; up to about 1 ms more "
             "per decision). The rule sentence and talking point are always given."
         ),
     )
