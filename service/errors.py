@@ -56,6 +56,16 @@ class Unavailable(Problem):
     status, title, slug = 503, "Service Unavailable", "unavailable"
 
 
+class Invalid(Problem):
+    """A request that parses but names something that does not fit (pass ``errors``)."""
+
+    status, title, slug = 422, "Unprocessable Content", "validation"
+
+
+class Conflict(Problem):
+    status, title, slug = 409, "Conflict", "conflict"
+
+
 def problem_response(status: int, title: str, detail: str, slug: str, **extra: Any) -> JSONResponse:
     body = {
         "type": PROBLEM_BASE + slug,

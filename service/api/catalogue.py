@@ -16,7 +16,7 @@ from models.rules import rule_sentence
 from service import metrics, registry
 from service.auth import Principal, require
 from service.db import unit_of_work
-from service.errors import NotFound, Problem
+from service.errors import Invalid, NotFound
 from service.schemas import (
     ActivationResponse,
     ModelVersionOut,
@@ -29,10 +29,6 @@ from service.serving import ServingState, record_event
 from service.tables import ModelVersion, Product
 
 router = APIRouter(prefix="/v1")
-
-
-class Invalid(Problem):
-    status, title, slug = 422, "Unprocessable Content", "validation"
 
 
 def _product_out(row: Product) -> ProductResponse:

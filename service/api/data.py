@@ -15,7 +15,7 @@ from sqlalchemy import select, text
 
 from service.auth import Principal, require
 from service.db import unit_of_work
-from service.errors import NotFound, Problem
+from service.errors import Invalid
 from service.schemas import (
     AdoptionsRequest,
     AdoptionsResponse,
@@ -26,10 +26,6 @@ from service.serving import ServingState, record_event
 from service.tables import Adoption, AttributeDefinition, Customer, Product
 
 router = APIRouter(prefix="/v1", tags=["data"])
-
-
-class Invalid(Problem):
-    status, title, slug = 422, "Unprocessable Content", "validation"
 
 
 @router.post(
@@ -195,7 +191,3 @@ def put_customer(
     state.refresh_customers([customer_id])
     response.status_code = 201 if created else 200
     return answer
-
-
-def _unknown(customer_id: str) -> NotFound:
-    return NotFound(f"customer '{customer_id}' does not exist")

@@ -17,7 +17,7 @@ from service.audit import AuditRecord, AuditWriter, new_id
 from service.auth import Principal, _api_key_scheme, _bearer_scheme, require
 from service.db import unit_of_work
 from service.decisioning import Policy, in_control_group, popular_products, rank
-from service.errors import NotFound, Problem
+from service.errors import Conflict, NotFound
 from service.schemas import DecisionRequest, DecisionResponse, OutcomeRequest, OutcomeResponse
 from service.serving import CustomerEntry, ServingState, Snapshot, record_event
 from service.settings import Settings
@@ -28,10 +28,6 @@ router = APIRouter(prefix="/v1", tags=["decisions"])
 CustomerId = Annotated[
     str, Path(min_length=1, max_length=128, description="The bank's customer id.")
 ]
-
-
-class Conflict(Problem):
-    status, title, slug = 409, "Conflict", "conflict"
 
 
 def policy_of(settings: Settings) -> Policy:
