@@ -520,3 +520,23 @@ def test_rules_endpoint_and_metrics(make_service: Any) -> None:
     assert 'route="/v1/customers/{customer_id}/decisions"' in exposition
     assert "C0000042" not in exposition
     assert "nbo_decision_stage_seconds" in exposition
+
+
+def test_a_failed_customer_read_answers_degraded_not_500(make_service: Any) -> None:
+    """A customer not held in memory is read from the database; if that read fails, the
+    answer is an empty, flagged one (never a held product, never a 5xx)."""
+    service = make_service()
+    serving = service.client.app.state.serving  # type: ignore[attr-defined]
+    real = serving.engine
+    serving.engine = create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")
+    try:
+        response = service.decide("NOT-LOADED-YET")
+    finally:
+        serving.engine.dispose()
+        serving.engine = real
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["degraded"] is True and body["offers"] == []
+    assert "unavailable" in body["note"]
+    recorded = service.sql("SELECT degraded FROM decisions WHERE id = :i", i=body["decision_id"])
+    assert recorded and bool(recorded[0][0]) is True
