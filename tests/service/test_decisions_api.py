@@ -465,9 +465,7 @@ def test_activation_under_load_fails_no_request(
     for t in threads:
         t.start()
     try:
-        activated = service.client.post(
-            "/v1/models/v2/activate", headers=service.auth("analyst")
-        )
+        activated = service.client.post("/v1/models/v2/activate", headers=service.auth("analyst"))
         after = service.decide("C0000042").json()
     finally:
         stop.set()
