@@ -147,27 +147,6 @@ class AuditWriter:
         """``value`` as this database's timestamp text (see :func:`timestamp`)."""
         return timestamp(value, self.engine.dialect.name)
 
-    def write_sync(self, record: AuditRecord) -> bool:
-        """The same, for callers outside an event loop (jobs, tests)."""
-        done = threading.Event()
-        result: list[bool] = []
-
-        class _Sink:
-            def call_soon_threadsafe(self, fn: Any, *args: Any) -> None:
-                fn(*args)
-
-        class _Future:
-            def done(self) -> bool:
-                return bool(result)
-
-            def set_result(self, value: bool) -> None:
-                result.append(value)
-                done.set()
-
-        self._queue.put((record, _Sink(), _Future()))
-        done.wait()
-        return result[0]
-
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=10)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
+import json
 import logging
 import threading
 import uuid
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, bindparam, text
 
 from models.data import Adoption, BankData, CustomerState, to_ns
 from models.eligibility import Catalogue
@@ -48,7 +49,6 @@ class CustomerEntry:
     db_id: int
     state: CustomerState
     propensity: npt.NDArray[np.float64]
-    held: frozenset[str]
     as_of: dt.date | pd.Timestamp | None = None
     """The day the customer was scored as of, when later than the snapshot's."""
     sequence: tuple[str, ...] | None = None
@@ -318,9 +318,8 @@ def build_snapshot(engine: Engine, settings: Settings) -> Snapshot:
         product_ids = dict(conn.execute(text("SELECT code, id FROM products")).all())
     states = customer_states(data)
     matrix, index = _score_matrix(model, data, catalogue, as_of)
-    held = _held(data, as_of)
     customers = {
-        cid: CustomerEntry(int(ids[cid]), state, matrix[index[cid]], held.get(cid, frozenset()))
+        cid: CustomerEntry(int(ids[cid]), state, matrix[index[cid]])
         for cid, state in states.items()
         if cid in ids
     }
@@ -404,7 +403,7 @@ def read_customers(
             text(
                 "SELECT id, external_id, segment, branch_id, joined_at, birth_date, attributes "
                 "FROM customers WHERE external_id IN :ids"
-            ).bindparams(_expanding("ids")),
+            ).bindparams(bindparam("ids", expanding=True)),
             {"ids": external_ids},
         ).all()
         if not rows:
@@ -414,7 +413,7 @@ def read_customers(
                 "SELECT c.external_id, p.code, a.adopted_at, a.closed_at FROM adoptions a "
                 "JOIN customers c ON c.id = a.customer_id JOIN products p ON p.id = a.product_id "
                 "WHERE c.external_id IN :ids"
-            ).bindparams(_expanding("ids")),
+            ).bindparams(bindparam("ids", expanding=True)),
             {"ids": external_ids},
         ).all()
     adoptions: dict[str, list[Adoption]] = defaultdict(list)
@@ -423,8 +422,6 @@ def read_customers(
     out: dict[str, CustomerEntry] = {}
     for db_id, cid, segment, branch, joined, birth, attrs in rows:
         if isinstance(attrs, str):
-            import json
-
             attrs = json.loads(attrs)
         attributes = {
             name: _attribute(attrs.get(name) if attrs else None, kinds[name]) for name in kinds
@@ -439,9 +436,7 @@ def read_customers(
             adoptions=tuple(adoptions.get(cid, ())),
         )
         row, scored_as_of = _score_one(snapshot, state)
-        out[cid] = CustomerEntry(
-            int(db_id), state, row, _held_of(state.adoptions, scored_as_of), scored_as_of
-        )
+        out[cid] = CustomerEntry(int(db_id), state, row, scored_as_of)
     return out
 
 
@@ -471,28 +466,6 @@ def _score_one(
     return row, as_of
 
 
-def _held(data: BankData, as_of: dt.date) -> dict[str, frozenset[str]]:
-    frame = data.adoptions
-    cutoff = pd.Timestamp(as_of)
-    open_ = frame.loc[
-        (frame["adopted_at"] < cutoff)
-        & (frame["closed_at"].isna() | (frame["closed_at"] >= cutoff))
-    ]
-    return {
-        str(cid): frozenset(group.astype(str))
-        for cid, group in open_.groupby("customer_id", sort=False)["product_code"]
-    }
-
-
-def _held_of(adoptions: Iterable[Adoption], as_of: pd.Timestamp) -> frozenset[str]:
-    return frozenset(
-        a.product_code
-        for a in adoptions
-        if pd.Timestamp(a.adopted_at) < as_of
-        and (a.closed_at is None or pd.Timestamp(a.closed_at) >= as_of)
-    )
-
-
 def _popularity(data: BankData, as_of: dt.date) -> dict[str | None, Counter[str]]:
     """Adoptions per product over the last year, per segment and overall (key None)."""
     frame = data.adoptions
@@ -515,12 +488,6 @@ def _max_event(engine: Engine) -> int:
         return int(
             conn.execute(text("SELECT coalesce(max(id), 0) FROM change_events")).scalar() or 0
         )
-
-
-def _expanding(name: str) -> Any:
-    from sqlalchemy import bindparam
-
-    return bindparam(name, expanding=True)
 
 
 def _aware(value: dt.datetime | str) -> dt.datetime:

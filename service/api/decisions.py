@@ -12,11 +12,12 @@ from fastapi import APIRouter, Depends, Header, Path, Request, Response, Securit
 from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 
+from models.rules import Rule
 from service import metrics
 from service.audit import AuditRecord, AuditWriter, new_id
 from service.auth import Principal, _api_key_scheme, _bearer_scheme, require
 from service.db import unit_of_work
-from service.decisioning import Policy, in_control_group, popular_products, rank
+from service.decisioning import Choice, Policy, in_control_group, popular_products, rank
 from service.errors import Conflict, NotFound
 from service.schemas import DecisionRequest, DecisionResponse, OutcomeRequest, OutcomeResponse
 from service.serving import CustomerEntry, ServingState, Snapshot, record_event
@@ -259,24 +260,45 @@ def _offers(
         rule, sentence = rules.get(code, (None, None))
         factors = contributions.get(code, [])
         offers.append(
-            {
-                "offer_id": new_id(),
-                "product_code": code,
-                "product_name": name,
-                "rank": position,
-                "propensity": round(choice.propensity, 6),
-                "expected_value": round(choice.expected_value, 4),
-                "score": round(choice.score, 6),
-                "reasons": {
-                    "rule": sentence,
-                    "rule_confidence": None if rule is None else round(rule.confidence, 4),
-                    "rule_lift": None if rule is None else round(rule.lift, 3),
-                    "factors": factors,
-                },
-                "talking_point": _talking_point(name, sentence, factors, degraded),
-            }
+            _offer(
+                choice,
+                position,
+                name,
+                rule,
+                sentence,
+                factors,
+                _talking_point(name, sentence, factors, degraded),
+            )
         )
     return offers
+
+
+def _offer(
+    choice: Choice,
+    position: int,
+    name: str,
+    rule: Rule | None,
+    sentence: str | None,
+    factors: list[dict[str, Any]],
+    talking_point: str,
+) -> dict[str, Any]:
+    """One offer of the answer (and of the audit record)."""
+    return {
+        "offer_id": new_id(),
+        "product_code": choice.product_code,
+        "product_name": name,
+        "rank": position,
+        "propensity": round(choice.propensity, 6),
+        "expected_value": round(choice.expected_value, 4),
+        "score": round(choice.score, 6),
+        "reasons": {
+            "rule": sentence,
+            "rule_confidence": None if rule is None else round(rule.confidence, 4),
+            "rule_lift": None if rule is None else round(rule.lift, 3),
+            "factors": factors,
+        },
+        "talking_point": talking_point,
+    }
 
 
 def _talking_point(
@@ -318,24 +340,10 @@ def _cold_start_offers(snapshot: Snapshot, body: DecisionRequest) -> list[dict[s
         share = counts.get(code, 0) / total
         value = float(catalogue.values[k])
         name = snapshot.names.get(code, code)
-        offers.append(
-            {
-                "offer_id": new_id(),
-                "product_code": code,
-                "product_name": name,
-                "rank": position,
-                "propensity": round(share, 6),
-                "expected_value": round(share * value, 4),
-                "score": round(share * value * float(catalogue.business_weights[k]), 6),
-                "reasons": {
-                    "rule": None,
-                    "rule_confidence": None,
-                    "rule_lift": None,
-                    "factors": [],
-                },
-                "talking_point": f"{name} is one of the products new customers take most often.",
-            }
-        )
+        expected = share * value
+        choice = Choice(k, code, share, expected, expected * float(catalogue.business_weights[k]))
+        talking_point = f"{name} is one of the products new customers take most often."
+        offers.append(_offer(choice, position, name, None, None, [], talking_point))
     return offers
 
 
