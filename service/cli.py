@@ -34,7 +34,9 @@ from service.importing import (
     import_snapshots,
 )
 from service.keys_cli import keys_app
+from service.report_cli import report_app
 from service.settings import Settings, export_workers
+from service.simulate_cli import simulate_app
 
 app = typer.Typer(
     name="nbo",
@@ -59,6 +61,8 @@ app.add_typer(rules_app, name="rules")
 app.add_typer(models_app, name="models")
 app.add_typer(import_app, name="import")
 app.add_typer(keys_app, name="keys")
+app.add_typer(report_app, name="report")
+app.add_typer(simulate_app, name="simulate")
 
 console = Console()
 err_console = Console(stderr=True)
