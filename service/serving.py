@@ -20,7 +20,7 @@ import logging
 import threading
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,6 +106,10 @@ class Snapshot:
         return self.model is None
 
 
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
 class ServingState:
     """The worker's snapshot, contact history and change-log position."""
 
@@ -117,6 +121,9 @@ class ServingState:
         self.history: dict[str, ContactHistory] = defaultdict(ContactHistory)
         self.last_event = 0
         self._reload_lock = threading.Lock()
+        # What "now" is for decisions, outcomes and policy windows: the wall clock, or
+        # a simulated one (``nbo simulate`` replays days in minutes).
+        self.clock: Callable[[], dt.datetime] = _utcnow
 
     # ------------------------------------------------------------------ loading
 
@@ -141,7 +148,7 @@ class ServingState:
             self.settings.frequency_window_days,
             self.settings.detractor_suppress_days,
         )
-        since = dt.datetime.now(dt.UTC) - dt.timedelta(days=days)
+        since = self.clock() - dt.timedelta(days=days)
         with read_only(self.engine).connect() as conn:
             offers = conn.execute(
                 text(

@@ -7,7 +7,6 @@ interval) never offers what the customer took this morning.
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Request, Response
@@ -45,7 +44,7 @@ def push_adoptions(
     principal: Annotated[Principal, Depends(require("data"))],
 ) -> AdoptionsResponse:
     state: ServingState = request.app.state.serving
-    today = dt.datetime.now(dt.UTC).date()
+    today = state.clock().date()
     added = updated = 0
     with unit_of_work(request.app.state.engine) as session:
         customers = dict(

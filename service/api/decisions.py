@@ -82,7 +82,7 @@ async def create_decision(
             except Exception:  # noqa: BLE001 - the database is down: answer degraded
                 lookup_failed = True
     metrics.DECISION_STAGE_SECONDS.labels("lookup").observe(time.perf_counter() - started)
-    now = dt.datetime.now(dt.UTC)
+    now = state.clock()
     answer = _decide(
         state,
         snapshot,
@@ -432,7 +432,7 @@ def record_outcome(
 ) -> OutcomeResponse:
     state: ServingState = request.app.state.serving
     engine = request.app.state.engine
-    now = dt.datetime.now(dt.UTC)
+    now = state.clock()
     try:
         result = _store_outcome(engine, state, offer_id, body, idempotency_key, now)
     except IntegrityError:
