@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from service import dashboard, db, metrics
-from service.api import catalogue, data, decisions, health, reports
+from service.api import catalogue, data, decisions, feedback, health, reports
 from service.audit import AuditWriter
 from service.auth import KeyStore
 from service.errors import install_error_handlers
@@ -106,6 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(decisions.router)
     app.include_router(data.router)
     app.include_router(catalogue.router)
+    app.include_router(feedback.router)
     app.include_router(reports.router)
     app.include_router(dashboard.router)
     return app

@@ -178,3 +178,40 @@ class RuleOut(BaseModel):
 class RulesResponse(BaseModel):
     model_version: str
     rules: list[RuleOut]
+
+
+class FeedbackRequest(_Strict):
+    kind: Literal["nps", "csat"] = Field(
+        description="nps: 'How likely are you to recommend us?' 0-10; csat: satisfaction 1-5."
+    )
+    score: int = Field(ge=0, le=10, description="0-10 for nps, 1-5 for csat.")
+    decision_id: str | None = Field(
+        default=None,
+        max_length=36,
+        description="The contact the answer is about; customer, staff and branch default from it.",
+    )
+    customer_id: str | None = Field(
+        default=None, min_length=1, max_length=128, description="The bank's customer id."
+    )
+    staff_id: str | None = Field(default=None, max_length=64)
+    branch_id: str | None = Field(default=None, max_length=64)
+    comment: str | None = Field(default=None, max_length=2000)
+
+
+class FeedbackResponse(BaseModel):
+    feedback_id: int
+    kind: Literal["nps", "csat"]
+    score: int
+    category: Literal["promoter", "passive", "detractor", "satisfied", "neutral", "dissatisfied"]
+    decision_id: str | None
+    customer_id: str | None
+    staff_id: str | None
+    branch_id: str | None
+    duplicate: bool = Field(description="True when this answer was already recorded.")
+    offers_suppressed_until: dt.datetime | None = Field(
+        description=(
+            "A detractor answer after an offer: no offers to this customer until then "
+            "(only shown to keys with scope 'reports' or 'models')."
+        )
+    )
+    recorded_at: dt.datetime

@@ -171,8 +171,8 @@ class ServingState:
                 text(
                     "SELECT c.external_id, f.created_at FROM feedback f "
                     "JOIN customers c ON c.id = f.customer_id "
-                    "WHERE f.kind = 'nps' AND f.score <= 6 AND f.decision_id IS NOT NULL "
-                    "AND f.created_at >= :since"
+                    "WHERE f.kind = 'nps' AND f.score <= 6 AND f.created_at >= :since "
+                    "AND EXISTS (SELECT 1 FROM offers o WHERE o.decision_id = f.decision_id)"
                 ),
                 {"since": since},
             ).all()
@@ -253,11 +253,11 @@ class ServingState:
             return
         if kind == "offer" and product is not None and detail is not None:
             self.history[customer].add_offer(detail, product, at)
+        elif kind == "outcome" and detail == "detractor":
+            self.history[customer].add_detractor(at)
         elif kind == "outcome" and product is not None:
             if detail == "declined":
                 self.history[customer].add_decline(product, at)
-            elif detail == "detractor":
-                self.history[customer].add_detractor(at)
             elif detail == "accepted":
                 refresh.add(customer)
         elif kind in ("adoption", "customer"):

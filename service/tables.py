@@ -273,6 +273,7 @@ class Feedback(Base):
     staff_id: Mapped[str | None] = mapped_column(String(64))
     branch_id: Mapped[str | None] = mapped_column(String(64))
     comment: Mapped[str | None] = mapped_column(Text)
+    idempotency_key: Mapped[str | None] = mapped_column(String(128), unique=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     __table_args__ = (

@@ -204,10 +204,15 @@ def _decide(
     metrics.DECISION_STAGE_SECONDS.labels("scoring").observe(time.perf_counter() - started)
     base["offers"] = offers
     if ranking.detractor_until is not None:
-        base["note"] = (
-            f"no offers until {ranking.detractor_until:%Y-%m-%d}: the customer gave a low "
-            "satisfaction score after an offer"
-        )
+        # Why is the customer's own feedback: said to callers allowed to see reports or
+        # models; a teller system hears only that the contact policy holds offers back.
+        if principal.allows("reports") or principal.allows("models"):
+            base["note"] = (
+                f"no offers until {ranking.detractor_until:%Y-%m-%d}: the customer gave a "
+                "detractor NPS answer (0-6) after an offer"
+            )
+        else:
+            base["note"] = "contact policy: no offers to this customer at the moment"
     elif not offers:
         base["note"] = "no product is likely enough to be worth offering now"
     base["result"] = "degraded" if snapshot.degraded else ("normal" if offers else "empty")

@@ -104,6 +104,9 @@ def prepare(url: str, trained: Trained, data_dir: Path, *, bundle: bool = True) 
         keys["analyst"] = create_key(
             session, name="analyst", scopes=["models", "rules", "catalogue"]
         )
+        keys["analyst_decider"] = create_key(
+            session, name="analyst-decider", scopes=["decisions", "models", "reports"]
+        )
     engine.dispose()
     return keys
 
@@ -538,3 +541,97 @@ def test_a_failed_customer_read_answers_degraded_not_500(make_service: Any) -> N
     assert "unavailable" in body["note"]
     recorded = service.sql("SELECT degraded FROM decisions WHERE id = :i", i=body["decision_id"])
     assert recorded and bool(recorded[0][0]) is True
+
+
+def test_feedback_is_validated_tied_to_the_contact_and_idempotent(make_service: Any) -> None:
+    service = make_service()
+    customer = customers_with_offers(service, 1)[0]
+    decision = service.decide(customer, staff_id="S7", branch_id="B3").json()
+
+    def send(key: str = "teller", headers: dict[str, str] | None = None, **body: Any) -> Any:
+        return service.client.post(
+            "/v1/feedback", json=body, headers={**service.auth(key), **(headers or {})}
+        )
+
+    csat_out_of_range = send(kind="csat", score=7, customer_id=customer)
+    assert csat_out_of_range.status_code == 422
+    assert csat_out_of_range.json()["errors"][0]["field"] == "body.score"
+    assert send(kind="nps", score=11, customer_id=customer).status_code == 422
+    unknown = send(kind="nps", score=9, decision_id="no-such-decision")
+    assert unknown.status_code == 422 and "decision_id" in unknown.json()["detail"]
+    assert send(kind="nps", score=9).json()["errors"][0]["field"] == "body.decision_id"
+    stranger = send(kind="nps", score=9, customer_id="C9999999")
+    assert stranger.status_code == 422 and "C9999999" in stranger.json()["detail"]
+    assert send("data", kind="nps", score=9, customer_id=customer).status_code == 403
+
+    received = _counter(service, 'nbo_feedback_total{kind="nps"}')
+    retry = {"Idempotency-Key": "fb-1"}
+    first = send(headers=retry, kind="nps", score=9, decision_id=decision["decision_id"])
+    assert first.status_code == 201, first.text
+    body = first.json()
+    assert body["category"] == "promoter" and body["customer_id"] == customer
+    assert (body["staff_id"], body["branch_id"]) == ("S7", "B3")  # taken from the decision
+    again = send(headers=retry, kind="nps", score=9, decision_id=decision["decision_id"])
+    assert again.status_code == 200 and again.json()["duplicate"] is True
+    assert again.json()["feedback_id"] == body["feedback_id"]
+    clash = send(headers=retry, kind="nps", score=2, decision_id=decision["decision_id"])
+    assert clash.status_code == 409
+    csat = send(kind="csat", score=3, customer_id=customer, comment="ok")
+    assert csat.status_code == 201 and csat.json()["category"] == "neutral"
+    rows = service.sql("SELECT kind, score, staff_id FROM feedback ORDER BY id")
+    assert [tuple(r) for r in rows] == [("nps", 9, "S7"), ("csat", 3, None)]
+    assert _counter(service, 'nbo_feedback_total{kind="nps"}') == received + 1
+
+
+def _counter(service: Service, sample: str) -> float:
+    for line in service.client.get("/metrics").text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_detractor_after_an_offer_suppresses_offers_and_says_why(make_service: Any) -> None:
+    worker = make_service(detractor_suppress_days=30, workers=2)
+    other = make_service(detractor_suppress_days=30, workers=2)
+    unhappy, spoken_to = customers_with_offers(worker, 2)
+    decision = worker.decide(unhappy).json()
+    # A detractor answer without an offered contact (here: about the customer only) is
+    # recorded but suppresses nothing; after an offer it does.
+    loose = worker.client.post(
+        "/v1/feedback",
+        json={"kind": "nps", "score": 2, "customer_id": spoken_to},
+        headers=worker.auth("teller"),
+    )
+    assert loose.status_code == 201 and loose.json()["offers_suppressed_until"] is None
+    assert worker.decide(spoken_to).json()["offers"]
+    answer = worker.client.post(
+        "/v1/feedback",
+        json={"kind": "nps", "score": 3, "decision_id": decision["decision_id"]},
+        headers=worker.auth("analyst"),
+    )
+    assert answer.status_code == 403  # analysts read, teller systems record
+    answer = worker.client.post(
+        "/v1/feedback",
+        json={"kind": "nps", "score": 3, "decision_id": decision["decision_id"]},
+        headers=worker.auth("teller"),
+    )
+    assert answer.status_code == 201 and answer.json()["category"] == "detractor"
+    assert answer.json()["offers_suppressed_until"] is None  # not the teller's to see
+
+    teller_view = worker.decide(unhappy).json()
+    assert teller_view["offers"] == [] and teller_view["suppressed"] is None
+    assert teller_view["note"] == "contact policy: no offers to this customer at the moment"
+    analyst_view = worker.decide(unhappy, key="analyst_decider").json()
+    assert analyst_view["offers"] == []
+    assert "detractor" in analyst_view["note"]
+    assert set(analyst_view["suppressed"].values()) == {"detractor"}
+    # Another worker hears of it through the change log; a restarted one from the table.
+    other.client.app.state.serving.poll()  # type: ignore[attr-defined]
+    assert other.decide(unhappy).json()["offers"] == []
+    restarted = make_service(detractor_suppress_days=30)
+    assert restarted.decide(unhappy).json()["offers"] == []
+    # The guardrail lapses after the configured days.
+    state = worker.client.app.state.serving  # type: ignore[attr-defined]
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=31)
+    state.clock = lambda: later
+    assert worker.decide(unhappy).json()["offers"]
