@@ -341,8 +341,11 @@ class AdoptionIndex:
         last = np.full(n, -1, dtype=np.intp)
         np.maximum.at(last, self.rows[seen], seen)
         has = last >= 0
-        last_col = np.where(has, self.cols[last], -1)
-        last_day = np.where(has, self.days[last].astype(np.int64), NEVER)
+        # Index only where a row exists: with no adoptions at all, ``self.cols`` is empty.
+        last_col = np.full(n, -1, dtype=self.cols.dtype)
+        last_col[has] = self.cols[last[has]]
+        last_day = np.full(n, NEVER, dtype=np.int64)
+        last_day[has] = self.days[last[has]]
         return Snapshot(held.reshape(n, p), first.reshape(n, p), last_col, last_day)
 
     def held(self, at_ns: int) -> npt.NDArray[np.bool_]:

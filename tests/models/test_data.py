@@ -248,3 +248,15 @@ def test_snapshot_edge_cases_by_hand() -> None:
         assert snapshot.first_days[0, 1] == day
         assert snapshot.first_days[0, 2] == NEVER
         assert snapshot.last_col[0] == 3
+
+
+def test_snapshot_of_a_bank_without_any_adoption() -> None:
+    """Customers but no adoption yet (a bank's first import): every customer holds nothing."""
+    frame = pd.DataFrame(
+        {"customer_id": [], "product_code": [], "adopted_at": [], "closed_at": []}
+    ).astype({"adopted_at": "datetime64[ns]", "closed_at": "datetime64[ns]"})
+    index = AdoptionIndex.from_frame(frame, customer_ids=["A", "B"], product_codes=["x", "y"])
+    snapshot = index.snapshot(to_ns("2024-01-10"))
+    assert not snapshot.held.any()
+    assert snapshot.last_col.tolist() == [-1, -1]
+    assert snapshot.last_day.tolist() == [NEVER, NEVER]
