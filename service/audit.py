@@ -15,20 +15,22 @@ ignored by primary key), so the audit trail stays whole.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import fcntl
 import json
 import logging
 import os
 import queue
+import random
 import threading
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import Engine
 
 from service.metrics import AUDIT_BATCH_ROWS, AUDIT_COMMIT_SECONDS
@@ -74,6 +76,19 @@ EVENT_COLUMNS = (
     "occurred_at",
 )
 
+# PostgreSQL types of the columns above, for the one INSERT of a group commit.
+_PG_TYPES = {
+    "decisions": (
+        "text", "bigint", "text", "text", "text", "text", "jsonb", "text", "boolean",
+        "boolean", "boolean", "timestamptz",
+    ),
+    "offers": (
+        "text", "text", "bigint", "integer", "smallint", "float8", "float8", "float8",
+        "jsonb", "timestamptz",
+    ),
+    "change_events": ("text", "text", "text", "text", "text", "timestamptz"),
+}  # fmt: skip
+
 
 @dataclass(slots=True)
 class AuditRecord:
@@ -97,33 +112,33 @@ def new_id() -> str:
     commit's write small.
     """
     millis = time.time_ns() // 1_000_000
-    random_bits = int.from_bytes(os.urandom(10), "big")
-    value = (millis & (1 << 48) - 1) << 80 | random_bits
+    value = (millis & (1 << 48) - 1) << 80 | _random.getrandbits(80)
     value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
     value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
-    return str(uuid.UUID(int=value))
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+# The random bits of ids: a generator seeded from the OS (one system call per id cost
+# more than the rest of id making), re-seeded in a forked child so processes differ.
+_random = random.Random(os.urandom(32))
+os.register_at_fork(after_in_child=lambda: _random.seed(os.urandom(32)))
 
 
 def timestamp(value: dt.datetime, dialect: str) -> str:
     """A UTC instant as text for a timestamp column: with its offset on PostgreSQL, in
     SQLAlchemy's own naive UTC format on SQLite (so stored rows compare and parse alike)."""
-    text = value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
-    return text + "+00:00" if dialect == "postgresql" else text
+    text = value.astimezone(dt.UTC).isoformat(sep=" ", timespec="microseconds")
+    return text if dialect == "postgresql" else text[:-6]
 
 
-class AuditWriter:
-    """Group-committing writer thread; :meth:`write` resolves once the record is durable.
+class _Spool:
+    """Statement building and the local spool, shared by both writers."""
 
-    ``write`` returns True when the record is in the database, False when it was
-    spooled to local disk instead (the caller flags the decision degraded).
-    """
-
-    def __init__(self, engine: Engine, spool_dir: Path, *, max_batch: int = 500) -> None:
+    def __init__(self, engine: Engine, spool_dir: Path, max_batch: int) -> None:
         self.engine = engine
         self.spool_dir = spool_dir
         self.max_batch = max_batch
-        self._queue: queue.SimpleQueue[tuple[AuditRecord, Any, Any] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="nbo-audit", daemon=True)
         self._spool = spool_dir / f"decisions-{os.getpid()}.jsonl"
         marker = "?" if engine.dialect.paramstyle == "qmark" else "%s"
         self._head: dict[str, str] = {}
@@ -135,6 +150,84 @@ class AuditWriter:
         ):
             self._head[table] = f"INSERT INTO {table} ({', '.join(columns)}) VALUES"
             self._row[table] = f"({', '.join(marker for _ in columns)})"
+
+    def stamp(self, value: dt.datetime) -> str:
+        """``value`` as this database's timestamp text (see :func:`timestamp`)."""
+        return timestamp(value, self.engine.dialect.name)
+
+    def _statements(
+        self, records: Sequence[AuditRecord], *, ignore_duplicates: bool
+    ) -> list[tuple[str, tuple[Any, ...]]]:
+        """One multi-row INSERT per table (in chunks): a single statement per table keeps
+        the driver's per-statement work (and, in a thread, its GIL hand-offs) to a few
+        per commit instead of one per row."""
+        suffix = " ON CONFLICT DO NOTHING" if ignore_duplicates else ""
+        tables = (
+            ("decisions", DECISION_COLUMNS, [tuple(r.decision) for r in records], suffix),
+            ("offers", OFFER_COLUMNS, [o for r in records for o in r.offers], suffix),
+            # Change events have generated ids: a replayed one may appear twice, which
+            # workers tolerate (applying an event is idempotent).
+            ("change_events", EVENT_COLUMNS, [e for r in records for e in r.events], ""),
+        )
+        statements = []
+        for table, columns, rows, tail in tables:
+            per_chunk = max(1, _MAX_PARAMETERS // len(columns))
+            for start in range(0, len(rows), per_chunk):
+                chunk = rows[start : start + per_chunk]
+                sql = f"{self._head[table]} {', '.join([self._row[table]] * len(chunk))}{tail}"
+                statements.append((sql, tuple(value for row in chunk for value in row)))
+        return statements
+
+    def _spool_records(self, records: Sequence[AuditRecord]) -> None:
+        for record in records:
+            record.decision[9] = True  # "degraded", as the caller is told
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        lines = "".join(
+            json.dumps({"decision": r.decision, "offers": r.offers, "events": r.events}) + "\n"
+            for r in records
+        )
+        with open(self._spool, "a", encoding="utf-8") as handle:
+            handle.write(lines)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def _spooled_files(self) -> list[Path]:
+        if not self.spool_dir.exists():
+            return []
+        return sorted(p for p in self.spool_dir.glob("decisions-*.jsonl") if p.stat().st_size)
+
+    @staticmethod
+    def _read_spool(handle: Any) -> list[AuditRecord]:
+        return [
+            AuditRecord(
+                item["decision"],
+                [tuple(o) for o in item["offers"]],
+                [tuple(e) for e in item["events"]],
+            )
+            for item in map(json.loads, filter(str.strip, handle))
+        ]
+
+    @staticmethod
+    def _clear_spool(handle: Any, path: Path, count: int) -> None:
+        handle.truncate(0)
+        handle.flush()
+        os.fsync(handle.fileno())
+        log.info("spool replayed", extra={"file": path.name, "records": count})
+
+
+class AuditWriter(_Spool):
+    """Group-committing writer thread; :meth:`write` resolves once the record is durable.
+
+    ``write`` returns True when the record is in the database, False when it was
+    spooled to local disk instead (the caller flags the decision degraded). Used for
+    SQLite (whose driver has no asynchronous interface); PostgreSQL gets
+    :class:`LoopAuditWriter`.
+    """
+
+    def __init__(self, engine: Engine, spool_dir: Path, *, max_batch: int = 500) -> None:
+        super().__init__(engine, spool_dir, max_batch)
+        self._queue: queue.SimpleQueue[tuple[AuditRecord, Any, Any] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="nbo-audit", daemon=True)
         self._thread.start()
 
     async def write(self, record: AuditRecord) -> bool:
@@ -143,13 +236,12 @@ class AuditWriter:
         self._queue.put((record, loop, future))
         return await future
 
-    def stamp(self, value: dt.datetime) -> str:
-        """``value`` as this database's timestamp text (see :func:`timestamp`)."""
-        return timestamp(value, self.engine.dialect.name)
+    async def start(self) -> None:
+        """Nothing to wait for: the thread replays any spool before its first commit."""
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self._queue.put(None)
-        self._thread.join(timeout=10)
+        await asyncio.to_thread(self._thread.join, 10)
 
     # ------------------------------------------------------------------ thread
 
@@ -172,8 +264,6 @@ class AuditWriter:
                 batch.append(more)
             durable = self._commit([record for record, _, _ in batch])
             if not durable:
-                for record, _, _ in batch:
-                    record.decision[9] = True  # "degraded", as the caller is told
                 self._spool_records([record for record, _, _ in batch])
             if durable and self._spooled_files():
                 # Back from an outage: restore the trail before answering, so that a
@@ -188,52 +278,14 @@ class AuditWriter:
         started = time.perf_counter()
         try:
             with self.engine.begin() as conn:
-                self._insert(conn, records, ignore_duplicates=False)
+                for sql, params in self._statements(records, ignore_duplicates=False):
+                    conn.exec_driver_sql(sql, params)
         except Exception:  # noqa: BLE001 - any failure: keep the records on local disk
             log.exception("audit commit failed; spooling", extra={"records": len(records)})
             return False
         AUDIT_BATCH_ROWS.observe(len(records))
         AUDIT_COMMIT_SECONDS.observe(time.perf_counter() - started)
         return True
-
-    def _insert(
-        self, conn: Any, records: Sequence[AuditRecord], *, ignore_duplicates: bool
-    ) -> None:
-        """One multi-row INSERT per table (in chunks): a single statement per table keeps
-        the driver from releasing and re-taking the GIL once per row, which, with the
-        event loop busy, cost up to a switch interval (5 ms) each time."""
-        suffix = " ON CONFLICT DO NOTHING" if ignore_duplicates else ""
-        tables = (
-            ("decisions", DECISION_COLUMNS, [tuple(r.decision) for r in records], suffix),
-            ("offers", OFFER_COLUMNS, [o for r in records for o in r.offers], suffix),
-            # Change events have generated ids: a replayed one may appear twice, which
-            # workers tolerate (applying an event is idempotent).
-            ("change_events", EVENT_COLUMNS, [e for r in records for e in r.events], ""),
-        )
-        for table, columns, rows, tail in tables:
-            per_chunk = max(1, _MAX_PARAMETERS // len(columns))
-            for start in range(0, len(rows), per_chunk):
-                chunk = rows[start : start + per_chunk]
-                sql = f"{self._head[table]} {', '.join([self._row[table]] * len(chunk))}{tail}"
-                conn.exec_driver_sql(sql, tuple(value for row in chunk for value in row))
-
-    # ------------------------------------------------------------------ spool
-
-    def _spool_records(self, records: Sequence[AuditRecord]) -> None:
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
-        lines = "".join(
-            json.dumps({"decision": r.decision, "offers": r.offers, "events": r.events}) + "\n"
-            for r in records
-        )
-        with open(self._spool, "a", encoding="utf-8") as handle:
-            handle.write(lines)
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    def _spooled_files(self) -> list[Path]:
-        if not self.spool_dir.exists():
-            return []
-        return sorted(p for p in self.spool_dir.glob("decisions-*.jsonl") if p.stat().st_size)
 
     def _replay(self) -> None:
         """Move spooled records (of any worker, past or present) into the database."""
@@ -243,28 +295,163 @@ class AuditWriter:
                     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError:
                     continue  # another worker is replaying it
-                records = [
-                    AuditRecord(
-                        item["decision"],
-                        [tuple(o) for o in item["offers"]],
-                        [tuple(e) for e in item["events"]],
-                    )
-                    for item in map(json.loads, filter(str.strip, handle))
-                ]
+                records = self._read_spool(handle)
                 if not records:
                     continue
                 try:
                     with self.engine.begin() as conn:
-                        # Change events have generated ids: a replayed one may appear
-                        # twice, which workers tolerate (applying one is idempotent).
-                        self._insert(conn, records, ignore_duplicates=True)
+                        for sql, params in self._statements(records, ignore_duplicates=True):
+                            conn.exec_driver_sql(sql, params)
                 except Exception:  # noqa: BLE001 - still down: keep the spool
                     log.warning("spool replay failed; will retry", extra={"file": path.name})
                     return
-                handle.truncate(0)
-                handle.flush()
-                os.fsync(handle.fileno())
-                log.info("spool replayed", extra={"file": path.name, "records": len(records)})
+                self._clear_spool(handle, path, len(records))
+
+
+class LoopAuditWriter(_Spool):
+    """Group commits on the event loop itself, for PostgreSQL (psycopg's async driver).
+
+    Requests queue their records; one flush task at a time writes everything queued
+    while the previous commit was in flight as one transaction, sent in one round trip
+    (pipeline mode: BEGIN, an INSERT per table, COMMIT), then resolves those requests.
+    No writer thread means no contention for the GIL with the event loop, which under
+    load cost a thread-based writer more than the commits themselves.
+    """
+
+    def __init__(self, engine: Engine, spool_dir: Path, *, max_batch: int = 500) -> None:
+        super().__init__(engine, spool_dir, max_batch)
+        self.conninfo = engine.url.set(drivername="postgresql").render_as_string(
+            hide_password=False
+        )
+        self._connection: Any = None
+        self._pending: list[tuple[AuditRecord, asyncio.Future[bool]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._checked_spool = False
+        self._stale: list[Any] = []
+        self._sql = {flag: _pg_insert_all(ignore_duplicates=flag) for flag in (False, True)}
+
+    async def write(self, record: AuditRecord) -> bool:
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.append((record, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    def reconnect(self) -> None:
+        """Drop the connection (safe from any thread); the next commit connects again,
+        to ``conninfo``."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            self._stale.append(connection)
+
+    async def start(self) -> None:
+        """Replay what a previous process spooled (a failure leaves it for later)."""
+        await self._replay()
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        self.reconnect()
+        await self._connect_closed()
+
+    async def _connect_closed(self) -> None:
+        while self._stale:
+            with contextlib.suppress(Exception):
+                await self._stale.pop().close()
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch = self._pending[: self.max_batch]
+            del self._pending[: self.max_batch]
+            records = [record for record, _ in batch]
+            durable = await self._commit(records, ignore_duplicates=False)
+            if not durable:
+                self._spool_records(records)
+            elif not self._checked_spool or self._spooled_files():
+                # At start-up, or back from an outage: restore the trail before
+                # answering, so a caller who sees this answer also finds earlier ones.
+                await self._replay()
+            for _, future in batch:
+                if not future.done():
+                    future.set_result(durable)
+
+    async def _commit(self, records: Sequence[AuditRecord], *, ignore_duplicates: bool) -> bool:
+        started = time.perf_counter()
+        params = (
+            orjson.dumps([r.decision for r in records]).decode(),
+            orjson.dumps([o for r in records for o in r.offers]).decode(),
+            orjson.dumps([e for r in records for e in r.events]).decode(),
+        )
+        try:
+            connection = await self._connect()
+            await connection.execute(self._sql[ignore_duplicates], params)
+        except Exception:  # noqa: BLE001 - any failure: keep the records on local disk
+            log.exception("audit commit failed; spooling", extra={"records": len(records)})
+            self.reconnect()
+            return False
+        AUDIT_BATCH_ROWS.observe(len(records))
+        AUDIT_COMMIT_SECONDS.observe(time.perf_counter() - started)
+        return True
+
+    async def _connect(self) -> Any:
+        import psycopg  # only with PostgreSQL
+
+        await self._connect_closed()
+        if self._connection is None or self._connection.closed:
+            # Autocommit: the one statement of a commit is its own transaction.
+            self._connection = await psycopg.AsyncConnection.connect(
+                self.conninfo, connect_timeout=5, autocommit=True
+            )
+        return self._connection
+
+    async def _replay(self) -> None:
+        self._checked_spool = True
+        for path in self._spooled_files():
+            with open(path, "r+", encoding="utf-8") as handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue  # another worker is replaying it
+                records = self._read_spool(handle)
+                if not records:
+                    continue
+                if not await self._commit(records, ignore_duplicates=True):
+                    return  # still down: keep the spool
+                self._clear_spool(handle, path, len(records))
+
+
+def _pg_insert_all(*, ignore_duplicates: bool) -> str:
+    """One statement writing a whole group commit.
+
+    Each table's rows arrive as one JSON array of row arrays (made by orjson, in C)
+    and are unpacked by the server, so the event loop spends next to nothing on
+    parameters; data-modifying CTEs insert all three tables. The text never changes,
+    so the driver parses it once and the server prepares it; one statement is one
+    round trip and, in autocommit, one atomic transaction (foreign keys are checked at
+    its end).
+    """
+    suffix = " ON CONFLICT DO NOTHING" if ignore_duplicates else ""
+    parts = []
+    for table, columns in (
+        ("decisions", DECISION_COLUMNS),
+        ("offers", OFFER_COLUMNS),
+        ("change_events", EVENT_COLUMNS),
+    ):
+        values = ", ".join(f"(r->>{i})::{kind}" for i, kind in enumerate(_PG_TYPES[table]))
+        tail = suffix if table != "change_events" else ""
+        parts.append(
+            f"INSERT INTO {table} ({', '.join(columns)}) "
+            f"SELECT {values} FROM json_array_elements(%s::json) AS t(r){tail}"
+        )
+    return f"WITH d AS ({parts[0]}), o AS ({parts[1]}) {parts[2]}"
+
+
+def audit_writer(engine: Engine, spool_dir: Path) -> AuditWriter | LoopAuditWriter:
+    """The writer for ``engine``'s database: on the event loop for PostgreSQL, a thread
+    otherwise."""
+    if engine.dialect.name == "postgresql":
+        return LoopAuditWriter(engine, spool_dir)
+    return AuditWriter(engine, spool_dir)
 
 
 def _resolve(future: Any, value: bool) -> None:

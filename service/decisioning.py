@@ -109,6 +109,7 @@ def rank(
     now: dt.datetime,
     policy: Policy,
     limit: int,
+    explain: bool = True,
 ) -> Ranking:
     """Choose up to ``limit`` offers for one customer.
 
@@ -126,6 +127,9 @@ def rank(
     policy : Policy
     limit : int
         Offers asked for; capped by ``policy.max_offers_per_contact``.
+    explain : bool
+        Give the reason of every product not offered in ``Ranking.suppressed``; when
+        False only the products passed over while choosing are named (cheaper).
 
     Returns
     -------
@@ -138,20 +142,19 @@ def rank(
         until = history.detractor_at + dt.timedelta(days=policy.detractor_suppress_days)
         if now < until:
             return Ranking((), {code: "detractor" for code in product_codes}, until)
+    limit = min(limit, policy.max_offers_per_contact)
+    # The filters that need no history, over all products at once (NaN compares False).
+    with np.errstate(invalid="ignore"):
+        passes = active & (propensity >= policy.min_propensity)
+    p = propensity.tolist()
+    expected = (propensity * values).tolist()
+    score = (propensity * values * weights).tolist()
+    order = sorted(np.flatnonzero(passes).tolist(), key=lambda k: (-score[k], product_codes[k]))
     decline_since = now - dt.timedelta(days=policy.decline_cooldown_days)
     window_since = now - dt.timedelta(days=policy.frequency_window_days)
-    candidates: list[Choice] = []
-    for k, code in enumerate(product_codes):
-        p = float(propensity[k])
-        if p != p:  # NaN: held or not eligible
-            suppressed[code] = "held_or_ineligible"
-            continue
-        if not active[k]:
-            suppressed[code] = "inactive"
-            continue
-        if p < policy.min_propensity:
-            suppressed[code] = "low_propensity"
-            continue
+    chosen: list[Choice] = []
+    for k in order:
+        code = product_codes[k]
         if history is not None:
             declined = history.declines.get(code)
             if declined is not None and declined >= decline_since:
@@ -160,11 +163,21 @@ def rank(
             if history.offers and history.offers_since(code, window_since) >= policy.frequency_cap:
                 suppressed[code] = "frequency_cap"
                 continue
-        value = float(values[k])
-        expected = p * value
-        candidates.append(Choice(k, code, p, expected, expected * float(weights[k])))
-    candidates.sort(key=lambda c: (-c.score, c.product_code))
-    return Ranking(tuple(candidates[: min(limit, policy.max_offers_per_contact)]), suppressed)
+        if len(chosen) < limit:
+            chosen.append(Choice(k, code, p[k], expected[k], score[k]))
+        elif not explain:
+            break
+    if explain:
+        for k, code in enumerate(product_codes):
+            if passes[k]:
+                continue
+            if p[k] != p[k]:  # NaN: held or not eligible
+                suppressed[code] = "held_or_ineligible"
+            elif not active[k]:
+                suppressed[code] = "inactive"
+            else:
+                suppressed[code] = "low_propensity"
+    return Ranking(tuple(chosen), suppressed)
 
 
 def popular_products(

@@ -44,7 +44,7 @@ from prometheus_client import (
     multiprocess,
     values,
 )
-from starlette.routing import BaseRoute, Match, Mount
+from starlette.routing import BaseRoute, Match, Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # FastAPI >= 0.165 keeps an included router as one route; the routes inside it
@@ -284,6 +284,7 @@ class _RouteTemplates:
         # id(route) -> (route, its full templates, each with the object that matches
         # it). The route is kept so that its id cannot pass to another object.
         self._index: dict[int, tuple[BaseRoute, list[tuple[str, Any]]]] = {}
+        self._plain: dict[Any, str] = {}
 
     def template(self, scope: Scope, path: str, root_path: str) -> str:
         """The route template of the routed request ``scope``, or ``"unmatched"``.
@@ -293,7 +294,8 @@ class _RouteTemplates:
         """
         route = scope.get("route")
         if route is None:
-            return UNMATCHED_ROUTE
+            # A plain Starlette route (the decision hot path) leaves only its endpoint.
+            return self._plain_template(scope)
         router = scope.get("router")
         routes = getattr(router, "routes", ())
         if router is not self._router or len(routes) != self._route_count:
@@ -317,6 +319,24 @@ class _RouteTemplates:
         if isinstance(getattr(matcher, "original_route", matcher), Mount):
             # "/prefix/{path}" of the mount, then the mounted app's own template.
             return template.removesuffix("/{path}") + own
+        return template
+
+    def _plain_template(self, scope: Scope) -> str:
+        endpoint = scope.get("endpoint")
+        if endpoint is None:
+            return UNMATCHED_ROUTE
+        template = self._plain.get(endpoint)
+        if template is None:
+            routes = getattr(scope.get("router"), "routes", ())
+            template = next(
+                (
+                    r.path_format
+                    for r in routes
+                    if isinstance(r, Route) and getattr(r, "endpoint", None) is endpoint
+                ),
+                UNMATCHED_ROUTE,
+            )
+            self._plain[endpoint] = template
         return template
 
     def _rebuild(self, router: Any, routes: Any) -> None:

@@ -406,8 +406,13 @@ def test_degraded_when_the_database_goes_away_and_nothing_is_lost(
 ) -> None:
     service = make_service()
     audit = service.client.app.state.audit  # type: ignore[attr-defined]
-    real = audit.engine
-    audit.engine = create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")
+    on_loop = hasattr(audit, "conninfo")  # PostgreSQL: the writer has its own connection
+    real = audit.conninfo if on_loop else audit.engine
+    if on_loop:
+        audit.conninfo = "postgresql://nobody@127.0.0.1:1/none"
+        audit.reconnect()
+    else:
+        audit.engine = create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")
     try:
         response = service.decide("C0000042")
         assert response.status_code == 200
@@ -418,8 +423,11 @@ def test_degraded_when_the_database_goes_away_and_nothing_is_lost(
             == 0
         )
     finally:
-        audit.engine.dispose()
-        audit.engine = real
+        if on_loop:
+            audit.conninfo = real
+        else:
+            audit.engine.dispose()
+            audit.engine = real
     # The next commit replays the spool: the degraded decision is in the audit trail.
     service.decide("C0000043")
     rows = service.sql("SELECT degraded FROM decisions WHERE id = :i", i=body["decision_id"])
@@ -504,6 +512,17 @@ def test_keys_scopes_and_problem_details(make_service: Any) -> None:
     assert "body.max_offers" in invalid.json()["detail"]
     channel = service.decide("C0000042", channel="fax")
     assert channel.status_code == 422 and "body.channel" in channel.json()["detail"]
+    # The served route validates as its documented twin would, field named.
+    extra = service.decide("C0000042", colour="red")
+    assert extra.status_code == 422 and extra.json()["errors"][0]["field"] == "body.colour"
+    broken = service.client.post(url, content=b"{not json", headers=service.auth("teller"))
+    assert broken.status_code == 422 and broken.json()["errors"][0]["field"].startswith("body")
+    assert broken.headers["content-type"] == "application/problem+json"
+    long_id = service.decide("C" * 129)
+    assert long_id.status_code == 422
+    assert long_id.json()["errors"][0]["field"] == "path.customer_id"
+    # A caller without a key learns nothing about the body: 401 before validation.
+    assert service.client.post(url, json={"channel": "fax"}).status_code == 401
 
 
 def test_rules_endpoint_and_metrics(make_service: Any) -> None:

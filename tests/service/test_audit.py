@@ -1,0 +1,142 @@
+"""The audit writers: ids, timestamps, and records stored whole and typed, on both databases."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, text
+
+from service.audit import (
+    AuditRecord,
+    AuditWriter,
+    LoopAuditWriter,
+    audit_writer,
+    new_id,
+    timestamp,
+)
+from service.db import unit_of_work
+from service.tables import Customer, Product
+
+
+def test_ids_are_uuid7_time_ordered_and_distinct() -> None:
+    ids = [new_id() for _ in range(2_000)]
+    assert len(set(ids)) == len(ids)
+    parsed = [uuid.UUID(i) for i in ids]
+    assert all(u.version == 7 and u.variant == uuid.RFC_4122 for u in parsed)
+    millis = [u.int >> 80 for u in parsed]
+    assert millis == sorted(millis)
+    assert all(str(u) == i for u, i in zip(parsed, ids, strict=True))
+
+
+def test_timestamps_are_utc_text_with_microseconds() -> None:
+    local = dt.datetime(2026, 1, 2, 5, 4, 5, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    assert timestamp(local, "postgresql") == "2026-01-02 03:04:05.000000+00:00"
+    assert timestamp(local, "sqlite") == "2026-01-02 03:04:05.000000"
+
+
+def _record(stamp: str, customer: int, product: int, i: int) -> AuditRecord:
+    decision_id = new_id()
+    decision = [
+        decision_id,
+        customer,
+        "C1",
+        "branch",
+        "S1",
+        None,
+        json.dumps({"reason": f"visit {i}", "quote": 'it\'s "fine"'}),
+        "v1",
+        False,
+        i % 2 == 1,
+        False,
+        stamp,
+    ]
+    offers = [
+        (new_id(), decision_id, customer, product, 1, 0.25, 12.5, 12.5, '{"rule": "ä"}', stamp)
+    ]
+    events = [("offer", "C1", "card", offers[0][0], "worker-x", stamp)]
+    return AuditRecord(decision, offers, events)
+
+
+def test_records_are_stored_whole_and_typed(engine: Engine, tmp_path: Path) -> None:
+    with unit_of_work(engine) as session:
+        product = Product(code="card", name="Card", category="cards", value=10.0)
+        customer = Customer(external_id="C1", attributes={})
+        session.add_all([product, customer])
+        session.flush()
+        ids = customer.id, product.id
+    writer = audit_writer(engine, tmp_path / "spool")
+    expected = LoopAuditWriter if engine.dialect.name == "postgresql" else AuditWriter
+    assert isinstance(writer, expected)
+    at = dt.datetime(2026, 11, 23, 9, 30, 1, 250_000, tzinfo=dt.UTC)
+    records = [_record(writer.stamp(at), *ids, i) for i in range(25)]
+
+    async def write_all() -> list[bool]:
+        await writer.start()
+        try:
+            return await asyncio.gather(*(writer.write(r) for r in records))
+        finally:
+            await writer.close()
+
+    assert asyncio.run(write_all()) == [True] * len(records)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT d.id, d.customer_id, d.branch_id, d.context, d.degraded, d.created_at, "
+                "o.propensity, o.rank, o.reasons FROM decisions d "
+                "JOIN offers o ON o.decision_id = d.id ORDER BY d.id"
+            )
+        ).all()
+        events = conn.execute(text("SELECT count(*) FROM change_events")).scalar()
+    assert [r[0] for r in rows] == sorted(r.decision[0] for r in records)
+    by_id = {r[0]: r for r in rows}
+    rows = [by_id[r.decision[0]] for r in records]  # in the order written
+    first = rows[0]
+    assert first[1] == ids[0] and first[2] is None
+    context = first[3] if isinstance(first[3], dict) else json.loads(first[3])
+    assert context == {"reason": "visit 0", "quote": 'it\'s "fine"'}
+    assert [bool(r[4]) for r in rows] == [i % 2 == 1 for i in range(25)]
+    created = first[5]
+    if isinstance(created, str):  # SQLite hands back text for a raw query
+        created = dt.datetime.fromisoformat(created)
+    assert created.replace(tzinfo=dt.UTC) == at.replace(tzinfo=dt.UTC)
+    assert (first[6], first[7]) == (0.25, 1)
+    reasons = first[8] if isinstance(first[8], dict) else json.loads(first[8])
+    assert reasons == {"rule": "ä"}
+    assert events == len(records)
+
+
+@pytest.mark.postgres
+def test_loop_writer_spools_when_the_database_is_gone_and_replays(
+    engine: Engine, tmp_path: Path
+) -> None:
+    if engine.dialect.name != "postgresql":
+        pytest.skip("the event-loop writer is PostgreSQL's")
+    with unit_of_work(engine) as session:
+        product = Product(code="card", name="Card", category="cards", value=10.0)
+        customer = Customer(external_id="C1", attributes={})
+        session.add_all([product, customer])
+        session.flush()
+        ids = customer.id, product.id
+    writer = LoopAuditWriter(engine, tmp_path / "spool")
+    stamp = writer.stamp(dt.datetime.now(dt.UTC))
+    lost, kept = _record(stamp, *ids, 0), _record(stamp, *ids, 2)
+    real = writer.conninfo
+
+    async def scenario() -> tuple[bool, bool]:
+        writer.conninfo = "postgresql://nobody@127.0.0.1:1/none"
+        down = await writer.write(lost)
+        writer.conninfo = real
+        up = await writer.write(kept)
+        await writer.close()
+        return down, up
+
+    assert asyncio.run(scenario()) == (False, True)
+    with engine.connect() as conn:
+        rows = dict(conn.execute(text("SELECT id, degraded FROM decisions")).all())
+    assert rows == {lost.decision[0]: True, kept.decision[0]: False}
+    assert not any(p.stat().st_size for p in (tmp_path / "spool").glob("*.jsonl"))

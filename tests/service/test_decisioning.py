@@ -1,0 +1,138 @@
+"""The pure decision logic: arbitration, every contact policy, the control group."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+
+import numpy as np
+import pytest
+
+from service.decisioning import ContactHistory, Policy, in_control_group, popular_products, rank
+
+NOW = dt.datetime(2026, 11, 23, 12, tzinfo=dt.UTC)
+CODES = ("card", "loan", "mortgage", "savings", "travel")
+NAN = float("nan")
+
+
+def ranked(
+    propensity: list[float],
+    *,
+    history: ContactHistory | None = None,
+    values: list[float] | None = None,
+    weights: list[float] | None = None,
+    active: list[bool] | None = None,
+    policy: Policy | None = None,
+    limit: int = 3,
+    explain: bool = True,
+):  # noqa: ANN202 - a Ranking
+    n = len(CODES)
+    return rank(
+        np.array(propensity, dtype=float),
+        product_codes=CODES,
+        values=np.array(values or [1.0] * n),
+        weights=np.array(weights or [1.0] * n),
+        active=np.array(active or [True] * n),
+        history=history,
+        now=NOW,
+        policy=policy or Policy(min_propensity=0.05),
+        limit=limit,
+        explain=explain,
+    )
+
+
+def test_arbitration_is_propensity_times_value_times_weight_ties_by_code() -> None:
+    # scores: card .2*10*1=2, loan .1*30*1=3, mortgage .5*4*1=2, savings .4*5*2=4, travel NaN
+    result = ranked(
+        [0.2, 0.1, 0.5, 0.4, NAN],
+        values=[10, 30, 4, 5, 1],
+        weights=[1, 1, 1, 2, 1],
+        limit=4,
+    )
+    assert [c.product_code for c in result.offers] == ["savings", "loan", "card", "mortgage"]
+    savings = result.offers[0]
+    assert (savings.propensity, savings.expected_value, savings.score) == (0.4, 2.0, 4.0)
+    assert result.suppressed == {"travel": "held_or_ineligible"}
+
+
+def test_each_filter_names_its_reason() -> None:
+    history = ContactHistory()
+    history.add_decline("loan", NOW - dt.timedelta(days=3))
+    for i in range(3):
+        history.add_offer(f"o{i}", "mortgage", NOW - dt.timedelta(days=i + 1))
+    result = ranked(
+        [NAN, 0.5, 0.6, 0.01, 0.7],
+        history=history,
+        active=[True, True, True, True, False],
+        policy=Policy(min_propensity=0.05, decline_cooldown_days=30, frequency_cap=3),
+    )
+    assert result.offers == ()  # an empty answer is a valid answer
+    assert result.suppressed == {
+        "card": "held_or_ineligible",
+        "loan": "declined_recently",
+        "mortgage": "frequency_cap",
+        "savings": "low_propensity",
+        "travel": "inactive",
+    }
+
+
+def test_windows_lapse() -> None:
+    history = ContactHistory()
+    history.add_decline("loan", NOW - dt.timedelta(days=31))
+    for i in range(3):
+        history.add_offer(f"o{i}", "mortgage", NOW - dt.timedelta(days=40 + i))
+    result = ranked([NAN, 0.5, 0.6, NAN, NAN], history=history)
+    assert [c.product_code for c in result.offers] == ["mortgage", "loan"]
+
+
+def test_caps_per_request_and_per_contact() -> None:
+    propensity = [0.5, 0.4, 0.3, 0.2, 0.1]
+    assert len(ranked(propensity, limit=2).offers) == 2
+    capped = ranked(propensity, limit=10, policy=Policy(max_offers_per_contact=4))
+    assert len(capped.offers) == 4
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_explain_changes_only_the_reasons_given(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    propensity = rng.random(len(CODES))
+    propensity[rng.random(len(CODES)) < 0.3] = NAN
+    history = ContactHistory()
+    for k, code in enumerate(CODES):
+        if rng.random() < 0.3:
+            history.add_decline(code, NOW - dt.timedelta(days=int(rng.integers(0, 60))))
+        for i in range(int(rng.integers(0, 4))):
+            history.add_offer(f"{k}-{i}", code, NOW - dt.timedelta(days=int(rng.integers(0, 60))))
+    active = (rng.random(len(CODES)) < 0.8).tolist()
+    full = ranked(propensity.tolist(), history=history, active=active, limit=2)
+    lean = ranked(propensity.tolist(), history=history, active=active, limit=2, explain=False)
+    assert lean.offers == full.offers
+    assert lean.suppressed.items() <= full.suppressed.items()
+    offered = {c.product_code for c in full.offers}
+    assert offered.isdisjoint(full.suppressed)
+    assert len(offered) + len(full.suppressed) >= min(len(CODES), 2)
+
+
+def test_a_detractor_answer_suppresses_everything_for_the_configured_days() -> None:
+    history = ContactHistory()
+    history.add_detractor(NOW - dt.timedelta(days=10))
+    result = ranked([0.5] * 5, history=history, policy=Policy(detractor_suppress_days=30))
+    assert result.offers == () and set(result.suppressed.values()) == {"detractor"}
+    assert result.detractor_until == NOW + dt.timedelta(days=20)
+    later = ranked([0.5] * 5, history=history, policy=Policy(detractor_suppress_days=7))
+    assert len(later.offers) == 3 and later.detractor_until is None
+
+
+def test_control_group_is_deterministic_salted_and_of_the_configured_share() -> None:
+    ids = [f"C{i:07d}" for i in range(20_000)]
+    members = [c for c in ids if in_control_group(c, share=0.05, salt="a")]
+    assert abs(len(members) / len(ids) - 0.05) < 0.006
+    assert members == [c for c in ids if in_control_group(c, share=0.05, salt="a")]
+    other_salt = {c for c in ids if in_control_group(c, share=0.05, salt="b")}
+    assert len(other_salt & set(members)) < len(members) * 0.2
+    assert not any(in_control_group(c, share=0.0, salt="a") for c in itertools.islice(ids, 100))
+
+
+def test_popular_products_excludes_and_breaks_ties_by_code() -> None:
+    counts = {"a": 5, "b": 9, "c": 5, "d": 1}
+    assert popular_products(counts, exclude=frozenset({"b"}), limit=2) == ["a", "c"]
