@@ -29,13 +29,13 @@ import numpy.typing as npt
 import pandas as pd
 from sqlalchemy import Engine, bindparam, text
 
-from models.data import Adoption, BankData, CustomerState, to_ns
+from models.data import Adoption, BankData, CustomerState, OfferOutcome, to_ns
 from models.eligibility import Catalogue
 from models.propensity import PropensityModel
 from models.rules import Rule
 from service import registry
 from service.db import read_only, unit_of_work
-from service.decisioning import ContactHistory
+from service.decisioning import ContactHistory, Policy
 from service.settings import Settings
 from service.training import default_as_of, load_bank
 
@@ -71,6 +71,16 @@ class Snapshot:
     names: dict[str, str] = field(default_factory=dict)
 
     rule_cache: dict[tuple[str, ...], dict[str, tuple[Rule, str]]] = field(default_factory=dict)
+    sentence_cache: dict[Rule, str] = field(default_factory=dict)
+    """One sentence per rule, shared by every sequence the rule is best for."""
+
+    def warm_rules(self) -> int:
+        """Fill the rule cache for every customer held (at load, before anyone asks):
+        a decision then never mines its reasons on the request path. Returns the number
+        of distinct adoption sequences."""
+        for entry in self.customers.values():
+            self.rule_reasons(entry)
+        return len(self.rule_cache)
 
     def rule_reasons(self, entry: CustomerEntry) -> dict[str, tuple[Rule, str]]:
         """The best rule, and its sentence, for every product the customer may take next.
@@ -93,10 +103,13 @@ class Snapshot:
         if found is None:
             if len(self.rule_cache) > 200_000:
                 self.rule_cache.clear()
-            found = {
-                code: (rule, model.rule_sentence(rule))
-                for code, rule in model.rules.best_rules(entry.sequence).items()
-            }
+            sentences = self.sentence_cache
+            found = {}
+            for code, rule in model.rules.best_rules(entry.sequence).items():
+                sentence = sentences.get(rule)
+                if sentence is None:
+                    sentence = sentences[rule] = model.rule_sentence(rule)
+                found[code] = (rule, sentence)
             self.rule_cache[entry.sequence] = found
         return found
 
@@ -124,6 +137,14 @@ class ServingState:
         # What "now" is for decisions, outcomes and policy windows: the wall clock, or
         # a simulated one (``nbo simulate`` replays days in minutes).
         self.clock: Callable[[], dt.datetime] = _utcnow
+        self.policy = Policy(
+            min_propensity=settings.min_propensity,
+            decline_cooldown_days=settings.decline_cooldown_days,
+            frequency_cap=settings.frequency_cap,
+            frequency_window_days=settings.frequency_window_days,
+            max_offers_per_contact=settings.max_offers_per_contact,
+            detractor_suppress_days=settings.detractor_suppress_days,
+        )
 
     # ------------------------------------------------------------------ loading
 
@@ -132,6 +153,7 @@ class ServingState:
         with self._reload_lock:
             started = self.last_event or _max_event(self.engine)
             snapshot = build_snapshot(self.engine, self.settings)
+            snapshot.warm_rules()
             if self.last_event == 0:
                 self.last_event = started
                 self._load_history(snapshot)
@@ -239,6 +261,15 @@ class ServingState:
             self.refresh_customers(refresh)
         return len(rows)
 
+    def _learns_from_outcomes(self) -> bool:
+        """Whether the served model has outcome features (a decline changes scores)."""
+        snapshot = self.snapshot
+        return bool(
+            snapshot is not None
+            and snapshot.model is not None
+            and snapshot.model.spec.outcome_kinds
+        )
+
     def apply_event(
         self,
         kind: str,
@@ -258,6 +289,8 @@ class ServingState:
         elif kind == "outcome" and product is not None:
             if detail == "declined":
                 self.history[customer].add_decline(product, at)
+                if self._learns_from_outcomes():
+                    refresh.add(customer)
             elif detail == "accepted":
                 refresh.add(customer)
         elif kind in ("adoption", "customer"):
@@ -381,6 +414,16 @@ def customer_states(data: BankData) -> dict[str, CustomerState]:
         strict=True,
     ):
         adoptions[cid].append(Adoption(code, adopted, None if pd.isna(closed) else closed))
+    outcomes: dict[str, list[OfferOutcome]] = defaultdict(list)
+    if data.outcomes is not None:
+        for cid, code, outcome, at in zip(
+            data.outcomes["customer_id"].astype(str),
+            data.outcomes["product_code"].astype(str),
+            data.outcomes["outcome"].astype(str),
+            data.outcomes["occurred_at"],
+            strict=True,
+        ):
+            outcomes[cid].append(OfferOutcome(code, outcome, at))
     states: dict[str, CustomerState] = {}
     columns = [
         customers[c] for c in ("customer_id", "segment", "branch_id", "joined_at", "birth_date")
@@ -396,6 +439,7 @@ def customer_states(data: BankData) -> dict[str, CustomerState]:
             birth_date=None if pd.isna(birth) else birth,
             attributes={a: _scalar(v.iloc[i]) for a, v in zip(attributes, values, strict=True)},
             adoptions=tuple(adoptions.get(cid, ())),
+            outcomes=tuple(outcomes.get(cid, ())),
         )
     return states
 
@@ -423,9 +467,22 @@ def read_customers(
             ).bindparams(bindparam("ids", expanding=True)),
             {"ids": external_ids},
         ).all()
+        outcome_rows = conn.execute(
+            text(
+                "SELECT c.external_id, p.code, oo.outcome, oo.created_at FROM offer_outcomes oo "
+                "JOIN offers o ON o.id = oo.offer_id JOIN customers c ON c.id = o.customer_id "
+                "JOIN products p ON p.id = o.product_id WHERE c.external_id IN :ids"
+            ).bindparams(bindparam("ids", expanding=True)),
+            {"ids": external_ids},
+        ).all()
     adoptions: dict[str, list[Adoption]] = defaultdict(list)
     for cid, code, adopted, closed in adoption_rows:
         adoptions[cid].append(Adoption(code, _date(adopted), _date(closed)))
+    outcomes: dict[str, list[OfferOutcome]] = defaultdict(list)
+    for cid, code, outcome, at in outcome_rows:
+        # Naive UTC, as the batch path reads them (service.training.read_outcomes).
+        utc = _aware(at).astimezone(dt.UTC).replace(tzinfo=None)
+        outcomes[cid].append(OfferOutcome(code, outcome, utc))
     out: dict[str, CustomerEntry] = {}
     for db_id, cid, segment, branch, joined, birth, attrs in rows:
         if isinstance(attrs, str):
@@ -441,6 +498,7 @@ def read_customers(
             birth_date=_date(birth),
             attributes=attributes,
             adoptions=tuple(adoptions.get(cid, ())),
+            outcomes=tuple(outcomes.get(cid, ())),
         )
         row, scored_as_of = _score_one(snapshot, state)
         out[cid] = CustomerEntry(int(db_id), state, row, scored_as_of)
@@ -451,12 +509,15 @@ def _score_one(
     snapshot: Snapshot, state: CustomerState
 ) -> tuple[npt.NDArray[np.float64], pd.Timestamp]:
     """One customer's propensities, as of the snapshot's day or, when the customer has
-    adoptions after it (pushed since), the day after the latest, so they are seen.
-    Every product the customer holds open is never a candidate, whatever its date."""
+    adoptions or offer outcomes after it (recorded since), the day after the latest, so
+    they are seen. Every product the customer holds open is never a candidate, whatever
+    its date."""
     catalogue = snapshot.catalogue
     row = np.full(len(catalogue.product_codes), np.nan)
     as_of = pd.Timestamp(snapshot.as_of)
-    latest = max((pd.Timestamp(a.adopted_at) for a in state.adoptions), default=None)
+    days = [pd.Timestamp(a.adopted_at) for a in state.adoptions]
+    days += [pd.Timestamp(o.occurred_at).floor("D") for o in state.outcomes]
+    latest = max(days, default=None)
     if latest is not None and latest >= as_of:
         as_of = latest + pd.Timedelta(days=1)
     if snapshot.model is not None:
