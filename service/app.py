@@ -36,7 +36,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.keys = KeyStore(engine, ttl_seconds=settings.api_key_ttl_seconds)
     state = ServingState(engine, settings)
     app.state.serving = state
-    audit = audit_writer(engine, settings.data_dir / "spool")
+    audit = audit_writer(engine, settings.data_dir / "spool", lanes=settings.audit_commit_lanes)
     app.state.audit = audit
     await _load(state)
     try:

@@ -311,21 +311,26 @@ class AuditWriter(_Spool):
 class LoopAuditWriter(_Spool):
     """Group commits on the event loop itself, for PostgreSQL (psycopg's async driver).
 
-    Requests queue their records; one flush task at a time writes everything queued
-    while the previous commit was in flight as one transaction, sent in one round trip
-    (pipeline mode: BEGIN, an INSERT per table, COMMIT), then resolves those requests.
+    Requests queue their records; a flush task writes everything queued while earlier
+    commits were in flight as one statement (one round trip, one transaction), then
+    resolves those requests. Up to ``lanes`` commits are in flight at once, each on its
+    own connection, so requests do not wait for a whole commit before theirs can start.
     No writer thread means no contention for the GIL with the event loop, which under
     load cost a thread-based writer more than the commits themselves.
     """
 
-    def __init__(self, engine: Engine, spool_dir: Path, *, max_batch: int = 500) -> None:
+    def __init__(
+        self, engine: Engine, spool_dir: Path, *, max_batch: int = 500, lanes: int = 2
+    ) -> None:
         super().__init__(engine, spool_dir, max_batch)
         self.conninfo = engine.url.set(drivername="postgresql").render_as_string(
             hide_password=False
         )
-        self._connection: Any = None
+        self.lanes = lanes
+        self._idle: list[tuple[Any, int]] = []  # (connection, generation)
+        self._generation = 0
         self._pending: list[tuple[AuditRecord, asyncio.Future[bool]]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._flushers: set[asyncio.Task[None]] = set()
         self._checked_spool = False
         self._stale: list[Any] = []
         self._sql = {flag: _pg_insert_all(ignore_duplicates=flag) for flag in (False, True)}
@@ -333,24 +338,26 @@ class LoopAuditWriter(_Spool):
     async def write(self, record: AuditRecord) -> bool:
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._pending.append((record, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
+        if len(self._flushers) < self.lanes:
+            task = asyncio.create_task(self._flush())
+            self._flushers.add(task)
+            task.add_done_callback(self._flushers.discard)
         return await future
 
     def reconnect(self) -> None:
-        """Drop the connection (safe from any thread); the next commit connects again,
+        """Drop every connection (safe from any thread); the next commits connect again,
         to ``conninfo``."""
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            self._stale.append(connection)
+        self._generation += 1
+        idle, self._idle = self._idle, []
+        self._stale.extend(connection for connection, _ in idle)
 
     async def start(self) -> None:
         """Replay what a previous process spooled (a failure leaves it for later)."""
         await self._replay()
 
     async def close(self) -> None:
-        if self._flusher is not None:
-            await asyncio.gather(self._flusher, return_exceptions=True)
+        if self._flushers:
+            await asyncio.gather(*self._flushers, return_exceptions=True)
         self.reconnect()
         await self._connect_closed()
 
@@ -382,13 +389,20 @@ class LoopAuditWriter(_Spool):
             orjson.dumps([o for r in records for o in r.offers]).decode(),
             orjson.dumps([e for r in records for e in r.events]).decode(),
         )
+        connection = None
         try:
-            connection = await self._connect()
+            connection, generation = await self._connect()
             await connection.execute(self._sql[ignore_duplicates], params)
         except Exception:  # noqa: BLE001 - any failure: keep the records on local disk
             log.exception("audit commit failed; spooling", extra={"records": len(records)})
+            if connection is not None:
+                self._stale.append(connection)
             self.reconnect()
             return False
+        if generation == self._generation:
+            self._idle.append((connection, generation))
+        else:
+            self._stale.append(connection)
         AUDIT_BATCH_ROWS.observe(len(records))
         AUDIT_COMMIT_SECONDS.observe(time.perf_counter() - started)
         return True
@@ -397,12 +411,17 @@ class LoopAuditWriter(_Spool):
         import psycopg  # only with PostgreSQL
 
         await self._connect_closed()
-        if self._connection is None or self._connection.closed:
-            # Autocommit: the one statement of a commit is its own transaction.
-            self._connection = await psycopg.AsyncConnection.connect(
-                self.conninfo, connect_timeout=5, autocommit=True
-            )
-        return self._connection
+        while self._idle:
+            connection, generation = self._idle.pop()
+            if not connection.closed and generation == self._generation:
+                return connection, generation
+            self._stale.append(connection)
+        generation = self._generation
+        # Autocommit: the one statement of a commit is its own transaction.
+        connection = await psycopg.AsyncConnection.connect(
+            self.conninfo, connect_timeout=5, autocommit=True
+        )
+        return connection, generation
 
     async def _replay(self) -> None:
         self._checked_spool = True
@@ -446,11 +465,13 @@ def _pg_insert_all(*, ignore_duplicates: bool) -> str:
     return f"WITH d AS ({parts[0]}), o AS ({parts[1]}) {parts[2]}"
 
 
-def audit_writer(engine: Engine, spool_dir: Path) -> AuditWriter | LoopAuditWriter:
-    """The writer for ``engine``'s database: on the event loop for PostgreSQL, a thread
-    otherwise."""
+def audit_writer(
+    engine: Engine, spool_dir: Path, *, lanes: int = 2
+) -> AuditWriter | LoopAuditWriter:
+    """The writer for ``engine``'s database: on the event loop for PostgreSQL (``lanes``
+    commits in flight), a thread otherwise."""
     if engine.dialect.name == "postgresql":
-        return LoopAuditWriter(engine, spool_dir)
+        return LoopAuditWriter(engine, spool_dir, lanes=lanes)
     return AuditWriter(engine, spool_dir)
 
 

@@ -18,6 +18,7 @@ import gc
 import json
 import logging
 import threading
+import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
@@ -119,6 +120,11 @@ class Snapshot:
         return self.model is None
 
 
+GAP_SECONDS = 30.0
+"""How long a skipped change-event id is looked for (a transaction's longest commit)."""
+MAX_GAPS = 10_000
+
+
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -133,6 +139,7 @@ class ServingState:
         self.snapshot: Snapshot | None = None
         self.history: dict[str, ContactHistory] = defaultdict(ContactHistory)
         self.last_event = 0
+        self._gaps: dict[int, float] = {}  # event id not seen yet -> when first missed
         self._reload_lock = threading.Lock()
         # What "now" is for decisions, outcomes and policy windows: the wall clock, or
         # a simulated one (``nbo simulate`` replays days in minutes).
@@ -235,31 +242,51 @@ class ServingState:
     # ------------------------------------------------------------------ change log
 
     def poll(self) -> int:
-        """Apply change events made by other workers since the last poll; returns how many."""
+        """Apply change events made by other workers since the last poll; returns how many.
+
+        Event ids come from a sequence, so a transaction that commits after a later one
+        leaves its id as a hole for a moment: ids skipped over are remembered as gaps and
+        looked for again at each poll for :data:`GAP_SECONDS` (a rolled-back transaction
+        leaves a hole for good), so no event is missed for committing late.
+        """
+        now = time.monotonic()
+        for gap in [g for g, seen in self._gaps.items() if now - seen > GAP_SECONDS]:
+            del self._gaps[gap]
         with read_only(self.engine).connect() as conn:
             rows = conn.execute(
                 text(
-                    "SELECT id, kind, customer_external_id, product_code, detail, occurred_at "
-                    "FROM change_events WHERE id > :last AND (origin IS NULL OR origin <> :me) "
+                    "SELECT id, kind, customer_external_id, product_code, detail, occurred_at, "
+                    "origin FROM change_events WHERE id > :last OR id IN :gaps "
                     "ORDER BY id LIMIT 20000"
-                ),
-                {"last": self.last_event, "me": self.origin},
+                ).bindparams(bindparam("gaps", expanding=True)),
+                {"last": self.last_event, "gaps": sorted(self._gaps)},
             ).all()
-            if not rows:
-                newest = conn.execute(text("SELECT max(id) FROM change_events")).scalar()
-                self.last_event = max(self.last_event, int(newest or 0))
-                return 0
+        if not rows:
+            return 0
+        fresh = {int(row[0]) for row in rows if row[0] > self.last_event}
+        if fresh:
+            newest = max(fresh)
+            for missing in range(self.last_event + 1, newest):
+                if missing not in fresh:
+                    self._gaps[missing] = now
+            while len(self._gaps) > MAX_GAPS:
+                del self._gaps[next(iter(self._gaps))]
+            self.last_event = newest
         refresh: set[str] = set()
         reload = False
-        for _id, kind, customer, product, detail, at in rows:
+        applied = 0
+        for event_id, kind, customer, product, detail, at, origin in rows:
+            self._gaps.pop(int(event_id), None)
+            if origin is not None and origin == self.origin:
+                continue  # made here, applied when it was made
             self.apply_event(kind, customer, product, detail, _aware(at), refresh)
             reload |= kind in ("catalogue", "model")
-        self.last_event = int(rows[-1][0])
+            applied += 1
         if reload:
             self.load()
         elif refresh:
             self.refresh_customers(refresh)
-        return len(rows)
+        return applied
 
     def _learns_from_outcomes(self) -> bool:
         """Whether the served model has outcome features (a decline changes scores)."""
