@@ -116,14 +116,18 @@ def main() -> None:
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"python {platform.python_version()}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"python {platform.python_version()}"
+    )
     with tempfile.TemporaryDirectory(prefix="nbo-bench-") as tmp:
         folder = Path(tmp)
         started = time.perf_counter()
         write_files(folder, args.rows, args.customers)
-        print(f"wrote {args.rows:,} adoptions for {args.customers:,} customers "
-              f"in {time.perf_counter() - started:.1f} s")
+        print(
+            f"wrote {args.rows:,} adoptions for {args.customers:,} customers "
+            f"in {time.perf_counter() - started:.1f} s"
+        )
         print(f"{'backend':<11} {'table':<10} {'rows':>10} {'seconds':>8} {'rows/s':>9}")
         for backend in args.backends.split(","):
             admin = None
@@ -138,7 +142,9 @@ def main() -> None:
             try:
                 out = subprocess.run(
                     [sys.executable, __file__, "--worker", url, str(folder)],
-                    check=True, capture_output=True, text=True,
+                    check=True,
+                    capture_output=True,
+                    text=True,
                 ).stdout
                 figures = json.loads(out.strip().splitlines()[-1])
             finally:
@@ -149,8 +155,10 @@ def main() -> None:
             for kind in ("products", "customers", "adoptions"):
                 rows, secs = figures[f"{kind}_rows"], figures[f"{kind}_seconds"]
                 print(f"{backend:<11} {kind:<10} {rows:>10,.0f} {secs:>8.1f} {rows / secs:>9,.0f}")
-            print(f"{backend:<11} re-import of adoptions: {figures['reimport_seconds']:.1f} s, "
-                  f"{figures['reimport_added']:.0f} added; peak RSS {figures['peak_rss_mb']:,.0f} MB")
+            print(
+                f"{backend:<11} re-import of adoptions: {figures['reimport_seconds']:.1f} s, "
+                f"{figures['reimport_added']:.0f} added; peak RSS {figures['peak_rss_mb']:,.0f} MB"
+            )
 
 
 if __name__ == "__main__":

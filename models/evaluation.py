@@ -127,7 +127,8 @@ def truth_reference(bank_dir: str | Path) -> ReferenceScorer:
     ReferenceScorer
         Scores candidates by the probability, under the generator's own hazard model, of
         adopting within the horizon from the state the day before the cutoff (features
-        see only what happened strictly before the cutoff, the same information).
+        see only what happened strictly before the cutoff, the same information),
+        declined offers included when the bank has an offer history.
 
     Raises
     ------
@@ -138,6 +139,10 @@ def truth_reference(bank_dir: str | Path) -> ReferenceScorer:
     truth, personas = read_truth(folder)
     customers = _read_table(folder, "customers")
     adoptions = _read_table(folder, "adoptions")
+    try:
+        outcomes: pd.DataFrame | None = _read_table(folder, "outcomes")
+    except FileNotFoundError:
+        outcomes = None
 
     def score(cutoff: dt.date, horizon_days: int, candidates: pd.DataFrame) -> pd.DataFrame:
         probabilities = true_propensities(
@@ -147,6 +152,7 @@ def truth_reference(bank_dir: str | Path) -> ReferenceScorer:
             personas,
             as_of=cutoff - dt.timedelta(days=1),
             horizon_days=horizon_days,
+            outcomes=outcomes,
         )
         frame = probabilities.rename(columns={"probability": "score"})
         frame["product_code"] = frame["product_code"].astype(str)

@@ -161,6 +161,19 @@ rule_ordered
         consequent only within the horizon (``within_days=horizon_days``).
     validation_fraction : float
         Share of customers held out when only one cutoff fits.
+    outcome_features : bool
+        Count offer outcomes as features (``declined_recently_<p>``) when the data
+        has outcomes; False leaves them out.
+    forced_sales : {"keep", "drop"}
+        What an accepted offer is as a label. An offer the customer accepted is an
+        adoption like any other, so by default (``keep``) it is a positive: it is
+        exactly the event the model is served to predict, a customer taking the
+        product when offered it, and dropping it would remove positives where the
+        model is used most. ``drop`` leaves out of training and validation every
+        (customer, product, cutoff) whose label window holds an accepted offer of the
+        product (the row is neither positive nor negative): for banks whose sales
+        push products, where an accepted offer reflects the push (and the earlier
+        model that chose the offer) more than the customer's own propensity.
     """
 
     n_cutoffs: int = 12
@@ -192,6 +205,12 @@ rule_ordered
     rule_max_antecedent: int = 2
     rule_ordered: bool = True
     validation_fraction: float = 0.25
+    outcome_features: bool = True
+    forced_sales: Literal["keep", "drop"] = "keep"
+
+    def __post_init__(self) -> None:
+        if self.forced_sales not in ("keep", "drop"):
+            raise ValueError(f"forced_sales must be 'keep' or 'drop', not {self.forced_sales!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready settings (inverse: :meth:`from_dict`)."""
@@ -1347,7 +1366,9 @@ def train(
     as_of_ts = pd.Timestamp(as_of_ns, unit="ns")
     catalogue = Catalogue.from_data(data)
     targets = _targets(catalogue, config)
-    spec = FeatureSpec.fit(data, rule_features=config.rules)
+    spec = FeatureSpec.fit(
+        data, rule_features=config.rules, outcome_kinds=None if config.outcome_features else ()
+    )
     report_progress("prepare", 0.0)
     prepared = FeatureBuilder(spec, RuleSet([], "sequence", {}) if config.rules else None).prepare(
         data
@@ -1368,12 +1389,22 @@ def train(
     spec_index = {code: j for j, code in enumerate(spec.product_codes)}
     train_rows = {code: _Rows() for code in targets}
     valid_rows = {code: _Rows() for code in targets}
+    forced = (
+        _AcceptedOffers.of(data, prepared.customer_ids, catalogue)
+        if config.forced_sales == "drop"
+        else None
+    )
+    dropped_forced = 0
     cutoffs = [*plan.train] if plan.split_customers else [*plan.train, plan.validation]
     per_cutoff_cap = max(1, config.max_rows_per_product // len(plan.train))
     for i, cutoff in enumerate(cutoffs):
         report_progress(f"features at {cutoff.date()}", 0.05 + 0.4 * i / len(cutoffs))
         is_validation = plan.split_customers or cutoff == plan.validation
         frame, labels, eligible = _cutoff(prepared, spec, catalogue, config, cutoff, horizon_days)
+        if forced is not None:
+            sold = forced.within(frame.rows, int(cutoff.value), horizon_days * NS_PER_DAY)
+            dropped_forced += int((sold & eligible).sum())
+            eligible &= ~sold
         customer_hash = hashes[frame.rows]
         if plan.split_customers:
             held_out = customer_hash < int(config.validation_fraction * 10_000)
@@ -1427,6 +1458,8 @@ def train(
         report["products"][code] = metrics
     report["seconds"] = round(time.perf_counter() - started, 3)
     report["summary"] = _summary(report["products"])
+    if forced is not None:
+        report["forced_sales_dropped"] = dropped_forced
     window = {
         "first_adoption": first_adoption.isoformat(),
         "train_cutoffs": [t.isoformat() for t in plan.train],
@@ -1446,6 +1479,54 @@ def train(
         window=window,
         report=report,
     )
+
+
+@dataclass(frozen=True, eq=False)
+class _AcceptedOffers:
+    """Accepted offers as (customer position, catalogue column, instant) arrays."""
+
+    rows: npt.NDArray[np.intp]
+    cols: npt.NDArray[np.intp]
+    at_ns: npt.NDArray[np.int64]
+    n_products: int
+
+    @classmethod
+    def of(
+        cls, data: BankData, customer_ids: npt.NDArray[np.object_], catalogue: Catalogue
+    ) -> _AcceptedOffers:
+        n_products = len(catalogue.product_codes)
+        frame = data.outcomes
+        if frame is None or frame.empty:
+            empty = np.empty(0, dtype=np.intp)
+            return cls(empty, empty, np.empty(0, dtype=np.int64), n_products)
+        frame = frame[frame["outcome"] == "accepted"]
+        rows = pd.Index(customer_ids).get_indexer(frame["customer_id"].to_numpy(dtype=object))
+        cols = np.asarray(
+            [catalogue.index.get(str(code), -1) for code in frame["product_code"]], dtype=np.intp
+        )
+        at_ns = frame["occurred_at"].to_numpy(dtype="datetime64[ns]").astype(np.int64)
+        keep = (rows >= 0) & (cols >= 0)
+        return cls(rows[keep].astype(np.intp), cols[keep], at_ns[keep], n_products)
+
+    def within(
+        self, frame_rows: npt.NDArray[np.intp], start_ns: int, length_ns: int
+    ) -> npt.NDArray[np.bool_]:
+        """Rows of a feature frame x catalogue: an offer accepted in ``[start, start +
+        length)``; an offer accepted during a day counts from that day's start, as the
+        adoption it made is dated that day."""
+        out = np.zeros((frame_rows.size, self.n_products), dtype=bool)
+        day = self.at_ns - self.at_ns % NS_PER_DAY
+        hit = (day >= start_ns) & (day < start_ns + length_ns)
+        if not hit.any():
+            return out
+        position = np.full(int(frame_rows.max(initial=-1)) + 1, -1, dtype=np.intp)
+        position[frame_rows] = np.arange(frame_rows.size)
+        rows = self.rows[hit]
+        inside = rows < position.size
+        where = np.where(inside, position[np.minimum(rows, position.size - 1)], -1)
+        present = where >= 0
+        out[where[present], self.cols[hit][present]] = True
+        return out
 
 
 def _targets(catalogue: Catalogue, config: TrainConfig) -> list[str]:

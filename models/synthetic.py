@@ -27,7 +27,7 @@ from __future__ import annotations
 import calendar
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -37,10 +37,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 
 __all__ = [
+    "OUTCOME_VALUES",
     "AttributeEffect",
+    "LiveBank",
+    "NpsRule",
+    "OfferResponse",
     "PathRule",
     "Persona",
     "ProductSpec",
@@ -48,6 +52,7 @@ __all__ = [
     "TruthModel",
     "default_truth",
     "generate_bank",
+    "offer_acceptance",
     "read_truth",
     "true_propensities",
     "write_bank",
@@ -198,6 +203,79 @@ class PathRule:
 
 
 @dataclass(frozen=True)
+class OfferResponse:
+    """How the bank's customers respond to an offer of a product.
+
+    A customer offered product ``p`` on day ``d`` accepts with their true propensity
+    for it::
+
+        min(1, acceptance_multiplier * (1 - (1 - h) ** (acceptance_horizon_days / 30.4375)))
+
+    where ``h`` is their monthly adoption hazard of ``p`` on ``d`` (the
+    :class:`TruthModel` formula, 0 when not eligible): the chance they would adopt
+    ``p`` within the horizon if that hazard held. Otherwise they say ``not_now``
+    (share ``not_now_share``) or decline. An accepted offer is an adoption that
+    day. A decline multiplies the hazard of ``p`` by ``decline_multiplier`` in every
+    month that starts less than ``decline_months`` months after it (this also
+    lowers the chance of accepting ``p`` again); ``not_now`` changes nothing.
+
+    Attributes
+    ----------
+    acceptance_horizon_days : float
+        Horizon of the propensity a customer accepts with.
+    acceptance_multiplier : float
+        Scales the acceptance probability (0: nobody ever accepts).
+    not_now_share : float
+        Share of the offers not accepted that are answered ``not_now``.
+    decline_multiplier : float
+        Hazard multiplier of a recently declined product (1: a decline has no effect).
+    decline_months : float
+        How long a decline damps the product's hazard.
+    """
+
+    acceptance_horizon_days: float = 90.0
+    acceptance_multiplier: float = 1.0
+    not_now_share: float = 0.3
+    decline_multiplier: float = 0.25
+    decline_months: float = 6.0
+
+    def __post_init__(self) -> None:
+        if self.acceptance_horizon_days <= 0 or self.acceptance_multiplier < 0:
+            raise ValueError("the acceptance horizon must be positive, the multiplier >= 0")
+        if not 0.0 <= self.not_now_share <= 1.0:
+            raise ValueError("not_now_share must be in [0, 1]")
+        if self.decline_multiplier < 0 or self.decline_months < 0:
+            raise ValueError("decline_multiplier and decline_months must be >= 0")
+
+    @property
+    def inert(self) -> bool:
+        """Offers change nothing: nobody accepts and a decline has no effect."""
+        return self.acceptance_multiplier == 0.0 and (
+            self.decline_multiplier == 1.0 or self.decline_months == 0.0
+        )
+
+    def acceptance(self, hazard: ArrayLike) -> FloatArray:
+        """Acceptance probability of offers whose monthly hazards are ``hazard``."""
+        h = np.clip(np.asarray(hazard, dtype=np.float64), 0.0, 1.0)
+        months = self.acceptance_horizon_days / DAYS_PER_MONTH
+        p = self.acceptance_multiplier * -np.expm1(months * np.log1p(-np.minimum(h, 1 - 1e-12)))
+        return np.asarray(np.minimum(p, 1.0), dtype=np.float64)
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "acceptance_horizon_days": self.acceptance_horizon_days,
+            "acceptance_multiplier": self.acceptance_multiplier,
+            "not_now_share": self.not_now_share,
+            "decline_multiplier": self.decline_multiplier,
+            "decline_months": self.decline_months,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> OfferResponse:
+        return cls(**{k: float(v) for k, v in data.items()})
+
+
+@dataclass(frozen=True)
 class TruthModel:
     """The monthly hazard model a synthetic bank is drawn from.
 
@@ -242,6 +320,7 @@ class TruthModel:
     onboarding_months: tuple[float, ...] = (0.0, 3.0, 9.0)
     onboarding_weights: tuple[float, ...] = (1.0, 1.0, 0.0)
     max_hazard: float = 0.95
+    offer_response: OfferResponse = field(default_factory=OfferResponse)
 
     @property
     def product_codes(self) -> tuple[str, ...]:
@@ -310,6 +389,7 @@ class TruthModel:
                 "weights": list(self.onboarding_weights),
             },
             "max_hazard": self.max_hazard,
+            "offer_response": self.offer_response.to_dict(),
             "days_per_month": DAYS_PER_MONTH,
         }
         return json.dumps(payload, indent=2) + "\n"
@@ -387,6 +467,8 @@ class TruthModel:
             onboarding_months=tuple(float(x) for x in onboarding["months"]),
             onboarding_weights=tuple(float(x) for x in onboarding["weights"]),
             max_hazard=float(data["max_hazard"]),
+            # Written since offers were simulated; older documents get the default.
+            offer_response=OfferResponse.from_dict(data.get("offer_response", {})),
         )
 
 
@@ -878,6 +960,10 @@ class SyntheticBank:
         The hazard model the bank was drawn from.
     start, end : datetime.date
         First and last day of the simulated history.
+    outcomes : pandas.DataFrame or None
+        With an offer history: :data:`models.data.OUTCOME_COLUMNS`, the offers'
+        answers (``accepted``, ``declined``, ``not_now``) by day, sorted by
+        ``customer_id`` then ``occurred_at``; accepted offers are also adoptions.
     """
 
     products: pd.DataFrame
@@ -887,6 +973,7 @@ class SyntheticBank:
     truth: TruthModel
     start: date
     end: date
+    outcomes: pd.DataFrame | None = None
 
 
 # --------------------------------------------------------------------------- compiled model
@@ -1038,6 +1125,17 @@ class _Population:
             self.rate[:, :n],
         )
 
+    def take(self, rows: IntArray) -> _Population:
+        """The customers at positions ``rows``, as copies."""
+        return _Population(
+            self.persona[rows],
+            self.joined[rows],
+            self.birth_year[rows],
+            self.birth_md[rows],
+            self.segment_ok[:, rows],
+            self.rate[:, rows],
+        )
+
 
 def _population(comp: _Compiled, customers: pd.DataFrame, persona: NDArray[np.int8]) -> _Population:
     """Evaluate the static part of the model for ``customers`` (one row each)."""
@@ -1162,7 +1260,13 @@ def _eligible(
 
 
 def _adoption_hazard(
-    comp: _Compiled, pop: _Population, since: Int32Array, *, month_start: int, month_end: int
+    comp: _Compiled,
+    pop: _Population,
+    since: Int32Array,
+    *,
+    month_start: int,
+    month_end: int,
+    declined: Int32Array | None = None,
 ) -> Float32Array:
     """Monthly adoption hazard of every (customer, product) from month-start holdings.
 
@@ -1176,6 +1280,9 @@ def _adoption_hazard(
         The month's first day and the last day of exposure in it. A customer
         is exposed from ``max(month_start, joined + 1)``; eligibility must
         hold over the whole exposure.
+    declined : ndarray of int32, shape (products, n), optional
+        Day of the latest decline of an offer of each product before
+        ``month_start``, -1 when none (:class:`OfferResponse` damping).
 
     Returns
     -------
@@ -1213,8 +1320,23 @@ def _adoption_hazard(
         peak = np.where(in_order, path.peak, path.unordered_peak)
         hazard[path.target, holders] *= (1.0 + (peak - 1.0) * weight).astype(np.float32)
 
+    if declined is not None:
+        _damp_declined(comp, hazard, declined, month_start)
     np.minimum(hazard, np.float32(comp.truth.max_hazard), out=hazard)
     return hazard
+
+
+def _damp_declined(
+    comp: _Compiled, hazard: Float32Array, declined: Int32Array, month_start: int
+) -> None:
+    """Multiply, in place, the hazards of products declined within the damping window."""
+    response = comp.truth.offer_response
+    if response.decline_multiplier == 1.0 or response.decline_months == 0.0:
+        return
+    age = month_start - declined.astype(np.int64)
+    recent = (declined >= 0) & (age >= 0) & (age < response.decline_months * DAYS_PER_MONTH)
+    if recent.any():
+        np.multiply(hazard, np.float32(response.decline_multiplier), out=hazard, where=recent)
 
 
 # --------------------------------------------------------------------------- generation
@@ -1227,6 +1349,9 @@ def generate_bank(
     start: date = date(2019, 1, 1),
     end: date = date(2025, 12, 31),
     progress: ProgressFn | None = None,
+    offers_per_month: float = 0.0,
+    offer_targeting: float = 0.5,
+    offer_response: OfferResponse | None = None,
 ) -> SyntheticBank:
     """Simulate a retail bank's customers adopting products over ``[start, end]``.
 
@@ -1244,6 +1369,15 @@ def generate_bank(
     when two products excluding each other are both drawn in one month, the
     later one is dropped.
 
+    With ``offers_per_month`` the bank also has an offer history: each month a
+    customer is offered one product they are eligible for with that
+    probability (chosen with probability ``offer_targeting`` in proportion to
+    their true hazards, else uniformly), on a day of the month, and answers as
+    :class:`OfferResponse` says: an acceptance is an adoption that day, a
+    decline damps the product's hazard for months. Offers draw from their own
+    random stream, so without offers the bank is exactly the one drawn before
+    offers existed.
+
     Parameters
     ----------
     n_customers : int
@@ -1255,6 +1389,14 @@ def generate_bank(
         First and last day of the history.
     progress : callable, optional
         Called as ``progress(done, total)`` after each simulated month.
+    offers_per_month : float
+        Chance that a customer is offered a product in a month (0: no offers,
+        no ``outcomes``).
+    offer_targeting : float
+        Share of the offers targeted by the true hazard, in [0, 1].
+    offer_response : OfferResponse, optional
+        How customers answer offers (default ``OfferResponse()``); part of the
+        returned truth.
 
     Returns
     -------
@@ -1264,12 +1406,21 @@ def generate_bank(
         raise ValueError("n_customers must be at least 1")
     if end <= start:
         raise ValueError("end must be after start")
+    if not 0.0 <= offers_per_month <= 1.0 or not 0.0 <= offer_targeting <= 1.0:
+        raise ValueError("offers_per_month and offer_targeting must be in [0, 1]")
     truth = default_truth()
+    if offer_response is not None:
+        truth = replace(truth, offer_response=offer_response)
     comp = _compile(truth)
     rng = np.random.default_rng(seed)
     customers, persona, first_product = _draw_customers(comp, rng, n_customers, start, end)
     pop = _population(comp, customers, persona)
-    events = _simulate(comp, pop, first_product, rng, start, end, progress)
+    plan = None
+    if offers_per_month > 0:
+        plan = _OfferPlan(
+            offers_per_month, offer_targeting, np.random.default_rng([seed, _OFFER_STREAM])
+        )
+    events, log = _simulate(comp, pop, first_product, rng, start, end, progress, plan)
     ids = pa.array(customers["customer_id"].to_numpy(dtype=object), pa.string())
     names = np.asarray(truth.persona_names, dtype=object)
     personas = pd.DataFrame(
@@ -1283,6 +1434,33 @@ def generate_bank(
         truth=truth,
         start=start,
         end=end,
+        outcomes=None if log is None else _outcomes_frame(comp, ids, log),
+    )
+
+
+_OFFER_STREAM = 0x0FFE  # second seed word of the offers' random stream
+
+
+def _outcomes_frame(comp: _Compiled, ids: pa.Array, log: _OfferLog) -> pd.DataFrame:
+    """The offer history as an import-format outcomes table."""
+
+    def joined(parts: list[Any], dtype: Any) -> NDArray[Any]:
+        return np.concatenate(parts).astype(dtype) if parts else np.empty(0, dtype=dtype)
+
+    customer = joined(log.customer, np.int64)
+    product = joined(log.product, np.int64)
+    outcome = joined(log.outcome, np.int64)
+    day = joined(log.day, np.int64)
+    order = np.lexsort((product, day, customer))
+    codes = pa.array(list(comp.codes), pa.string())
+    values = pa.array(list(OUTCOME_VALUES), pa.string())
+    return pd.DataFrame(
+        {
+            "customer_id": ids.take(pa.array(customer[order])).to_pandas(),
+            "product_code": codes.take(pa.array(product[order])).to_pandas(),
+            "outcome": values.take(pa.array(outcome[order])).to_pandas(),
+            "occurred_at": day[order].astype("datetime64[D]").astype("datetime64[s]"),
+        }
     )
 
 
@@ -1406,6 +1584,29 @@ class _Events:
         self.closed_day.append(day.astype(np.int32))
 
 
+@dataclass(frozen=True)
+class _OfferPlan:
+    """How the generator makes offers to its customers (an offer history)."""
+
+    rate: float  # offers per customer-month
+    targeting: float  # share of offers chosen by the true hazard, the rest uniformly
+    rng: np.random.Generator
+
+
+@dataclass
+class _OfferLog:
+    """Offers made and what the customers said, in simulation order."""
+
+    customer: list[Int32Array] = field(default_factory=list)
+    product: list[NDArray[np.int8]] = field(default_factory=list)
+    outcome: list[NDArray[np.int8]] = field(default_factory=list)  # index in OUTCOME_VALUES
+    day: list[Int32Array] = field(default_factory=list)
+
+
+OUTCOME_VALUES = ("accepted", "declined", "not_now")
+"""The answers a synthetic customer gives to an offer."""
+
+
 def _simulate(
     comp: _Compiled,
     pop: _Population,
@@ -1414,10 +1615,13 @@ def _simulate(
     start: date,
     end: date,
     progress: ProgressFn | None,
-) -> _Events:
+    offers: _OfferPlan | None = None,
+) -> tuple[_Events, _OfferLog | None]:
     """Run the monthly simulation; customers are sorted by joining day."""
     n_products, n = pop.rate.shape
     since = np.full((n_products, n), -1, dtype=np.int32)
+    declined = np.full((n_products, n), -1, dtype=np.int32) if offers is not None else None
+    log = _OfferLog() if offers is not None else None
     events = _Events()
     end_day = _day(end)
     months = list(_months(start, end))
@@ -1432,7 +1636,7 @@ def _simulate(
             events.adopt(new, first_product[new], pop.joined[new])
             active = joining
         if active:
-            _simulate_month(
+            month = _simulate_month(
                 comp,
                 pop.head(active),
                 since[:, :active],
@@ -1441,10 +1645,126 @@ def _simulate(
                 month_start,
                 month_end,
                 days_in_month,
+                declined=None if declined is None else declined[:, :active],
             )
+            if offers is not None and log is not None and declined is not None:
+                _offer_month(
+                    comp,
+                    pop.head(active),
+                    since[:, :active],
+                    declined[:, :active],
+                    month,
+                    offers,
+                    events,
+                    log,
+                    month_start,
+                    month_end,
+                    days_in_month,
+                )
         if progress:
             progress(step + 1, len(months))
-    return events
+    return events, log
+
+
+@dataclass(frozen=True, eq=False)
+class _Month:
+    """What one simulated month drew: its opening hazard (with offers) and its events."""
+
+    hazard: Float32Array | None
+    adopt_customer: IntArray
+    adopt_product: IntArray
+    close_customer: IntArray
+    close_product: IntArray
+
+
+def _offer_month(
+    comp: _Compiled,
+    pop: _Population,
+    state: Int32Array,
+    declined: Int32Array,
+    month: _Month,
+    plan: _OfferPlan,
+    events: _Events,
+    log: _OfferLog,
+    month_start: int,
+    month_end: int,
+    days_in_month: int,
+) -> None:
+    """Make the month's offers, draw the answers and apply them to ``state`` in place.
+
+    An offer is made on a day drawn uniformly from the customer's exposed days and
+    judged on the month's opening hazard, like the month's organic adoptions. Offers
+    that would clash with the month's organic events (the product itself adopted, an
+    excluded product adopted, a required product closed) are not made, so eligibility
+    holds at every adoption.
+    """
+    assert month.hazard is not None
+    rng = plan.rng
+    n_products, n = state.shape
+    exposure_start = np.maximum(pop.joined + 1, month_start)
+    exposed = np.maximum(month_end - exposure_start + 1, 0)
+    chance = plan.rate * exposed / days_in_month
+    customer = np.flatnonzero(rng.random(n) < chance)
+    hazard = month.hazard[:, customer].astype(np.float64)
+    eligible = hazard > 0
+    counts = eligible.sum(axis=0)
+    has = counts > 0
+    customer, hazard, eligible, counts = (
+        customer[has],
+        hazard[:, has],
+        eligible[:, has],
+        counts[has],
+    )
+    if customer.size == 0:
+        return
+    weights = (1.0 - plan.targeting) * eligible / counts
+    weights += plan.targeting * hazard / hazard.sum(axis=0)
+    cumulative = np.cumsum(weights, axis=0)
+    u = rng.random(customer.size) * cumulative[-1]
+    product = np.minimum((u[None, :] >= cumulative).sum(axis=0), n_products - 1)
+    product = np.where(eligible[product, np.arange(customer.size)], product, hazard.argmax(axis=0))
+    lo = exposure_start[customer]
+    day = lo + np.floor(rng.random(customer.size) * (month_end - lo + 1)).astype(np.int64)
+    accept = comp.truth.offer_response.acceptance(hazard[product, np.arange(customer.size)])
+    draw = rng.random(customer.size)
+    not_now = rng.random(customer.size) < comp.truth.offer_response.not_now_share
+    outcome = np.where(draw < accept, 0, np.where(not_now, 2, 1)).astype(np.int8)
+
+    clash = _clashes(comp, month, customer, product, n_products)
+    keep = ~clash
+    customer, product, day, outcome = customer[keep], product[keep], day[keep], outcome[keep]
+    taken = outcome == 0
+    state[product[taken], customer[taken]] = day[taken]
+    events.adopt(customer[taken], product[taken], day[taken])
+    said_no = outcome == 1
+    declined[product[said_no], customer[said_no]] = day[said_no]
+    log.customer.append(customer.astype(np.int32))
+    log.product.append(product.astype(np.int8))
+    log.outcome.append(outcome)
+    log.day.append(day.astype(np.int32))
+
+
+def _clashes(
+    comp: _Compiled, month: _Month, customer: IntArray, product: IntArray, n_products: int
+) -> BoolArray:
+    """Offers that clash with the month's organic adoptions and closures."""
+    adopted = month.adopt_customer.astype(np.int64) * n_products + month.adopt_product
+    closed = month.close_customer.astype(np.int64) * n_products + month.close_product
+    key = customer.astype(np.int64) * n_products
+    clash = np.isin(key + product, adopted)
+    partners: dict[int, set[int]] = {}
+    for p, excluded in comp.excludes:
+        for q in excluded:
+            partners.setdefault(p, set()).add(q)
+            partners.setdefault(q, set()).add(p)
+    for p, qs in partners.items():
+        mine = np.flatnonzero(product == p)
+        for q in qs:
+            clash[mine] |= np.isin(key[mine] + q, adopted)
+    for p, r in comp.requires:
+        mine = np.flatnonzero(product == p)
+        clash[mine] |= np.isin(key[mine] + r, closed)
+    return clash
 
 
 def _simulate_month(
@@ -1456,12 +1776,15 @@ def _simulate_month(
     month_start: int,
     month_end: int,
     days_in_month: int,
-) -> None:
+    *,
+    declined: Int32Array | None = None,
+) -> _Month:
     """Draw one month's closures and adoptions and apply them to ``state`` in place.
 
     One uniform per (product, customer) serves both: it is compared with
     the closing hazard where the product is held since before the month,
-    and with the adoption hazard where it is not held.
+    and with the adoption hazard where it is not held. With ``declined``
+    (an offer history), the month's opening hazard is returned too.
     """
     held = state >= 0
     closable = held & (state < month_start)
@@ -1476,7 +1799,10 @@ def _simulate_month(
             row = np.where(age > comp.max_age[p], rate, comp.close_rate[p]) * window
             over_age[p] = row.astype(np.float32)
 
-    hazard = _adoption_hazard(comp, pop, state, month_start=month_start, month_end=month_end)
+    hazard = _adoption_hazard(
+        comp, pop, state, month_start=month_start, month_end=month_end, declined=declined
+    )
+    opening = hazard.copy() if declined is not None else None
     # A product whose required product closes this month is not adopted this month.
     for p, r in comp.requires:
         closing = closable[r] & (draw[r] < over_age.get(r, close_threshold[r]))
@@ -1508,6 +1834,7 @@ def _simulate_month(
     state[adopt_p, adopt_c] = adopt_day
     events.close(close_c, close_p, close_day)
     events.adopt(adopt_c, adopt_p, adopt_day)
+    return _Month(opening, adopt_c, adopt_p, close_c, close_p)
 
 
 def _resolve_exclusions(
@@ -1590,6 +1917,7 @@ def true_propensities(
     *,
     as_of: date,
     horizon_days: int = 90,
+    outcomes: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Each customer's true probability of adopting each product within a horizon.
 
@@ -1621,6 +1949,9 @@ def true_propensities(
         The day the state is taken (its end).
     horizon_days : int
         Length of the horizon after ``as_of``.
+    outcomes : pandas.DataFrame, optional
+        The bank's offer outcomes (:attr:`SyntheticBank.outcomes`): declines on or
+        before ``as_of`` damp their products' hazards as in the simulation.
 
     Returns
     -------
@@ -1650,13 +1981,18 @@ def true_propensities(
     persona = names.map(comp.persona_index).to_numpy(dtype=np.int8)
     pop = _population(comp, present, persona)
     since = _holdings(comp, present["customer_id"], adoptions, as_of_day)
+    declined = None
+    if outcomes is not None:
+        declined = _declines(comp, present["customer_id"], outcomes, as_of_day)
 
     held = since >= 0
     eligible = _eligible(comp, pop, held, day_from=as_of_day, day_to=as_of_day)
     survival = np.ones(since.shape, dtype=np.float64)
     first, last = as_of_day + 1, as_of_day + horizon_days
     for month_start, month_end in _months(_date(first), _date(last)):
-        hazard = _adoption_hazard(comp, pop, since, month_start=month_start, month_end=month_end)
+        hazard = _adoption_hazard(
+            comp, pop, since, month_start=month_start, month_end=month_end, declined=declined
+        )
         lo = np.maximum(np.maximum(pop.joined + 1, month_start), first)
         exposed = np.maximum(min(month_end, last) - lo + 1, 0)
         fraction = exposed / (month_end - month_start + 1)
@@ -1702,6 +2038,425 @@ def _holdings(
     return since
 
 
+def _declines(
+    comp: _Compiled, customer_ids: pd.Series, outcomes: pd.DataFrame, as_of_day: int
+) -> Int32Array:
+    """Day of the latest decline of each product on or before ``as_of_day``; -1 if none."""
+    declined = np.full((len(comp.codes), len(customer_ids)), -1, dtype=np.int32)
+    if outcomes.empty:
+        return declined
+    rows = pd.Index(customer_ids.astype(str)).get_indexer(outcomes["customer_id"].astype(str))
+    cols = pd.Index(list(comp.codes)).get_indexer(outcomes["product_code"].astype(str))
+    day = _days(outcomes["occurred_at"])
+    keep = (
+        (rows >= 0)
+        & (cols >= 0)
+        & (day <= as_of_day)
+        & (outcomes["outcome"].astype(str).to_numpy() == "declined")
+    )
+    np.maximum.at(declined, (cols[keep], rows[keep]), day[keep].astype(np.int32))
+    return declined
+
+
+# --------------------------------------------------------------------------- offers
+
+
+def offer_acceptance(
+    truth: TruthModel,
+    customers: pd.DataFrame,
+    adoptions: pd.DataFrame,
+    personas: pd.DataFrame,
+    offers: pd.DataFrame,
+    *,
+    outcomes: pd.DataFrame | None = None,
+) -> FloatArray:
+    """The probability that each customer accepts the offer made to them.
+
+    Parameters
+    ----------
+    truth : TruthModel
+        The bank's hazard model; its :attr:`TruthModel.offer_response` says how
+        customers answer offers.
+    customers, adoptions, personas : pandas.DataFrame
+        The bank, as for :func:`true_propensities`.
+    offers : pandas.DataFrame
+        ``customer_id, product_code, offered_at``: one offer a row.
+    outcomes : pandas.DataFrame, optional
+        Earlier offer outcomes; declines before an offer's day damp the hazard.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64, one probability per row of ``offers``:
+        :meth:`OfferResponse.acceptance` of the customer's monthly hazard of
+        the product on the offer's day, from their holdings at the start of
+        that day (0 for a product held, not eligible or unknown).
+
+    Notes
+    -----
+    :func:`generate_bank` judges the offers of its history on the state at the
+    start of the offer's month, as it does the month's adoptions; this function
+    (and :class:`LiveBank`) on the offer's day.
+    """
+    comp = _compile(truth)
+    out = np.zeros(len(offers), dtype=np.float64)
+    if offers.empty:
+        return out
+    ids = customers["customer_id"].astype(str)
+    persona_of = pd.Series(
+        personas["persona"].astype(str).to_numpy(), index=personas["customer_id"].astype(str)
+    )
+    names = persona_of.reindex(ids.to_numpy())
+    if names.isna().any():
+        raise ValueError(f"no persona for customer '{names.index[names.isna()][0]}'")
+    pop = _population(
+        comp,
+        customers.reset_index(drop=True),
+        names.map(comp.persona_index).to_numpy(dtype=np.int8),
+    )
+    position = pd.Index(ids)
+    events = _Timeline.of(comp, position, adoptions, outcomes)
+    offered = _days(offers["offered_at"])
+    columns = pd.Index(list(comp.codes)).get_indexer(offers["product_code"].astype(str))
+    rows = position.get_indexer(offers["customer_id"].astype(str))
+    known = (columns >= 0) & (rows >= 0)
+    for day in np.unique(offered[known]):
+        mine = np.flatnonzero(known & (offered == day))
+        who = np.unique(rows[mine])
+        # The state at the start of the offer's day: events of the days before.
+        since, declined = events.state(who, int(day) - 1)
+        hazard = _adoption_hazard(
+            comp,
+            pop.take(who),
+            since,
+            month_start=int(day),
+            month_end=int(day),
+            declined=declined,
+        )
+        out[mine] = truth.offer_response.acceptance(
+            hazard[columns[mine], np.searchsorted(who, rows[mine])]
+        )
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class _Timeline:
+    """Adoptions and declines as arrays, to read any customers' state on any day."""
+
+    customer: IntArray
+    product: IntArray
+    adopted: IntArray
+    closed: IntArray
+    declined_customer: IntArray
+    declined_product: IntArray
+    declined_day: IntArray
+    n_products: int
+
+    @classmethod
+    def of(
+        cls,
+        comp: _Compiled,
+        position: pd.Index,
+        adoptions: pd.DataFrame,
+        outcomes: pd.DataFrame | None,
+    ) -> _Timeline:
+        codes = pd.Index(list(comp.codes))
+        customer = position.get_indexer(adoptions["customer_id"].astype(str))
+        product = codes.get_indexer(adoptions["product_code"].astype(str))
+        adopted = _days(adoptions["adopted_at"])
+        closed = (
+            _days(adoptions["closed_at"])
+            if "closed_at" in adoptions
+            else np.full_like(adopted, _NEVER)
+        )
+        keep = (customer >= 0) & (product >= 0)
+        empty = np.empty(0, dtype=np.int64)
+        d_customer, d_product, d_day = empty, empty, empty
+        if outcomes is not None and not outcomes.empty:
+            d_customer = position.get_indexer(outcomes["customer_id"].astype(str))
+            d_product = codes.get_indexer(outcomes["product_code"].astype(str))
+            d_day = _days(outcomes["occurred_at"])
+            said_no = (
+                (outcomes["outcome"].astype(str).to_numpy() == "declined")
+                & (d_customer >= 0)
+                & (d_product >= 0)
+            )
+            d_customer, d_product, d_day = d_customer[said_no], d_product[said_no], d_day[said_no]
+        return cls(
+            customer[keep].astype(np.int64),
+            product[keep].astype(np.int64),
+            adopted[keep],
+            closed[keep],
+            d_customer.astype(np.int64),
+            d_product.astype(np.int64),
+            d_day.astype(np.int64),
+            len(comp.codes),
+        )
+
+    def state(self, who: IntArray, day: int) -> tuple[Int32Array, Int32Array]:
+        """Holdings (adoption day, -1) and latest declines (day, -1) of the customers at
+        positions ``who`` (sorted) at the end of ``day``."""
+        since = np.full((self.n_products, who.size), -1, dtype=np.int32)
+        declined = np.full((self.n_products, who.size), -1, dtype=np.int32)
+        open_ = np.isin(self.customer, who) & (self.adopted <= day) & (self.closed > day)
+        columns = np.searchsorted(who, self.customer[open_])
+        since[self.product[open_], columns] = self.adopted[open_]
+        said_no = np.isin(self.declined_customer, who) & (self.declined_day <= day)
+        np.maximum.at(
+            declined,
+            (self.declined_product[said_no], np.searchsorted(who, self.declined_customer[said_no])),
+            self.declined_day[said_no].astype(np.int32),
+        )
+        return since, declined
+
+
+@dataclass(frozen=True)
+class NpsRule:
+    """How a customer answers an NPS survey after a contact (0-10).
+
+    Promoters answer 9-10, passives 7-8, detractors 0-6. A customer who accepted
+    an offer is a promoter with ``promoter_accepted`` and a detractor with
+    ``detractor_accepted``; one offered nothing (or who declined relevant
+    offers) with ``promoter`` and ``detractor``. Irrelevant offers make
+    detractors: the detractor chance grows by up to ``irrelevant_detractor`` as
+    the best acceptance probability of the offers falls from ``relevant`` to 0.
+    """
+
+    promoter: float = 0.30
+    detractor: float = 0.12
+    promoter_accepted: float = 0.55
+    detractor_accepted: float = 0.06
+    irrelevant_detractor: float = 0.30
+    relevant: float = 0.05
+
+    def chances(self, *, offered: bool, accepted: bool, best: float) -> tuple[float, float]:
+        """``(P(promoter), P(detractor))`` of one contact."""
+        if accepted:
+            return self.promoter_accepted, self.detractor_accepted
+        if not offered:
+            return self.promoter, self.detractor
+        shortfall = 1.0 - min(1.0, max(best, 0.0) / self.relevant)
+        return self.promoter, self.detractor + self.irrelevant_detractor * shortfall
+
+    def draw(self, rng: np.random.Generator, *, offered: bool, accepted: bool, best: float) -> int:
+        """One NPS answer."""
+        promoter, detractor = self.chances(offered=offered, accepted=accepted, best=best)
+        u = rng.random()
+        if u < promoter:
+            return int(rng.integers(9, 11))
+        if u < promoter + detractor:
+            return int(rng.integers(0, 7))
+        return int(rng.integers(7, 9))
+
+
+class LiveBank:
+    """A synthetic bank going on day by day after its history, with offers.
+
+    Customers adopt products by the truth's hazard, now drawn daily (the monthly
+    hazard ``h`` becomes ``1 - (1 - h) ** (1 / days in the month)`` a day, from the
+    holdings at the end of the previous day); offers are answered as
+    :class:`OfferResponse` says, on the state at that moment. Products do not
+    close and no customer joins while it runs (over weeks both are rare; it keeps
+    the bank and a service fed from it trivially in step).
+
+    Every customer has a counterfactual twin: the same customer with the same
+    random draws, never offered anything. The twins' adoptions give the true
+    effect of the offers (:meth:`adopted_within`), which an experiment with a
+    control group should recover.
+
+    Parameters
+    ----------
+    bank : SyntheticBank
+        The history; the live bank starts the day after ``bank.end``.
+    seed : int
+        Seeds the daily draws and the answers to offers.
+    """
+
+    def __init__(self, bank: SyntheticBank, *, seed: int = 0) -> None:
+        self.truth = bank.truth
+        self._comp = _compile(bank.truth)
+        customers = bank.customers.reset_index(drop=True)
+        self.customer_ids = customers["customer_id"].astype(str).to_numpy(dtype=object)
+        self._position = {cid: i for i, cid in enumerate(self.customer_ids)}
+        persona_of = pd.Series(
+            bank.personas["persona"].astype(str).to_numpy(),
+            index=bank.personas["customer_id"].astype(str),
+        )
+        names = persona_of.reindex(self.customer_ids)
+        if names.isna().any():
+            raise ValueError(f"no persona for customer '{names.index[names.isna()][0]}'")
+        self._pop = _population(
+            self._comp, customers, names.map(self._comp.persona_index).to_numpy(dtype=np.int8)
+        )
+        self.day = bank.end
+        end_day = _day(bank.end)
+        self._since = _holdings(self._comp, customers["customer_id"], bank.adoptions, end_day)
+        self._twin = self._since.copy()
+        outcomes = bank.outcomes if bank.outcomes is not None else pd.DataFrame()
+        self._declined = (
+            _declines(self._comp, customers["customer_id"], outcomes, end_day)
+            if not outcomes.empty
+            else np.full_like(self._since, -1)
+        )
+        self._daily_rng = np.random.default_rng([seed, 0xDA1])
+        self._answer_rng = np.random.default_rng([seed, 0xA45])
+        self.adoptions: list[tuple[int, int, int, str]] = []
+        """``(customer position, product index, day, source)`` since the start;
+        source ``organic`` or ``offer``."""
+        self.twin_adoptions: list[tuple[int, int, int]] = []
+
+    # ----------------------------------------------------------------- lookups
+
+    @property
+    def product_codes(self) -> tuple[str, ...]:
+        """Products in truth order."""
+        return self._comp.codes
+
+    def position(self, customer_id: str) -> int:
+        """A customer's position (KeyError when unknown)."""
+        return self._position[customer_id]
+
+    def holds(self, customer_id: str, product_code: str) -> bool:
+        """Whether the customer holds the product now."""
+        return bool(self._since[self._comp.index[product_code], self._position[customer_id]] >= 0)
+
+    def _today(self) -> int:
+        return _day(self.day) + 1
+
+    def _hazard_of(
+        self, rows: IntArray, since: Int32Array, declined: Int32Array | None
+    ) -> Float32Array:
+        today = self._today()
+        return _adoption_hazard(
+            self._comp,
+            self._pop.take(rows),
+            since[:, rows],
+            month_start=today,
+            month_end=today,
+            declined=None if declined is None else declined[:, rows],
+        )
+
+    # ----------------------------------------------------------------- offers
+
+    def acceptance(self, customer_id: str, product_code: str) -> float:
+        """The chance the customer accepts an offer of the product now (today)."""
+        k = self._comp.index.get(product_code)
+        if k is None:
+            return 0.0
+        row = np.array([self._position[customer_id]])
+        hazard = self._hazard_of(row, self._since, self._declined)
+        return float(self.truth.offer_response.acceptance(hazard[k, 0]))
+
+    def answer(self, customer_id: str, product_code: str) -> tuple[str, float]:
+        """The customer's answer to an offer made today, applied to the bank.
+
+        Returns
+        -------
+        (str, float)
+            ``accepted`` (the product is held from today), ``declined`` (its hazard is
+            damped) or ``not_now``; and the acceptance probability it was drawn with.
+        """
+        chance = self.acceptance(customer_id, product_code)
+        c, k = self._position[customer_id], self._comp.index.get(product_code, -1)
+        today = self._today()
+        response = self.truth.offer_response
+        if k >= 0 and self._answer_rng.random() < chance:
+            self._since[k, c] = today
+            self.adoptions.append((c, k, today, "offer"))
+            return "accepted", chance
+        if self._answer_rng.random() < response.not_now_share:
+            return "not_now", chance
+        if k >= 0:
+            self._declined[k, c] = today
+        return "declined", chance
+
+    def feedback(self, rule: NpsRule, *, offered: bool, accepted: bool, best: float) -> int:
+        """An NPS answer (0-10) after a contact today, drawn by ``rule``."""
+        return rule.draw(self._answer_rng, offered=offered, accepted=accepted, best=best)
+
+    # ----------------------------------------------------------------- days
+
+    def end_day(self) -> list[tuple[str, str]]:
+        """Draw today's adoptions (after the day's offers), then move to the next day.
+
+        Returns
+        -------
+        list of (str, str)
+            ``(customer_id, product_code)`` of today's organic adoptions.
+        """
+        today = self._today()
+        when = _date(today)
+        days_in_month = calendar.monthrange(when.year, when.month)[1]
+        rows = np.flatnonzero(self._pop.joined < today)
+        draw = self._daily_rng.random((len(self._comp.codes), rows.size), dtype=np.float32)
+        found = []
+        for since, declined in ((self._since, self._declined), (self._twin, None)):
+            hazard = self._hazard_of(rows, since, declined).astype(np.float64)
+            daily = -np.expm1(np.log1p(-np.minimum(hazard, 1 - 1e-9)) / days_in_month)
+            product, column = np.nonzero(draw < daily)
+            customer = rows[column]
+            day = np.full(customer.size, today, dtype=np.int64)
+            keep = _resolve_exclusions(self._comp, customer, product, day)
+            customer, product = customer[keep], product[keep]
+            since[product, customer] = today
+            found.append((customer, product))
+        (customer, product), (twin_customer, twin_product) = found
+        self.adoptions += [
+            (int(c), int(k), today, "organic") for c, k in zip(customer, product, strict=True)
+        ]
+        self.twin_adoptions += [
+            (int(c), int(k), today) for c, k in zip(twin_customer, twin_product, strict=True)
+        ]
+        self.day = when
+        codes = self._comp.codes
+        return [
+            (str(self.customer_ids[c]), codes[k]) for c, k in zip(customer, product, strict=True)
+        ]
+
+    # ----------------------------------------------------------------- the truth
+
+    def adopted_within(
+        self,
+        pairs: pd.DataFrame,
+        *,
+        window_days: int,
+        until: date,
+        counterfactual: bool = False,
+    ) -> BoolArray:
+        """Whether each pair's customer adopted its product in a window, live or as twin.
+
+        Parameters
+        ----------
+        pairs : pandas.DataFrame
+            ``customer_id, product_code, start`` (a date).
+        window_days : int
+            The window is ``[start, start + window_days)``, cut at ``until``.
+        until : datetime.date
+            Last day counted.
+        counterfactual : bool
+            Ask about the twins (never offered anything) instead.
+        """
+        if counterfactual:
+            events = [(c, k, d) for c, k, d in self.twin_adoptions]
+        else:
+            events = [(c, k, d) for c, k, d, _ in self.adoptions]
+        if pairs.empty:
+            return np.zeros(0, dtype=bool)
+        frame = pd.DataFrame(events, columns=["c", "k", "day"])
+        c = pairs["customer_id"].astype(str).map(self._position).to_numpy(dtype=np.int64)
+        k = pairs["product_code"].astype(str).map(self._comp.index).to_numpy(dtype=np.int64)
+        start = _days(pairs["start"])
+        last = np.minimum(start + window_days - 1, _day(until))
+        query = pd.DataFrame({"row": np.arange(len(pairs)), "c": c, "k": k})
+        hits = query.merge(frame, on=["c", "k"])
+        inside = (hits["day"].to_numpy() >= start[hits["row"]]) & (
+            hits["day"].to_numpy() <= last[hits["row"]]
+        )
+        out = np.zeros(len(pairs), dtype=bool)
+        out[hits["row"].to_numpy()[inside]] = True
+        return out
+
+
 # --------------------------------------------------------------------------- files
 
 
@@ -1711,7 +2466,8 @@ def write_bank(
     """Write the bank in the import format, and its truth under ``truth/``.
 
     Writes ``products``, ``customers`` and ``adoptions`` (``.csv`` or
-    ``.parquet``), ``truth/model.json``, ``truth/personas.csv`` and
+    ``.parquet``), ``outcomes`` when the bank has an offer history,
+    ``truth/model.json``, ``truth/personas.csv`` and
     ``truth/propensities.parquet`` (the oracle on ``bank.end`` over 90 days).
     CSV dates are ``YYYY-MM-DD``, empty cells are missing values, booleans
     are ``true``/``false``; Parquet dates are ``date32``.
@@ -1726,7 +2482,8 @@ def write_bank(
     Returns
     -------
     dict of str to pathlib.Path
-        Keys ``products, customers, adoptions, model, personas, propensities``.
+        Keys ``products, customers, adoptions, model, personas, propensities``,
+        and ``outcomes`` with an offer history.
     """
     if fmt not in ("csv", "parquet"):
         raise ValueError(f"fmt must be 'csv' or 'parquet', not {fmt!r}")
@@ -1734,11 +2491,14 @@ def write_bank(
     truth_dir = out_dir / "truth"
     truth_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
-    for name, frame in (
+    tables = [
         ("products", bank.products),
         ("customers", bank.customers),
         ("adoptions", bank.adoptions),
-    ):
+    ]
+    if bank.outcomes is not None:
+        tables.append(("outcomes", bank.outcomes))
+    for name, frame in tables:
         path = out_dir / f"{name}.{fmt}"
         _write_table(_to_arrow(frame), path, fmt)
         written[name] = path
@@ -1749,7 +2509,13 @@ def write_bank(
     _write_table(_to_arrow(bank.personas), personas_path, "csv")
     written["personas"] = personas_path
     oracle = true_propensities(
-        bank.truth, bank.customers, bank.adoptions, bank.personas, as_of=bank.end, horizon_days=90
+        bank.truth,
+        bank.customers,
+        bank.adoptions,
+        bank.personas,
+        as_of=bank.end,
+        horizon_days=90,
+        outcomes=bank.outcomes,
     )
     propensities_path = truth_dir / "propensities.parquet"
     _write_table(_to_arrow(oracle), propensities_path, "parquet")

@@ -310,6 +310,25 @@ def generate(
     fmt: Annotated[str, typer.Option("--format", help="csv or parquet.")] = "csv",
     start: Annotated[str, typer.Option(help="First day of the bank's history.")] = "2019-01-01",
     end: Annotated[str, typer.Option(help="Last day of the bank's history.")] = "2025-12-31",
+    offers_per_month: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help=(
+                "Also simulate an offer history: each month a customer is offered a product "
+                "with this chance and answers by the ground truth (writes an outcomes file)."
+            ),
+        ),
+    ] = 0.0,
+    offer_targeting: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Share of those offers chosen by the true propensity (the rest at random).",
+        ),
+    ] = 0.5,
 ) -> None:
     """Write a realistic synthetic bank in the import format, with its ground truth."""
     from models.synthetic import generate_bank, write_bank
@@ -336,6 +355,8 @@ def generate(
             start=dt.date.fromisoformat(start),
             end=dt.date.fromisoformat(end),
             progress=advance,
+            offers_per_month=offers_per_month,
+            offer_targeting=offer_targeting,
         )
         progress.update(task, description="writing files")
         written = write_bank(bank, out, fmt=fmt)  # type: ignore[arg-type]
@@ -343,6 +364,9 @@ def generate(
     table.add_row("products", f"{len(bank.products):,}")
     table.add_row("customers", f"{len(bank.customers):,}")
     table.add_row("adoptions", f"{len(bank.adoptions):,}")
+    if bank.outcomes is not None:
+        accepted = int((bank.outcomes["outcome"] == "accepted").sum())
+        table.add_row("offers (accepted)", f"{len(bank.outcomes):,} ({accepted:,})")
     table.add_row("history", f"{bank.start} .. {bank.end}")
     for name, path in written.items():
         table.add_row(name, str(path))
@@ -400,6 +424,26 @@ TruthOption = Annotated[
     Path | None,
     typer.Option(help="A synthetic bank folder (from `nbo generate`): adds the oracle row."),
 ]
+ForcedSalesOption = Annotated[
+    str | None,
+    typer.Option(
+        help=(
+            "Accepted offers as training labels: keep (positives, the default) or drop "
+            "(left out: a push, not the customer's own propensity). Default: "
+            "NBO_FORCED_SALES, else keep."
+        ),
+    ),
+]
+
+
+def _train_config(forced_sales: str | None, settings: Settings) -> Any:
+    from models.propensity import TrainConfig
+
+    choice = forced_sales or settings.forced_sales
+    if choice not in ("keep", "drop"):
+        err_console.print(f"--forced-sales must be keep or drop, not {choice!r}")
+        raise typer.Exit(code=2)
+    return TrainConfig(forced_sales=choice)  # type: ignore[arg-type]
 
 
 @contextmanager
@@ -452,14 +496,18 @@ def train(
     report: Annotated[
         Path | None, typer.Option(help="Also write the holdout's HTML report here.")
     ] = None,
+    forced_sales: ForcedSalesOption = None,
 ) -> None:
     """Evaluate on a holdout, train on all history, register a model version (activated if not worse).
 
-    The new version is compared with the active one on the same holdout.
+    The new version is compared with the active one on the same holdout. Recorded offer
+    outcomes are learnt from: a recent decline of a product is a feature, and accepted
+    offers are positives (unless --forced-sales drop).
     """
     from service.training import load_bank, train_and_register, write_evaluation_report
 
     settings = _settings()
+    config = _train_config(forced_sales, settings)
     engine = _engine_ready(settings)
     day = _parse_day(as_of, "--as-of")
     with _stage_progress() as advance:
@@ -469,6 +517,7 @@ def train(
             as_of=day,
             horizon_days=horizon_days,
             tolerance=settings.promotion_tolerance,
+            config=config,
             truth_dir=truth,
             progress=advance,
         )
@@ -490,21 +539,44 @@ def evaluate(
     as_of: AsOfOption = None,
     horizon_days: HorizonOption = 90,
     truth: TruthOption = None,
+    bank: Annotated[
+        Path | None,
+        typer.Option(
+            help=(
+                "Evaluate a bank folder (products, customers, adoptions and an optional "
+                "outcomes file) instead of the database; a synthetic one adds its oracle."
+            ),
+        ),
+    ] = None,
+    forced_sales: ForcedSalesOption = None,
 ) -> None:
     """Temporal holdout comparison of popularity, rules, LightGBM and the served blend, as HTML.
 
     Trains before a cutoff and measures on the adoptions after it (with --truth, also the
-    oracle of a synthetic bank).
+    oracle of a synthetic bank). When the bank has offer outcomes, the blend is also
+    trained without outcome features, to show what learning from outcomes adds.
     """
+    from models.data import BankData
     from service.training import evaluate as run_evaluation
     from service.training import load_bank, write_evaluation_report
 
-    engine = _engine_ready(_settings())
+    settings = _settings()
+    config = _train_config(forced_sales, settings)
     day = _parse_day(as_of, "--as-of")
+    if bank is not None and truth is None and (bank / "truth" / "model.json").exists():
+        truth = bank
     with _stage_progress() as advance:
-        data = load_bank(engine)
+        data = (
+            BankData.from_folder(bank) if bank is not None else load_bank(_engine_ready(settings))
+        )
         holdout = run_evaluation(
-            data, as_of=day, horizon_days=horizon_days, truth_dir=truth, progress=advance
+            data,
+            as_of=day,
+            horizon_days=horizon_days,
+            truth_dir=truth,
+            config=config,
+            progress=advance,
+            outcome_comparison=True,
         )
         advance("writing the report", 1.0)
         write_evaluation_report(holdout, report, data=data)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -59,6 +60,15 @@ class Settings(BaseSettings):
         description=(
             "A new model version becomes active only if its holdout MAP@3 is at least the "
             "active version's times (1 - tolerance)."
+        ),
+    )
+
+    forced_sales: Literal["keep", "drop"] = Field(
+        default="keep",
+        description=(
+            "Training labels of accepted offers: keep them as positives (they are what the "
+            "model is served to predict), or drop them (a push, not the customer's own "
+            "propensity; for banks whose sales push products). See TrainConfig.forced_sales."
         ),
     )
 
@@ -115,6 +125,15 @@ class Settings(BaseSettings):
         default=30,
         ge=0,
         description="After an NPS detractor answer (0-6) following an offer, no offers for this many days.",
+    )
+    audit_commit_lanes: int = Field(
+        default=2,
+        ge=1,
+        le=8,
+        description=(
+            "PostgreSQL: group commits of audit records in flight at once per worker, each "
+            "on its own connection (more lanes: less waiting for a commit, more connections)."
+        ),
     )
     poll_interval_seconds: float = Field(
         default=0.5,

@@ -2,6 +2,274 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 simulate_app = typer.Typer(help="Closed-loop simulation on the synthetic bank.")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+@simulate_app.callback(invoke_without_command=True)
+def simulate(
+    days: Annotated[int, typer.Option(min=1, help="Days to simulate.")] = 60,
+    customers: Annotated[
+        int, typer.Option(min=50, help="Customers of the synthetic bank.")
+    ] = 5_000,
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed, the same run.")] = 0,
+    start: Annotated[
+        str, typer.Option(help="First simulated day (the bank's history ends the day before).")
+    ] = "2026-01-01",
+    visits_per_month: Annotated[
+        float, typer.Option(min=0.0, help="Branch visits per customer per month.")
+    ] = 0.5,
+    control_share: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Control-group share (production's default is 5%; more narrows the interval).",
+        ),
+    ] = 0.3,
+    max_offers: Annotated[int, typer.Option(min=1, max=10, help="Offers asked per visit.")] = 3,
+    retrain_every: Annotated[
+        int, typer.Option(min=0, help="Days between retrainings (0: never).")
+    ] = 7,
+    window_days: Annotated[
+        int, typer.Option(min=1, help="Uplift window after the first contact, in days.")
+    ] = 30,
+    offer_effect: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help=(
+                "Scales the chance that a customer accepts an offer (1: their true "
+                "propensity; 0: offers are never accepted)."
+            ),
+        ),
+    ] = 1.0,
+    work: Annotated[
+        Path | None,
+        typer.Option(
+            help="Keep the bank, database and models in this (empty) folder; default: a "
+            "temporary folder, removed at the end."
+        ),
+    ] = None,
+    report: Annotated[
+        Path | None, typer.Option(help="Also write the results here (.json, else Markdown).")
+    ] = None,
+) -> None:
+    """Generate a synthetic bank, serve it for DAYS simulated days and measure the results.
+
+    Every day some customers visit their branch and ask the decision API for offers; they
+    answer by the ground truth, NPS answers and every customer's adoptions flow back
+    through the API, and the model retrains weekly. The end reports conversion, uplift
+    against the control group next to the true uplift the generator planted, and NPS.
+    """
+    from models.synthetic import OfferResponse
+    from service.simulation import SimulationConfig, run_simulation
+
+    try:
+        config = SimulationConfig(
+            customers=customers,
+            days=days,
+            seed=seed,
+            start=dt.date.fromisoformat(start),
+            visits_per_month=visits_per_month,
+            control_share=control_share,
+            max_offers=max_offers,
+            retrain_every_days=retrain_every,
+            uplift_window_days=window_days,
+            offer_response=OfferResponse(acceptance_multiplier=offer_effect),
+        )
+    except ValueError as exc:
+        err_console.print(f"invalid settings: {exc}")
+        raise typer.Exit(code=2) from None
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("starting", total=days)
+
+        def advance(stage: str, done: int, total: int) -> None:
+            progress.update(task, description=stage, completed=min(done, days))
+
+        if work is None:
+            with tempfile.TemporaryDirectory(prefix="nbo-simulation-") as folder:
+                result = run_simulation(config, Path(folder), progress=advance)
+        else:
+            if work.exists() and any(work.iterdir()):
+                err_console.print(f"--work {work} is not empty")
+                raise typer.Exit(code=2)
+            result = run_simulation(config, work, progress=advance)
+    _print(result)
+    if report is not None:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        if report.suffix == ".json":
+            report.write_text(json.dumps(summary(result), indent=2, default=str) + "\n")
+        else:
+            report.write_text(markdown(result))
+        console.print(f"report: {report}")
+
+
+def _pct(value: float | None, digits: int = 1) -> str:
+    return "" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def _pp(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:+.1f}"
+
+
+def _uplift_rows(result: Any) -> list[tuple[Any, Any]]:
+    """(measured, true) rows worth showing: the total, then products anyone adopted."""
+    truth = {row.product_code: row for row in result.true_uplift.rows}
+    rows = [(result.uplift.total, result.true_uplift.total)]
+    for row in result.uplift.rows:
+        if row.treated_adopters or row.control_adopters:
+            rows.append((row, truth.get(row.product_code)))
+    return rows
+
+
+def _print(result: Any) -> None:
+    config = result.config
+    period = config.period
+    total = result.conversion.total
+    conversion = Table(title=f"offers and answers, {period.start} to {period.end}")
+    for column in ("product", "offers", "accepted", "declined", "not now", "conversion"):
+        conversion.add_column(column, justify="left" if column == "product" else "right")
+    for row in [*result.conversion.rows, total]:
+        conversion.add_row(
+            row.key,
+            f"{row.offers:,}",
+            f"{row.accepted:,}",
+            f"{row.declined:,}",
+            f"{row.not_now:,}",
+            _pct(row.conversion),
+        )
+    console.print(conversion)
+
+    uplift = Table(
+        title=(
+            f"uplift: adoption within {config.uplift_window_days} days of the first contact, "
+            f"treated vs control ({_pct(config.control_share, 0)} of customers), in points"
+        )
+    )
+    for column in ("product", "treated", "control", "measured", "95% CI", "true", "in CI"):
+        uplift.add_column(column, justify="left" if column == "product" else "right")
+    for measured, truth in _uplift_rows(result):
+        true_value = None if truth is None else truth.difference
+        inside = (
+            measured.ci_low is not None
+            and measured.ci_high is not None
+            and true_value is not None
+            and measured.ci_low <= true_value <= measured.ci_high
+        )
+        uplift.add_row(
+            "any product" if measured.product_code == "(any)" else measured.product_code,
+            f"{_pct(measured.treated_rate)} ({measured.treated_customers:,})",
+            f"{_pct(measured.control_rate)} ({measured.control_customers:,})",
+            _pp(measured.difference),
+            "" if measured.ci_low is None else f"{_pp(measured.ci_low)}..{_pp(measured.ci_high)}",
+            _pp(true_value),
+            "[green]yes[/green]" if inside else "[red]no[/red]",
+            end_section=measured.product_code == "(any)",
+        )
+    console.print(uplift)
+
+    nps = result.nps.total
+    versions = [r for r in result.retrainings if r.activated]
+    lines = [
+        f"{result.visits:,} branch visits ({result.decisions_with_offers:,} with offers), "
+        f"{total.accepted:,} offers accepted of {total.presented:,} ({_pct(total.conversion)})",
+        f"adoptions: {result.adoptions_offer:,} through offers, "
+        f"{result.adoptions_organic:,} organic (treated and control alike)",
+        f"NPS {'n/a' if nps.nps is None else f'{nps.nps:+.1f}'} from {nps.responses:,} answers "
+        f"({nps.promoters:,} promoters, {nps.detractors:,} detractors)",
+        f"model versions: {len(result.retrainings)} trained, {len(versions)} activated live",
+        f"uplift (any product): measured {_pp(result.uplift.total.difference)} pp, "
+        f"true {_pp(result.true_difference())} pp: "
+        + (
+            "the experiment recovers the planted effect."
+            if result.recovered()
+            else "the true value is outside the interval."
+        ),
+        f"{result.seconds:.0f} s",
+    ]
+    for line in lines:
+        console.print(line)
+
+
+def summary(result: Any) -> dict[str, Any]:
+    """The results as plain JSON-ready data."""
+    config = result.config
+    return {
+        "config": {
+            **{k: v for k, v in asdict(config).items() if k not in ("train_config",)},
+            "train_config": config.train_config.to_dict(),
+        },
+        "visits": result.visits,
+        "decisions_with_offers": result.decisions_with_offers,
+        "adoptions_organic": result.adoptions_organic,
+        "adoptions_offer": result.adoptions_offer,
+        "conversion": asdict(result.conversion.total),
+        "conversion_by_product": [asdict(row) for row in result.conversion.rows],
+        "uplift": asdict(result.uplift.total),
+        "true_uplift": result.true_difference(),
+        "recovered": result.recovered(),
+        "uplift_by_product": [
+            {**asdict(measured), "true_difference": None if truth is None else truth.difference}
+            for measured, truth in _uplift_rows(result)[1:]
+        ],
+        "nps": asdict(result.nps.total),
+        "nps_by_branch": [asdict(row) for row in result.nps.rows],
+        "retrainings": [asdict(r) for r in result.retrainings],
+        "seconds": result.seconds,
+    }
+
+
+def markdown(result: Any) -> str:
+    """The results as a short Markdown report."""
+    config = result.config
+    period = config.period
+    total = result.conversion.total
+    nps = result.nps.total
+    out = [
+        f"# nbo simulation: {config.customers:,} customers, {period.start} to {period.end}",
+        "",
+        f"- branch visits: {result.visits:,} ({result.decisions_with_offers:,} with offers)",
+        f"- offers accepted: {total.accepted:,} of {total.presented:,} ({_pct(total.conversion)})",
+        f"- NPS: {'n/a' if nps.nps is None else f'{nps.nps:+.1f}'} ({nps.responses:,} answers)",
+        f"- control group: {_pct(config.control_share, 0)} of customers",
+        "",
+        f"## Uplift: adoption within {config.uplift_window_days} days of the first contact",
+        "",
+        "| product | treated | control | measured (pp) | 95% CI (pp) | true (pp) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for measured, truth in _uplift_rows(result):
+        ci = "" if measured.ci_low is None else f"{_pp(measured.ci_low)} .. {_pp(measured.ci_high)}"
+        out.append(
+            f"| {measured.product_code} | {_pct(measured.treated_rate)} of "
+            f"{measured.treated_customers:,} | {_pct(measured.control_rate)} of "
+            f"{measured.control_customers:,} | {_pp(measured.difference)} | {ci} | "
+            f"{_pp(None if truth is None else truth.difference)} |"
+        )
+    out += ["", "## Model versions", ""]
+    for r in result.retrainings:
+        state = "activated" if r.activated else "not activated"
+        out.append(f"- {r.day}: {r.version} ({state}; {r.reason})")
+    return "\n".join(out) + "\n"

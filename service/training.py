@@ -6,12 +6,12 @@ import datetime as dt
 import json
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 
 from models.artifacts import BundleError, load_bundle, save_bundle
 from models.data import BankData
@@ -70,7 +70,32 @@ def load_bank(engine: Engine) -> BankData:
             ),
             conn,
         )
-    return BankData.from_frames(products, customers, adoptions, attribute_kinds=kinds)
+        outcomes = read_outcomes(conn)
+    return BankData.from_frames(
+        products, customers, adoptions, attribute_kinds=kinds, outcomes=outcomes
+    )
+
+
+def read_outcomes(conn: Connection) -> pd.DataFrame | None:
+    """Every recorded offer outcome as :data:`models.data.OUTCOME_COLUMNS`; None when
+    the bank has recorded none (then models have no outcome features).
+
+    ``occurred_at`` is when the outcome was recorded (UTC, time-zone naive). Offers to
+    customers not in the database (cold start) are left out.
+    """
+    frame = pd.read_sql(
+        text(
+            "SELECT c.external_id AS customer_id, p.code AS product_code, oo.outcome, "
+            "oo.created_at AS occurred_at FROM offer_outcomes oo "
+            "JOIN offers o ON o.id = oo.offer_id JOIN customers c ON c.id = o.customer_id "
+            "JOIN products p ON p.id = o.product_id ORDER BY oo.id"
+        ),
+        conn,
+    )
+    if frame.empty:
+        return None
+    occurred = pd.to_datetime(frame["occurred_at"], utc=True, format="ISO8601")
+    return frame.assign(occurred_at=occurred.dt.tz_localize(None))
 
 
 @dataclass(frozen=True)
@@ -88,6 +113,10 @@ def default_as_of(data: BankData) -> dt.date:
     return (data.adoptions["adopted_at"].max() + pd.Timedelta(days=1)).date()
 
 
+WITHOUT_OUTCOMES = "blend without outcome features"
+"""The comparison row of the served blend trained without offer outcome features."""
+
+
 def evaluate(
     data: BankData,
     *,
@@ -96,12 +125,20 @@ def evaluate(
     truth_dir: Path | None = None,
     config: TrainConfig | None = None,
     progress: Callable[[str, float], None] | None = None,
+    outcome_comparison: bool = False,
 ) -> HoldoutResult:
     """The temporal holdout of ``data`` ending at ``as_of``, with the oracle row when the
-    bank is synthetic and ``truth_dir`` (the generated bank folder) is given."""
+    bank is synthetic and ``truth_dir`` (the generated bank folder) is given.
+
+    With ``outcome_comparison``, when the data has offer outcomes and ``config`` uses
+    them, the holdout is run a second time without outcome features and its blend is
+    added to the comparison as :data:`WITHOUT_OUTCOMES` (same cutoff, candidates and
+    adoptions), so the table shows what learning from outcomes adds.
+    """
     as_of = as_of or default_as_of(data)
+    config = config or TrainConfig()
     references = {"oracle": truth_reference(truth_dir)} if truth_dir is not None else None
-    return holdout_evaluation(
+    holdout = holdout_evaluation(
         data,
         as_of=as_of,
         horizon_days=horizon_days,
@@ -109,6 +146,24 @@ def evaluate(
         progress=(lambda stage, f: progress(f"holdout: {stage}", f)) if progress else None,
         references=references,
     )
+    has_outcomes = data.outcomes is not None and not data.outcomes.empty
+    if not (outcome_comparison and has_outcomes and config.outcome_features):
+        return holdout
+    plain = holdout_evaluation(
+        data,
+        as_of=as_of,
+        horizon_days=horizon_days,
+        config=replace(config, outcome_features=False),
+        progress=(
+            (lambda stage, f: progress(f"holdout without outcomes: {stage}", f))
+            if progress
+            else None
+        ),
+    )
+    ranked = dict(holdout.ranked)
+    ranked[WITHOUT_OUTCOMES] = plain.ranked["blend"]
+    comparison = compare(ranked, holdout.actual, ks=(1, 3, 5))
+    return replace(holdout, ranked=ranked, comparison=comparison)
 
 
 def write_evaluation_report(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -465,3 +466,87 @@ def test_berka_loans_are_predicted() -> None:
     adopted = outcomes_after(data, loans, as_of)
     assert adopted.sum() >= 30
     assert roc_auc_score(adopted, loans["propensity"]) > 0.8
+
+
+# --------------------------------------------------------------------------- offer outcomes
+
+
+OFFERED_AS_OF = pd.Timestamp("2026-01-01")
+SMALL_MODEL = TrainConfig(n_cutoffs=3, max_rounds=60, rules=False, num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def offered() -> BankData:
+    """A synthetic bank with an offer history: declines damp products for months."""
+    bank = generate_bank(4_000, seed=9, offers_per_month=0.3)
+    return BankData.from_frames(
+        bank.products, bank.customers, bank.adoptions, outcomes=bank.outcomes
+    )
+
+
+@pytest.fixture(scope="module")
+def offered_model(offered: BankData) -> PropensityModel:
+    return train(offered, as_of=OFFERED_AS_OF, config=SMALL_MODEL)
+
+
+def test_recent_declines_are_learnt(offered_model: PropensityModel) -> None:
+    assert offered_model.spec.outcome_kinds == ("declined",)
+    importance = offered_model.feature_importance()
+    declined = importance[importance["feature"].str.startswith("declined_recently_")]
+    assert declined["gain"].sum() > 0
+    assert declined["splits"].sum() > 0
+
+
+def test_one_customer_path_sees_declines_as_the_batch_does(
+    offered: BankData, offered_model: PropensityModel
+) -> None:
+    assert offered.outcomes is not None
+    recent = offered.outcomes[
+        (offered.outcomes["outcome"] == "declined")
+        & (offered.outcomes["occurred_at"] >= OFFERED_AS_OF - pd.Timedelta(days=60))
+    ]
+    customers = recent["customer_id"].drop_duplicates().iloc[:40].tolist()
+    batch = offered_model.score(offered, as_of=OFFERED_AS_OF)
+    batch = batch[batch["customer_id"].isin(customers)].set_index(["customer_id", "product_code"])
+    column = offered_model.spec.columns.index(f"declined_recently_{recent['product_code'].iloc[0]}")
+    state = offered.customer_state(str(recent["customer_id"].iloc[0]))
+    row = offered_model.builder.for_customer(state, as_of=OFFERED_AS_OF)
+    assert row[column] >= 1
+    for customer in customers:
+        state = offered.customer_state(customer)
+        for score in offered_model.score_customer(state, as_of=OFFERED_AS_OF):
+            expected = batch.loc[(customer, score.product_code), "propensity"]
+            assert score.propensity == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_outcome_features_can_be_left_out(offered: BankData) -> None:
+    plain = train(offered, as_of=OFFERED_AS_OF, config=replace(SMALL_MODEL, outcome_features=False))
+    assert plain.spec.outcome_kinds == ()
+    assert not any(c.startswith("declined_recently_") for c in plain.spec.columns)
+
+
+def test_accepted_offers_are_positives_unless_forced_sales_are_dropped(
+    offered: BankData, offered_model: PropensityModel
+) -> None:
+    """Accepted offers are adoptions, so labels; ``drop`` leaves their rows out."""
+    dropped = train(offered, as_of=OFFERED_AS_OF, config=replace(SMALL_MODEL, forced_sales="drop"))
+    assert "forced_sales_dropped" not in offered_model.report
+    assert dropped.report["forced_sales_dropped"] > 0
+
+    def positives(model: PropensityModel, kind: str) -> int:
+        return sum(m[f"{kind}_positives"] for m in model.report["products"].values())
+
+    for kind in ("train", "validation"):
+        assert positives(dropped, kind) < positives(offered_model, kind)
+    # The positives lost are the accepted offers in the label windows, no more.
+    lost = positives(offered_model, "validation") - positives(dropped, "validation")
+    assert offered.outcomes is not None
+    validation = pd.Timestamp(offered_model.window["validation_cutoff"])
+    window = offered.outcomes[
+        (offered.outcomes["outcome"] == "accepted")
+        & (offered.outcomes["occurred_at"] >= validation)
+        & (offered.outcomes["occurred_at"] < validation + HORIZON)
+    ]
+    assert 0 < lost <= len(window)
+    with pytest.raises(ValueError, match="forced_sales"):
+        TrainConfig(forced_sales="maybe")  # type: ignore[arg-type]

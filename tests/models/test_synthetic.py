@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from models.data import ADOPTION_COLUMNS, PRODUCT_COLUMNS
+from models.data import ADOPTION_COLUMNS, OUTCOME_COLUMNS, PRODUCT_COLUMNS
 from models.synthetic import (
     CUSTOMER_COLUMNS,
+    DAYS_PER_MONTH,
+    OUTCOME_VALUES,
+    LiveBank,
+    NpsRule,
+    OfferResponse,
     SyntheticBank,
     TruthModel,
     generate_bank,
+    offer_acceptance,
     read_truth,
     true_propensities,
     write_bank,
@@ -27,6 +35,12 @@ DAY = pd.Timedelta(days=1)
 def bank() -> SyntheticBank:
     """Big enough for rates per product to be measured within a few percent."""
     return generate_bank(25_000, seed=11)
+
+
+@pytest.fixture(scope="module")
+def offered() -> SyntheticBank:
+    """A bank with an offer history: a third of the customers offered something monthly."""
+    return generate_bank(8_000, seed=5, offers_per_month=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +220,9 @@ def test_adoptions_are_consistent(bank: SyntheticBank) -> None:
     assert set(first.product_code) == {"current_account", "student_account", "premium_account"}
 
 
-def test_eligibility_holds_at_adoption_time(bank: SyntheticBank) -> None:
+@pytest.mark.parametrize("which", ["bank", "offered"])
+def test_eligibility_holds_at_adoption_time(which: str, request: pytest.FixtureRequest) -> None:
+    bank: SyntheticBank = request.getfixturevalue(which)
     products = {p.code: p for p in bank.truth.products}
     a = bank.adoptions.merge(
         bank.customers[["customer_id", "segment", "birth_date", "joined_at"]], on="customer_id"
@@ -398,3 +414,176 @@ def test_oracle_lists_unheld_eligible_products(bank: SyntheticBank) -> None:
         birth[students].reset_index(drop=True), pd.Series(day, index=range(len(students)))
     )
     assert (ages <= 26).all()
+
+
+# --------------------------------------------------------------------------- offers
+
+
+def test_acceptance_is_the_true_propensity_over_the_horizon() -> None:
+    response = OfferResponse()
+    hazard = np.array([0.0, 0.01, 0.2, 0.95])
+    expected = 1 - (1 - hazard) ** (90 / DAYS_PER_MONTH)
+    np.testing.assert_allclose(response.acceptance(hazard), expected)
+    doubled = OfferResponse(acceptance_multiplier=2.0).acceptance(hazard)
+    np.testing.assert_allclose(doubled, np.minimum(2 * expected, 1.0))
+    assert OfferResponse(acceptance_multiplier=0.0, decline_multiplier=1.0).inert
+    with pytest.raises(ValueError, match="not_now_share"):
+        OfferResponse(not_now_share=1.5)
+
+
+def test_offer_response_round_trips_and_defaults_for_older_truths() -> None:
+    bank = generate_bank(50, seed=1, offer_response=OfferResponse(decline_multiplier=0.5))
+    again = TruthModel.from_json(bank.truth.to_json())
+    assert again == bank.truth and again.offer_response.decline_multiplier == 0.5
+    document = json.loads(bank.truth.to_json())
+    del document["offer_response"]
+    assert TruthModel.from_json(json.dumps(document)).offer_response == OfferResponse()
+
+
+def test_offer_settings_without_offers_change_nothing(small: SyntheticBank) -> None:
+    same = generate_bank(1_500, seed=3, offer_targeting=0.9)
+    assert same.outcomes is None
+    pd.testing.assert_frame_equal(same.adoptions, small.adoptions)
+
+
+def test_offer_history_is_well_formed(offered: SyntheticBank, tmp_path: Path) -> None:
+    outcomes = offered.outcomes
+    assert outcomes is not None
+    assert tuple(outcomes.columns) == OUTCOME_COLUMNS
+    assert set(outcomes.outcome) == set(OUTCOME_VALUES)
+    assert outcomes.occurred_at.between(
+        pd.Timestamp(offered.start), pd.Timestamp(offered.end)
+    ).all()
+    order = outcomes[["customer_id", "occurred_at"]]
+    assert order.equals(order.sort_values(["customer_id", "occurred_at"], kind="stable"))
+    # About offers_per_month offers a customer-month (fewer while customers join).
+    months = (pd.Timestamp(offered.end) - offered.customers.joined_at).dt.days / DAYS_PER_MONTH
+    assert 0.25 * months.sum() < len(outcomes) < 0.3 * months.sum()
+    # Every accepted offer is an adoption that day; no offer is of a product then held.
+    accepted = outcomes[outcomes.outcome == "accepted"]
+    adopted = accepted.merge(
+        offered.adoptions,
+        left_on=["customer_id", "product_code", "occurred_at"],
+        right_on=["customer_id", "product_code", "adopted_at"],
+    )
+    assert len(adopted) == len(accepted) > 100
+    for code, mine in outcomes.groupby("product_code"):
+        events = mine[["customer_id"]].assign(day=mine.occurred_at - DAY).reset_index(drop=True)
+        assert not _held_at(offered.adoptions, str(code), events).any(), code
+    written = write_bank(offered, tmp_path)
+    assert pd.read_csv(written["outcomes"]).shape == outcomes.shape
+
+
+def test_customers_accept_offers_with_their_true_propensity(offered: SyntheticBank) -> None:
+    """Acceptances in the last year match the response model's probabilities (the
+    generator judges an offer on its month's opening state, the function on its day)."""
+    outcomes = offered.outcomes
+    assert outcomes is not None
+    recent = outcomes[outcomes.occurred_at >= pd.Timestamp("2025-01-01")]
+    chance = offer_acceptance(
+        offered.truth,
+        offered.customers,
+        offered.adoptions,
+        offered.personas,
+        recent.rename(columns={"occurred_at": "offered_at"}),
+        outcomes=outcomes,
+    )
+    accepted = int((recent.outcome == "accepted").sum())
+    expected = float(chance.sum())
+    assert accepted > 100
+    assert abs(accepted - expected) < 4 * np.sqrt(expected) + 0.05 * expected, (accepted, expected)
+    # Those who accepted had the higher chances.
+    assert chance[(recent.outcome == "accepted").to_numpy()].mean() > 3 * chance.mean()
+
+
+def test_a_decline_damps_the_product_for_months(offered: SyntheticBank) -> None:
+    """Over the next 30 days (one month), a product declined in the last six months is
+    a quarter as likely; nothing else changes."""
+    outcomes = offered.outcomes
+    assert outcomes is not None
+    as_of = offered.end
+    args = (offered.truth, offered.customers, offered.adoptions, offered.personas)
+    damped = true_propensities(*args, as_of=as_of, horizon_days=30, outcomes=outcomes)
+    plain = true_propensities(*args, as_of=as_of, horizon_days=30)
+    key = ["customer_id", "product_code"]
+    both = damped.merge(plain, on=key, suffixes=("", "_plain"))
+    both["product_code"] = both["product_code"].astype(str)
+    declines = outcomes[outcomes.outcome == "declined"]
+    last = declines.groupby(key).occurred_at.max().rename("declined").reset_index()
+    marked = both.merge(last, on=key, how="left")
+    window = pd.Timedelta(days=6 * DAYS_PER_MONTH)
+    month = pd.Timestamp(as_of) + DAY
+    recent = (month - marked.declined < window - DAY).to_numpy()
+    never = (marked.declined.isna() | (month - marked.declined > window + DAY)).to_numpy()
+    assert recent.sum() > 1_000 and never.sum() > 5 * recent.sum()
+    possible = recent & (marked.probability_plain > 0).to_numpy()
+    ratio = marked.probability[possible] / marked.probability_plain[possible]
+    np.testing.assert_allclose(ratio, 0.25, rtol=0.05)
+    np.testing.assert_array_equal(marked.probability[never], marked.probability_plain[never])
+
+
+def test_live_bank_adopts_like_the_oracle(bank: SyntheticBank) -> None:
+    live = LiveBank(bank, seed=2)
+    organic = sum(len(live.end_day()) for _ in range(31))
+    expected = true_propensities(
+        bank.truth, bank.customers, bank.adoptions, bank.personas, as_of=bank.end, horizon_days=31
+    ).probability.sum()
+    assert abs(organic - expected) < 0.12 * expected, (organic, expected)
+    assert live.day == bank.end + dt.timedelta(days=31)
+    # Never offered anything, every customer lives exactly as their twin.
+    assert [(c, k, d) for c, k, d, _ in live.adoptions] == live.twin_adoptions
+
+
+def test_live_bank_answers_offers_by_the_truth(small: SyntheticBank) -> None:
+    strong = OfferResponse(acceptance_multiplier=1_000.0, not_now_share=0.0)
+    bank = SyntheticBank(**{**vars(small), "truth": replace(small.truth, offer_response=strong)})
+    live = LiveBank(bank, seed=0)
+    customer = "C0000010"
+    chances = {code: live.acceptance(customer, code) for code in live.product_codes}
+    held = {code for code in chances if live.holds(customer, code)}
+    assert all(chances[code] == 0.0 for code in held)
+    code = max(chances, key=lambda c: chances[c])
+    assert chances[code] == 1.0
+    assert live.answer(customer, code) == ("accepted", 1.0)
+    assert live.holds(customer, code) and live.acceptance(customer, code) == 0.0
+    assert live.adoptions == [
+        (
+            live.position(customer),
+            live.product_codes.index(code),
+            (bank.end - dt.date(1970, 1, 1)).days + 1,
+            "offer",
+        )
+    ]
+
+    weak = OfferResponse(acceptance_multiplier=0.5, not_now_share=0.0, decline_multiplier=0.25)
+    bank = SyntheticBank(**{**vars(small), "truth": replace(small.truth, offer_response=weak)})
+    live = LiveBank(bank, seed=0)
+    other = min((c for c in chances if chances[c] > 0), key=lambda c: chances[c])
+    before = live.acceptance(customer, other)
+    outcome, chance = live.answer(customer, other)
+    assert (outcome, chance) == ("declined", before)
+    # The hazard is damped from the next day on: the twin keeps the undamped one.
+    live.end_day()
+    assert live.acceptance(customer, other) == pytest.approx(
+        weak.acceptance(_hazard_from(weak, before) * 0.25), rel=0.05
+    )
+
+
+def _hazard_from(response: OfferResponse, acceptance: float) -> float:
+    months = response.acceptance_horizon_days / DAYS_PER_MONTH
+    return float(1 - (1 - acceptance / response.acceptance_multiplier) ** (1 / months))
+
+
+def test_feedback_makes_detractors_of_irrelevant_offers() -> None:
+    rule = NpsRule()
+    promoter, detractor = rule.chances(offered=True, accepted=True, best=0.3)
+    assert promoter > 0.5 and detractor < 0.1
+    assert rule.chances(offered=False, accepted=False, best=0.0) == (rule.promoter, rule.detractor)
+    relevant = rule.chances(offered=True, accepted=False, best=0.2)[1]
+    irrelevant = rule.chances(offered=True, accepted=False, best=0.001)[1]
+    assert irrelevant > relevant + 0.25
+    rng = np.random.default_rng(0)
+    scores = [rule.draw(rng, offered=True, accepted=False, best=0.0) for _ in range(2_000)]
+    share = np.mean(np.array(scores) <= 6)
+    assert abs(share - rule.detractor - rule.irrelevant_detractor) < 0.03
+    assert set(scores) <= set(range(11))
