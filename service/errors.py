@@ -62,6 +62,10 @@ class Invalid(Problem):
     status, title, slug = 422, "Unprocessable Content", "validation"
 
 
+class TooLarge(Problem):
+    status, title, slug = 413, "Content Too Large", "too-large"
+
+
 class Conflict(Problem):
     status, title, slug = 409, "Conflict", "conflict"
 
@@ -77,36 +81,45 @@ def problem_response(status: int, title: str, detail: str, slug: str, **extra: A
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
 
 
+def render_problem(exc: Problem, path: str) -> JSONResponse:
+    """The answer to a :class:`Problem` raised while serving ``path``."""
+    return JSONResponse(
+        exc.body(path), status_code=exc.status, media_type=PROBLEM_JSON, headers=exc.headers
+    )
+
+
+def render_invalid(exc: RequestValidationError, path: str) -> JSONResponse:
+    """The 422 answer to a validation error, each field named (``body.max_offers``)."""
+    errors = [
+        {"field": ".".join(str(part) for part in error["loc"]), "message": error["msg"]}
+        for error in exc.errors()
+    ]
+    detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+    return problem_response(
+        422, "Unprocessable Content", detail, "validation", errors=errors, instance=path
+    )
+
+
+def render_unexpected(path: str) -> JSONResponse:
+    """The 500 answer: nothing internal is said (the caller logs the traceback)."""
+    return problem_response(
+        500,
+        "Internal Server Error",
+        "An unexpected error occurred; it has been logged.",
+        "internal",
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Render every error of ``app`` as problem+json."""
 
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
-        return JSONResponse(
-            exc.body(request.url.path),
-            status_code=exc.status,
-            media_type=PROBLEM_JSON,
-            headers=exc.headers,
-        )
+        return render_problem(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [
-            {
-                "field": ".".join(str(part) for part in error["loc"]),
-                "message": error["msg"],
-            }
-            for error in exc.errors()
-        ]
-        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
-        return problem_response(
-            422,
-            "Unprocessable Content",
-            detail,
-            "validation",
-            errors=errors,
-            instance=request.url.path,
-        )
+        return render_invalid(exc, request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -121,9 +134,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", extra={"path": request.url.path})
-        return problem_response(
-            500,
-            "Internal Server Error",
-            "An unexpected error occurred; it has been logged.",
-            "internal",
-        )
+        return render_unexpected(request.url.path)

@@ -44,7 +44,7 @@ from prometheus_client import (
     multiprocess,
     values,
 )
-from starlette.routing import BaseRoute, Match, Mount, Route
+from starlette.routing import BaseRoute, Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # FastAPI >= 0.165 keeps an included router as one route; the routes inside it
@@ -183,6 +183,14 @@ _model_lock = threading.Lock()
 _served_versions: set[str] = set()
 
 
+def set_business_figures(conversion: dict[tuple[str, str], float], nps: dict[str, float]) -> None:
+    """Publish the rolling conversion (by product and channel) and NPS (by branch)."""
+    for (product, channel), rate in conversion.items():
+        CONVERSION.labels(product, channel).set(rate)
+    for branch, score in nps.items():
+        NPS.labels(branch).set(score)
+
+
 def set_active_model(version: str | None) -> None:
     """Report ``version`` as the model version this process serves.
 
@@ -284,7 +292,6 @@ class _RouteTemplates:
         # id(route) -> (route, its full templates, each with the object that matches
         # it). The route is kept so that its id cannot pass to another object.
         self._index: dict[int, tuple[BaseRoute, list[tuple[str, Any]]]] = {}
-        self._plain: dict[Any, str] = {}
 
     def template(self, scope: Scope, path: str, root_path: str) -> str:
         """The route template of the routed request ``scope``, or ``"unmatched"``.
@@ -294,8 +301,7 @@ class _RouteTemplates:
         """
         route = scope.get("route")
         if route is None:
-            # A plain Starlette route (the decision hot path) leaves only its endpoint.
-            return self._plain_template(scope)
+            return UNMATCHED_ROUTE
         router = scope.get("router")
         routes = getattr(router, "routes", ())
         if router is not self._router or len(routes) != self._route_count:
@@ -319,24 +325,6 @@ class _RouteTemplates:
         if isinstance(getattr(matcher, "original_route", matcher), Mount):
             # "/prefix/{path}" of the mount, then the mounted app's own template.
             return template.removesuffix("/{path}") + own
-        return template
-
-    def _plain_template(self, scope: Scope) -> str:
-        endpoint = scope.get("endpoint")
-        if endpoint is None:
-            return UNMATCHED_ROUTE
-        template = self._plain.get(endpoint)
-        if template is None:
-            routes = getattr(scope.get("router"), "routes", ())
-            template = next(
-                (
-                    r.path_format
-                    for r in routes
-                    if isinstance(r, Route) and getattr(r, "endpoint", None) is endpoint
-                ),
-                UNMATCHED_ROUTE,
-            )
-            self._plain[endpoint] = template
         return template
 
     def _rebuild(self, router: Any, routes: Any) -> None:
@@ -368,6 +356,18 @@ def _first_match(request: Scope, candidates: list[tuple[str, Any]]) -> tuple[str
         if match is Match.PARTIAL and partial is None:
             partial = candidate
     return partial
+
+
+_request_children: dict[tuple[str, str, int], Any] = {}
+
+
+def observe_request(method: str, route: str, status: int, started: float) -> None:
+    """Count one request answered outside the middleware (the decision fast lane)."""
+    key = (method, route, status)
+    child = _request_children.get(key)
+    if child is None:
+        child = _request_children[key] = HTTP_REQUEST_SECONDS.labels(method, route, str(status))
+    child.observe(time.perf_counter() - started)
 
 
 class MetricsMiddleware:

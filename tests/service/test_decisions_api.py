@@ -6,6 +6,7 @@ test's fresh database), then every test drives the service as a teller system wo
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import shutil
 import threading
@@ -24,6 +25,7 @@ from models.eligibility import Catalogue, check_eligibility
 from models.propensity import TrainConfig, train
 from models.synthetic import generate_bank, write_bank
 from service import registry
+from service.app import _publish_figures as publish_figures
 from service.app import create_app
 from service.auth import create_key
 from service.db import make_engine, unit_of_work
@@ -521,6 +523,12 @@ def test_keys_scopes_and_problem_details(make_service: Any) -> None:
     long_id = service.decide("C" * 129)
     assert long_id.status_code == 422
     assert long_id.json()["errors"][0]["field"] == "path.customer_id"
+    huge = service.client.post(
+        url,
+        content=b" " * 70_000,
+        headers={**service.auth("teller"), "content-type": "application/json"},
+    )
+    assert huge.status_code == 413 and huge.json()["status"] == 413
     # A caller without a key learns nothing about the body: 401 before validation.
     assert service.client.post(url, json={"channel": "fax"}).status_code == 401
 
@@ -600,6 +608,28 @@ def test_feedback_is_validated_tied_to_the_contact_and_idempotent(make_service: 
     rows = service.sql("SELECT kind, score, staff_id FROM feedback ORDER BY id")
     assert [tuple(r) for r in rows] == [("nps", 9, "S7"), ("csat", 3, None)]
     assert _counter(service, 'nbo_feedback_total{kind="nps"}') == received + 1
+    # The rolling business figures reach Prometheus as gauges.
+    offer = decision["offers"][0]
+    accepted = service.client.post(
+        f"/v1/offers/{offer['offer_id']}/outcome",
+        json={"outcome": "accepted"},
+        headers=service.auth("teller"),
+    )
+    assert accepted.status_code == 201
+    asyncio.run(publish_figures(service.client.app.state.serving))  # type: ignore[attr-defined]
+    code = offer["product_code"]
+    assert _sample(service, "nbo_conversion_ratio", product=code, channel="branch") == 1.0
+    assert _sample(service, "nbo_nps_score", branch="B3") == 100.0
+
+
+def _sample(service: Service, name: str, **labels: str) -> float | None:
+    """A sample's value whatever the order of its labels (multiprocess mode sorts them)."""
+    wanted = {f'{k}="{v}"' for k, v in labels.items()}
+    for line in service.client.get("/metrics").text.splitlines():
+        head, _, value = line.rpartition(" ")
+        if head.startswith(name + "{") and set(head[len(name) + 1 : -1].split(",")) == wanted:
+            return float(value)
+    return None
 
 
 def _counter(service: Service, sample: str) -> float:
