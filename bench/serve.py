@@ -35,7 +35,10 @@ local server) or a SQLite file, then ``nbo db upgrade``, ``nbo import bank``,
 ``nbo train`` and ``nbo keys create --name bench --role teller --quiet``, with
 ``NBO_DATABASE_URL`` and ``NBO_DATA_DIR`` set for the child. If the key command
 fails the runs go on without a key (and the decision answers will likely be 401s).
-Other ``NBO_*`` variables in the environment reach the service unchanged.
+Other ``NBO_*`` variables in the environment reach the service unchanged. The
+frequency cap is lifted (``NBO_FREQUENCY_CAP=1000000`` unless set): customers are drawn
+at random and asked many times a run, and capped customers would get fewer offers, so
+later runs would do less work; the report gives the offers recorded per decision.
 
 Customer ids are drawn at random per request from the generated customers file
 (``bench/wrk/decision.lua``). wrk is installed with apt-get when missing and the
@@ -78,6 +81,7 @@ HOST = "127.0.0.1"
 SEED = 1
 DECISION_BODY = {"channel": "branch", "staff_id": "S1", "branch_id": "B1", "max_offers": 3}
 TARGET_RATIO = 0.5
+FREQUENCY_CAP = 1_000_000
 TARGET_P99_MS = 10.0
 
 
@@ -226,12 +230,16 @@ def database_identity(kind: str) -> int | None:
 
 
 def count_decisions(url: str) -> int:
+    return count_rows(url, "decisions")
+
+
+def count_rows(url: str, table: str) -> int:
     from sqlalchemy import create_engine, text
 
     engine = create_engine(url)
     try:
         with engine.connect() as conn:
-            return int(conn.execute(text("SELECT count(*) FROM decisions")).scalar_one())
+            return int(conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one())
     finally:
         engine.dispose()
 
@@ -432,10 +440,15 @@ def bare_server(folder: Path, workers: int, name: str = "bare") -> Server:
 def decision_server(database: Database, workers: int) -> Server:
     port = free_port()
     argv = [nbo_command(), "serve", "--host", HOST, "--port", str(port), "--workers", str(workers)]
+    env = dict(database.env)
+    # The load draws customers at random, so within a run most are asked several times;
+    # with the default cap (3 offers of a product per 30 days) later runs would answer
+    # fewer offers, write less and look faster. Lifted, every run does the same work.
+    env.setdefault("NBO_FREQUENCY_CAP", str(FREQUENCY_CAP))
     return Server(
         "decision",
         argv,
-        database.env,
+        env,
         database.folder,
         database.folder / "decision-server.log",
         port,
@@ -525,6 +538,7 @@ def measure(
         section.probe = probe(url, first_id, key)
         say(f"probe: POST /v1/customers/{first_id}/decisions -> {section.probe}")
     rows_before = count_decisions(database.url) if database else None
+    offers_before = count_rows(database.url, "offers") if database else None
     answered = 0  # 2xx decision answers, warm-up included: all of them must be recorded
 
     if args.warmup > 0:
@@ -551,8 +565,10 @@ def measure(
         if args.sigkill and decision:
             decision.stop(kill=True)
         rows = count_decisions(database.url) - rows_before
+        offers = count_rows(database.url, "offers") - (offers_before or 0)
         section.durability = {
             "rows_added": rows,
+            "offers_per_decision": offers / rows if rows else 0.0,
             "answered_2xx": answered,
             "ok": rows >= answered,
             "after_sigkill": bool(args.sigkill and decision),
@@ -654,6 +670,10 @@ def report(sections: list[Section], info: dict[str, Any], args: argparse.Namespa
                     else ""
                 )
                 + (f" ({-extra:,} missing)" if extra < 0 else "")
+            )
+            print(
+                f"work per decision: {d['offers_per_decision']:.2f} offers recorded on average "
+                f"(NBO_FREQUENCY_CAP={os.environ.get('NBO_FREQUENCY_CAP', FREQUENCY_CAP)})"
             )
         elif section.decision:
             print("durability: not checked (no database known for this target)")

@@ -273,6 +273,10 @@ def _decide(
             )
         else:
             base["note"] = "contact policy: no offers to this customer at the moment"
+    elif not offers and any(r in _POLICY_REASONS for r in ranking.suppressed.values()):
+        base["note"] = (
+            "contact policy: the products worth offering were declined or offered recently enough"
+        )
     elif not offers:
         base["note"] = "no product is likely enough to be worth offering now"
     base["result"] = "degraded" if snapshot.degraded else ("normal" if offers else "empty")
@@ -280,6 +284,9 @@ def _decide(
         base, body, entry, offers, state, snapshot, stamp, settings.workers > 1
     )
     return base
+
+
+_POLICY_REASONS = frozenset({"declined_recently", "frequency_cap"})
 
 
 def _offers(

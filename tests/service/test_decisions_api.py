@@ -209,6 +209,12 @@ def test_policies_decline_cooldown_frequency_cap_minimum_and_cap(make_service: A
     again = service.decide(customer, key="admin").json()
     assert offered.isdisjoint(o["product_code"] for o in again["offers"])
     assert all(again["suppressed"][code] == "frequency_cap" for code in offered)
+    # Asked until the cap holds back everything worth offering: the note says so.
+    for _ in range(10):
+        answer = service.decide(customer).json()
+        if not answer["offers"]:
+            break
+    assert answer["offers"] == [] and answer["note"].startswith("contact policy"), answer
 
     # A decline keeps the product away for the cooldown (frequency cap relaxed).
     relaxed = make_service(frequency_cap=100)
