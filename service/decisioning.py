@@ -8,6 +8,7 @@ its own, and the decision path free of hidden I/O.
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import hashlib
 from collections.abc import Mapping, Sequence
@@ -40,9 +41,14 @@ class ContactHistory:
     offers: dict[str, tuple[str, dt.datetime]] = field(default_factory=dict)
     declines: dict[str, dt.datetime] = field(default_factory=dict)
     detractor_at: dt.datetime | None = None
+    times: dict[str, list[dt.datetime]] = field(default_factory=dict)
+    """Per product, when it was offered (sorted): the frequency cap counts by bisection."""
 
     def add_offer(self, offer_id: str, product_code: str, at: dt.datetime) -> None:
+        if offer_id in self.offers:
+            return
         self.offers[offer_id] = (product_code, at)
+        bisect.insort(self.times.setdefault(product_code, []), at)
 
     def add_decline(self, product_code: str, at: dt.datetime) -> None:
         previous = self.declines.get(product_code)
@@ -54,13 +60,18 @@ class ContactHistory:
             self.detractor_at = at
 
     def offers_since(self, product_code: str, since: dt.datetime) -> int:
-        return sum(1 for code, at in self.offers.values() if code == product_code and at >= since)
+        times = self.times.get(product_code)
+        return 0 if not times else len(times) - bisect.bisect_left(times, since)
 
     def forget_before(self, cutoff: dt.datetime) -> None:
         """Drop offers older than any window can look at (bounds memory)."""
         stale = [key for key, (_, at) in self.offers.items() if at < cutoff]
         for key in stale:
             del self.offers[key]
+        for code, times in list(self.times.items()):
+            del times[: bisect.bisect_left(times, cutoff)]
+            if not times:
+                del self.times[code]
 
 
 @dataclass(frozen=True, slots=True)

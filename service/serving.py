@@ -124,6 +124,7 @@ GAP_SECONDS = 30.0
 """How long a skipped change-event id is looked for (a transaction's longest commit)."""
 MAX_GAPS = 10_000
 GC_YOUNG_THRESHOLD = 20_000
+HISTORY_TRIM = 64
 
 
 def _utcnow() -> dt.datetime:
@@ -232,6 +233,17 @@ class ServingState:
             self.history[customer].add_decline(code, _aware(at))
         for customer, at in detractors:
             self.history[customer].add_detractor(_aware(at))
+
+    def remember_offers(
+        self, customer: str, offers: Iterable[dict[str, Any]], at: dt.datetime
+    ) -> None:
+        """Add offers just made to the customer's history; past ``HISTORY_TRIM`` offers,
+        forget those older than the frequency window (nothing else reads them)."""
+        history = self.history[customer]
+        for offer in offers:
+            history.add_offer(offer["offer_id"], offer["product_code"], at)
+        if len(history.offers) > HISTORY_TRIM:
+            history.forget_before(at - dt.timedelta(days=self.settings.frequency_window_days))
 
     # ------------------------------------------------------------------ one customer
 

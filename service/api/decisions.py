@@ -163,8 +163,8 @@ async def _respond(
         if not durable:
             answer["degraded"] = True
             result = "degraded"
-        for offer in answer["offers"]:
-            state.history[customer_id].add_offer(offer["offer_id"], offer["product_code"], now)
+        if answer["offers"]:
+            state.remember_offers(customer_id, answer["offers"], now)
     _stage("record").observe(time.perf_counter() - recorded_at)
     _child(metrics.DECISIONS, body.channel, result).inc()
     for offer in answer["offers"]:

@@ -136,3 +136,19 @@ def test_control_group_is_deterministic_salted_and_of_the_configured_share() -> 
 def test_popular_products_excludes_and_breaks_ties_by_code() -> None:
     counts = {"a": 5, "b": 9, "c": 5, "d": 1}
     assert popular_products(counts, exclude=frozenset({"b"}), limit=2) == ["a", "c"]
+
+
+def test_history_counts_offers_per_product_window_once_each() -> None:
+    history = ContactHistory()
+    for i, days in enumerate([40, 20, 10, 10, 1]):
+        history.add_offer(f"o{i}", "card", NOW - dt.timedelta(days=days))
+    history.add_offer("o4", "card", NOW)  # a replayed event: counted once
+    history.add_offer("x", "loan", NOW - dt.timedelta(days=2))
+    assert history.offers_since("card", NOW - dt.timedelta(days=30)) == 4
+    assert history.offers_since("card", NOW - dt.timedelta(days=10)) == 3
+    assert history.offers_since("savings", NOW - dt.timedelta(days=30)) == 0
+    history.forget_before(NOW - dt.timedelta(days=15))
+    assert set(history.offers) == {"o2", "o3", "o4", "x"}
+    assert history.offers_since("card", NOW - dt.timedelta(days=30)) == 3
+    history.forget_before(NOW)
+    assert history.offers == {} and history.times == {}
