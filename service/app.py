@@ -83,11 +83,12 @@ async def _load(state: ServingState) -> None:
 
 
 async def _poll_forever(state: ServingState, interval: float) -> None:
-    figures_due = 0.0
+    every = state.settings.figures_interval_seconds
+    figures_due = time.monotonic() + min(every, 10.0)  # not while the worker warms up
     while True:
         await asyncio.sleep(interval)
-        if time.monotonic() >= figures_due:
-            figures_due = time.monotonic() + FIGURES_INTERVAL_SECONDS
+        if every and time.monotonic() >= figures_due:
+            figures_due = time.monotonic() + every
             await _publish_figures(state)
         try:
             if state.snapshot is None:
@@ -145,10 +146,6 @@ class NboApp(FastAPI):
             response = render_unexpected(path)
         await response(scope, receive, send)
         metrics.observe_request("POST", _DECISION_ROUTE, response.status_code, started)
-
-
-FIGURES_INTERVAL_SECONDS = 60.0
-"""How often each worker refreshes the rolling conversion and NPS gauges."""
 
 
 async def _publish_figures(state: ServingState) -> None:

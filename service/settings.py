@@ -126,6 +126,14 @@ class Settings(BaseSettings):
         ge=0,
         description="After an NPS detractor answer (0-6) following an offer, no offers for this many days.",
     )
+    figures_interval_seconds: float = Field(
+        default=300.0,
+        ge=0.0,
+        description=(
+            "How often each worker recomputes the rolling 7-day conversion and NPS gauges "
+            "from the database (a query over a week of offers); 0 turns them off."
+        ),
+    )
     audit_commit_lanes: int = Field(
         default=2,
         ge=1,
