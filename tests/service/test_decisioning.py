@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import itertools
 
 import numpy as np
@@ -152,3 +153,29 @@ def test_history_counts_offers_per_product_window_once_each() -> None:
     assert history.offers_since("card", NOW - dt.timedelta(days=30)) == 3
     history.forget_before(NOW)
     assert history.offers == {} and history.times == {}
+
+
+def test_history_counts_offers_arriving_out_of_order() -> None:
+    history = ContactHistory()
+    for i, days in enumerate([1, 20, 5, 40, 10]):
+        history.add_offer(f"o{i}", "card", NOW - dt.timedelta(days=days))
+    stamps = list(memoryview(history.times["card"]).cast("d"))
+    assert stamps == sorted(stamps) and len(stamps) == 5
+    assert history.offers_since("card", NOW - dt.timedelta(days=10)) == 3
+    assert history.offers_since("card", NOW - dt.timedelta(days=10, seconds=1)) == 3
+    assert history.offers_since("card", NOW - dt.timedelta(days=9)) == 2
+
+
+def test_history_gives_the_garbage_collector_nothing_to_scan() -> None:
+    # A worker holds one history per customer offered lately; containers the collector
+    # tracks would be re-scanned by every young collection (pauses under load).
+    history = ContactHistory()
+    gc.collect()
+    history.add_offer("o1", "card", NOW)
+    history.add_offer("o2", "loan", NOW)
+    history.add_decline("card", NOW)
+    history.add_detractor(NOW)
+    assert not gc.is_tracked(history.offers)
+    assert not gc.is_tracked(history.times)
+    assert not gc.is_tracked(history.declines)
+    assert not any(gc.is_tracked(times) for times in history.times.values())
