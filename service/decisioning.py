@@ -182,39 +182,47 @@ def rank(
         if now < until:
             return Ranking((), {code: "detractor" for code in product_codes}, until)
     limit = min(limit, policy.max_offers_per_contact)
-    # The filters that need no history, over all products at once (NaN compares False).
-    with np.errstate(invalid="ignore"):
-        passes = active & (propensity >= policy.min_propensity)
+    # Twenty-odd products: plain Python over lists costs less than numpy's per-call
+    # overhead on arrays this small. NaN (held or ineligible) fails the floor test.
+    floor = policy.min_propensity
     p = propensity.tolist()
-    expected = (propensity * values).tolist()
-    score = (propensity * values * weights).tolist()
-    order = sorted(np.flatnonzero(passes).tolist(), key=lambda k: (-score[k], product_codes[k]))
-    decline_since = now - dt.timedelta(days=policy.decline_cooldown_days)
-    window_since = now - dt.timedelta(days=policy.frequency_window_days)
+    value = values.tolist()
+    weight = weights.tolist()
+    live = active.tolist()
+    candidates = []
+    for k, pk in enumerate(p):
+        if pk >= floor and live[k]:
+            expected = pk * value[k]
+            candidates.append((-(expected * weight[k]), product_codes[k], k, expected))
+    candidates.sort()  # highest score first, ties by product code
     chosen: list[Choice] = []
-    for k in order:
-        code = product_codes[k]
-        if history is not None:
-            declined = history.declines.get(code)
-            if declined is not None and declined >= decline_since:
-                suppressed[code] = "declined_recently"
-                continue
-            if history.offers and history.offers_since(code, window_since) >= policy.frequency_cap:
-                suppressed[code] = "frequency_cap"
-                continue
-        if len(chosen) < limit:
-            chosen.append(Choice(k, code, p[k], expected[k], score[k]))
-        elif not explain:
-            break
+    if candidates:
+        decline_since = now - dt.timedelta(days=policy.decline_cooldown_days)
+        window_since = now - dt.timedelta(days=policy.frequency_window_days)
+        for negative_score, code, k, expected in candidates:
+            if history is not None:
+                declined = history.declines.get(code)
+                if declined is not None and declined >= decline_since:
+                    suppressed[code] = "declined_recently"
+                    continue
+                if (
+                    history.offers
+                    and history.offers_since(code, window_since) >= policy.frequency_cap
+                ):
+                    suppressed[code] = "frequency_cap"
+                    continue
+            if len(chosen) < limit:
+                chosen.append(Choice(k, code, p[k], expected, -negative_score))
+            elif not explain:
+                break
     if explain:
         for k, code in enumerate(product_codes):
-            if passes[k]:
-                continue
-            if p[k] != p[k]:  # NaN: held or not eligible
+            pk = p[k]
+            if pk != pk:  # NaN: held or not eligible
                 suppressed[code] = "held_or_ineligible"
-            elif not active[k]:
+            elif not live[k]:
                 suppressed[code] = "inactive"
-            else:
+            elif pk < floor:
                 suppressed[code] = "low_propensity"
     return Ranking(tuple(chosen), suppressed)
 
