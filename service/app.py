@@ -66,6 +66,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await poller
         await audit.close()
         engine.dispose()
+        metrics.flush_tallies()  # a worker's counts outlive it in the multiprocess sums
         metrics.mark_worker_dead(os.getpid())
 
 
@@ -87,6 +88,7 @@ async def _poll_forever(state: ServingState, interval: float) -> None:
     figures_due = time.monotonic() + min(every, 10.0)  # not while the worker warms up
     while True:
         await asyncio.sleep(interval)
+        metrics.flush_tallies()
         if every and time.monotonic() >= figures_due:
             figures_due = time.monotonic() + every
             await _publish_figures(state)

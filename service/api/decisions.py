@@ -35,8 +35,8 @@ CustomerId = Annotated[
 ]
 
 
-def _stage(name: str) -> Any:
-    return metrics.labelled(metrics.DECISION_STAGE_SECONDS, name)
+def _stage(name: str) -> metrics.Tally:
+    return metrics.tally(metrics.DECISION_STAGE_SECONDS, name)
 
 
 @router.post(
@@ -153,9 +153,9 @@ async def _respond(
         if answer["offers"]:
             state.remember_offers(customer_id, answer["offers"], now)
     _stage("record").observe(time.perf_counter() - recorded_at)
-    metrics.labelled(metrics.DECISIONS, body.channel, result).inc()
+    metrics.tally(metrics.DECISIONS, body.channel, result).inc()
     for offer in answer["offers"]:
-        metrics.labelled(metrics.OFFERS, offer["product_code"]).inc()
+        metrics.tally(metrics.OFFERS, offer["product_code"]).inc()
     del answer["result"]
     return Response(orjson.dumps(answer), media_type="application/json")
 

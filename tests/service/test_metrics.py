@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from fastapi import APIRouter, FastAPI
 from fastapi.testclient import TestClient
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from service import metrics
@@ -264,3 +264,31 @@ def test_multiprocess_sums_the_workers(tmp_path: Path, monkeypatch: pytest.Monke
         for name, labels, value in after_exit
         if name == "nbo_decisions_total" and labels["channel"] == "web"
     ] == [5.0]
+
+
+def test_tally_hands_prometheus_the_same_buckets_as_observing_directly() -> None:
+    registry = CollectorRegistry()
+    direct = Histogram(
+        "t_direct_seconds", "t", ["k"], buckets=(0.001, 0.01, 0.1), registry=registry
+    )
+    deferred = Histogram(
+        "t_tally_seconds", "t", ["k"], buckets=(0.001, 0.01, 0.1), registry=registry
+    )
+    counter = Counter("t_things", "t", ["k"], registry=registry)
+    values = [0.0005, 0.001, 0.0010001, 0.01, 0.05, 0.1, 0.2, 3.0]
+    tally = metrics.tally(deferred, "a")
+    for value in values:
+        direct.labels("a").observe(value)
+        tally.observe(value)
+        metrics.tally(counter, "a").inc()
+    assert registry.get_sample_value("t_tally_seconds_count", {"k": "a"}) == 0.0
+    metrics.flush_tallies()
+    metrics.flush_tallies()  # nothing pending: nothing added twice
+    for le in ("0.001", "0.01", "0.1", "+Inf"):
+        assert registry.get_sample_value(
+            "t_tally_seconds_bucket", {"k": "a", "le": le}
+        ) == registry.get_sample_value("t_direct_seconds_bucket", {"k": "a", "le": le}), le
+    assert registry.get_sample_value("t_tally_seconds_sum", {"k": "a"}) == pytest.approx(
+        sum(values)
+    )
+    assert registry.get_sample_value("t_things_total", {"k": "a"}) == len(values)
