@@ -179,3 +179,19 @@ def test_history_gives_the_garbage_collector_nothing_to_scan() -> None:
     assert not gc.is_tracked(history.times)
     assert not gc.is_tracked(history.declines)
     assert not any(gc.is_tracked(times) for times in history.times.values())
+
+
+def test_history_adds_offers_in_bulk_as_one_at_a_time() -> None:
+    stamps = [(NOW - dt.timedelta(days=d)).timestamp() for d in (25, 12, 3)]
+    one, bulk = ContactHistory(), ContactHistory()
+    one.add_offer("early", "card", NOW - dt.timedelta(days=40))
+    bulk.add_offer("early", "card", NOW - dt.timedelta(days=40))
+    for stamp, key in zip(stamps, ("a", "b", "c"), strict=True):
+        one.add_offer(key, "card", dt.datetime.fromtimestamp(stamp, dt.UTC))
+    bulk.add_offers("card", list(zip(stamps, ("a", "b", "c"), strict=True)))
+    bulk.add_offers("card", [(stamps[0], "a")])  # already known: nothing added
+    assert bulk.offers == one.offers and bulk.times == one.times
+    for days in (50, 30, 10, 1):
+        since = NOW - dt.timedelta(days=days)
+        assert bulk.offers_since("card", since) == one.offers_since("card", since)
+    assert not gc.is_tracked(bulk.times)
