@@ -121,8 +121,9 @@ def ensure_wrk() -> None:
     if os.geteuid() != 0:
         sys.exit("wrk is missing: install it (sudo apt-get install -y wrk) and run again")
     say("wrk is missing: apt-get install -y wrk")
-    subprocess.run(["apt-get", "update", "-qq"], check=True)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True)
+    # apt's chatter goes to stderr with the progress: stdout is the report.
+    subprocess.run(["apt-get", "update", "-qq"], check=True, stdout=sys.stderr)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True, stdout=sys.stderr)
 
 
 def free_port() -> int:
