@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from fastapi.exceptions import RequestValidationError
 
 from service import dashboard, db, metrics, reports
@@ -133,12 +133,10 @@ class NboApp(FastAPI):
 
     async def _decision_lane(self, scope: Any, receive: Any, send: Any, customer_id: str) -> None:
         started = time.perf_counter()
-        scope["app"] = self
-        scope["path_params"] = {"customer_id": customer_id}
         path = scope["path"]
         response: Response
         try:
-            response = await decisions.serve_decision(Request(scope, receive))
+            body = await decisions.serve_decision(self, scope, receive, customer_id)
         except Problem as exc:
             response = render_problem(exc, path)
         except RequestValidationError as exc:
@@ -146,6 +144,20 @@ class NboApp(FastAPI):
         except Exception:  # noqa: BLE001 - answered as a problem, logged with its traceback
             log.exception("unhandled error", extra={"path": path})
             response = render_unexpected(path)
+        else:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+            metrics.observe_request("POST", _DECISION_ROUTE, 200, started)
+            return
         await response(scope, receive, send)
         metrics.observe_request("POST", _DECISION_ROUTE, response.status_code, started)
 

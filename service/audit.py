@@ -332,6 +332,8 @@ class LoopAuditWriter(_Spool):
         self._pending: list[tuple[AuditRecord, asyncio.Future[bool]]] = []
         self._flushers: set[asyncio.Task[None]] = set()
         self._checked_spool = False
+        self._spooled = False  # this process spooled since the last look
+        self._next_look = 0.0
         self._stale: list[Any] = []
         self._sql = {flag: _pg_insert_all(ignore_duplicates=flag) for flag in (False, True)}
 
@@ -374,13 +376,24 @@ class LoopAuditWriter(_Spool):
             durable = await self._commit(records, ignore_duplicates=False)
             if not durable:
                 self._spool_records(records)
-            elif not self._checked_spool or self._spooled_files():
+                self._spooled = True
+            elif not self._checked_spool or self._spool_due():
                 # At start-up, or back from an outage: restore the trail before
                 # answering, so a caller who sees this answer also finds earlier ones.
                 await self._replay()
             for _, future in batch:
                 if not future.done():
                     future.set_result(durable)
+
+    def _spool_due(self) -> bool:
+        """Whether spooled records wait for replay: always after this process spooled,
+        and at most once a second a look at the folder (another worker's spool)."""
+        now = time.monotonic()
+        if not self._spooled and now < self._next_look:
+            return False
+        self._next_look = now + 1.0
+        self._spooled = False
+        return bool(self._spooled_files())
 
     async def _commit(self, records: Sequence[AuditRecord], *, ignore_duplicates: bool) -> bool:
         started = time.perf_counter()

@@ -851,6 +851,9 @@ def serve(
             workers=workers,
             log_level="warning",
             access_log=False,
+            # nbo reads no client address (it logs none): uvicorn's X-Forwarded-For
+            # middleware would only wrap every request for nothing.
+            proxy_headers=False,
         )
     finally:
         if metrics_dir is not None:

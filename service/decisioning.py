@@ -94,6 +94,13 @@ class ContactHistory:
         times = self.times.get(product_code)
         return 0 if not times else len(times) // 8 - _count_before(times, since.timestamp())
 
+    def capped(self, product_code: str, since: dt.datetime, cap: int) -> bool:
+        """Whether ``product_code`` was offered ``cap`` times or more since ``since``."""
+        times = self.times.get(product_code)
+        if times is None or len(times) < cap * 8:
+            return False  # too few offers ever to reach the cap: no need to count
+        return len(times) // 8 - _count_before(times, since.timestamp()) >= cap
+
     def forget_before(self, cutoff: dt.datetime) -> None:
         """Drop offers older than any window can look at (bounds memory)."""
         limit = cutoff.timestamp()
@@ -218,10 +225,7 @@ def rank(
                 if declined is not None and declined >= decline_since:
                     suppressed[code] = "declined_recently"
                     continue
-                if (
-                    history.offers
-                    and history.offers_since(code, window_since) >= policy.frequency_cap
-                ):
+                if history.capped(code, window_since, policy.frequency_cap):
                     suppressed[code] = "frequency_cap"
                     continue
             if len(chosen) < limit:

@@ -56,6 +56,8 @@ class CustomerEntry:
     """The day the customer was scored as of, when later than the snapshot's."""
     sequence: tuple[str, ...] | None = None
     """Products in order of first adoption before the scoring day (made on first use)."""
+    control: bool | None = None
+    """Whether the customer is in the control group (worked out on first use)."""
 
 
 @dataclass

@@ -148,6 +148,10 @@ def test_history_counts_offers_per_product_window_once_each() -> None:
     assert history.offers_since("card", NOW - dt.timedelta(days=30)) == 4
     assert history.offers_since("card", NOW - dt.timedelta(days=10)) == 3
     assert history.offers_since("savings", NOW - dt.timedelta(days=30)) == 0
+    assert history.capped("card", NOW - dt.timedelta(days=30), 4)
+    assert not history.capped("card", NOW - dt.timedelta(days=30), 5)
+    assert not history.capped("card", NOW - dt.timedelta(days=10), 4)
+    assert not history.capped("savings", NOW - dt.timedelta(days=30), 1)
     history.forget_before(NOW - dt.timedelta(days=15))
     assert set(history.offers) == {"o2", "o3", "o4", "x"}
     assert history.offers_since("card", NOW - dt.timedelta(days=30)) == 3
