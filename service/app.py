@@ -88,7 +88,10 @@ async def _poll_forever(state: ServingState, interval: float) -> None:
     figures_due = time.monotonic() + min(every, 10.0)  # not while the worker warms up
     while True:
         await asyncio.sleep(interval)
-        metrics.flush_tallies()
+        try:
+            metrics.flush_tallies()
+        except Exception:  # noqa: BLE001 - metrics must never stop the change poll
+            log.warning("metrics flush failed", exc_info=True)
         if every and time.monotonic() >= figures_due:
             figures_due = time.monotonic() + every
             await _publish_figures(state)
