@@ -25,7 +25,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,6 +196,19 @@ class _Spool:
             return []
         return sorted(p for p in self.spool_dir.glob("decisions-*.jsonl") if p.stat().st_size)
 
+    def _claimed_spools(self) -> Iterator[tuple[Any, Path, list[AuditRecord]]]:
+        """Each spool file holding records that no other worker is replaying, with its
+        records; the file stays open and locked until the caller asks for the next."""
+        for path in self._spooled_files():
+            with open(path, "r+", encoding="utf-8") as handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue  # another worker is replaying it
+                records = self._read_spool(handle)
+                if records:
+                    yield handle, path, records
+
     @staticmethod
     def _read_spool(handle: Any) -> list[AuditRecord]:
         return [
@@ -289,23 +302,15 @@ class AuditWriter(_Spool):
 
     def _replay(self) -> None:
         """Move spooled records (of any worker, past or present) into the database."""
-        for path in self._spooled_files():
-            with open(path, "r+", encoding="utf-8") as handle:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
-                    continue  # another worker is replaying it
-                records = self._read_spool(handle)
-                if not records:
-                    continue
-                try:
-                    with self.engine.begin() as conn:
-                        for sql, params in self._statements(records, ignore_duplicates=True):
-                            conn.exec_driver_sql(sql, params)
-                except Exception:  # noqa: BLE001 - still down: keep the spool
-                    log.warning("spool replay failed; will retry", extra={"file": path.name})
-                    return
-                self._clear_spool(handle, path, len(records))
+        for handle, path, records in self._claimed_spools():
+            try:
+                with self.engine.begin() as conn:
+                    for sql, params in self._statements(records, ignore_duplicates=True):
+                        conn.exec_driver_sql(sql, params)
+            except Exception:  # noqa: BLE001 - still down: keep the spool
+                log.warning("spool replay failed; will retry", extra={"file": path.name})
+                return
+            self._clear_spool(handle, path, len(records))
 
 
 class LoopAuditWriter(_Spool):
@@ -438,18 +443,10 @@ class LoopAuditWriter(_Spool):
 
     async def _replay(self) -> None:
         self._checked_spool = True
-        for path in self._spooled_files():
-            with open(path, "r+", encoding="utf-8") as handle:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
-                    continue  # another worker is replaying it
-                records = self._read_spool(handle)
-                if not records:
-                    continue
-                if not await self._commit(records, ignore_duplicates=True):
-                    return  # still down: keep the spool
-                self._clear_spool(handle, path, len(records))
+        for handle, path, records in self._claimed_spools():
+            if not await self._commit(records, ignore_duplicates=True):
+                return  # still down: keep the spool
+            self._clear_spool(handle, path, len(records))
 
 
 def _pg_insert_all(*, ignore_duplicates: bool) -> str:
