@@ -336,9 +336,8 @@ class LoopAuditWriter(_Spool):
         self._generation = 0
         self._pending: list[tuple[AuditRecord, asyncio.Future[bool]]] = []
         self._flushers: set[asyncio.Task[None]] = set()
-        self._checked_spool = False
         self._spooled = False  # this process spooled since the last look
-        self._next_look = 0.0
+        self._next_look = 0.0  # the first commit looks at the folder
         self._stale: list[Any] = []
         self._sql = {flag: _pg_insert_all(ignore_duplicates=flag) for flag in (False, True)}
 
@@ -382,7 +381,7 @@ class LoopAuditWriter(_Spool):
             if not durable:
                 self._spool_records(records)
                 self._spooled = True
-            elif not self._checked_spool or self._spool_due():
+            elif self._spool_due():
                 # At start-up, or back from an outage: restore the trail before
                 # answering, so a caller who sees this answer also finds earlier ones.
                 await self._replay()
@@ -442,7 +441,6 @@ class LoopAuditWriter(_Spool):
         return connection, generation
 
     async def _replay(self) -> None:
-        self._checked_spool = True
         for handle, path, records in self._claimed_spools():
             if not await self._commit(records, ignore_duplicates=True):
                 return  # still down: keep the spool

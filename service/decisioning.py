@@ -99,7 +99,7 @@ class ContactHistory:
         times = self.times.get(product_code)
         if times is None or len(times) < cap * 8:
             return False  # too few offers ever to reach the cap: no need to count
-        return len(times) // 8 - _count_before(times, since.timestamp()) >= cap
+        return self.offers_since(product_code, since) >= cap
 
     def forget_before(self, cutoff: dt.datetime) -> None:
         """Drop offers older than any window can look at (bounds memory)."""

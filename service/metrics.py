@@ -360,20 +360,6 @@ def _first_match(request: Scope, candidates: list[tuple[str, Any]]) -> tuple[str
     return partial
 
 
-# Labelled metric children, made once per process: ``labels()`` takes a lock and
-# builds a key on every call, a noticeable share of a decision's time.
-_children: dict[tuple[Any, ...], Any] = {}
-
-
-def labelled(metric: Any, *labels: str) -> Any:
-    """``metric.labels(*labels)``, cached: for the decision hot path."""
-    key = (metric, *labels)
-    child = _children.get(key)
-    if child is None:
-        child = _children[key] = metric.labels(*labels)
-    return child
-
-
 def observe_request(method: str, route: str, status: int, started: float) -> None:
     """Count one request answered outside the middleware (the decision fast lane)."""
     tally(HTTP_REQUEST_SECONDS, method, route, str(status)).observe(time.perf_counter() - started)
@@ -433,11 +419,12 @@ _tallies: dict[tuple[Any, ...], Tally] = {}
 
 
 def tally(metric: Any, *labels: str) -> Tally:
-    """The :class:`Tally` of ``metric.labels(*labels)`` (made once per process)."""
+    """The :class:`Tally` of ``metric.labels(*labels)``, made once per process:
+    ``labels()`` takes a lock and builds a key on every call."""
     key = (metric, *labels)
     found = _tallies.get(key)
     if found is None:
-        found = _tallies[key] = Tally(labelled(metric, *labels))
+        found = _tallies[key] = Tally(metric.labels(*labels))
     return found
 
 
