@@ -546,8 +546,10 @@ def read_customers(
         ).all()
         outcome_rows = conn.execute(
             text(
-                "SELECT c.external_id, p.code, oo.outcome, oo.created_at FROM offer_outcomes oo "
-                "JOIN offers o ON o.id = oo.offer_id JOIN customers c ON c.id = o.customer_id "
+                # Customer -> decisions -> offers -> outcomes, each step by an index.
+                "SELECT c.external_id, p.code, oo.outcome, oo.created_at FROM customers c "
+                "JOIN decisions d ON d.customer_id = c.id JOIN offers o ON o.decision_id = d.id "
+                "JOIN offer_outcomes oo ON oo.offer_id = o.id "
                 "JOIN products p ON p.id = o.product_id WHERE c.external_id IN :ids"
             ).bindparams(bindparam("ids", expanding=True)),
             {"ids": external_ids},

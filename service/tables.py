@@ -242,10 +242,9 @@ class Offer(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     __table_args__ = (
+        # No index of its own by customer: a customer's offers are found through
+        # decisions (ix_decisions_customer_id_created_at), see migration 0005.
         Index("ix_offers_decision_id", "decision_id"),
-        Index(
-            "ix_offers_customer_id_product_id_created_at", "customer_id", "product_id", "created_at"
-        ),
         Index("ix_offers_created_at", "created_at", postgresql_using="brin"),
     )
 
