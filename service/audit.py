@@ -119,6 +119,17 @@ def new_id() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+def derived_id(base: str, n: int) -> str:
+    """The ``n``-th id (1 to 15) made from the id ``base``: the same but for its last hex
+    digit. An offer's id is derived from its decision's, so one random draw serves a
+    whole decision, the ids of one decision differ, and an offer's id shows which
+    decision made it; ids of different decisions still differ in their random bits.
+    """
+    if not 0 < n < 16:
+        raise ValueError(f"a derived id takes n from 1 to 15, not {n}")
+    return f"{base[:35]}{int(base[35], 16) ^ n:x}"
+
+
 # The random bits of ids: a generator seeded from the OS (one system call per id cost
 # more than the rest of id making), re-seeded in a forked child so processes differ.
 _random = random.Random(os.urandom(32))

@@ -14,6 +14,7 @@ import hashlib
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -52,6 +53,8 @@ class ContactHistory:
     declines: dict[str, dt.datetime] = field(default_factory=dict)
     detractor_at: dt.datetime | None = None
     times: dict[str, bytearray] = field(default_factory=dict)
+    trim_at: int = 64  # HISTORY_TRIM
+    """Offers held past which the next trim is due (see :meth:`forget_before`)."""
 
     def add_offer(self, offer_id: str, product_code: str, at: dt.datetime) -> None:
         if offer_id in self.offers:
@@ -102,7 +105,10 @@ class ContactHistory:
         return self.offers_since(product_code, since) >= cap
 
     def forget_before(self, cutoff: dt.datetime) -> None:
-        """Drop offers older than any window can look at (bounds memory)."""
+        """Drop offers older than any window can look at (bounds memory), and put the
+        next trim off until the offers held have doubled: a customer asked about often
+        keeps many offers inside the window, and trimming at every new offer scanned
+        them all each time to drop none."""
         limit = cutoff.timestamp()
         stale = [key for key, at in self.offers.items() if at < limit]
         for key in stale:
@@ -111,7 +117,11 @@ class ContactHistory:
             del times[: _count_before(times, limit) * 8]
             if not times:
                 del self.times[code]
+        self.trim_at = max(HISTORY_TRIM, 2 * len(self.offers))
 
+
+HISTORY_TRIM = 64
+"""Offers a history holds before old ones are first trimmed."""
 
 _DOUBLE = struct.Struct("d")
 
@@ -122,9 +132,9 @@ def _count_before(times: bytearray, stamp: float) -> int:
         return bisect.bisect_left(doubles, stamp)
 
 
-@dataclass(frozen=True, slots=True)
-class Choice:
-    """One offer chosen for a contact."""
+class Choice(NamedTuple):
+    """One offer chosen for a contact (a named tuple: one is made per offer, and a
+    frozen dataclass costs several times as much to build)."""
 
     product_index: int
     product_code: str
@@ -133,14 +143,13 @@ class Choice:
     score: float
 
 
-@dataclass(frozen=True, slots=True)
-class Ranking:
+class Ranking(NamedTuple):
     """The outcome of arbitration: what to offer, and why the rest was not offered."""
 
     offers: tuple[Choice, ...]
     suppressed: Mapping[str, str]
     """Product code -> reason (``held_or_ineligible``, ``inactive``, ``low_propensity``,
-    ``declined_recently``, ``frequency_cap``)."""
+    ``declined_recently``, ``frequency_cap``, ``detractor``)."""
     detractor_until: dt.datetime | None = None
 
 
@@ -157,91 +166,121 @@ def in_control_group(customer_id: str, *, share: float, salt: str) -> bool:
     return int.from_bytes(digest[:8], "big") / 2.0**64 < share
 
 
-def rank(
-    propensity: npt.NDArray[np.float64],
-    *,
-    product_codes: Sequence[str],
-    values: npt.NDArray[np.float64],
-    weights: npt.NDArray[np.float64],
-    active: npt.NDArray[np.bool_],
-    history: ContactHistory | None,
-    now: dt.datetime,
-    policy: Policy,
-    limit: int,
-    explain: bool = True,
-) -> Ranking:
-    """Choose up to ``limit`` offers for one customer.
+@dataclass(frozen=True, slots=True)
+class Arbiter:
+    """Arbitration and the contact policy over one catalogue, prepared once.
 
-    Parameters
-    ----------
-    propensity : numpy.ndarray
-        Per product (in ``product_codes`` order); NaN where the product is not a
-        candidate (held, or not eligible by age, segment, required/excluded products).
-    values, weights, active : numpy.ndarray
-        The live catalogue, aligned with ``product_codes``.
-    history : ContactHistory or None
-        The customer's contact history (None: none recorded).
-    now : datetime.datetime
-        The decision instant (timezone-aware).
-    policy : Policy
-    limit : int
-        Offers asked for; capped by ``policy.max_offers_per_contact``.
-    explain : bool
-        Give the reason of every product not offered in ``Ranking.suppressed``; when
-        False only the products passed over while choosing are named (cheaper).
-
-    Returns
-    -------
-    Ranking
-        Offers by score = propensity x value x business weight, highest first (ties by
-        product code); an empty tuple is a valid answer.
+    A worker makes one per snapshot (the catalogue changes only with a new snapshot),
+    so a decision does not convert the catalogue's arrays again: with twenty-odd
+    products, plain Python over tuples costs less than numpy's per-call overhead.
+    Build it with :meth:`for_catalogue`.
     """
-    suppressed: dict[str, str] = {}
-    if history is not None and history.detractor_at is not None:
-        until = history.detractor_at + dt.timedelta(days=policy.detractor_suppress_days)
-        if now < until:
-            return Ranking((), {code: "detractor" for code in product_codes}, until)
-    limit = min(limit, policy.max_offers_per_contact)
-    # Twenty-odd products: plain Python over lists costs less than numpy's per-call
-    # overhead on arrays this small. NaN (held or ineligible) fails the floor test.
-    floor = policy.min_propensity
-    p = propensity.tolist()
-    value = values.tolist()
-    weight = weights.tolist()
-    live = active.tolist()
-    candidates = []
-    for k, pk in enumerate(p):
-        if pk >= floor and live[k]:
-            expected = pk * value[k]
-            candidates.append((-(expected * weight[k]), product_codes[k], k, expected))
-    candidates.sort()  # highest score first, ties by product code
-    chosen: list[Choice] = []
-    if candidates:
-        decline_since = now - dt.timedelta(days=policy.decline_cooldown_days)
-        window_since = now - dt.timedelta(days=policy.frequency_window_days)
-        for negative_score, code, k, expected in candidates:
-            if history is not None:
-                declined = history.declines.get(code)
-                if declined is not None and declined >= decline_since:
-                    suppressed[code] = "declined_recently"
-                    continue
-                if history.capped(code, window_since, policy.frequency_cap):
-                    suppressed[code] = "frequency_cap"
-                    continue
-            if len(chosen) < limit:
-                chosen.append(Choice(k, code, p[k], expected, -negative_score))
-            elif not explain:
-                break
-    if explain:
-        for k, code in enumerate(product_codes):
-            pk = p[k]
-            if pk != pk:  # NaN: held or not eligible
-                suppressed[code] = "held_or_ineligible"
-            elif not live[k]:
-                suppressed[code] = "inactive"
-            elif pk < floor:
-                suppressed[code] = "low_propensity"
-    return Ranking(tuple(chosen), suppressed)
+
+    product_codes: tuple[str, ...]
+    values: tuple[float, ...]
+    weights: tuple[float, ...]
+    active: tuple[bool, ...]
+    policy: Policy
+
+    @classmethod
+    def for_catalogue(
+        cls,
+        *,
+        product_codes: Sequence[str],
+        values: npt.NDArray[np.float64],
+        weights: npt.NDArray[np.float64],
+        active: npt.NDArray[np.bool_],
+        policy: Policy,
+    ) -> Arbiter:
+        """``values``, ``weights`` and ``active`` aligned with ``product_codes``."""
+        return cls(
+            tuple(product_codes),
+            tuple(float(v) for v in values),
+            tuple(float(w) for w in weights),
+            tuple(bool(a) for a in active),
+            policy,
+        )
+
+    def rank(
+        self,
+        propensity: npt.NDArray[np.float64],
+        *,
+        history: ContactHistory | None,
+        now: dt.datetime,
+        limit: int,
+        explain: bool = True,
+    ) -> Ranking:
+        """Choose up to ``limit`` offers for one customer.
+
+        Parameters
+        ----------
+        propensity : numpy.ndarray
+            Per product (in ``product_codes`` order); NaN where the product is not a
+            candidate (held, or not eligible by age, segment, required/excluded
+            products).
+        history : ContactHistory or None
+            The customer's contact history (None: none recorded).
+        now : datetime.datetime
+            The decision instant (timezone-aware).
+        limit : int
+            Offers asked for; capped by ``policy.max_offers_per_contact``.
+        explain : bool
+            Give the reason of every product not offered in ``Ranking.suppressed``;
+            when False only the products passed over while choosing are named
+            (cheaper).
+
+        Returns
+        -------
+        Ranking
+            Offers by score = propensity x value x business weight, highest first
+            (ties by product code); an empty tuple is a valid answer.
+        """
+        policy = self.policy
+        codes = self.product_codes
+        suppressed: dict[str, str] = {}
+        if history is not None and history.detractor_at is not None:
+            until = history.detractor_at + dt.timedelta(days=policy.detractor_suppress_days)
+            if now < until:
+                return Ranking((), {code: "detractor" for code in codes}, until)
+        limit = min(limit, policy.max_offers_per_contact)
+        floor = policy.min_propensity
+        value = self.values
+        weight = self.weights
+        live = self.active
+        p = propensity.tolist()
+        candidates = []
+        for k, pk in enumerate(p):
+            if pk >= floor and live[k]:  # NaN (held or ineligible) fails the floor test
+                expected = pk * value[k]
+                candidates.append((-(expected * weight[k]), codes[k], k, expected))
+        candidates.sort()  # highest score first, ties by product code
+        chosen: list[Choice] = []
+        if candidates:
+            decline_since = now - dt.timedelta(days=policy.decline_cooldown_days)
+            window_since = now - dt.timedelta(days=policy.frequency_window_days)
+            for negative_score, code, k, expected in candidates:
+                if history is not None:
+                    declined = history.declines.get(code)
+                    if declined is not None and declined >= decline_since:
+                        suppressed[code] = "declined_recently"
+                        continue
+                    if history.capped(code, window_since, policy.frequency_cap):
+                        suppressed[code] = "frequency_cap"
+                        continue
+                if len(chosen) < limit:
+                    chosen.append(Choice(k, code, p[k], expected, -negative_score))
+                elif not explain:
+                    break
+        if explain:
+            for k, code in enumerate(codes):
+                pk = p[k]
+                if pk != pk:  # NaN: held or not eligible
+                    suppressed[code] = "held_or_ineligible"
+                elif not live[k]:
+                    suppressed[code] = "inactive"
+                elif pk < floor:
+                    suppressed[code] = "low_propensity"
+        return Ranking(tuple(chosen), suppressed)
 
 
 def popular_products(

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 Channel = Literal["branch", "contact_centre", "digital", "chatbot"]
 OutcomeKind = Literal["presented", "accepted", "declined", "not_now"]
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain the NUL character (U+0000): it cannot be stored")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_no_nul)]
+"""A string the database can store: PostgreSQL text holds no NUL character, and one such
+string would fail the whole group commit it was written in."""
 
 
 class _Strict(BaseModel):
@@ -17,10 +28,10 @@ class _Strict(BaseModel):
 
 class DecisionRequest(_Strict):
     channel: Channel = Field(description="Where the contact happens.")
-    staff_id: str | None = Field(default=None, max_length=64, description="Who asks.")
-    branch_id: str | None = Field(default=None, max_length=64, description="Where.")
+    staff_id: Text | None = Field(default=None, max_length=64, description="Who asks.")
+    branch_id: Text | None = Field(default=None, max_length=64, description="Where.")
     max_offers: int = Field(default=3, ge=1, le=10, description="How many offers at most.")
-    context: dict[str, str] | None = Field(
+    context: dict[Text, Text] | None = Field(
         default=None, description="Free context, e.g. {'reason': 'address change'}."
     )
     explain: bool = Field(
@@ -76,8 +87,8 @@ class DecisionResponse(BaseModel):
 
 class OutcomeRequest(_Strict):
     outcome: OutcomeKind
-    reason: str | None = Field(default=None, max_length=500)
-    staff_id: str | None = Field(default=None, max_length=64)
+    reason: Text | None = Field(default=None, max_length=500)
+    staff_id: Text | None = Field(default=None, max_length=64)
 
 
 class OutcomeResponse(BaseModel):
@@ -90,8 +101,8 @@ class OutcomeResponse(BaseModel):
 
 
 class AdoptionIn(_Strict):
-    customer_id: str = Field(min_length=1, max_length=128)
-    product_code: str = Field(min_length=1, max_length=64)
+    customer_id: Text = Field(min_length=1, max_length=128)
+    product_code: Text = Field(min_length=1, max_length=64)
     adopted_at: dt.date | None = Field(default=None, description="Default: today.")
     closed_at: dt.date | None = None
 
@@ -107,11 +118,11 @@ class AdoptionsResponse(BaseModel):
 
 
 class CustomerRequest(_Strict):
-    segment: str | None = Field(default=None, max_length=64)
-    branch_id: str | None = Field(default=None, max_length=64)
+    segment: Text | None = Field(default=None, max_length=64)
+    branch_id: Text | None = Field(default=None, max_length=64)
     joined_at: dt.date | None = None
     birth_date: dt.date | None = None
-    attributes: dict[str, float | int | str | None] = Field(default_factory=dict)
+    attributes: dict[Text, float | int | Text | None] = Field(default_factory=dict)
 
 
 class CustomerResponse(BaseModel):
@@ -126,16 +137,16 @@ class CustomerResponse(BaseModel):
 
 
 class ProductBody(BaseModel):
-    name: str = Field(min_length=1, max_length=200)
-    category: str = Field(default="other", max_length=64)
+    name: Text = Field(min_length=1, max_length=200)
+    category: Text = Field(default="other", max_length=64)
     value: float = Field(default=1.0, ge=0)
     business_weight: float = Field(default=1.0, ge=0)
     active: bool = True
     min_age: int | None = Field(default=None, ge=0, le=130)
     max_age: int | None = Field(default=None, ge=0, le=130)
-    segments: list[str] | None = None
-    requires: list[str] = Field(default_factory=list)
-    excludes: list[str] = Field(default_factory=list)
+    segments: list[Text] | None = None
+    requires: list[Text] = Field(default_factory=list)
+    excludes: list[Text] = Field(default_factory=list)
 
 
 class ProductRequest(ProductBody):
@@ -185,17 +196,17 @@ class FeedbackRequest(_Strict):
         description="nps: 'How likely are you to recommend us?' 0-10; csat: satisfaction 1-5."
     )
     score: int = Field(ge=0, le=10, description="0-10 for nps, 1-5 for csat.")
-    decision_id: str | None = Field(
+    decision_id: Text | None = Field(
         default=None,
         max_length=36,
         description="The contact the answer is about; customer, staff and branch default from it.",
     )
-    customer_id: str | None = Field(
+    customer_id: Text | None = Field(
         default=None, min_length=1, max_length=128, description="The bank's customer id."
     )
-    staff_id: str | None = Field(default=None, max_length=64)
-    branch_id: str | None = Field(default=None, max_length=64)
-    comment: str | None = Field(default=None, max_length=2000)
+    staff_id: Text | None = Field(default=None, max_length=64)
+    branch_id: Text | None = Field(default=None, max_length=64)
+    comment: Text | None = Field(default=None, max_length=2000)
 
 
 class FeedbackResponse(BaseModel):

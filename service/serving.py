@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 import pandas as pd
 from sqlalchemy import Engine, bindparam, text
 
@@ -38,7 +39,7 @@ from models.propensity import PropensityModel
 from models.rules import Rule
 from service import registry
 from service.db import read_only, unit_of_work
-from service.decisioning import ContactHistory, Policy
+from service.decisioning import Arbiter, ContactHistory, Policy
 from service.settings import Settings
 from service.training import default_as_of, load_bank
 
@@ -60,6 +61,51 @@ class CustomerEntry:
     """Whether the customer is in the control group (worked out on first use)."""
 
 
+@dataclass(frozen=True, slots=True)
+class Pitch:
+    """What an offer of one product says: the answer's ``reasons`` object, the same as
+    JSON text for the audit row, and the talking point.
+
+    Made once per rule (or per product, for the answers without one) and shared by
+    every answer that says it, so a decision builds no reasons of its own: the dict
+    is read-only by convention and must never be changed.
+    """
+
+    rule: Rule | None
+    reasons: dict[str, Any]
+    reasons_json: str
+    talking_point: str
+
+
+def pitch(
+    rule: Rule | None,
+    sentence: str | None,
+    talking_point: str,
+    factors: list[dict[str, Any]] | None = None,
+) -> Pitch:
+    """A :class:`Pitch` for ``rule`` (said as ``sentence``) and explanation ``factors``."""
+    reasons = {
+        "rule": sentence,
+        "rule_confidence": None if rule is None else round(rule.confidence, 4),
+        "rule_lift": None if rule is None else round(rule.lift, 3),
+        "factors": factors or [],
+    }
+    return Pitch(rule, reasons, orjson.dumps(reasons).decode(), talking_point)
+
+
+def talking_point(
+    name: str, sentence: str | None, factors: list[dict[str, Any]], *, degraded: bool = False
+) -> str:
+    """A short line the teller can say about product ``name``."""
+    if degraded:
+        return f"{name} is one of the products customers like this one take most often."
+    if sentence:
+        return f"{name}: {sentence[0].upper()}{sentence[1:]}."
+    if factors:
+        return f"{name} fits this customer well, mostly because of their {factors[0]['label']}."
+    return f"{name} fits this customer's profile."
+
+
 @dataclass
 class Snapshot:
     """Everything a decision reads, built together; replaced whole, never edited except
@@ -72,23 +118,27 @@ class Snapshot:
     product_ids: dict[str, int]
     customers: dict[str, CustomerEntry]
     popularity: dict[str | None, Counter[str]]
+    arbiter: Arbiter
     load_error: str | None = None
     names: dict[str, str] = field(default_factory=dict)
 
-    rule_cache: dict[tuple[str, ...], dict[str, tuple[Rule, str]]] = field(default_factory=dict)
-    sentence_cache: dict[Rule, str] = field(default_factory=dict)
-    """One sentence per rule, shared by every sequence the rule is best for."""
+    rule_cache: dict[tuple[str, ...], dict[str, Pitch]] = field(default_factory=dict)
+    """Adoption sequence -> product -> the pitch of its best rule."""
+    rule_pitches: dict[Rule, Pitch] = field(default_factory=dict)
+    """One pitch per rule, shared by every sequence the rule is best for."""
+    plain_pitches: dict[tuple[str, str], Pitch] = field(default_factory=dict)
+    """(kind, product) -> the pitch of an offer without a rule (see :meth:`plain`)."""
 
     def warm_rules(self) -> int:
         """Fill the rule cache for every customer held (at load, before anyone asks):
         a decision then never mines its reasons on the request path. Returns the number
         of distinct adoption sequences."""
         for entry in self.customers.values():
-            self.rule_reasons(entry)
+            self.pitches(entry)
         return len(self.rule_cache)
 
-    def rule_reasons(self, entry: CustomerEntry) -> dict[str, tuple[Rule, str]]:
-        """The best rule, and its sentence, for every product the customer may take next.
+    def pitches(self, entry: CustomerEntry) -> dict[str, Pitch]:
+        """The pitch of the best rule for every product the customer may take next.
 
         Cached by adoption sequence: customers on the same path share one entry, so a
         decision usually costs a dict lookup here.
@@ -108,14 +158,30 @@ class Snapshot:
         if found is None:
             if len(self.rule_cache) > 200_000:
                 self.rule_cache.clear()
-            sentences = self.sentence_cache
+            pitches = self.rule_pitches
             found = {}
             for code, rule in model.rules.best_rules(entry.sequence).items():
-                sentence = sentences.get(rule)
-                if sentence is None:
-                    sentence = sentences[rule] = model.rule_sentence(rule)
-                found[code] = (rule, sentence)
+                said = pitches.get(rule)
+                if said is None:
+                    sentence = model.rule_sentence(rule)
+                    name = self.names.get(code, code)
+                    said = pitches[rule] = pitch(rule, sentence, talking_point(name, sentence, []))
+                found[code] = said
             self.rule_cache[entry.sequence] = found
+        return found
+
+    def plain(self, code: str, kind: str = "model") -> Pitch:
+        """The pitch of an offer of ``code`` with no rule to cite: ``kind`` is
+        ``model`` (the model's choice), ``degraded`` (popularity, with no model) or
+        ``cold_start`` (a customer not known yet)."""
+        found = self.plain_pitches.get((kind, code))
+        if found is None:
+            name = self.names.get(code, code)
+            if kind == "cold_start":
+                line = f"{name} is one of the products new customers take most often."
+            else:
+                line = talking_point(name, None, [], degraded=kind == "degraded")
+            found = self.plain_pitches[(kind, code)] = pitch(None, None, line)
         return found
 
     @property
@@ -128,7 +194,6 @@ GAP_SECONDS = 30.0
 """How long a skipped change-event id is looked for (a transaction's longest commit)."""
 MAX_GAPS = 10_000
 GC_YOUNG_THRESHOLD = 20_000
-HISTORY_TRIM = 64
 
 
 def _utcnow() -> dt.datetime:
@@ -150,14 +215,6 @@ class ServingState:
         # What "now" is for decisions, outcomes and policy windows: the wall clock, or
         # a simulated one (``nbo simulate`` replays days in minutes).
         self.clock: Callable[[], dt.datetime] = _utcnow
-        self.policy = Policy(
-            min_propensity=settings.min_propensity,
-            decline_cooldown_days=settings.decline_cooldown_days,
-            frequency_cap=settings.frequency_cap,
-            frequency_window_days=settings.frequency_window_days,
-            max_offers_per_contact=settings.max_offers_per_contact,
-            detractor_suppress_days=settings.detractor_suppress_days,
-        )
 
     # ------------------------------------------------------------------ loading
 
@@ -254,12 +311,12 @@ class ServingState:
     def remember_offers(
         self, customer: str, offers: Iterable[dict[str, Any]], at: dt.datetime
     ) -> None:
-        """Add offers just made to the customer's history; past ``HISTORY_TRIM`` offers,
-        forget those older than the frequency window (nothing else reads them)."""
+        """Add offers just made to the customer's history; once it holds many, forget
+        those older than the frequency window (nothing else reads them)."""
         history = self.history[customer]
         for offer in offers:
             history.add_offer(offer["offer_id"], offer["product_code"], at)
-        if len(history.offers) > HISTORY_TRIM:
+        if len(history.offers) > history.trim_at:
             history.forget_before(at - dt.timedelta(days=self.settings.frequency_window_days))
 
     # ------------------------------------------------------------------ one customer
@@ -404,6 +461,18 @@ def record_event(
 # --------------------------------------------------------------------------- building
 
 
+def policy_from(settings: Settings) -> Policy:
+    """The contact policy the settings configure."""
+    return Policy(
+        min_propensity=settings.min_propensity,
+        decline_cooldown_days=settings.decline_cooldown_days,
+        frequency_cap=settings.frequency_cap,
+        frequency_window_days=settings.frequency_window_days,
+        max_offers_per_contact=settings.max_offers_per_contact,
+        detractor_suppress_days=settings.detractor_suppress_days,
+    )
+
+
 def build_snapshot(engine: Engine, settings: Settings) -> Snapshot:
     """Load the active model and the bank, and score every customer in one batch."""
     model: PropensityModel | None = None
@@ -448,6 +517,13 @@ def build_snapshot(engine: Engine, settings: Settings) -> Snapshot:
         product_ids={str(k): int(v) for k, v in product_ids.items()},
         customers=customers,
         popularity=_popularity(data, as_of),
+        arbiter=Arbiter.for_catalogue(
+            product_codes=catalogue.product_codes,
+            values=catalogue.values,
+            weights=catalogue.business_weights,
+            active=catalogue.active,
+            policy=policy_from(settings),
+        ),
         load_error=error,
         names=dict(zip(catalogue.product_codes, catalogue.names, strict=True)),
     )

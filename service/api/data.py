@@ -20,6 +20,7 @@ from service.schemas import (
     AdoptionsResponse,
     CustomerRequest,
     CustomerResponse,
+    Text,
 )
 from service.serving import ServingState, record_event
 from service.tables import Adoption, AttributeDefinition, Customer, Product
@@ -127,7 +128,7 @@ def push_adoptions(
 def put_customer(
     request: Request,
     response: Response,
-    customer_id: Annotated[str, Path(min_length=1, max_length=128)],
+    customer_id: Annotated[Text, Path(min_length=1, max_length=128)],
     body: CustomerRequest,
     principal: Annotated[Principal, Depends(require("data"))],
 ) -> CustomerResponse:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import time
 from typing import Annotated, Any
 
@@ -15,15 +16,28 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 from starlette.requests import ClientDisconnect
 
-from models.rules import Rule
 from service import metrics
-from service.audit import AuditRecord, new_id
+from service.audit import AuditRecord, derived_id, new_id
 from service.auth import Principal, _api_key_scheme, _bearer_scheme, require
 from service.db import unit_of_work
-from service.decisioning import Choice, in_control_group, popular_products, rank
+from service.decisioning import Choice, in_control_group, popular_products
 from service.errors import Conflict, NotFound, TooLarge
-from service.schemas import DecisionRequest, DecisionResponse, OutcomeRequest, OutcomeResponse
-from service.serving import CustomerEntry, ServingState, Snapshot, record_event
+from service.schemas import (
+    DecisionRequest,
+    DecisionResponse,
+    OutcomeRequest,
+    OutcomeResponse,
+    Text,
+)
+from service.serving import (
+    CustomerEntry,
+    Pitch,
+    ServingState,
+    Snapshot,
+    pitch,
+    record_event,
+    talking_point,
+)
 from service.settings import Settings
 from service.tables import Adoption, Decision, Offer, OfferOutcome, Product
 
@@ -32,10 +46,11 @@ router = APIRouter(prefix="/v1", tags=["decisions"])
 MAX_CUSTOMER_ID = 128
 MAX_DECISION_BODY = 64 * 1024
 CustomerId = Annotated[
-    str, Path(min_length=1, max_length=MAX_CUSTOMER_ID, description="The bank's customer id.")
+    Text, Path(min_length=1, max_length=MAX_CUSTOMER_ID, description="The bank's customer id.")
 ]
 
 
+@functools.cache
 def _stage(name: str) -> metrics.Tally:
     return metrics.tally(metrics.DECISION_STAGE_SECONDS, name)
 
@@ -95,6 +110,17 @@ async def serve_decision(app: Any, scope: Any, receive: Any, customer_id: str) -
                     "loc": ("path", "customer_id"),
                     "msg": f"String should have at most {MAX_CUSTOMER_ID} characters",
                     "type": "string_too_long",
+                }
+            ]
+        )
+    if "\x00" in customer_id:
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ("path", "customer_id"),
+                    "msg": "Value error, must not contain the NUL character (U+0000): it "
+                    "cannot be stored",
+                    "type": "value_error",
                 }
             ]
         )
@@ -186,6 +212,7 @@ def _decide(
     stamp: str,
 ) -> dict[str, Any]:
     decision_id = new_id()
+    announce = settings.workers > 1
     base: dict[str, Any] = {
         "decision_id": decision_id,
         "customer_id": customer_id,
@@ -202,9 +229,7 @@ def _decide(
         # Nothing known about the customer: offering anything could offer a held product.
         base["note"] = "customer data unavailable; no offers rather than a wrong one"
         base["result"] = "degraded"
-        base["_record"] = _record(
-            base, body, None, [], state, snapshot, stamp, settings.workers > 1
-        )
+        base["_record"] = _record(base, body, None, [], [], state, stamp, announce)
         return base
     control = None if entry is None else entry.control
     if control is None:  # a hash per customer, not per request
@@ -220,14 +245,14 @@ def _decide(
             )
         base["cold_start"] = True
         base["control"] = control
-        offers = [] if control else _cold_start_offers(snapshot, body)
+        offers, rows = [], []
+        if not control:
+            offers, rows = _cold_start_offers(snapshot, body, decision_id, stamp)
         base["offers"] = offers
         base["result"] = "control" if control else ("cold_start" if offers else "empty")
         if not offers:
             base["note"] = "control group" if control else "no popular product to offer"
-        base["_record"] = _record(
-            base, body, None, offers, state, snapshot, stamp, settings.workers > 1
-        )
+        base["_record"] = _record(base, body, None, offers, rows, state, stamp, announce)
         return base
     started = time.perf_counter()
     catalogue = snapshot.catalogue
@@ -240,31 +265,27 @@ def _decide(
         for code, k in catalogue.index.items():
             if propensity[k] == propensity[k]:
                 propensity[k] = counts.get(code, 0) / total
-    ranking = rank(
+    explain = principal.allows("models")
+    ranking = snapshot.arbiter.rank(
         propensity,
-        product_codes=catalogue.product_codes,
-        values=catalogue.values,
-        weights=catalogue.business_weights,
-        active=catalogue.active,
         history=state.history.get(customer_id),
         now=now,
-        policy=state.policy,
         limit=body.max_offers,
-        explain=principal.allows("models"),
+        explain=explain,
     )
     _stage("policy").observe(time.perf_counter() - started)
     base["control"] = control
-    if principal.allows("models"):
+    if explain:
         base["suppressed"] = dict(ranking.suppressed)
     if control:
         base["note"] = "control group: no model offers, by design"
         base["result"] = "control"
-        base["_record"] = _record(
-            base, body, entry, [], state, snapshot, stamp, settings.workers > 1
-        )
+        base["_record"] = _record(base, body, entry, [], [], state, stamp, announce)
         return base
     started = time.perf_counter()
-    offers = _offers(snapshot, entry, ranking.offers, body.explain, degraded=snapshot.degraded)
+    offers, rows = _offers(
+        snapshot, entry, ranking.offers, body.explain, decision_id=decision_id, stamp=stamp
+    )
     _stage("scoring").observe(time.perf_counter() - started)
     base["offers"] = offers
     if ranking.detractor_until is not None:
@@ -284,9 +305,7 @@ def _decide(
     elif not offers:
         base["note"] = "no product is likely enough to be worth offering now"
     base["result"] = "degraded" if snapshot.degraded else ("normal" if offers else "empty")
-    base["_record"] = _record(
-        base, body, entry, offers, state, snapshot, stamp, settings.workers > 1
-    )
+    base["_record"] = _record(base, body, entry, offers, rows, state, stamp, announce)
     return base
 
 
@@ -296,14 +315,17 @@ _POLICY_REASONS = frozenset({"declined_recently", "frequency_cap"})
 def _offers(
     snapshot: Snapshot,
     entry: CustomerEntry,
-    choices: Any,
+    choices: tuple[Choice, ...],
     explain: bool,
     *,
-    degraded: bool,
-) -> list[dict[str, Any]]:
+    decision_id: str,
+    stamp: str,
+) -> tuple[list[dict[str, Any]], list[tuple[Any, ...]]]:
+    """The answer's offers and their audit rows."""
     if not choices:
-        return []
-    rules = {} if degraded else snapshot.rule_reasons(entry)
+        return [], []
+    degraded = snapshot.degraded
+    said = {} if degraded else snapshot.pitches(entry)
     contributions: dict[str, list[dict[str, Any]]] = {}
     model = snapshot.model
     if explain and model is not None and not degraded:
@@ -329,67 +351,71 @@ def _offers(
             ]
             for e in found
         }
-    offers = []
+    kind = "degraded" if degraded else "model"
+    offers: list[dict[str, Any]] = []
+    rows: list[tuple[Any, ...]] = []
     for position, choice in enumerate(choices, start=1):
         code = choice.product_code
-        name = snapshot.names.get(code, code)
-        rule, sentence = rules.get(code, (None, None))
-        factors = contributions.get(code, [])
-        offers.append(
-            _offer(
-                choice,
-                position,
-                name,
-                rule,
-                sentence,
-                factors,
-                _talking_point(name, sentence, factors, degraded),
-            )
-        )
-    return offers
+        pitched = said.get(code) or snapshot.plain(code, kind)
+        factors = contributions.get(code)
+        if factors:
+            rule = pitched.rule
+            sentence = pitched.reasons["rule"]
+            name = snapshot.names.get(code, code)
+            pitched = pitch(rule, sentence, talking_point(name, sentence, factors), factors)
+        _offer(snapshot, entry.db_id, choice, position, pitched, decision_id, stamp, offers, rows)
+    return offers, rows
 
 
 def _offer(
+    snapshot: Snapshot,
+    customer_db_id: int | None,
     choice: Choice,
     position: int,
-    name: str,
-    rule: Rule | None,
-    sentence: str | None,
-    factors: list[dict[str, Any]],
-    talking_point: str,
-) -> dict[str, Any]:
-    """One offer of the answer (and of the audit record)."""
-    return {
-        "offer_id": new_id(),
-        "product_code": choice.product_code,
-        "product_name": name,
-        "rank": position,
-        "propensity": round(choice.propensity, 6),
-        "expected_value": round(choice.expected_value, 4),
-        "score": round(choice.score, 6),
-        "reasons": {
-            "rule": sentence,
-            "rule_confidence": None if rule is None else round(rule.confidence, 4),
-            "rule_lift": None if rule is None else round(rule.lift, 3),
-            "factors": factors,
-        },
-        "talking_point": talking_point,
-    }
+    pitched: Pitch,
+    decision_id: str,
+    stamp: str,
+    offers: list[dict[str, Any]],
+    rows: list[tuple[Any, ...]],
+) -> None:
+    """Add one offer to the answer's ``offers``, and its audit row to ``rows``."""
+    code = choice.product_code
+    offer_id = derived_id(decision_id, position)
+    propensity = round(choice.propensity, 6)
+    expected = round(choice.expected_value, 4)
+    score = round(choice.score, 6)
+    offers.append(
+        {
+            "offer_id": offer_id,
+            "product_code": code,
+            "product_name": snapshot.names.get(code, code),
+            "rank": position,
+            "propensity": propensity,
+            "expected_value": expected,
+            "score": score,
+            "reasons": pitched.reasons,
+            "talking_point": pitched.talking_point,
+        }
+    )
+    rows.append(
+        (
+            offer_id,
+            decision_id,
+            customer_db_id,
+            snapshot.product_ids[code],
+            position,
+            propensity,
+            expected,
+            score,
+            pitched.reasons_json,
+            stamp,
+        )
+    )
 
 
-def _talking_point(
-    name: str, sentence: str | None, factors: list[dict[str, Any]], degraded: bool
-) -> str:
-    if degraded:
-        return f"{name} is one of the products customers like this one take most often."
-    if sentence:
-        return f"{name}: {sentence[0].upper()}{sentence[1:]}."
-    if factors:
-        return f"{name} fits this customer well, mostly because of their {factors[0]['label']}."
-    return f"{name} fits this customer's profile."
-
-
-def _cold_start_offers(snapshot: Snapshot, body: DecisionRequest) -> list[dict[str, Any]]:
+def _cold_start_offers(
+    snapshot: Snapshot, body: DecisionRequest, decision_id: str, stamp: str
+) -> tuple[list[dict[str, Any]], list[tuple[Any, ...]]]:
     catalogue = snapshot.catalogue
     counts = snapshot.popularity.get(None, {})
     total = max(sum(counts.values()), 1)
@@ -410,17 +436,16 @@ def _cold_start_offers(snapshot: Snapshot, body: DecisionRequest) -> list[dict[s
         if requires or segments is not None or lo == lo or hi == hi
     )
     codes = popular_products(counts, exclude=inactive | unsafe, limit=body.max_offers)
-    offers = []
+    offers: list[dict[str, Any]] = []
+    rows: list[tuple[Any, ...]] = []
     for position, code in enumerate(codes, start=1):
         k = catalogue.index[code]
         share = counts.get(code, 0) / total
-        value = float(catalogue.values[k])
-        name = snapshot.names.get(code, code)
-        expected = share * value
+        expected = share * float(catalogue.values[k])
         choice = Choice(k, code, share, expected, expected * float(catalogue.business_weights[k]))
-        talking_point = f"{name} is one of the products new customers take most often."
-        offers.append(_offer(choice, position, name, None, None, [], talking_point))
-    return offers
+        pitched = snapshot.plain(code, "cold_start")
+        _offer(snapshot, None, choice, position, pitched, decision_id, stamp, offers, rows)
+    return offers, rows
 
 
 def _record(
@@ -428,18 +453,17 @@ def _record(
     body: DecisionRequest,
     entry: CustomerEntry | None,
     offers: list[dict[str, Any]],
+    rows: list[tuple[Any, ...]],
     state: ServingState,
-    snapshot: Snapshot | None,
     stamp: str,
-    announce: bool = True,
+    announce: bool,
 ) -> AuditRecord:
-    """The audit rows, as driver-ready tuples (see :class:`service.audit.AuditRecord`)."""
-    customer_db_id = None if entry is None else entry.db_id
-    decision_id = answer["decision_id"]
+    """The audit rows, as driver-ready tuples (see :class:`service.audit.AuditRecord`);
+    ``rows`` are the offers' (made with them, by :func:`_offer`)."""
     customer = answer["customer_id"]
     decision = [
-        decision_id,
-        customer_db_id,
+        answer["decision_id"],
+        None if entry is None else entry.db_id,
         customer,
         body.channel,
         body.staff_id,
@@ -451,28 +475,13 @@ def _record(
         answer["cold_start"],
         stamp,
     ]
-    product_ids = {} if snapshot is None else snapshot.product_ids
-    rows = []
     events = []
-    for offer in offers:
-        offer_id = offer["offer_id"]
-        code = offer["product_code"]
-        rows.append(
-            (
-                offer_id,
-                decision_id,
-                customer_db_id,
-                product_ids[code],
-                offer["rank"],
-                offer["propensity"],
-                offer["expected_value"],
-                offer["score"],
-                orjson.dumps(offer["reasons"]).decode(),
-                stamp,
-            )
-        )
-        if announce:
-            events.append(("offer", customer, code, offer_id, state.origin, stamp))
+    if announce:
+        origin = state.origin
+        events = [
+            ("offer", customer, offer["product_code"], offer["offer_id"], origin, stamp)
+            for offer in offers
+        ]
     return AuditRecord(decision, rows, events)
 
 
@@ -501,7 +510,7 @@ def _record(
 def record_outcome(
     request: Request,
     response: Response,
-    offer_id: Annotated[str, Path(min_length=1, max_length=36)],
+    offer_id: Annotated[Text, Path(min_length=1, max_length=36)],
     body: OutcomeRequest,
     principal: Annotated[Principal, Depends(require("outcomes"))],
     idempotency_key: Annotated[str | None, Header(max_length=128)] = None,

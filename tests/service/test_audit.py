@@ -16,6 +16,7 @@ from service.audit import (
     AuditWriter,
     LoopAuditWriter,
     audit_writer,
+    derived_id,
     new_id,
     timestamp,
 )
@@ -31,6 +32,18 @@ def test_ids_are_uuid7_time_ordered_and_distinct() -> None:
     millis = [u.int >> 80 for u in parsed]
     assert millis == sorted(millis)
     assert all(str(u) == i for u, i in zip(parsed, ids, strict=True))
+
+
+def test_derived_ids_differ_from_their_base_and_each_other_and_stay_uuid7() -> None:
+    for base in [new_id() for _ in range(200)]:
+        derived = [derived_id(base, n) for n in range(1, 16)]
+        assert len({base, *derived}) == 16
+        for d in derived:
+            parsed = uuid.UUID(d)
+            assert str(parsed) == d and parsed.version == 7 and parsed.variant == uuid.RFC_4122
+            assert d[:35] == base[:35]
+    with pytest.raises(ValueError, match="1 to 15"):
+        derived_id(new_id(), 16)
 
 
 def test_timestamps_are_utc_text_with_microseconds() -> None:

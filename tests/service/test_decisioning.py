@@ -9,7 +9,13 @@ import itertools
 import numpy as np
 import pytest
 
-from service.decisioning import ContactHistory, Policy, in_control_group, popular_products, rank
+from service.decisioning import (
+    Arbiter,
+    ContactHistory,
+    Policy,
+    in_control_group,
+    popular_products,
+)
 
 NOW = dt.datetime(2026, 11, 23, 12, tzinfo=dt.UTC)
 CODES = ("card", "loan", "mortgage", "savings", "travel")
@@ -28,17 +34,15 @@ def ranked(
     explain: bool = True,
 ):  # noqa: ANN202 - a Ranking
     n = len(CODES)
-    return rank(
-        np.array(propensity, dtype=float),
+    arbiter = Arbiter.for_catalogue(
         product_codes=CODES,
         values=np.array(values or [1.0] * n),
         weights=np.array(weights or [1.0] * n),
         active=np.array(active or [True] * n),
-        history=history,
-        now=NOW,
         policy=policy or Policy(min_propensity=0.05),
-        limit=limit,
-        explain=explain,
+    )
+    return arbiter.rank(
+        np.array(propensity, dtype=float), history=history, now=NOW, limit=limit, explain=explain
     )
 
 
@@ -199,3 +203,19 @@ def test_history_adds_offers_in_bulk_as_one_at_a_time() -> None:
         since = NOW - dt.timedelta(days=days)
         assert bulk.offers_since("card", since) == one.offers_since("card", since)
     assert not gc.is_tracked(bulk.times)
+
+
+def test_history_trims_stale_offers_only_when_it_has_doubled() -> None:
+    history = ContactHistory()
+    old = NOW - dt.timedelta(days=60)
+    for i in range(40):
+        history.add_offer(f"old-{i}", "card", old)
+    for i in range(30):
+        history.add_offer(f"new-{i}", "card", NOW)
+    history.forget_before(NOW - dt.timedelta(days=30))
+    assert len(history.offers) == 30 and history.offers_since("card", old) == 30
+    assert history.trim_at == 64  # never below the first threshold
+    for i in range(70):
+        history.add_offer(f"more-{i}", "loan", NOW)
+    history.forget_before(NOW - dt.timedelta(days=30))
+    assert len(history.offers) == 100 and history.trim_at == 200

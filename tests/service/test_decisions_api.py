@@ -6,6 +6,7 @@ test's fresh database), then every test drives the service as a teller system wo
 
 from __future__ import annotations
 
+import uuid
 import asyncio
 import datetime as dt
 import shutil
@@ -537,6 +538,43 @@ def test_keys_scopes_and_problem_details(make_service: Any) -> None:
     assert huge.status_code == 413 and huge.json()["status"] == 413
     # A caller without a key learns nothing about the body: 401 before validation.
     assert service.client.post(url, json={"channel": "fax"}).status_code == 401
+
+
+def test_a_nul_character_is_refused_by_field_and_poisons_no_commit(make_service: Any) -> None:
+    # PostgreSQL text holds no NUL: one in a decision's row would fail the whole group
+    # commit it shared with other callers' decisions, so it is refused up front.
+    service = make_service()
+    staff = service.decide("C0000042", staff_id="S\x001")
+    assert staff.status_code == 422 and staff.json()["errors"][0]["field"] == "body.staff_id"
+    assert "NUL" in staff.json()["detail"]
+    context = service.decide("C0000042", context={"reason": "a\x00b"})
+    assert context.status_code == 422
+    assert context.json()["errors"][0]["field"].startswith("body.context")
+    path = service.decide("C%00042")
+    assert path.status_code == 422 and path.json()["errors"][0]["field"] == "path.customer_id"
+    outcome = service.client.post(
+        "/v1/offers/x/outcome",
+        json={"outcome": "declined", "reason": "\x00"},
+        headers=service.auth("teller"),
+    )
+    assert outcome.status_code == 422 and outcome.json()["errors"][0]["field"] == "body.reason"
+    fine = service.decide("C0000042")
+    assert fine.status_code == 200 and fine.json()["degraded"] is False
+    assert service.sql("SELECT count(*) FROM decisions")[0][0] == 1
+
+
+def test_offer_ids_are_derived_from_their_decision_and_unique(make_service: Any) -> None:
+    service = make_service()
+    body = service.decide("C0000042", max_offers=5).json()
+    ids = [o["offer_id"] for o in body["offers"]]
+    assert len(ids) >= 2 and len(set(ids)) == len(ids)
+    for offer_id in ids:
+        assert offer_id[:35] == body["decision_id"][:35] and offer_id != body["decision_id"]
+        assert uuid.UUID(offer_id).version == 7
+    stored = service.sql(
+        "SELECT id FROM offers WHERE decision_id = :d ORDER BY rank", d=body["decision_id"]
+    )
+    assert [r[0] for r in stored] == ids
 
 
 def test_rules_endpoint_and_metrics(make_service: Any) -> None:
