@@ -57,9 +57,12 @@ class ContactHistory:
     """Offers held past which the next trim is due (see :meth:`forget_before`)."""
 
     def add_offer(self, offer_id: str, product_code: str, at: dt.datetime) -> None:
+        self.add_offer_at(offer_id, product_code, at.timestamp())
+
+    def add_offer_at(self, offer_id: str, product_code: str, stamp: float) -> None:
+        """:meth:`add_offer` with the time as POSIX seconds."""
         if offer_id in self.offers:
             return
-        stamp = at.timestamp()
         self.offers[offer_id] = stamp
         times = self.times.get(product_code)
         if times is None:
@@ -83,6 +86,9 @@ class ContactHistory:
         if times:
             stamps = sorted([*memoryview(times).cast("d").tolist(), *stamps])
         self.times[product_code] = bytearray(struct.pack(f"{len(stamps)}d", *stamps))
+        # Read from the database, they are all inside the windows: no trim before the
+        # history has doubled (else each customer's first new offer would scan them).
+        self.trim_at = max(self.trim_at, 2 * len(self.offers))
 
     def add_decline(self, product_code: str, at: dt.datetime) -> None:
         previous = self.declines.get(product_code)
@@ -248,17 +254,19 @@ class Arbiter:
         weight = self.weights
         live = self.active
         p = propensity.tolist()
-        candidates = []
-        for k, pk in enumerate(p):
-            if pk >= floor and live[k]:  # NaN (held or ineligible) fails the floor test
-                expected = pk * value[k]
-                candidates.append((-(expected * weight[k]), codes[k], k, expected))
-        candidates.sort()  # highest score first, ties by product code
+        # NaN (held or ineligible) fails the floor test; score = (p x value) x weight.
+        candidates = sorted(  # highest score first, ties by product code
+            [
+                (-(pk * value[k] * weight[k]), codes[k], k)
+                for k, pk in enumerate(p)
+                if pk >= floor and live[k]
+            ]
+        )
         chosen: list[Choice] = []
         if candidates:
             decline_since = now - dt.timedelta(days=policy.decline_cooldown_days)
             window_since = now - dt.timedelta(days=policy.frequency_window_days)
-            for negative_score, code, k, expected in candidates:
+            for negative_score, code, k in candidates:
                 if history is not None:
                     declined = history.declines.get(code)
                     if declined is not None and declined >= decline_since:
@@ -268,7 +276,7 @@ class Arbiter:
                         suppressed[code] = "frequency_cap"
                         continue
                 if len(chosen) < limit:
-                    chosen.append(Choice(k, code, p[k], expected, -negative_score))
+                    chosen.append(Choice(k, code, p[k], p[k] * value[k], -negative_score))
                 elif not explain:
                     break
         if explain:

@@ -59,6 +59,8 @@ class CustomerEntry:
     """Products in order of first adoption before the scoring day (made on first use)."""
     control: bool | None = None
     """Whether the customer is in the control group (worked out on first use)."""
+    pitches: dict[str, Pitch] | None = None
+    """The snapshot's pitches for the customer's adoption sequence (found on first use)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +145,8 @@ class Snapshot:
         Cached by adoption sequence: customers on the same path share one entry, so a
         decision usually costs a dict lookup here.
         """
+        if entry.pitches is not None:
+            return entry.pitches
         model = self.model
         if model is None or model.rules is None:
             return {}
@@ -168,6 +172,7 @@ class Snapshot:
                     said = pitches[rule] = pitch(rule, sentence, talking_point(name, sentence, []))
                 found[code] = said
             self.rule_cache[entry.sequence] = found
+        entry.pitches = found
         return found
 
     def plain(self, code: str, kind: str = "model") -> Pitch:
@@ -314,8 +319,9 @@ class ServingState:
         """Add offers just made to the customer's history; once it holds many, forget
         those older than the frequency window (nothing else reads them)."""
         history = self.history[customer]
+        stamp = at.timestamp()
         for offer in offers:
-            history.add_offer(offer["offer_id"], offer["product_code"], at)
+            history.add_offer_at(offer["offer_id"], offer["product_code"], stamp)
         if len(history.offers) > history.trim_at:
             history.forget_before(at - dt.timedelta(days=self.settings.frequency_window_days))
 

@@ -267,6 +267,8 @@ class OfferOutcome(Base):
         CheckConstraint(
             "outcome IN ('presented', 'accepted', 'declined', 'not_now')", name="outcome"
         ),
+        # Recent outcomes: the rolling conversion gauges, the declines read at start-up.
+        Index("ix_offer_outcomes_created_at", "created_at", postgresql_using="brin"),
     )
 
 

@@ -1,4 +1,4 @@
-"""Offers without their own customer index.
+"""Offers without their own customer index; recent outcomes found by time.
 
 Every decision writes two or three offers, and ``ix_offers_customer_id_product_id_created_at``
 was the one index on them whose entries land on random pages (the others grow at their
@@ -7,6 +7,10 @@ bank of 4M offers: about a quarter of PostgreSQL's CPU per recorded decision. No
 needs it: a customer's offers are found through ``ix_decisions_customer_id_created_at``
 and ``ix_offers_decision_id``, and the reports join offers to adoptions from a date
 range of decisions.
+
+Outcomes gain a time index (BRIN on PostgreSQL: they arrive in time order): the rolling
+conversion gauges each worker refreshes read the outcomes of the last week, and start-up
+reads the declines of the cooldown, where both scanned every outcome ever recorded.
 
 Revision ID: 0005
 Revises: 0004
@@ -27,7 +31,11 @@ _INDEX = "ix_offers_customer_id_product_id_created_at"
 
 def upgrade() -> None:
     op.drop_index(_INDEX, table_name="offers")
+    op.create_index(
+        "ix_offer_outcomes_created_at", "offer_outcomes", ["created_at"], postgresql_using="brin"
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_offer_outcomes_created_at", table_name="offer_outcomes")
     op.create_index(_INDEX, "offers", ["customer_id", "product_id", "created_at"])

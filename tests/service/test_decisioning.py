@@ -219,3 +219,6 @@ def test_history_trims_stale_offers_only_when_it_has_doubled() -> None:
         history.add_offer(f"more-{i}", "loan", NOW)
     history.forget_before(NOW - dt.timedelta(days=30))
     assert len(history.offers) == 100 and history.trim_at == 200
+    loaded = ContactHistory()
+    loaded.add_offers("card", [(NOW.timestamp(), f"o{i}") for i in range(50)])
+    assert loaded.trim_at == 100  # read at start-up: all inside the window

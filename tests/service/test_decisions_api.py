@@ -6,11 +6,11 @@ test's fresh database), then every test drives the service as a teller system wo
 
 from __future__ import annotations
 
-import uuid
 import asyncio
 import datetime as dt
 import shutil
 import threading
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
