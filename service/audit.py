@@ -243,7 +243,8 @@ class AuditWriter(_Spool):
     """Group-committing writer thread; :meth:`write` resolves once the record is durable.
 
     ``write`` returns True when the record is in the database, False when it was
-    spooled to local disk instead (the caller flags the decision degraded). Used for
+    spooled to local disk instead (the caller flags the decision degraded), and raises
+    :class:`NotRecorded` when neither could take it. Used for
     SQLite (whose driver has no asynchronous interface); PostgreSQL gets
     :class:`LoopAuditWriter`.
     """
@@ -286,15 +287,19 @@ class AuditWriter(_Spool):
                     stop = True
                     break
                 batch.append(more)
-            durable = self._commit([record for record, _, _ in batch])
-            if not durable:
-                self._spool_records([record for record, _, _ in batch])
-            if durable and self._spooled_files():
-                # Back from an outage: restore the trail before answering, so that a
-                # caller who sees this answer also finds the earlier spooled ones.
-                self._replay()
+            outcome: bool | NotRecorded
+            try:
+                outcome = self._commit([record for record, _, _ in batch])
+                if not outcome:
+                    self._spool_records([record for record, _, _ in batch])
+                elif self._spooled_files():
+                    # Back from an outage: restore the trail before answering, so that a
+                    # caller who sees this answer also finds the earlier spooled ones.
+                    self._replay()
+            except OSError as exc:  # the spool could not be written either
+                outcome = _not_recorded(len(batch), exc)
             for _, loop, future in batch:
-                loop.call_soon_threadsafe(_resolve, future, durable)
+                loop.call_soon_threadsafe(_resolve, future, outcome)
             if stop:
                 return
 
@@ -347,6 +352,10 @@ class LoopAuditWriter(_Spool):
         self._generation = 0
         self._pending: list[tuple[AuditRecord, asyncio.Future[bool]]] = []
         self._flushers: set[asyncio.Task[None]] = set()
+        # Flush tasks still taking records. Not len(_flushers): a task leaves that set
+        # in a done callback, a loop step after its last look at the queue, and a
+        # record queued in between would wait for the next write to start a flush.
+        self._flushing = 0
         self._spooled = False  # this process spooled since the last look
         self._next_look = 0.0  # the first commit looks at the folder
         self._stale: list[Any] = []
@@ -355,7 +364,8 @@ class LoopAuditWriter(_Spool):
     async def write(self, record: AuditRecord) -> bool:
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._pending.append((record, future))
-        if len(self._flushers) < self.lanes:
+        if self._flushing < self.lanes:
+            self._flushing += 1
             task = asyncio.create_task(self._flush())
             self._flushers.add(task)
             task.add_done_callback(self._flushers.discard)
@@ -384,21 +394,30 @@ class LoopAuditWriter(_Spool):
                 await self._stale.pop().close()
 
     async def _flush(self) -> None:
+        try:
+            await self._flush_pending()
+        finally:
+            self._flushing -= 1  # in the same step as the last look at the queue
+
+    async def _flush_pending(self) -> None:
         while self._pending:
             batch = self._pending[: self.max_batch]
             del self._pending[: self.max_batch]
             records = [record for record, _ in batch]
-            durable = await self._commit(records, ignore_duplicates=False)
-            if not durable:
-                self._spool_records(records)
-                self._spooled = True
-            elif self._spool_due():
-                # At start-up, or back from an outage: restore the trail before
-                # answering, so a caller who sees this answer also finds earlier ones.
-                await self._replay()
+            outcome: bool | NotRecorded
+            try:
+                outcome = await self._commit(records, ignore_duplicates=False)
+                if not outcome:
+                    self._spool_records(records)
+                    self._spooled = True
+                elif self._spool_due():
+                    # At start-up, or back from an outage: restore the trail before
+                    # answering, so a caller who sees this answer also finds earlier ones.
+                    await self._replay()
+            except OSError as exc:  # the spool could not be written either
+                outcome = _not_recorded(len(batch), exc)
             for _, future in batch:
-                if not future.done():
-                    future.set_result(durable)
+                _resolve(future, outcome)
 
     def _spool_due(self) -> bool:
         """Whether spooled records wait for replay: always after this process spooled,
@@ -497,6 +516,24 @@ def audit_writer(
     return AuditWriter(engine, spool_dir)
 
 
-def _resolve(future: Any, value: bool) -> None:
-    if not future.done():
-        future.set_result(value)
+class NotRecorded(Exception):
+    """Neither the database nor the local spool took the record: it is not durable,
+    and the decision must not be answered as made."""
+
+
+def _not_recorded(count: int, cause: OSError) -> NotRecorded:
+    log.error(
+        "audit records neither committed nor spooled",
+        extra={"records": count, "error": type(cause).__name__},
+        exc_info=cause,
+    )
+    return NotRecorded(f"the audit spool could not be written ({type(cause).__name__})")
+
+
+def _resolve(future: Any, outcome: bool | NotRecorded) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, NotRecorded):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)

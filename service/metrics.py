@@ -89,7 +89,8 @@ HTTP_REQUEST_SECONDS = Histogram(
 
 DECISIONS = Counter(
     "nbo_decisions_total",
-    "Decisions served, by channel and result (normal, control, degraded, empty, cold_start).",
+    "Decisions served, by channel and result (normal, control, degraded, empty, cold_start; "
+    "failed: neither recorded nor answered).",
     ["channel", "result"],
 )
 OFFERS = Counter(

@@ -17,11 +17,11 @@ from sqlalchemy.exc import IntegrityError
 from starlette.requests import ClientDisconnect
 
 from service import metrics
-from service.audit import AuditRecord, derived_id, new_id
+from service.audit import AuditRecord, NotRecorded, derived_id, new_id
 from service.auth import Principal, _api_key_scheme, _bearer_scheme, require
 from service.db import unit_of_work
 from service.decisioning import Choice, in_control_group, popular_products
-from service.errors import Conflict, NotFound, TooLarge
+from service.errors import Conflict, NotFound, TooLarge, Unavailable
 from service.schemas import (
     DecisionRequest,
     DecisionResponse,
@@ -185,7 +185,14 @@ async def _respond(
     result = answer["result"]
     recorded_at = time.perf_counter()
     if record is not None:
-        durable = await app.state.audit.write(record)
+        try:
+            durable = await app.state.audit.write(record)
+        except NotRecorded:
+            metrics.tally(metrics.DECISIONS, body.channel, "failed").inc()
+            raise Unavailable(
+                "the decision could not be recorded (the database and the local audit spool "
+                "both failed), so no offer is made; retry shortly"
+            ) from None
         if not durable:
             answer["degraded"] = True
             result = "degraded"

@@ -7,14 +7,16 @@ import datetime as dt
 import json
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, create_engine, text
 
 from service.audit import (
     AuditRecord,
     AuditWriter,
     LoopAuditWriter,
+    NotRecorded,
     audit_writer,
     derived_id,
     new_id,
@@ -153,3 +155,71 @@ def test_loop_writer_spools_when_the_database_is_gone_and_replays(
         rows = dict(conn.execute(text("SELECT id, degraded FROM decisions")).all())
     assert rows == {lost.decision[0]: True, kept.decision[0]: False}
     assert not any(p.stat().st_size for p in (tmp_path / "spool").glob("*.jsonl"))
+
+
+def _stored(engine: Engine) -> tuple[int, int]:
+    with unit_of_work(engine) as session:
+        product = Product(code="card", name="Card", category="cards", value=10.0)
+        customer = Customer(external_id="C1", attributes={})
+        session.add_all([product, customer])
+        session.flush()
+        return customer.id, product.id
+
+
+def test_a_record_queued_as_a_flush_ends_is_still_committed(engine: Engine, tmp_path: Path) -> None:
+    # Callers that write again as soon as their commit resolves, with one lane: each
+    # write lands while the flush that resolved it is finishing. None may be left
+    # waiting for some later write to start a flush.
+    ids = _stored(engine)
+    if engine.dialect.name == "postgresql":
+        writer: Any = LoopAuditWriter(engine, tmp_path / "spool", lanes=1)
+    else:
+        writer = AuditWriter(engine, tmp_path / "spool")
+    stamp = writer.stamp(dt.datetime.now(dt.UTC))
+
+    async def caller(k: int) -> int:
+        for i in range(20):
+            assert await writer.write(_record(stamp, *ids, k * 100 + i))
+        return k
+
+    async def scenario() -> list[int]:
+        await writer.start()
+        try:
+            return await asyncio.wait_for(asyncio.gather(*(caller(k) for k in range(4))), 30)
+        finally:
+            await writer.close()
+
+    assert asyncio.run(scenario()) == [0, 1, 2, 3]
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM decisions")).scalar() == 80
+
+
+def test_a_record_neither_committed_nor_spooled_is_an_error_not_a_hang(
+    engine: Engine, tmp_path: Path
+) -> None:
+    ids = _stored(engine)
+    blocked = tmp_path / "spool"
+    blocked.write_text("a file where the spool folder should be")
+    writer = audit_writer(engine, blocked)
+    stamp = writer.stamp(dt.datetime.now(dt.UTC))
+    if isinstance(writer, LoopAuditWriter):
+        writer.conninfo = "postgresql://nobody@127.0.0.1:1/none"
+    else:
+        writer.engine = create_engine("sqlite:///" + str(tmp_path / "no" / "such" / "dir.db"))
+
+    async def scenario() -> None:
+        try:
+            with pytest.raises(NotRecorded, match="spool"):
+                await asyncio.wait_for(writer.write(_record(stamp, *ids, 0)), 30)
+            # The writer lives on: the next record, with the database back, commits.
+            if isinstance(writer, LoopAuditWriter):
+                writer.conninfo = writer.engine.url.set(drivername="postgresql").render_as_string(
+                    hide_password=False
+                )
+            else:
+                writer.engine = engine
+            assert await asyncio.wait_for(writer.write(_record(stamp, *ids, 1)), 30)
+        finally:
+            await writer.close()
+
+    asyncio.run(scenario())
