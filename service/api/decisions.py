@@ -71,6 +71,10 @@ def _stage(name: str) -> metrics.Tally:
         404: {"description": "Unknown customer (unless cold start is configured)."},
         401: {"description": "Missing or invalid API key."},
         403: {"description": "The key lacks scope 'decisions'."},
+        503: {
+            "description": "The decision could not be recorded (database and local spool "
+            "both failed): no offer is made."
+        },
     },
     dependencies=[Security(_bearer_scheme), Security(_api_key_scheme)],
 )
