@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -148,21 +149,82 @@ class NboApp(FastAPI):
             log.exception("unhandled error", extra={"path": path})
             response = render_unexpected(path)
         else:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode()),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
+            if not await _send_whole(send, body):
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 200,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
             metrics.observe_request("POST", _DECISION_ROUTE, 200, started)
             return
         await response(scope, receive, send)
         metrics.observe_request("POST", _DECISION_ROUTE, response.status_code, started)
+
+
+@functools.cache
+def _httptools_cycle() -> type | None:
+    """uvicorn's httptools request cycle class, if it has the attributes
+    :func:`_send_whole` uses (set in its ``__init__``)."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+    except ImportError:  # pragma: no cover - uvicorn without httptools
+        return None
+    needed = ("transport", "flow", "default_headers", "keep_alive", "response_started")
+    needed += ("response_complete", "message_event", "on_response", "disconnected")
+    needed += ("access_log", "waiting_for_100_continue")
+    init = RequestResponseCycle.__init__.__code__.co_names
+    return RequestResponseCycle if all(name in init for name in needed) else None
+
+
+_STATUS_200 = b"HTTP/1.1 200 OK\r\n"
+
+
+async def _send_whole(send: Any, body: bytes) -> bool:
+    """Send a 200 JSON answer as one write to the socket, when served by uvicorn's
+    httptools protocol; False (nothing sent) otherwise, for the caller to send it as
+    ASGI messages.
+
+    Sent as ASGI messages, an answer costs uvicorn two socket writes (its head, then
+    its body), and on loopback each write also wakes the client: measured on the
+    decision benchmark, the two took a third of the worker's time per decision, and one
+    write took 7% off it. This does what uvicorn's ``send`` does for a complete,
+    fixed-length answer (its default headers, flow control, keep-alive, completion),
+    on the cycle behind the bound ``send``; the class is checked to be the one whose
+    attributes this reads, and anything unusual (an access log, an answer already
+    started) takes the ASGI path.
+    """
+    cycle = getattr(send, "__self__", None)
+    kind = _httptools_cycle()
+    if kind is None or type(cycle) is not kind or cycle.access_log:
+        return False
+    if cycle.response_started:
+        return False
+    if cycle.flow.write_paused and not cycle.disconnected:
+        await cycle.flow.drain()
+    if cycle.disconnected:
+        return True  # as uvicorn's send: an answer to a gone client is dropped
+    cycle.response_started = True
+    cycle.waiting_for_100_continue = False
+    head = [_STATUS_200]
+    for name, value in cycle.default_headers:
+        head += (name, b": ", value, b"\r\n")
+    head.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body))
+    if not cycle.keep_alive:
+        head.append(b"connection: close\r\n")
+    head += (b"\r\n", body)
+    cycle.transport.write(b"".join(head))
+    cycle.response_complete = True
+    cycle.message_event.set()
+    if not cycle.keep_alive:
+        cycle.transport.close()
+    cycle.on_response()
+    return True
 
 
 async def _publish_figures(state: ServingState) -> None:

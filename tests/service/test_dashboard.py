@@ -16,7 +16,6 @@ import os
 import queue
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -29,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 from websockets.sync.client import ClientConnection, connect
@@ -39,6 +37,7 @@ from service.app import create_app
 from service.db import unit_of_work
 from service.settings import Settings
 from service.tables import Customer, Decision, Feedback, Offer, OfferOutcome, Product
+from tests.uvicorn_thread import uvicorn_thread
 
 REPO = Path(__file__).resolve().parents[2]
 ON_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
@@ -595,26 +594,8 @@ def chromium(executable: str, profile: Path, timeout: float = 15.0) -> Iterator[
 @contextlib.contextmanager
 def serve(settings: Settings) -> Iterator[str]:
     """Run nbo with uvicorn on a free local port in a thread; yield its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), log_level="warning", lifespan="on")
-    )
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 15
-        while not server.started:
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    with uvicorn_thread(create_app(settings), lifespan="on") as (host, port):
+        yield f"http://{host}:{port}"
 
 
 def artifacts_dir() -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import shutil
+import socket
 import threading
 import uuid
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
@@ -25,13 +27,16 @@ from models.data import BankData
 from models.eligibility import Catalogue, check_eligibility
 from models.propensity import TrainConfig, train
 from models.synthetic import generate_bank, write_bank
+from service import app as app_module
 from service import registry
 from service.app import _publish_figures as publish_figures
+from service.app import _send_whole as send_whole
 from service.app import create_app
 from service.auth import create_key
 from service.db import make_engine, unit_of_work
 from service.importing import import_adoptions, import_customers, import_products
 from service.settings import Settings
+from tests.uvicorn_thread import uvicorn_thread
 
 AS_OF = dt.date(2026, 1, 1)
 
@@ -575,6 +580,94 @@ def test_offer_ids_are_derived_from_their_decision_and_unique(make_service: Any)
         "SELECT id FROM offers WHERE decision_id = :d ORDER BY rank", d=body["decision_id"]
     )
     assert [r[0] for r in stored] == ids
+
+
+def _http_answers(sock: socket.socket, count: int) -> list[tuple[int, dict[str, str], bytes]]:
+    """Read ``count`` HTTP/1.1 answers with a content-length off ``sock``."""
+    answers, buffer = [], b""
+    while len(answers) < count:
+        while b"\r\n\r\n" not in buffer:
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed after {len(answers)} answers"
+            buffer += chunk
+        head, _, buffer = buffer.partition(b"\r\n\r\n")
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in lines)}
+        size = int(headers["content-length"])
+        while len(buffer) < size:
+            buffer += sock.recv(65536)
+        answers.append((int(status_line.split()[1]), headers, buffer[:size]))
+        buffer = buffer[size:]
+    assert buffer == b""
+    return answers
+
+
+@pytest.mark.parametrize("access_log", [False, True], ids=["one-write", "asgi-messages"])
+def test_decisions_over_real_uvicorn_keep_alive_pipelining_and_close(
+    database_url: str,
+    trained: Trained,
+    tmp_path: Path,
+    access_log: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The app writes a decision's answer to uvicorn's socket in one write (bypassing
+    # its two ASGI messages) unless an access log asks for uvicorn's own path: both
+    # must put the same valid HTTP/1.1 on the wire.
+    keys = prepare(database_url, trained, tmp_path)
+    settings = Settings(database_url=database_url, data_dir=tmp_path, control_share=0.0)
+    body = b'{"channel": "branch", "staff_id": "S1", "max_offers": 2}'
+
+    def request(customer: str, *extra: str) -> bytes:
+        lines = [
+            f"POST /v1/customers/{customer}/decisions HTTP/1.1",
+            "Host: nbo",
+            f"Authorization: Bearer {keys['teller']}",
+            "Content-Type: application/json",
+            f"Content-Length: {len(body)}",
+            *extra,
+        ]
+        return "\r\n".join(lines).encode() + b"\r\n\r\n" + body
+
+    app = create_app(settings)
+    sent_whole: list[bool] = []
+
+    async def spy(send: Any, content: bytes) -> bool:
+        sent_whole.append(await send_whole(send, content))
+        return sent_whole[-1]
+
+    monkeypatch.setattr(app_module, "_send_whole", spy)
+    with (
+        uvicorn_thread(app, lifespan="on", access_log=access_log) as address,
+        socket.create_connection(address, timeout=10) as sock,
+    ):
+        # Keep-alive: one after another on one connection, then two pipelined at once,
+        # then a failure (the problem path) and a success again.
+        for customer in ("C0000042", "C0000043"):
+            sock.sendall(request(customer))
+            [(status, headers, content)] = _http_answers(sock, 1)
+            assert status == 200, content
+            assert headers["content-type"] == "application/json"
+            assert "date" in headers and "connection" not in headers
+            assert orjson.loads(content)["customer_id"] == customer
+        sock.sendall(request("C0000044") + request("C0000045"))
+        pipelined = _http_answers(sock, 2)
+        assert [orjson.loads(c)["customer_id"] for _, _, c in pipelined] == [
+            "C0000044",
+            "C0000045",
+        ]
+        sock.sendall(request("C0000046").replace(b'"branch"', b'"fax!!!"'))
+        [(status, headers, _)] = _http_answers(sock, 1)
+        assert status == 422 and headers["content-type"] == "application/problem+json"
+        sock.sendall(request("C0000047", "Connection: close"))
+        [(status, headers, content)] = _http_answers(sock, 1)
+        assert status == 200 and headers["connection"] == "close"
+        assert orjson.loads(content)["customer_id"] == "C0000047"
+        assert sock.recv(1) == b""  # and the server closed it
+    assert sent_whole == [not access_log] * 5  # the 422 is not a decision's answer
+    engine = create_engine(database_url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM decisions")).scalar() == 5
+    engine.dispose()
 
 
 def test_rules_endpoint_and_metrics(make_service: Any) -> None:
