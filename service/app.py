@@ -168,14 +168,15 @@ class NboApp(FastAPI):
 
 
 @functools.cache
-def _httptools_cycle() -> type | None:
+def _httptools_cycle() -> type[Any] | None:
     """uvicorn's httptools request cycle class, if it has the attributes
     :func:`_send_whole` uses (set in its ``__init__``)."""
     try:
         from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
     except ImportError:  # pragma: no cover - uvicorn without httptools
         return None
-    needed = ("transport", "flow", "default_headers", "keep_alive", "response_started")
+    needed: tuple[str, ...] = ("transport", "flow", "default_headers", "keep_alive")
+    needed += ("response_started",)
     needed += ("response_complete", "message_event", "on_response", "disconnected")
     needed += ("access_log", "waiting_for_100_continue")
     init = RequestResponseCycle.__init__.__code__.co_names
@@ -199,7 +200,7 @@ async def _send_whole(send: Any, body: bytes) -> bool:
     attributes this reads, and anything unusual (an access log, an answer already
     started) takes the ASGI path.
     """
-    cycle = getattr(send, "__self__", None)
+    cycle: Any = getattr(send, "__self__", None)
     kind = _httptools_cycle()
     if kind is None or type(cycle) is not kind or cycle.access_log:
         return False

@@ -256,7 +256,8 @@ def _decide(
             )
         base["cold_start"] = True
         base["control"] = control
-        offers, rows = [], []
+        offers: list[dict[str, Any]] = []
+        rows: list[tuple[Any, ...]] = []
         if not control:
             offers, rows = _cold_start_offers(snapshot, body, decision_id, stamp)
         base["offers"] = offers
