@@ -175,10 +175,19 @@ def _httptools_cycle() -> type[Any] | None:
         from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
     except ImportError:  # pragma: no cover - uvicorn without httptools
         return None
-    needed: tuple[str, ...] = ("transport", "flow", "default_headers", "keep_alive")
-    needed += ("response_started",)
-    needed += ("response_complete", "message_event", "on_response", "disconnected")
-    needed += ("access_log", "waiting_for_100_continue")
+    needed = (
+        "transport",
+        "flow",
+        "default_headers",
+        "keep_alive",
+        "response_started",
+        "response_complete",
+        "message_event",
+        "on_response",
+        "disconnected",
+        "access_log",
+        "waiting_for_100_continue",
+    )
     init = RequestResponseCycle.__init__.__code__.co_names
     return RequestResponseCycle if all(name in init for name in needed) else None
 

@@ -32,6 +32,10 @@ class Policy:
     detractor_suppress_days: int = 30
 
 
+HISTORY_TRIM = 64
+"""Offers a history holds before old ones are first trimmed."""
+
+
 @dataclass(slots=True)
 class ContactHistory:
     """One customer's recent offers, declines and detractor answers (kept in memory).
@@ -53,7 +57,7 @@ class ContactHistory:
     declines: dict[str, dt.datetime] = field(default_factory=dict)
     detractor_at: dt.datetime | None = None
     times: dict[str, bytearray] = field(default_factory=dict)
-    trim_at: int = 64  # HISTORY_TRIM
+    trim_at: int = HISTORY_TRIM
     """Offers held past which the next trim is due (see :meth:`forget_before`)."""
 
     def add_offer(self, offer_id: str, product_code: str, at: dt.datetime) -> None:
@@ -125,9 +129,6 @@ class ContactHistory:
                 del self.times[code]
         self.trim_at = max(HISTORY_TRIM, 2 * len(self.offers))
 
-
-HISTORY_TRIM = 64
-"""Offers a history holds before old ones are first trimmed."""
 
 _DOUBLE = struct.Struct("d")
 
