@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Depends, Header, Path, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 from starlette.requests import ClientDisconnect
@@ -48,6 +48,8 @@ MAX_DECISION_BODY = 64 * 1024
 CustomerId = Annotated[
     Text, Path(min_length=1, max_length=MAX_CUSTOMER_ID, description="The bank's customer id.")
 ]
+# The same rules, for the fast lane (which reads the id from the path itself).
+_CUSTOMER_ID = TypeAdapter(Annotated[Text, Field(min_length=1, max_length=MAX_CUSTOMER_ID)])
 
 
 @functools.cache
@@ -107,27 +109,12 @@ async def serve_decision(app: Any, scope: Any, receive: Any, customer_id: str) -
         elif name == b"x-api-key" and api_key is None:
             api_key = value.decode("latin-1")
     principal = app.state.keys.authenticate(authorization, api_key, "decisions")
-    if len(customer_id) > MAX_CUSTOMER_ID:
+    try:
+        _CUSTOMER_ID.validate_python(customer_id)
+    except ValidationError as exc:
         raise RequestValidationError(
-            [
-                {
-                    "loc": ("path", "customer_id"),
-                    "msg": f"String should have at most {MAX_CUSTOMER_ID} characters",
-                    "type": "string_too_long",
-                }
-            ]
-        )
-    if "\x00" in customer_id:
-        raise RequestValidationError(
-            [
-                {
-                    "loc": ("path", "customer_id"),
-                    "msg": "Value error, must not contain the NUL character (U+0000): it "
-                    "cannot be stored",
-                    "type": "value_error",
-                }
-            ]
-        )
+            [{**error, "loc": ("path", "customer_id")} for error in exc.errors()]
+        ) from None
     try:
         body = DecisionRequest.model_validate_json(await _bounded_body(receive))
     except ValidationError as exc:
