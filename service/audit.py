@@ -287,17 +287,16 @@ class AuditWriter(_Spool):
                     stop = True
                     break
                 batch.append(more)
-            outcome: bool | NotRecorded
+            outcome: bool | NotRecorded = self._commit([record for record, _, _ in batch])
             try:
-                outcome = self._commit([record for record, _, _ in batch])
                 if not outcome:
                     self._spool_records([record for record, _, _ in batch])
                 elif self._spooled_files():
                     # Back from an outage: restore the trail before answering, so that a
                     # caller who sees this answer also finds the earlier spooled ones.
                     self._replay()
-            except OSError as exc:  # the spool could not be written either
-                outcome = _not_recorded(len(batch), exc)
+            except OSError as exc:
+                outcome = _spool_failed(bool(outcome), len(batch), exc)
             for _, loop, future in batch:
                 loop.call_soon_threadsafe(_resolve, future, outcome)
             if stop:
@@ -404,9 +403,8 @@ class LoopAuditWriter(_Spool):
             batch = self._pending[: self.max_batch]
             del self._pending[: self.max_batch]
             records = [record for record, _ in batch]
-            outcome: bool | NotRecorded
+            outcome: bool | NotRecorded = await self._commit(records, ignore_duplicates=False)
             try:
-                outcome = await self._commit(records, ignore_duplicates=False)
                 if not outcome:
                     self._spool_records(records)
                     self._spooled = True
@@ -414,8 +412,8 @@ class LoopAuditWriter(_Spool):
                     # At start-up, or back from an outage: restore the trail before
                     # answering, so a caller who sees this answer also finds earlier ones.
                     await self._replay()
-            except OSError as exc:  # the spool could not be written either
-                outcome = _not_recorded(len(batch), exc)
+            except OSError as exc:
+                outcome = _spool_failed(bool(outcome), len(batch), exc)
             for _, future in batch:
                 _resolve(future, outcome)
 
@@ -521,7 +519,13 @@ class NotRecorded(Exception):
     and the decision must not be answered as made."""
 
 
-def _not_recorded(count: int, cause: OSError) -> NotRecorded:
+def _spool_failed(committed: bool, count: int, cause: OSError) -> bool | NotRecorded:
+    """What ``count`` records' callers are told when the spool failed them: their records
+    are lost if they were to be spooled (:class:`NotRecorded`), and still durable if
+    they had committed and only the replay of older spooled records failed (True)."""
+    if committed:
+        log.warning("spool replay failed; will retry", exc_info=cause)
+        return True
     log.error(
         "audit records neither committed nor spooled",
         extra={"records": count, "error": type(cause).__name__},

@@ -223,3 +223,36 @@ def test_a_record_neither_committed_nor_spooled_is_an_error_not_a_hang(
             await writer.close()
 
     asyncio.run(scenario())
+
+
+def test_a_failed_replay_after_a_commit_still_answers_the_batch_durable(
+    engine: Engine, tmp_path: Path
+) -> None:
+    # Only a record that was to be spooled is lost when the spool fails; a batch that
+    # committed stays durable when replaying older spooled records hits a disk error.
+    ids = _stored(engine)
+    writer = audit_writer(engine, tmp_path / "spool")
+    stamp = writer.stamp(dt.datetime.now(dt.UTC))
+
+    def broken_disk(*_: Any) -> Any:
+        raise OSError("disk gone")
+
+    async def broken_replay() -> None:
+        broken_disk()
+
+    if isinstance(writer, LoopAuditWriter):
+        writer._spool_due = lambda: True  # type: ignore[method-assign]
+        writer._replay = broken_replay  # type: ignore[method-assign]
+    else:
+        writer._spooled_files = lambda: [tmp_path / "x.jsonl"]  # type: ignore[method-assign]
+        writer._replay = broken_disk  # type: ignore[method-assign]
+
+    async def scenario() -> bool:
+        try:
+            return await asyncio.wait_for(writer.write(_record(stamp, *ids, 0)), 30)
+        finally:
+            await writer.close()
+
+    assert asyncio.run(scenario()) is True
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM decisions")).scalar() == 1
