@@ -800,18 +800,22 @@ def _normalise_customers(
         if unknown:
             raise ValueError(f"attribute_kinds names unknown customer column(s) {unknown}")
     kinds: dict[str, AttributeKind] = {}
+    columns: dict[str, pd.Series] = {}
     for name in names:
         values = customers[name]
         kind = attribute_kinds.get(name) if attribute_kinds is not None else None
         if kind is None:
             kind = _infer_kind(values)
         if kind == "numeric":
-            frame[name] = _floats(values, f"customers.{name}")
+            columns[name] = _floats(values, f"customers.{name}")
         elif kind == "categorical":
-            frame[name] = _categorical_text(values)
+            columns[name] = _categorical_text(values)
         else:
             raise ValueError(f"attribute kind of {name!r} must be numeric or categorical")
         kinds[str(name)] = kind
+    # Joined at once: inserting thousands of attribute columns one by one fragments
+    # the frame and slows every later operation on it.
+    frame = pd.concat([frame, pd.DataFrame(columns, index=frame.index)], axis=1)
     return frame.reset_index(drop=True), kinds
 
 

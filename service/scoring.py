@@ -112,7 +112,7 @@ def score_bank(
         )
     if progress:
         progress("loading the bank", 0.2)
-    data = load_bank(engine)
+    data = load_bank(engine, reader="scoring")
     day = as_of or max(model.as_of.date(), default_as_of(data))
     if progress:
         progress("scoring", 0.5)

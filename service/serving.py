@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime as dt
 import gc
 import itertools
-import json
 import logging
 import operator
 import threading
@@ -31,13 +30,14 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 import pandas as pd
-from sqlalchemy import Engine, bindparam, text
+from sqlalchemy import Connection, Engine, bindparam, text
 
 from models.data import Adoption, BankData, CustomerState, OfferOutcome, to_ns
 from models.eligibility import Catalogue
 from models.propensity import PropensityModel
 from models.rules import Rule
-from service import registry
+from service import bank_rows, metrics, registry
+from service.bank_rows import RowAudit
 from service.db import read_only, unit_of_work
 from service.decisioning import Arbiter, ContactHistory, Policy
 from service.settings import Settings
@@ -199,6 +199,14 @@ GAP_SECONDS = 30.0
 """How long a skipped change-event id is looked for (a transaction's longest commit)."""
 MAX_GAPS = 10_000
 GC_YOUNG_THRESHOLD = 20_000
+RETRY_SECONDS = 5.0
+"""Wait before a failed snapshot load is tried again; doubles with each failure."""
+MAX_RETRY_SECONDS = 300.0
+MAX_REFRESH_ATTEMPTS = 10
+"""Polls a customer whose refresh failed is re-read at; then its entry is left as is
+until its next change (a customer that cannot be read must not cost every poll)."""
+MAX_STALE = 100_000
+NO_ACTIVE_VERSION = "no active model version"
 
 
 def _utcnow() -> dt.datetime:
@@ -217,6 +225,14 @@ class ServingState:
         self.last_event = 0
         self._gaps: dict[int, float] = {}  # event id not seen yet -> when first missed
         self._reload_lock = threading.Lock()
+        self.load_error: str | None = None
+        """None while the served snapshot is current; else why not: the active model
+        version could not be loaded, or the last (re)load failed and an older snapshot
+        (or none) is served. Readiness reports it."""
+        self._retry_at: float | None = None  # when a failed load is tried again (monotonic)
+        self._failures = 0  # failed loads in a row, for the back-off
+        self._stale: dict[str, int] = {}  # customer -> failed refreshes, retried by poll
+        self._stale_lock = threading.Lock()
         # What "now" is for decisions, outcomes and policy windows: the wall clock, or
         # a simulated one (``nbo simulate`` replays days in minutes).
         self.clock: Callable[[], dt.datetime] = _utcnow
@@ -224,25 +240,25 @@ class ServingState:
     # ------------------------------------------------------------------ loading
 
     def load(self) -> Snapshot:
-        """Build a snapshot from the database and swap it in (blocking; run in a thread)."""
+        """Build a snapshot from the database and swap it in (blocking; run in a thread).
+
+        Never raises: routes call it after committing a change, and their answer must
+        say what happened to the change. When the build fails, the previous snapshot
+        keeps serving, the failure is logged and counted, :attr:`load_error` says so
+        and :meth:`poll` tries again (after :data:`RETRY_SECONDS`, doubling). Returns
+        the snapshot served; before any was built, an empty one that offers nothing
+        (not swapped in: the worker keeps answering degraded).
+        """
         with self._reload_lock:
-            started = self.last_event or _max_event(self.engine)
-            # Building (and reading the contact history, at start-up) allocates
-            # millions of long-lived objects: with the collector on, its full
-            # collections re-walked them again and again (~6 s of a 100k customer load,
-            # holding the GIL while another snapshot serves). One collection after the
-            # build does the same work once.
-            enabled = gc.isenabled()
-            gc.disable()
             try:
-                snapshot = build_snapshot(self.engine, self.settings)
-                snapshot.warm_rules()
-                if self.last_event == 0:
-                    self.last_event = started
-                    self._load_history(snapshot)
-            finally:
-                if enabled:
-                    gc.enable()
+                snapshot = self._build()
+            except Exception as exc:  # noqa: BLE001 - anything: keep serving what we have
+                return self._load_failed(exc)
+            self._failures = 0
+            self._retry_at = None
+            self.load_error = (
+                None if snapshot.load_error == NO_ACTIVE_VERSION else snapshot.load_error
+            )
             self.snapshot = snapshot
             # Long-lived objects out of the collector's way: without this, full
             # collections over the snapshot's objects dominate the p99 latency. The
@@ -259,6 +275,45 @@ class ServingState:
             # lower p99 at 20,000.
             gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
             return snapshot
+
+    def _build(self) -> Snapshot:
+        started = self.last_event or _max_event(self.engine)
+        # Building (and reading the contact history, at start-up) allocates millions of
+        # long-lived objects: with the collector on, its full collections re-walked them
+        # again and again (~6 s of a 100k customer load, holding the GIL while another
+        # snapshot serves). One collection after the build does the same work once.
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            snapshot = build_snapshot(self.engine, self.settings)
+            snapshot.warm_rules()
+            if self.last_event == 0:
+                self._load_history(snapshot)
+                self.last_event = started
+        finally:
+            if enabled:
+                gc.enable()
+        return snapshot
+
+    def _load_failed(self, exc: Exception) -> Snapshot:
+        self._failures += 1
+        delay = min(RETRY_SECONDS * 2 ** (self._failures - 1), MAX_RETRY_SECONDS)
+        self._retry_at = time.monotonic() + delay
+        served = self.snapshot
+        what = "reload" if served is not None else "load"
+        # The exception's type, not its text: a driver's message may quote row values.
+        self.load_error = f"snapshot {what} failed ({type(exc).__name__}); retrying"
+        metrics.SNAPSHOT_RELOAD_FAILURES.labels("snapshot").inc()
+        log.error(
+            "snapshot load failed; the previous snapshot keeps serving",
+            extra={
+                "serving": None if served is None else served.version,
+                "failures": self._failures,
+                "retry_seconds": delay,
+            },
+            exc_info=True,
+        )
+        return served if served is not None else empty_snapshot(self.settings, self.load_error)
 
     def _load_history(self, snapshot: Snapshot) -> None:
         days = max(
@@ -328,15 +383,50 @@ class ServingState:
     # ------------------------------------------------------------------ one customer
 
     def refresh_customers(self, external_ids: Iterable[str]) -> None:
-        """Re-read and re-score customers after a change (blocking)."""
+        """Re-read and re-score customers after a change (blocking).
+
+        Never raises: routes call it after committing the change. When the read fails
+        the customers keep their current entries and are marked stale; :meth:`poll`
+        tries them again (up to :data:`MAX_REFRESH_ATTEMPTS` times).
+        """
         snapshot = self.snapshot
         if snapshot is None:
             return
         ids = sorted(set(external_ids))
         if not ids:
             return
-        for external_id, entry in read_customers(self.engine, snapshot, ids).items():
+        try:
+            found = read_customers(self.engine, snapshot, ids)
+        except Exception:  # noqa: BLE001 - the old entries serve until a retry succeeds
+            self._mark_stale(ids)
+            return
+        for external_id, entry in found.items():
             snapshot.customers[external_id] = entry
+        with self._stale_lock:
+            for external_id in ids:
+                self._stale.pop(external_id, None)
+
+    def _mark_stale(self, ids: list[str]) -> None:
+        metrics.SNAPSHOT_RELOAD_FAILURES.labels("customers").inc()
+        dropped = 0
+        with self._stale_lock:
+            for external_id in ids:
+                attempts = self._stale.get(external_id, 0) + 1
+                if attempts > MAX_REFRESH_ATTEMPTS or len(self._stale) >= MAX_STALE:
+                    self._stale.pop(external_id, None)
+                    dropped += 1
+                else:
+                    self._stale[external_id] = attempts
+            stale = len(self._stale)
+        log.warning(
+            "customer refresh failed; current entries keep serving",
+            extra={"customers": len(ids), "stale": stale, "abandoned": dropped},
+            exc_info=True,
+        )
+
+    def _take_stale(self) -> set[str]:
+        with self._stale_lock:
+            return set(self._stale)
 
     def lookup(self, external_id: str) -> CustomerEntry | None:
         """A customer not held yet (imported after start-up) is read from the database."""
@@ -363,6 +453,8 @@ class ServingState:
         leaves a hole for good), so no event is missed for committing late.
         """
         now = time.monotonic()
+        if self._retry_at is not None and now >= self._retry_at:
+            self.load()  # a failed load, tried again (it reads every change since)
         for gap in [g for g, seen in self._gaps.items() if now - seen > GAP_SECONDS]:
             del self._gaps[gap]
         with read_only(self.engine).connect() as conn:
@@ -375,6 +467,8 @@ class ServingState:
                 {"last": self.last_event, "gaps": sorted(self._gaps)},
             ).all()
         if not rows:
+            if self._stale:
+                self.refresh_customers(self._take_stale())
             return 0
         fresh = {int(row[0]) for row in rows if row[0] > self.last_event}
         if fresh:
@@ -397,8 +491,8 @@ class ServingState:
             applied += 1
         if reload:
             self.load()
-        elif refresh:
-            self.refresh_customers(refresh)
+        elif refresh or self._stale:
+            self.refresh_customers(refresh | self._take_stale())
         return applied
 
     def _learns_from_outcomes(self) -> bool:
@@ -479,6 +573,29 @@ def policy_from(settings: Settings) -> Policy:
     )
 
 
+def empty_snapshot(settings: Settings, error: str) -> Snapshot:
+    """A snapshot of nothing (no products, customers or model): what a worker that has
+    never loaded one answers with, so a caller always gets a snapshot."""
+    catalogue = Catalogue.from_records([])
+    return Snapshot(
+        version=None,
+        model=None,
+        as_of=dt.date.today(),
+        catalogue=catalogue,
+        product_ids={},
+        customers={},
+        popularity={None: Counter()},
+        arbiter=Arbiter.for_catalogue(
+            product_codes=(),
+            values=catalogue.values,
+            weights=catalogue.business_weights,
+            active=catalogue.active,
+            policy=policy_from(settings),
+        ),
+        load_error=error,
+    )
+
+
 def build_snapshot(engine: Engine, settings: Settings) -> Snapshot:
     """Load the active model and the bank, and score every customer in one batch."""
     model: PropensityModel | None = None
@@ -489,7 +606,7 @@ def build_snapshot(engine: Engine, settings: Settings) -> Snapshot:
         if row is not None:
             session.expunge(row)
     if row is None:
-        error = "no active model version"
+        error = NO_ACTIVE_VERSION
     else:
         try:
             model = registry.load_model(row)
@@ -497,7 +614,7 @@ def build_snapshot(engine: Engine, settings: Settings) -> Snapshot:
         except registry.RegistryError as exc:
             error = str(exc)
             log.error("model load failed", extra={"version": row.version, "error": error})
-    data = load_bank(engine)
+    data = load_bank(engine, reader="snapshot")
     catalogue = Catalogue.from_data(data)
     if settings.scoring_date:
         as_of = dt.date.fromisoformat(settings.scoring_date)
@@ -606,58 +723,72 @@ def customer_states(data: BankData) -> dict[str, CustomerState]:
 def read_customers(
     engine: Engine, snapshot: Snapshot, external_ids: list[str]
 ) -> dict[str, CustomerEntry]:
-    """Read customers from the database and score them with the snapshot's model."""
-    with read_only(engine).connect() as conn:
-        kinds = dict(conn.execute(text("SELECT name, kind FROM attribute_definitions")).all())
-        rows = conn.execute(
-            text(
-                "SELECT id, external_id, segment, branch_id, joined_at, birth_date, attributes "
-                "FROM customers WHERE external_id IN :ids"
-            ).bindparams(bindparam("ids", expanding=True)),
-            {"ids": external_ids},
-        ).all()
-        if not rows:
-            return {}
-        adoption_rows = conn.execute(
-            text(
-                "SELECT c.external_id, p.code, a.adopted_at, a.closed_at FROM adoptions a "
-                "JOIN customers c ON c.id = a.customer_id JOIN products p ON p.id = a.product_id "
-                "WHERE c.external_id IN :ids"
-            ).bindparams(bindparam("ids", expanding=True)),
-            {"ids": external_ids},
-        ).all()
-        outcome_rows = conn.execute(
-            text(
-                # Customer -> decisions -> offers -> outcomes, each step by an index.
-                "SELECT c.external_id, p.code, oo.outcome, oo.created_at FROM customers c "
-                "JOIN decisions d ON d.customer_id = c.id JOIN offers o ON o.decision_id = d.id "
-                "JOIN offer_outcomes oo ON oo.offer_id = o.id "
-                "JOIN products p ON p.id = o.product_id WHERE c.external_id IN :ids"
-            ).bindparams(bindparam("ids", expanding=True)),
-            {"ids": external_ids},
-        ).all()
+    """Read customers from the database and score them with the snapshot's model.
+
+    Rows are cleaned as the batch load cleans them (:mod:`service.bank_rows`).
+    """
+    audit = RowAudit("customer")
+    try:
+        with read_only(engine).connect() as conn:
+            return _read_customers(conn, snapshot, external_ids, audit)
+    finally:
+        audit.close()
+
+
+def _read_customers(
+    conn: Connection, snapshot: Snapshot, external_ids: list[str], audit: RowAudit
+) -> dict[str, CustomerEntry]:
+    dialect = conn.dialect.name
+    kinds = bank_rows.read_attribute_kinds(conn, audit)
+    records = conn.execute(
+        text(
+            bank_rows.customer_query(dialect, with_id=True) + " WHERE external_id IN :ids"
+        ).bindparams(bindparam("ids", expanding=True)),
+        {"ids": external_ids},
+    ).all()
+    if not records:
+        return {}
+    adoption_rows = conn.execute(
+        text(
+            f"SELECT c.external_id, p.code, {bank_rows.date_text('a.adopted_at', dialect)}, "
+            f"{bank_rows.date_text('a.closed_at', dialect)} FROM adoptions a "
+            "JOIN customers c ON c.id = a.customer_id JOIN products p ON p.id = a.product_id "
+            "WHERE c.external_id IN :ids"
+        ).bindparams(bindparam("ids", expanding=True)),
+        {"ids": external_ids},
+    ).all()
+    outcome_rows = conn.execute(
+        text(
+            # Customer -> decisions -> offers -> outcomes, each step by an index.
+            "SELECT c.external_id, p.code, oo.outcome, oo.created_at FROM customers c "
+            "JOIN decisions d ON d.customer_id = c.id JOIN offers o ON o.decision_id = d.id "
+            "JOIN offer_outcomes oo ON oo.offer_id = o.id "
+            "JOIN products p ON p.id = o.product_id WHERE c.external_id IN :ids"
+        ).bindparams(bindparam("ids", expanding=True)),
+        {"ids": external_ids},
+    ).all()
     adoptions: dict[str, list[Adoption]] = defaultdict(list)
     for cid, code, adopted, closed in adoption_rows:
-        adoptions[cid].append(Adoption(code, _date(adopted), _date(closed)))
+        dates = bank_rows.adoption_dates(adopted, closed, audit, key=f"{cid}/{code}")
+        if dates is not None:
+            adoptions[cid].append(Adoption(code, *dates))
     outcomes: dict[str, list[OfferOutcome]] = defaultdict(list)
     for cid, code, outcome, at in outcome_rows:
         # Naive UTC, as the batch path reads them (service.training.read_outcomes).
         utc = _aware(at).astimezone(dt.UTC).replace(tzinfo=None)
         outcomes[cid].append(OfferOutcome(code, outcome, utc))
     out: dict[str, CustomerEntry] = {}
-    for db_id, cid, segment, branch, joined, birth, attrs in rows:
-        if isinstance(attrs, str):
-            attrs = json.loads(attrs)
-        attributes = {
-            name: _attribute(attrs.get(name) if attrs else None, kinds[name]) for name in kinds
-        }
+    for db_id, *record in records:
+        cid, segment, branch, joined, birth, attributes = bank_rows.customer_record(
+            record, kinds, audit
+        )
         state = CustomerState(
             customer_id=cid,
             segment=segment,
             branch_id=branch,
-            joined_at=_date(joined),
-            birth_date=_date(birth),
-            attributes=attributes,
+            joined_at=joined,
+            birth_date=birth,
+            attributes={name: attributes.get(name) for name in kinds},
             adoptions=tuple(adoptions.get(cid, ())),
             outcomes=tuple(outcomes.get(cid, ())),
         )
@@ -732,30 +863,9 @@ def _aware(value: dt.datetime | str) -> dt.datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 
-def _date(value: Any) -> dt.date | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return dt.date.fromisoformat(value[:10])
-    if isinstance(value, dt.datetime):
-        return value.date()
-    return value  # type: ignore[no-any-return]
-
-
 def _scalar(value: Any) -> float | int | str | None:
     if value is None or (isinstance(value, float) and value != value) or value is pd.NA:
         return None
     if isinstance(value, np.generic):
         return value.item()  # type: ignore[no-any-return]
     return value  # type: ignore[no-any-return]
-
-
-def _attribute(value: Any, kind: str) -> float | int | str | None:
-    if value is None or value == "":
-        return None
-    if kind == "numeric":
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            return None
-    return str(value)

@@ -3,85 +3,151 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 from sqlalchemy import Connection, Engine, text
 
 from models.artifacts import BundleError, load_bundle, save_bundle
-from models.data import BankData
+from models.data import CUSTOMER_FIXED_COLUMNS, PRODUCT_COLUMNS, BankData
 from models.evaluation import HoldoutResult, holdout_evaluation, report_inputs, truth_reference
 from models.metrics import compare
 from models.propensity import TrainConfig, train
 from models.report import write_report
-from service import registry
+from service import bank_rows, registry
+from service.bank_rows import Reader, RowAudit
 from service.db import read_only, unit_of_work
 from service.tables import ModelVersion
 
 
-def _joined(value: Any) -> str:
-    if value is None or (isinstance(value, float) and value != value):
-        return ""
-    items = json.loads(value) if isinstance(value, str) else value
-    return "|".join(items or [])
-
-
-def load_bank(engine: Engine) -> BankData:
-    """The bank as the models library sees it, read in a few set-based queries."""
-    with read_only(engine).connect() as conn:
-        kinds = dict(conn.execute(text("SELECT name, kind FROM attribute_definitions")).all())
-        products = pd.read_sql(
-            text(
-                "SELECT code AS product_code, name, category, value, business_weight, active, "
-                "min_age, max_age, segments, requires, excludes FROM products ORDER BY code"
-            ),
-            conn,
+def _read_products(conn: Connection, audit: RowAudit) -> pd.DataFrame:
+    rows = conn.execute(
+        text(
+            "SELECT code, name, category, value, business_weight, active, min_age, max_age, "
+            "CAST(segments AS TEXT), CAST(requires AS TEXT), CAST(excludes AS TEXT) "
+            "FROM products ORDER BY code"
         )
-        for column in ("segments", "requires", "excludes"):
-            products[column] = products[column].map(_joined)
-        postgres = conn.dialect.name == "postgresql"
-        attributes = [
+    ).all()
+    known = frozenset(str(row[0]) for row in rows)
+    records = []
+    for code, name, category, value, weight, active, min_age, max_age, *lists in rows:
+        key = str(code)
+        value, good_value = bank_rows.product_number(value, 0.0, audit, key=key, field="value")
+        weight, good_weight = bank_rows.product_number(
+            weight, 1.0, audit, key=key, field="business_weight"
+        )
+        segments, good_segments = bank_rows.product_codes(
+            lists[0], None, audit, key=key, field="segments"
+        )
+        requires, good_requires = bank_rows.product_codes(
+            lists[1], known, audit, key=key, field="requires"
+        )
+        excludes, good_excludes = bank_rows.product_codes(
+            lists[2], known, audit, key=key, field="excludes"
+        )
+        usable = good_value and good_weight and good_segments and good_requires and good_excludes
+        records.append(
             (
-                f"attributes ->> '{name}'"
-                if postgres
-                else f"json_extract(attributes, '$.\"{name}\"')"
+                key,
+                name,
+                category,
+                value if usable else 0.0,
+                weight if usable else 1.0,
+                bool(active) and usable,  # quarantined: kept for its history, never offered
+                min_age,
+                max_age,
+                "|".join(segments or []),
+                "|".join(requires or []),
+                "|".join(excludes or []),
             )
-            + f' AS "{name}"'
-            for name in kinds
-        ]
-        customers = pd.read_sql(
-            text(
-                "SELECT external_id AS customer_id, segment, branch_id, joined_at, birth_date"
-                + "".join(f", {a}" for a in attributes)
-                + " FROM customers ORDER BY external_id"
-            ),
-            conn,
         )
-        adoptions = pd.read_sql(
-            text(
-                "SELECT c.external_id AS customer_id, p.code AS product_code, a.adopted_at, "
-                "a.closed_at FROM adoptions a JOIN customers c ON c.id = a.customer_id "
-                "JOIN products p ON p.id = a.product_id"
-            ),
-            conn,
+    return pd.DataFrame.from_records(records, columns=list(PRODUCT_COLUMNS))
+
+
+def _read_customers(conn: Connection, kinds: Mapping[str, str], audit: RowAudit) -> pd.DataFrame:
+    query = bank_rows.customer_query(conn.dialect.name) + " ORDER BY external_id"
+    rows = conn.execute(text(query)).all()
+    fixed = pd.DataFrame.from_records(
+        [row[:5] for row in rows], columns=list(CUSTOMER_FIXED_COLUMNS)
+    )
+    ids = fixed["customer_id"]
+    for field in ("joined_at", "birth_date"):
+        fixed[field] = bank_rows.date_column(
+            fixed[field], ids, audit, table="customers", field=field
         )
-        outcomes = read_outcomes(conn)
+    attributes = pd.DataFrame.from_records(
+        [bank_rows.customer_attributes(row[5], kinds, audit, key=str(row[0])) for row in rows],
+        columns=list(kinds),
+        nrows=len(rows),
+    )
+    return pd.concat([fixed, attributes], axis=1)
+
+
+def _read_adoptions(conn: Connection, audit: RowAudit) -> pd.DataFrame:
+    dialect = conn.dialect.name
+    frame = pd.read_sql(
+        text(
+            "SELECT c.external_id AS customer_id, p.code AS product_code, "
+            f"{bank_rows.date_text('a.adopted_at', dialect)} AS adopted_at, "
+            f"{bank_rows.date_text('a.closed_at', dialect)} AS closed_at FROM adoptions a "
+            "JOIN customers c ON c.id = a.customer_id JOIN products p ON p.id = a.product_id"
+        ),
+        conn,
+        dtype=object,
+    )
+    raw = frame
+    adopted = bank_rows.parse_dates(raw["adopted_at"])
+    closed = bank_rows.parse_dates(raw["closed_at"])
+    # Hundreds of thousands of rows: parsed as columns; the few that are not plain
+    # (a bad or missing date, closed before adopted) go through the one-row judge.
+    suspect = (
+        adopted.isna() | (closed.isna() & raw["closed_at"].notna()) | (closed < adopted)
+    ).to_numpy()
+    frame = raw.assign(adopted_at=adopted, closed_at=closed)
+    if suspect.any():
+        keep = ~suspect
+        for i in suspect.nonzero()[0]:
+            cid, code, raw_adopted, raw_closed = raw.iloc[i]
+            dates = bank_rows.adoption_dates(raw_adopted, raw_closed, audit, key=f"{cid}/{code}")
+            if dates is not None:
+                keep[i] = True
+                frame.iloc[i, 2] = pd.Timestamp(dates[0])
+                frame.iloc[i, 3] = pd.NaT if dates[1] is None else pd.Timestamp(dates[1])
+        frame = frame.loc[keep].reset_index(drop=True)
+    return frame
+
+
+def load_bank(engine: Engine, *, reader: Reader = "training") -> BankData:
+    """The bank as the models library sees it, read in a few set-based queries.
+
+    Rows the models cannot use are skipped or read as unknown, counted and logged
+    (see :mod:`service.bank_rows`); ``reader`` labels them.
+    """
+    audit = RowAudit(reader)
+    try:
+        with read_only(engine).connect() as conn:
+            kinds = bank_rows.read_attribute_kinds(conn, audit)
+            products = _read_products(conn, audit)
+            customers = _read_customers(conn, kinds, audit)
+            adoptions = _read_adoptions(conn, audit)
+            outcomes = read_outcomes(conn, audit)
+    finally:
+        audit.close()
     return BankData.from_frames(
         products, customers, adoptions, attribute_kinds=kinds, outcomes=outcomes
     )
 
 
-def read_outcomes(conn: Connection) -> pd.DataFrame | None:
+def read_outcomes(conn: Connection, audit: RowAudit) -> pd.DataFrame | None:
     """Every recorded offer outcome as :data:`models.data.OUTCOME_COLUMNS`; None when
     the bank has recorded none (then models have no outcome features).
 
     ``occurred_at`` is when the outcome was recorded (UTC, time-zone naive). Offers to
-    customers not in the database (cold start) are left out.
+    customers not in the database (cold start) are left out, and so are outcomes whose
+    time pandas cannot hold (counted in ``audit``).
     """
     frame = pd.read_sql(
         text(
@@ -94,8 +160,12 @@ def read_outcomes(conn: Connection) -> pd.DataFrame | None:
     )
     if frame.empty:
         return None
-    occurred = pd.to_datetime(frame["occurred_at"], utc=True, format="ISO8601")
-    return frame.assign(occurred_at=occurred.dt.tz_localize(None))
+    occurred = pd.to_datetime(frame["occurred_at"], utc=True, format="ISO8601", errors="coerce")
+    bad = occurred.isna().to_numpy()
+    for cid, code in frame.loc[bad, ["customer_id", "product_code"]].itertuples(index=False):
+        audit.note("date_out_of_range", table="offer_outcomes", key=f"{cid}/{code}", field="at")
+    frame = frame.assign(occurred_at=occurred.dt.tz_localize(None)).loc[~bad]
+    return None if frame.empty else frame.reset_index(drop=True)
 
 
 @dataclass(frozen=True)
