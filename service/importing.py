@@ -23,7 +23,6 @@ import datetime as dt
 import fnmatch
 import json
 import math
-import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -38,6 +37,7 @@ from sqlalchemy import Connection, Engine, ForeignKeyConstraint, text
 from sqlalchemy.schema import AddConstraint, DropConstraint
 
 from models.data import ADOPTION_COLUMNS, CUSTOMER_FIXED_COLUMNS, PRODUCT_COLUMNS
+from service import validation
 
 ProgressFn = Callable[[int], None]
 """Called with the number of rows just read."""
@@ -46,11 +46,10 @@ PRODUCT_REQUIRED = ("product_code", "name", "category", "value")
 CUSTOMER_FIXED = CUSTOMER_FIXED_COLUMNS
 ADOPTION_REQUIRED = ("customer_id", "product_code", "adopted_at")
 
-_CODE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
-_ATTRIBUTE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_CODE_RE = validation.PRODUCT_CODE_RE
 _TRUE = {"true", "1", "yes", "y", "t"}
 _FALSE = {"false", "0", "no", "n", "f"}
-_MISSING = {"", "na", "nan", "null", "none"}
+_MISSING = validation.MISSING_TOKENS
 
 
 # --------------------------------------------------------------------------- errors
@@ -214,9 +213,20 @@ def _missing(series: pd.Series) -> np.ndarray:
 
 
 def _parse_dates(
-    frame: pd.DataFrame, column: str, first: int, problems: _Collector, *, required: bool
+    frame: pd.DataFrame,
+    column: str,
+    first: int,
+    problems: _Collector,
+    *,
+    required: bool,
+    today: dt.date,
+    future: bool = True,
 ) -> pd.Series:
-    """Parse an ISO date column; report unparsable and (when required) empty cells."""
+    """Parse an ISO date column; report unparsable, implausible (see
+    :func:`service.validation.date_problem`) and, when required, empty cells.
+
+    Implausible dates come back as NaT, so no later check reports them twice.
+    """
     raw = frame[column]
     missing = _missing(raw)
     parsed = pd.to_datetime(raw.where(~missing, None), format="ISO8601", errors="coerce")
@@ -225,10 +235,18 @@ def _parse_dates(
         problems.add(
             first + int(i), column, f"unparsable date '{raw.iloc[i]}' (expected YYYY-MM-DD)"
         )
+    latest = validation.latest_date(today) if future else today
+    outside = (
+        (parsed < pd.Timestamp(validation.EARLIEST_DATE))
+        | (parsed >= pd.Timestamp(latest) + pd.Timedelta(days=1))
+    ).to_numpy()
+    for i in np.flatnonzero(outside):
+        reason = validation.date_problem(parsed.iloc[i].date(), today=today, future=future)
+        problems.add(first + int(i), column, reason or f"implausible date '{raw.iloc[i]}'")
     if required:
         for i in np.flatnonzero(missing):
             problems.add(first + int(i), column, "missing value")
-    return parsed.dt.normalize()
+    return parsed.where(~outside).dt.normalize()
 
 
 def _parse_numbers(
@@ -239,15 +257,20 @@ def _parse_numbers(
     *,
     required: bool,
     minimum: float | None = None,
+    maximum: float = validation.MAX_MAGNITUDE,
     integer: bool = False,
 ) -> pd.Series:
+    """Parse a number column; report what is not a finite number within the bounds, and
+    (when required) empty cells. Infinite and too large values come back as NaN."""
     raw = frame[column]
     missing = _missing(raw)
     parsed = pd.to_numeric(raw.where(~missing, None), errors="coerce")
     bad = parsed.isna().to_numpy() & ~missing
     for i in np.flatnonzero(bad):
         problems.add(first + int(i), column, f"not a number: '{raw.iloc[i]}'")
-    values = parsed.to_numpy(dtype=float, na_value=np.nan)
+    values = _finite_numbers(parsed, raw, column, first, problems)
+    for i in np.flatnonzero(~np.isnan(values) & (values > maximum)):
+        problems.add(first + int(i), column, f"value {raw.iloc[i]} too large (at most {maximum:g})")
     if integer:
         not_int = ~np.isnan(values) & (values != np.round(values))
         for i in np.flatnonzero(not_int):
@@ -260,6 +283,35 @@ def _parse_numbers(
         for i in np.flatnonzero(missing):
             problems.add(first + int(i), column, "missing value")
     return pd.Series(values, index=frame.index)
+
+
+def _finite_numbers(
+    parsed: pd.Series, raw: pd.Series, column: str, first: int, problems: _Collector
+) -> np.ndarray:
+    """``parsed`` as floats, with infinite and out-of-bound values reported and made NaN
+    (``inf`` and ``1e400`` parse, and would break every later load of the bank)."""
+    values = parsed.to_numpy(dtype=float, na_value=np.nan, copy=True)
+    with np.errstate(invalid="ignore"):
+        outside = ~np.isnan(values) & ~(np.abs(values) <= validation.MAX_MAGNITUDE)
+    for i in np.flatnonzero(outside):
+        reason = validation.number_problem(float(values[i])) or "not a storable number"
+        problems.add(first + int(i), column, f"{reason}: '{raw.iloc[i]}'")
+    values[outside] = np.nan
+    return values
+
+
+def _check_lengths(
+    frame: pd.DataFrame, limits: dict[str, int], first: int, problems: _Collector
+) -> None:
+    """Report text cells longer than their column allows, or holding a NUL character."""
+    for column, limit in limits.items():
+        if column not in frame:
+            continue
+        raw = frame[column]
+        for i in np.flatnonzero((raw.str.len() > limit).to_numpy()):
+            problems.add(first + int(i), column, f"longer than {limit} characters")
+        for i in np.flatnonzero(raw.str.contains("\x00", regex=False).to_numpy()):
+            problems.add(first + int(i), column, "contains the NUL character (U+0000)")
 
 
 def _check_columns(
@@ -405,12 +457,15 @@ def import_products(
         )
         ages = {
             c: (
-                _parse_numbers(frame, c, first, problems, required=False, minimum=0, integer=True)
+                _parse_numbers(
+                    frame, c, first, problems, required=False, minimum=0, maximum=130, integer=True
+                )
                 if c in frame
                 else pd.Series(np.nan, index=frame.index)
             )
             for c in ("min_age", "max_age")
         }
+        _check_lengths(frame, {"name": 200, "category": 64}, first, problems)
         for i, record in enumerate(frame.to_dict("records")):
             row = first + i
             code = record["product_code"]
@@ -421,6 +476,10 @@ def import_products(
                 problems.add(
                     row, "product_code", f"invalid code '{code}' (letters, digits, _ . - only)"
                 )
+                continue
+            problem = validation.identifier_problem(code)
+            if problem is not None:
+                problems.add(row, "product_code", problem)
                 continue
             if code in first_seen:
                 problems.add(
@@ -434,6 +493,10 @@ def import_products(
             active_text = record.get("active", "").lower()
             if active_text and active_text not in _TRUE | _FALSE:
                 problems.add(row, "active", f"not a boolean: '{record['active']}' (use true/false)")
+            for column in ("segments", "requires", "excludes"):
+                problem = _list_problem(record.get(column, ""))
+                if problem is not None:
+                    problems.add(row, column, problem)
             min_age, max_age = ages["min_age"].iloc[i], ages["max_age"].iloc[i]
             if not np.isnan(min_age) and not np.isnan(max_age) and min_age > max_age:
                 problems.add(row, "max_age", f"max_age {max_age:g} is below min_age {min_age:g}")
@@ -517,6 +580,16 @@ def _split_list(cell: str) -> list[str] | None:
     return items or None
 
 
+def _list_problem(cell: str) -> str | None:
+    """Why a ``|``-separated list cell is too big, or None (the API's limits)."""
+    items = _split_list(cell) or []
+    if len(items) > validation.MAX_LIST_ITEMS:
+        return f"more than {validation.MAX_LIST_ITEMS} items"
+    if any(len(item) > validation.MAX_PRODUCT_CODE for item in items):
+        return f"an item is longer than {validation.MAX_PRODUCT_CODE} characters"
+    return None
+
+
 def _json_value(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str) else value
 
@@ -547,6 +620,8 @@ def import_customers(
     max_errors: int = 20,
     categorical: Sequence[str] = (),
     numeric: Sequence[str] = (),
+    max_attributes: int = validation.DEFAULT_MAX_ATTRIBUTES,
+    today: dt.date | None = None,
     progress: ProgressFn | None = None,
 ) -> ImportSummary:
     """Import customers: ``customer_id`` plus any attribute columns.
@@ -557,11 +632,14 @@ def import_customers(
     attribute is numeric when every value in the first chunk that has values
     is a number, unless named in ``categorical`` (or forced by ``numeric``).
     Attributes present in the file replace the stored ones; others are kept.
-    An empty cell removes the attribute for that customer.
+    An empty cell removes the attribute for that customer. Names, dates, numbers and
+    texts follow the API's rules (:mod:`service.validation`); the bank has at most
+    ``max_attributes`` attributes.
     """
     started = time.perf_counter()
     problems = _Collector(str(path), max_errors)
     summary = ImportSummary("customers", str(path))
+    today = today or validation.utc_today()
     with engine.begin() as conn:
         kinds: dict[str, str] = {
             name: kind
@@ -587,13 +665,7 @@ def import_customers(
             if first == 1:
                 _check_columns(frame.columns, problems, required=("customer_id",))
                 attribute_columns = [c for c in frame.columns if c not in CUSTOMER_FIXED]
-                for name in attribute_columns:
-                    if not _ATTRIBUTE_RE.match(name):
-                        problems.add(
-                            None,
-                            name,
-                            "invalid attribute name (letters, digits, _; not starting with a digit)",
-                        )
+                _check_attribute_names(attribute_columns, stored_kinds, max_attributes, problems)
                 for name in set(categorical) | set(numeric):
                     if name not in attribute_columns:
                         problems.add(
@@ -604,7 +676,15 @@ def import_customers(
                 problems.raise_if_any()
             summary.rows_read += len(frame)
             staged = _stage_customer_chunk(
-                frame, first, problems, attribute_columns, kinds, stored_kinds, categorical, numeric
+                frame,
+                first,
+                problems,
+                attribute_columns,
+                kinds,
+                stored_kinds,
+                categorical,
+                numeric,
+                today,
             )
             if not problems.full:
                 stage.insert(staged)
@@ -637,6 +717,27 @@ def import_customers(
     return summary
 
 
+def _check_attribute_names(
+    columns: Sequence[str], stored: dict[str, str], limit: int, problems: _Collector
+) -> None:
+    """Report attribute columns whose name is invalid, differs from another only in case,
+    or would take the bank past ``limit`` attributes."""
+    seen: list[str] = list(stored)
+    new = 0
+    for name in columns:
+        problem = validation.attribute_name_problem(name)
+        if problem is None and name not in stored:
+            clash = validation.case_clash(name, seen)
+            if clash is not None:
+                problem = f"differs only in case from attribute '{clash}'"
+            else:
+                new += 1
+                problem = validation.attribute_cap_problem(len(stored), new, limit)
+        if problem is not None:
+            problems.add(None, name, problem)
+        seen.append(name)
+
+
 def _stage_customer_chunk(
     frame: pd.DataFrame,
     first: int,
@@ -646,14 +747,22 @@ def _stage_customer_chunk(
     stored_kinds: dict[str, str],
     categorical: Sequence[str],
     numeric: Sequence[str],
+    today: dt.date,
 ) -> list[tuple[Any, ...]]:
     ids = frame["customer_id"]
     for i in np.flatnonzero(_missing(ids)):
         problems.add(first + int(i), "customer_id", "missing value")
     dates = {
-        c: _parse_dates(frame, c, first, problems, required=False) if c in frame else None
+        c: (
+            _parse_dates(
+                frame, c, first, problems, required=False, today=today, future=c != "birth_date"
+            )
+            if c in frame
+            else None
+        )
         for c in ("joined_at", "birth_date")
     }
+    _check_lengths(frame, {"segment": 64, "branch_id": 64}, first, problems)
     values: dict[str, list[Any]] = {}
     for name in attribute_columns:
         column = frame[name]
@@ -681,9 +790,10 @@ def _stage_customer_chunk(
                     f"not a number: '{column.iloc[i]}' (attribute '{name}' {origin}; "
                     "use --categorical to import it as text)",
                 )
-            arr = numbers.to_numpy(dtype=float, na_value=np.nan)
+            arr = _finite_numbers(numbers, column, name, first, problems)
             values[name] = [None if np.isnan(v) else float(v) for v in arr]
         else:
+            _check_lengths(frame, {name: validation.MAX_ATTRIBUTE_TEXT}, first, problems)
             values[name] = [None if m else v for v, m in zip(column.tolist(), missing, strict=True)]
     staged: list[tuple[Any, ...]] = []
     segments = frame["segment"].tolist() if "segment" in frame else [""] * len(frame)
@@ -881,9 +991,16 @@ def _stage_adoption_chunk(
             "product_code",
             f"unknown product '{shown}'" if shown else "missing value",
         )
-    adopted = _parse_dates(frame, "adopted_at", first, problems, required=True)
+    # An adoption or closure is an event that happened: not after today (one day of
+    # grace for clocks in other time zones).
+    until = today + dt.timedelta(days=1)
+    adopted = _parse_dates(
+        frame, "adopted_at", first, problems, required=True, today=until, future=False
+    )
     if "closed_at" in frame:
-        closed = _parse_dates(frame, "closed_at", first, problems, required=False)
+        closed = _parse_dates(
+            frame, "closed_at", first, problems, required=False, today=until, future=False
+        )
     else:
         closed = pd.Series(pd.NaT, index=frame.index, dtype="datetime64[ns]")
     before = (closed < adopted).to_numpy()
@@ -893,10 +1010,6 @@ def _stage_adoption_chunk(
             "closed_at",
             f"closed_at {closed.iloc[i].date()} is before adopted_at {adopted.iloc[i].date()}",
         )
-    limit = pd.Timestamp(today + dt.timedelta(days=1))
-    for column, series in (("adopted_at", adopted), ("closed_at", closed)):
-        for i in np.flatnonzero((series > limit).to_numpy()):
-            problems.add(first + int(i), column, f"date {series.iloc[i].date()} is in the future")
     ok = ~unknown & ~_missing(ids) & adopted.notna().to_numpy()
     staged = pd.DataFrame(
         {
@@ -1172,7 +1285,7 @@ def _snapshot_header(
             problems.add(None, column, "mapped with --map but not among the product columns")
     codes = [options.product_map.get(c, c) for c in columns]
     for column, code in zip(columns, codes, strict=True):
-        if not _CODE_RE.match(code):
+        if not _CODE_RE.match(code) or validation.identifier_problem(code) is not None:
             problems.add(None, column, f"invalid product code '{code}' (map it with --map)")
     if len(set(codes)) != len(codes):
         problems.add(None, None, "two product columns map to the same product code")
@@ -1194,12 +1307,15 @@ def _snapshot_chunk(
     ids = frame[options.id_column]
     for i in np.flatnonzero(_missing(ids)):
         problems.add(first + int(i), options.id_column, "missing value")
-    dates = _parse_dates(frame, options.date_column, first, problems, required=True)
-    limit = pd.Timestamp(today + dt.timedelta(days=1))
-    for i in np.flatnonzero((dates > limit).to_numpy()):
-        problems.add(
-            first + int(i), options.date_column, f"date {dates.iloc[i].date()} is in the future"
-        )
+    dates = _parse_dates(
+        frame,
+        options.date_column,
+        first,
+        problems,
+        required=True,
+        today=today + dt.timedelta(days=1),  # a snapshot is of a past day (one day of grace)
+        future=False,
+    )
     flags = np.zeros((len(frame), len(columns)), dtype=np.int64)
     known = np.zeros((len(frame), len(columns)), dtype=bool)
     for j, column in enumerate(columns):

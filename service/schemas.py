@@ -5,21 +5,107 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+
+from service import validation as v
 
 Channel = Literal["branch", "contact_centre", "digital", "chatbot"]
 OutcomeKind = Literal["presented", "accepted", "declined", "not_now"]
 
 
-def _no_nul(value: str) -> str:
-    if "\x00" in value:
-        raise ValueError("must not contain the NUL character (U+0000): it cannot be stored")
+def _storable(value: str) -> str:
+    problem = v.text_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
     return value
 
 
-Text = Annotated[str, AfterValidator(_no_nul)]
-"""A string the database can store: PostgreSQL text holds no NUL character, and one such
-string would fail the whole group commit it was written in."""
+Text = Annotated[str, AfterValidator(_storable)]
+"""A string the database can store: PostgreSQL text holds no NUL character, and a lone
+surrogate cannot be encoded at all; one such string would fail the whole statement (or
+group commit) it was written in."""
+
+
+def _attribute_name(name: str) -> str:
+    problem = v.attribute_name_problem(name)
+    if problem is not None:
+        raise ValueError(problem)
+    return name
+
+
+def _dated(*, future: bool) -> AfterValidator:
+    def check(value: dt.date) -> dt.date:
+        problem = v.date_problem(value, future=future)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    return AfterValidator(check)
+
+
+AttributeName = Annotated[str, AfterValidator(_attribute_name)]
+"""One rule for the API and the importer: the name becomes a column of the loaded bank."""
+
+Date = Annotated[dt.date, _dated(future=True)]
+"""A date from 1900-01-01 to a year past today (see service.validation)."""
+
+PastDate = Annotated[dt.date, _dated(future=False)]
+"""A date from 1900-01-01 to today (a date of birth)."""
+
+Number = Annotated[float, Field(allow_inf_nan=False, ge=-v.MAX_MAGNITUDE, le=v.MAX_MAGNITUDE)]
+"""A finite number within +-1e15, so later arithmetic on it stays finite."""
+
+WholeNumber = Annotated[int, Field(ge=-v.MAX_MAGNITUDE, le=v.MAX_MAGNITUDE)]
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
+
+
+Instant = Annotated[dt.datetime, AfterValidator(_utc)]
+"""A moment in an answer, always with its zone: the database keeps UTC, and SQLite hands
+it back without a zone, which is not the RFC 3339 ``date-time`` the spec declares."""
+
+
+def _identifier(value: str) -> str:
+    problem = v.identifier_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+Identifier = Annotated[Text, AfterValidator(_identifier)]
+"""A key of the bank (customer id, product code): text that no reader takes for missing."""
+
+ProductCode = Annotated[
+    Identifier,
+    Field(min_length=1, max_length=v.MAX_PRODUCT_CODE, pattern=v.PRODUCT_CODE_PATTERN),
+]
+CustomerId = Annotated[Identifier, Field(min_length=1, max_length=v.MAX_CUSTOMER_ID)]
+
+
+def _attribute_value(value: object) -> object:
+    # One clear message per bad value, before the union below would list a failure for
+    # each of its members.
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int | float):
+        problem = v.number_problem(value)
+    elif isinstance(value, str):
+        problem = v.text_problem(value)
+        if problem is None and len(value) > v.MAX_ATTRIBUTE_TEXT:
+            problem = f"a text attribute has at most {v.MAX_ATTRIBUTE_TEXT} characters"
+    else:
+        problem = "must be a number, a text or null"
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+AttributeValue = Annotated[
+    WholeNumber | Number | Annotated[Text, Field(max_length=v.MAX_ATTRIBUTE_TEXT)] | None,
+    BeforeValidator(_attribute_value),
+]
 
 
 class _Strict(BaseModel):
@@ -31,8 +117,16 @@ class DecisionRequest(_Strict):
     staff_id: Text | None = Field(default=None, max_length=64, description="Who asks.")
     branch_id: Text | None = Field(default=None, max_length=64, description="Where.")
     max_offers: int = Field(default=3, ge=1, le=10, description="How many offers at most.")
-    context: dict[Text, Text] | None = Field(
-        default=None, description="Free context, e.g. {'reason': 'address change'}."
+    context: (
+        dict[
+            Annotated[Text, Field(max_length=v.MAX_CONTEXT_KEY)],
+            Annotated[Text, Field(max_length=v.MAX_CONTEXT_TEXT)],
+        ]
+        | None
+    ) = Field(
+        default=None,
+        max_length=v.MAX_CONTEXT_ITEMS,
+        description="Free context, e.g. {'reason': 'address change'}.",
     )
     explain: bool = Field(
         default=False,
@@ -82,7 +176,7 @@ class DecisionResponse(BaseModel):
         description="Why each other product was not offered (only for keys with scope 'models').",
     )
     note: str | None = Field(default=None, description="Why the answer is empty, when it is.")
-    created_at: dt.datetime
+    created_at: Instant
 
 
 class OutcomeRequest(_Strict):
@@ -97,14 +191,14 @@ class OutcomeResponse(BaseModel):
     product_code: str
     customer_id: str
     duplicate: bool = Field(description="True when this outcome was already recorded.")
-    recorded_at: dt.datetime
+    recorded_at: Instant
 
 
 class AdoptionIn(_Strict):
-    customer_id: Text = Field(min_length=1, max_length=128)
-    product_code: Text = Field(min_length=1, max_length=64)
-    adopted_at: dt.date | None = Field(default=None, description="Default: today.")
-    closed_at: dt.date | None = None
+    customer_id: CustomerId
+    product_code: ProductCode
+    adopted_at: Date | None = Field(default=None, description="Default: today.")
+    closed_at: Date | None = None
 
 
 class AdoptionsRequest(_Strict):
@@ -120,9 +214,16 @@ class AdoptionsResponse(BaseModel):
 class CustomerRequest(_Strict):
     segment: Text | None = Field(default=None, max_length=64)
     branch_id: Text | None = Field(default=None, max_length=64)
-    joined_at: dt.date | None = None
-    birth_date: dt.date | None = None
-    attributes: dict[Text, float | int | Text | None] = Field(default_factory=dict)
+    joined_at: Date | None = None
+    birth_date: PastDate | None = None
+    attributes: dict[AttributeName, AttributeValue] = Field(
+        default_factory=dict,
+        max_length=v.MAX_ATTRIBUTES_PER_REQUEST,
+        description=(
+            "Attribute name (letters, digits, _; not a fixed column) to a number, a text of "
+            "up to 256 characters, or null to remove it."
+        ),
+    )
 
 
 class CustomerResponse(BaseModel):
@@ -139,14 +240,16 @@ class CustomerResponse(BaseModel):
 class ProductBody(BaseModel):
     name: Text = Field(min_length=1, max_length=200)
     category: Text = Field(default="other", max_length=64)
-    value: float = Field(default=1.0, ge=0)
-    business_weight: float = Field(default=1.0, ge=0)
+    value: float = Field(default=1.0, ge=0, le=v.MAX_MAGNITUDE, allow_inf_nan=False)
+    business_weight: float = Field(default=1.0, ge=0, le=v.MAX_MAGNITUDE, allow_inf_nan=False)
     active: bool = True
     min_age: int | None = Field(default=None, ge=0, le=130)
     max_age: int | None = Field(default=None, ge=0, le=130)
-    segments: list[Text] | None = None
-    requires: list[Text] = Field(default_factory=list)
-    excludes: list[Text] = Field(default_factory=list)
+    segments: list[Annotated[Text, Field(max_length=64)]] | None = Field(
+        default=None, max_length=v.MAX_LIST_ITEMS
+    )
+    requires: list[ProductCode] = Field(default_factory=list, max_length=v.MAX_LIST_ITEMS)
+    excludes: list[ProductCode] = Field(default_factory=list, max_length=v.MAX_LIST_ITEMS)
 
 
 class ProductRequest(ProductBody):
@@ -162,8 +265,8 @@ class ModelVersionOut(BaseModel):
     status: str
     as_of: dt.date
     horizon_days: int
-    created_at: dt.datetime | None
-    activated_at: dt.datetime | None
+    created_at: Instant | None
+    activated_at: Instant | None
     metrics: dict[str, object]
 
 
@@ -219,10 +322,10 @@ class FeedbackResponse(BaseModel):
     staff_id: str | None
     branch_id: str | None
     duplicate: bool = Field(description="True when this answer was already recorded.")
-    offers_suppressed_until: dt.datetime | None = Field(
+    offers_suppressed_until: Instant | None = Field(
         description=(
             "A detractor answer after an offer: no offers to this customer until then "
             "(only shown to keys with scope 'reports' or 'models')."
         )
     )
-    recorded_at: dt.datetime
+    recorded_at: Instant

@@ -7,28 +7,43 @@ GET /v1/rules.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from sqlalchemy import select
 
 from models.rules import rule_sentence
-from service import metrics, registry
+from service import metrics, registry, validation
 from service.auth import Principal, require
 from service.db import unit_of_work
 from service.errors import Invalid, NotFound
 from service.schemas import (
     ActivationResponse,
+    Identifier,
     ModelVersionOut,
     ProductRequest,
     ProductResponse,
     RuleOut,
     RulesResponse,
+    Text,
 )
 from service.serving import ServingState, record_event
 from service.tables import ModelVersion, Product
 
 router = APIRouter(prefix="/v1")
+log = logging.getLogger("nbo.catalogue")
+
+# One rule for a product code wherever it is named (the importer's, service.validation).
+ProductCodePath = Annotated[
+    Identifier,
+    Path(
+        min_length=1,
+        max_length=validation.MAX_PRODUCT_CODE,
+        pattern=validation.PRODUCT_CODE_PATTERN,
+        description="The product's code: letters, digits, _ . - (at most 64).",
+    ),
+]
 
 
 def _product_out(row: Product) -> ProductResponse:
@@ -71,7 +86,7 @@ def list_products(
 )
 def get_product(
     request: Request,
-    code: Annotated[str, Path(max_length=64)],
+    code: ProductCodePath,
     principal: Annotated[Principal, Depends(require("catalogue"))],
 ) -> ProductResponse:
     with unit_of_work(request.app.state.engine) as session:
@@ -97,7 +112,7 @@ def get_product(
 async def put_product(
     request: Request,
     response: Response,
-    code: Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")],
+    code: ProductCodePath,
     body: ProductRequest,
     principal: Annotated[Principal, Depends(require("catalogue"))],
 ) -> ProductResponse:
@@ -110,8 +125,8 @@ async def put_product(
                 unknown = sorted(set(getattr(body, field)) - known - {code})
                 if unknown:
                     raise Invalid(
-                        f"{field}: unknown product(s) {', '.join(unknown)}",
-                        errors=[{"field": field, "message": "unknown product"}],
+                        f"body.{field}: unknown product(s) {', '.join(unknown)}",
+                        errors=[{"field": f"body.{field}", "message": "unknown product"}],
                     )
             if (
                 body.min_age is not None
@@ -119,8 +134,8 @@ async def put_product(
                 and body.min_age > body.max_age
             ):
                 raise Invalid(
-                    "min_age: greater than max_age",
-                    errors=[{"field": "min_age", "message": "greater than max_age"}],
+                    "body.min_age: greater than max_age",
+                    errors=[{"field": "body.min_age", "message": "greater than max_age"}],
                 )
             row = session.scalar(select(Product).where(Product.code == code))
             created = row is None
@@ -135,7 +150,10 @@ async def put_product(
 
     answer, created = await asyncio.to_thread(write)
     # Load the new catalogue fully, then swap (requests keep the old one meanwhile).
-    await asyncio.to_thread(state.load)
+    try:
+        await asyncio.to_thread(state.load)
+    except Exception:  # noqa: BLE001 - the write is committed: answer what happened to it
+        log.exception("catalogue reload failed after a product write", extra={"product": code})
     response.status_code = 201 if created else 200
     return answer
 
@@ -184,7 +202,7 @@ def _version_out(row: ModelVersion) -> ModelVersionOut:
 )
 async def activate_model(
     request: Request,
-    version: Annotated[str, Path(max_length=64)],
+    version: Annotated[Text, Path(min_length=1, max_length=64)],
     principal: Annotated[Principal, Depends(require("models"))],
 ) -> ActivationResponse:
     state: ServingState = request.app.state.serving
@@ -224,9 +242,9 @@ async def activate_model(
 def list_rules(
     request: Request,
     principal: Annotated[Principal, Depends(require("rules"))],
-    consequent: Annotated[str | None, Query(max_length=64)] = None,
+    consequent: Annotated[Text | None, Query(max_length=64)] = None,
     min_confidence: Annotated[float, Query(ge=0, le=1)] = 0.0,
-    min_lift: Annotated[float, Query(ge=0)] = 0.0,
+    min_lift: Annotated[float, Query(ge=0, allow_inf_nan=False)] = 0.0,
     ordered: bool | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> RulesResponse:

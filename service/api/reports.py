@@ -19,6 +19,7 @@ from service import reports
 from service.auth import Principal, require
 from service.errors import Invalid
 from service.reports import ConversionDimension, FeedbackDimension, Period
+from service.schemas import Date, Text
 
 router = APIRouter(prefix="/v1/reports", tags=["reports"])
 
@@ -28,9 +29,16 @@ _AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     422: {"description": "A parameter is invalid, e.g. end before start (the field is named)."},
 }
 
-Start = Annotated[dt.date, Query(description="First day of the report (UTC), YYYY-MM-DD.")]
-End = Annotated[dt.date, Query(description="Last day of the report (UTC, included), YYYY-MM-DD.")]
+# Days from 1900-01-01 to a year past today, like every date nbo stores: a report of
+# 0001-01-01 or 9999-12-31 overflows the date arithmetic behind it.
+Start = Annotated[Date, Query(description="First day of the report (UTC), YYYY-MM-DD.")]
+End = Annotated[Date, Query(description="Last day of the report (UTC, included), YYYY-MM-DD.")]
+Day = Annotated[Date | None, Query(description="The day (UTC), YYYY-MM-DD; default yesterday.")]
 Reader = Annotated[Principal, Depends(require("reports"))]
+
+MAX_CONFIDENCE = 0.9999
+"""Above this, 0.5 + confidence / 2 rounds to 1.0 in floating point (0.9999999999999999
+did) and the normal quantile of the interval is infinite; no report needs more."""
 
 
 # --------------------------------------------------------------------------- response models
@@ -244,7 +252,9 @@ def get_uplift(
     start: Start,
     end: End,
     window_days: Annotated[int, Query(ge=0, le=3650)] = 30,
-    confidence: Annotated[float, Query(gt=0, lt=1)] = 0.95,
+    confidence: Annotated[
+        float, Query(gt=0, le=MAX_CONFIDENCE, description="Level of the interval, at most 0.9999.")
+    ] = 0.95,
 ) -> UpliftReportOut:
     report = reports.uplift(
         request.app.state.engine,
@@ -331,10 +341,8 @@ def get_csat(
 def get_staff_daily(
     request: Request,
     principal: Reader,
-    staff_id: Annotated[str, Path(min_length=1, max_length=64)],
-    day: Annotated[
-        dt.date | None, Query(description="The day (UTC), YYYY-MM-DD; default yesterday.")
-    ] = None,
+    staff_id: Annotated[Text, Path(min_length=1, max_length=64)],
+    day: Day = None,
 ) -> StaffDailyOut:
     daily = reports.staff_daily(request.app.state.engine, staff_id, day or _yesterday())
     return StaffDailyOut(
@@ -363,10 +371,8 @@ def get_staff_daily(
 def get_branch_daily(
     request: Request,
     principal: Reader,
-    branch_id: Annotated[str, Path(min_length=1, max_length=64)],
-    day: Annotated[
-        dt.date | None, Query(description="The day (UTC), YYYY-MM-DD; default yesterday.")
-    ] = None,
+    branch_id: Annotated[Text, Path(min_length=1, max_length=64)],
+    day: Day = None,
 ) -> BranchDailyOut:
     daily = reports.branch_daily(request.app.state.engine, branch_id, day or _yesterday())
     return BranchDailyOut(
