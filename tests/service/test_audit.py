@@ -69,6 +69,8 @@ def _record(stamp: str, customer: int, product: int, i: int) -> AuditRecord:
         i % 2 == 1,
         False,
         stamp,
+        None,
+        None,
     ]
     offers = [
         (new_id(), decision_id, customer, product, 1, 0.25, 12.5, 12.5, '{"rule": "ä"}', stamp)
