@@ -54,7 +54,11 @@ NAMING_CONVENTION = {
 
 CHANNELS = ("branch", "contact_centre", "digital", "chatbot")
 OUTCOMES = ("presented", "accepted", "declined", "not_now")
+FINAL_OUTCOMES = ("accepted", "declined", "not_now")
+"""The customer's answer to an offer: one per offer (``presented`` is a sighting, not an
+answer, and may be recorded besides it)."""
 MODEL_STATUSES = ("candidate", "active", "retired", "rejected")
+_FINAL_SQL = "outcome IN ('accepted', 'declined', 'not_now')"
 
 
 def utcnow() -> dt.datetime:
@@ -215,6 +219,12 @@ class Decision(Base):
     degraded: Mapped[bool] = mapped_column(Boolean, default=False)
     cold_start: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    api_key_prefix: Mapped[str | None] = mapped_column(
+        String(16), doc="The API key that asked, when it sent an Idempotency-Key."
+    )
+    idempotency_key: Mapped[str | None] = mapped_column(
+        String(128), doc="The request's Idempotency-Key: a retry finds this decision."
+    )
 
     __table_args__ = (
         CheckConstraint(
@@ -222,6 +232,16 @@ class Decision(Base):
         ),
         Index("ix_decisions_customer_id_created_at", "customer_id", "created_at"),
         Index("ix_decisions_created_at", "created_at", postgresql_using="brin"),
+        # Partial: decisions without a key (most) cost the index nothing. Not unique:
+        # a group commit must never fail on one row, so the first attempts of one key
+        # on two workers at once may both be recorded (see service/api/decisions.py).
+        Index(
+            "ix_decisions_api_key_prefix_idempotency_key",
+            "api_key_prefix",
+            "idempotency_key",
+            sqlite_where=text("idempotency_key IS NOT NULL"),
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+        ),
     )
 
 
@@ -250,7 +270,12 @@ class Offer(Base):
 
 
 class OfferOutcome(Base):
-    """What the customer said to an offer; retries are counted once."""
+    """What the customer said to an offer; retries are counted once.
+
+    An offer has at most one final outcome (:data:`FINAL_OUTCOMES`), enforced by a
+    partial unique index so that two concurrent answers cannot both be recorded, and at
+    most one ``presented``. Idempotency keys belong to the API key that sent them.
+    """
 
     __tablename__ = "offer_outcomes"
 
@@ -259,13 +284,24 @@ class OfferOutcome(Base):
     outcome: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(Text)
     staff_id: Mapped[str | None] = mapped_column(String(64))
-    idempotency_key: Mapped[str | None] = mapped_column(String(128), unique=True)
+    api_key_prefix: Mapped[str | None] = mapped_column(
+        String(16), doc="The API key that recorded it (null: recorded before migration 0006)."
+    )
+    idempotency_key: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     __table_args__ = (
         UniqueConstraint("offer_id", "outcome"),
+        UniqueConstraint("api_key_prefix", "idempotency_key"),
         CheckConstraint(
             "outcome IN ('presented', 'accepted', 'declined', 'not_now')", name="outcome"
+        ),
+        Index(
+            "uq_offer_outcomes_one_final",
+            "offer_id",
+            unique=True,
+            sqlite_where=text(_FINAL_SQL),
+            postgresql_where=text(_FINAL_SQL),
         ),
         # Recent outcomes: the rolling conversion gauges, the declines read at start-up.
         Index("ix_offer_outcomes_created_at", "created_at", postgresql_using="brin"),
@@ -285,10 +321,15 @@ class Feedback(Base):
     staff_id: Mapped[str | None] = mapped_column(String(64))
     branch_id: Mapped[str | None] = mapped_column(String(64))
     comment: Mapped[str | None] = mapped_column(Text)
-    idempotency_key: Mapped[str | None] = mapped_column(String(128), unique=True)
+    api_key_prefix: Mapped[str | None] = mapped_column(
+        String(16), doc="The API key that recorded it (null: recorded before migration 0006)."
+    )
+    idempotency_key: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     __table_args__ = (
+        # Idempotency keys belong to the API key that sent them.
+        UniqueConstraint("api_key_prefix", "idempotency_key"),
         CheckConstraint(
             "(kind = 'nps' AND score BETWEEN 0 AND 10) OR (kind = 'csat' AND score BETWEEN 1 AND 5)",
             name="score_range",
@@ -338,3 +379,21 @@ class ChangeEvent(Base):
             name="kind",
         ),
     )
+
+
+class DashboardSession(Base):
+    """A browser signed in to the dashboard (see :mod:`service.dashboard_sessions`).
+
+    The browser's cookie holds a random session id; only its SHA-256 is stored, so a
+    copy of this table opens no session. A session dies at ``expires_at``, when its
+    API key is revoked, or when it signs out.
+    """
+
+    __tablename__ = "dashboard_sessions"
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    api_key_id: Mapped[int] = mapped_column(
+        ForeignKey("api_keys.id", ondelete="CASCADE"), index=True
+    )
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)

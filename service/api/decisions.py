@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import functools
+import logging
 import time
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import orjson
@@ -17,11 +19,12 @@ from sqlalchemy.exc import IntegrityError
 from starlette.requests import ClientDisconnect
 
 from service import metrics
-from service.audit import AuditRecord, NotRecorded, derived_id, new_id
+from service.audit import DECISION_COLUMNS, AuditRecord, NotRecorded, derived_id, new_id
 from service.auth import Principal, _api_key_scheme, _bearer_scheme, require
-from service.db import unit_of_work
+from service.db import read_only, unit_of_work
 from service.decisioning import Choice, in_control_group, popular_products
 from service.errors import Conflict, NotFound, TooLarge, Unavailable
+from service.idempotency import DecisionReplays, ScopedKey, check_same_request
 from service.schemas import (
     DecisionRequest,
     DecisionResponse,
@@ -39,7 +42,9 @@ from service.serving import (
     talking_point,
 )
 from service.settings import Settings
-from service.tables import Adoption, Decision, Offer, OfferOutcome, Product
+from service.tables import FINAL_OUTCOMES, Adoption, Decision, Offer, OfferOutcome, Product
+
+log = logging.getLogger("nbo.decisions")
 
 router = APIRouter(prefix="/v1", tags=["decisions"])
 
@@ -50,6 +55,22 @@ CustomerId = Annotated[
 ]
 # The same rules, for the fast lane (which reads the id from the path itself).
 _CUSTOMER_ID = TypeAdapter(Annotated[Text, Field(min_length=1, max_length=MAX_CUSTOMER_ID)])
+MAX_IDEMPOTENCY_KEY = 128
+_IDEMPOTENCY_KEY = TypeAdapter(Annotated[Text, Field(min_length=1, max_length=MAX_IDEMPOTENCY_KEY)])
+IdempotencyKey = Annotated[
+    Text | None,
+    Header(
+        min_length=1,
+        max_length=MAX_IDEMPOTENCY_KEY,
+        description=(
+            "Makes retries safe: a retry with the same key (from the same API key, for the "
+            "same customer and body) answers the same decision, counted once."
+        ),
+    ),
+]
+# Whether the audit writer records a keyed decision's API key and Idempotency-Key (its
+# last two columns), which lets a retry that reaches another worker find the decision.
+_AUDIT_RECORDS_KEYS = DECISION_COLUMNS[-2:] == ("api_key_prefix", "idempotency_key")
 
 
 @functools.cache
@@ -66,11 +87,22 @@ def _stage(name: str) -> metrics.Tally:
         "recently declined, under the frequency caps, above the minimum propensity) by "
         "propensity x value x business weight, records the decision and its offers, and "
         "answers with each offer's reasons. An empty list is a valid answer. Needs scope "
-        "'decisions'."
+        "'decisions'.\n\n"
+        "Retries: send an `Idempotency-Key` (your own unique id for the request, at most "
+        "128 characters). A retry with the same key from the same API key, for the same "
+        "customer and body, answers the decision already made (same `decision_id` and "
+        "offers) without deciding again, so its offers count once against the frequency "
+        "caps; the same key with another customer or body is 409. The worker that "
+        "answered keeps keyed answers for 24 hours (its most recent 10,000); any other "
+        "worker finds a decision that was recorded in the database (not one spooled "
+        "during a database outage, until the spool is replayed), rebuilt from the "
+        "audit record: the same offers with `suppressed` and `note` left out. Two first "
+        "attempts sent at the same moment to two different workers may each be decided."
     ),
     response_model=DecisionResponse,
     responses={
         404: {"description": "Unknown customer (unless cold start is configured)."},
+        409: {"description": "The Idempotency-Key was used for another customer or body."},
         401: {"description": "Missing or invalid API key."},
         403: {"description": "The key lacks scope 'decisions'."},
         503: {
@@ -81,14 +113,17 @@ def _stage(name: str) -> metrics.Tally:
     dependencies=[Security(_bearer_scheme), Security(_api_key_scheme)],
 )
 async def create_decision(
-    request: Request, customer_id: CustomerId, body: DecisionRequest
+    request: Request,
+    customer_id: CustomerId,
+    body: DecisionRequest,
+    idempotency_key: IdempotencyKey = None,
 ) -> Response:
     # The contract as documented; requests are served by serve_decision (same answer).
-    principal = request.app.state.keys.authenticate(
+    principal = await request.app.state.keys.authenticate_async(
         request.headers.get("authorization"), request.headers.get("x-api-key"), "decisions"
     )
-    answer = await _respond(request.app, customer_id, body, principal)
-    return Response(orjson.dumps(answer), media_type="application/json")
+    answer = await _answer(request.app, customer_id, body, principal, idempotency_key)
+    return Response(answer, media_type="application/json")
 
 
 async def serve_decision(app: Any, scope: Any, receive: Any, customer_id: str) -> bytes:
@@ -102,13 +137,16 @@ async def serve_decision(app: Any, scope: Any, receive: Any, customer_id: str) -
     :func:`create_decision`, which documents the operation in the OpenAPI spec);
     failures raise the same problems, field named as FastAPI does.
     """
-    authorization = api_key = None
+    authorization = api_key = idempotency_key = None
     for name, value in scope["headers"]:
         if name == b"authorization" and authorization is None:
             authorization = value.decode("latin-1")
         elif name == b"x-api-key" and api_key is None:
             api_key = value.decode("latin-1")
-    principal = app.state.keys.authenticate(authorization, api_key, "decisions")
+        elif name == b"idempotency-key" and idempotency_key is None:
+            idempotency_key = value.decode("latin-1")
+    # A key in memory is checked right here; a miss reads the database in a thread.
+    principal = await app.state.keys.authenticate_async(authorization, api_key, "decisions")
     try:
         _CUSTOMER_ID.validate_python(customer_id)
     except ValidationError as exc:
@@ -121,7 +159,14 @@ async def serve_decision(app: Any, scope: Any, receive: Any, customer_id: str) -
         raise RequestValidationError(
             [{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]
         ) from None
-    return orjson.dumps(await _respond(app, customer_id, body, principal))
+    if idempotency_key is not None:
+        try:
+            _IDEMPOTENCY_KEY.validate_python(idempotency_key)
+        except ValidationError as exc:
+            raise RequestValidationError(
+                [{**error, "loc": ("header", "idempotency-key")} for error in exc.errors()]
+            ) from None
+    return await _answer(app, customer_id, body, principal, idempotency_key)
 
 
 async def _bounded_body(receive: Any) -> bytes:
@@ -142,8 +187,170 @@ async def _bounded_body(receive: Any) -> bytes:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+async def _answer(
+    app: Any, customer_id: str, body: DecisionRequest, principal: Principal, key: str | None
+) -> bytes:
+    """The JSON answer: decided now, or, for a retry of a keyed request, the decision
+    already made (see :func:`create_decision` for the guarantee)."""
+    if key is None:
+        return orjson.dumps(await _respond(app, customer_id, body, principal, None))
+    replays = _replays(app)
+    scoped = (principal.prefix, key)
+    while True:
+        kept = replays.get(scoped)
+        if kept is not None:
+            return kept.answer_for(key, customer_id, body)
+        deciding = replays.deciding(scoped)
+        if deciding is None:
+            break
+        # A concurrent attempt with this key is being decided: wait for its answer (or
+        # its failure, after which this one decides).
+        await deciding.wait()
+    replays.begin(scoped)
+    try:
+        answer = await _recorded_answer(app, scoped, customer_id, body)
+        if answer is None:
+            answer = orjson.dumps(await _respond(app, customer_id, body, principal, scoped))
+        replays.put(scoped, customer_id, body, answer)
+        return answer
+    finally:
+        replays.end(scoped)
+
+
+def _replays(app: Any) -> DecisionReplays:
+    """The app's keyed answers, made with the first keyed request."""
+    try:
+        replays: DecisionReplays = app.state.decision_replays
+    except AttributeError:
+        replays = app.state.decision_replays = DecisionReplays()
+    return replays
+
+
+async def _recorded_answer(
+    app: Any, scoped: ScopedKey, customer_id: str, body: DecisionRequest
+) -> bytes | None:
+    """The answer of the decision recorded with ``scoped`` (made by another worker, or
+    before a restart), rebuilt from the audit tables; None when there is none.
+
+    A database that cannot be read counts as "none": the decision is made (degraded),
+    as every decision is during an outage, rather than refused.
+    """
+    if not _AUDIT_RECORDS_KEYS:
+        return None
+    state: ServingState = app.state.serving
+    try:
+        found = await asyncio.to_thread(_read_keyed_decision, app.state.engine, scoped)
+    except Exception:  # noqa: BLE001 - the database is down: decide (degraded) instead
+        log.warning("keyed decision lookup failed; deciding", exc_info=True)
+        return None
+    if found is None:
+        return None
+    decision, offers = found
+    # The recorded request, as far as the audit record holds it (not max_offers, explain).
+    recorded = DecisionRequest.model_construct(
+        channel=decision.channel,
+        staff_id=decision.staff_id,
+        branch_id=decision.branch_id,
+        context=decision.context,
+        max_offers=body.max_offers,
+        explain=body.explain,
+    )
+    check_same_request(scoped[1], (decision.customer_external_id, recorded), (customer_id, body))
+    return orjson.dumps(_rebuilt_answer(state.snapshot, decision, offers))
+
+
+def _read_keyed_decision(engine: Any, scoped: ScopedKey) -> tuple[Any, list[Any]] | None:
+    """The first decision recorded with ``scoped`` and its offers (blocking)."""
+    prefix, key = scoped
+    with unit_of_work(read_only(engine)) as session:
+        decision = session.execute(
+            select(
+                Decision.id,
+                Decision.customer_external_id,
+                Decision.channel,
+                Decision.staff_id,
+                Decision.branch_id,
+                Decision.context,
+                Decision.model_version,
+                Decision.control,
+                Decision.degraded,
+                Decision.cold_start,
+                Decision.created_at,
+            )
+            .where(Decision.api_key_prefix == prefix, Decision.idempotency_key == key)
+            .order_by(Decision.created_at, Decision.id)
+            .limit(1)
+        ).first()
+        if decision is None:
+            return None
+        offers = session.execute(
+            select(
+                Offer.id,
+                Product.code,
+                Offer.rank,
+                Offer.propensity,
+                Offer.expected_value,
+                Offer.score,
+                Offer.reasons,
+            )
+            .join(Product, Product.id == Offer.product_id)
+            .where(Offer.decision_id == decision.id)
+            .order_by(Offer.rank)
+        ).all()
+    return decision, list(offers)
+
+
+def _rebuilt_answer(snapshot: Snapshot | None, decision: Any, offers: list[Any]) -> dict[str, Any]:
+    """A recorded decision as its answer: what the audit record holds, talking points
+    said again from the recorded reasons; ``suppressed`` and ``note`` are not recorded."""
+    names = {} if snapshot is None else snapshot.names
+    kind = (
+        "cold_start" if decision.cold_start else ("model" if decision.model_version else "degraded")
+    )
+    answered = []
+    for offer in offers:
+        reasons = offer.reasons or {}
+        name = names.get(offer.code, offer.code)
+        sentence, factors = reasons.get("rule"), reasons.get("factors") or []
+        if snapshot is None or sentence or factors:
+            line = talking_point(name, sentence, factors)
+        else:
+            line = snapshot.plain(offer.code, kind).talking_point
+        answered.append(
+            {
+                "offer_id": offer.id,
+                "product_code": offer.code,
+                "product_name": name,
+                "rank": offer.rank,
+                "propensity": offer.propensity,
+                "expected_value": offer.expected_value,
+                "score": offer.score,
+                "reasons": reasons,
+                "talking_point": line,
+            }
+        )
+    created = decision.created_at
+    created = created.replace(tzinfo=dt.UTC) if created.tzinfo is None else created
+    return {
+        "decision_id": decision.id,
+        "customer_id": decision.customer_external_id,
+        "model_version": decision.model_version,
+        "control": decision.control,
+        "degraded": decision.degraded,
+        "cold_start": decision.cold_start,
+        "offers": answered,
+        "suppressed": None,
+        "note": None,
+        "created_at": created.astimezone(dt.UTC),
+    }
+
+
 async def _respond(
-    app: Any, customer_id: str, body: DecisionRequest, principal: Principal
+    app: Any,
+    customer_id: str,
+    body: DecisionRequest,
+    principal: Principal,
+    scoped: ScopedKey | None,
 ) -> dict[str, Any]:
     state: ServingState = app.state.serving
     settings: Settings = app.state.settings
@@ -171,6 +378,7 @@ async def _respond(
         now,
         lookup_failed,
         app.state.audit.stamp(now),
+        scoped,
     )
     record = answer.pop("_record")
     result = answer["result"]
@@ -208,6 +416,7 @@ def _decide(
     now: dt.datetime,
     lookup_failed: bool,
     stamp: str,
+    scoped: ScopedKey | None = None,
 ) -> dict[str, Any]:
     decision_id = new_id()
     announce = settings.workers > 1
@@ -227,7 +436,7 @@ def _decide(
         # Nothing known about the customer: offering anything could offer a held product.
         base["note"] = "customer data unavailable; no offers rather than a wrong one"
         base["result"] = "degraded"
-        base["_record"] = _record(base, body, None, [], [], state, stamp, announce)
+        base["_record"] = _record(base, body, None, [], [], state, stamp, announce, scoped)
         return base
     control = None if entry is None else entry.control
     if control is None:  # a hash per customer, not per request
@@ -251,7 +460,7 @@ def _decide(
         base["result"] = "control" if control else ("cold_start" if offers else "empty")
         if not offers:
             base["note"] = "control group" if control else "no popular product to offer"
-        base["_record"] = _record(base, body, None, offers, rows, state, stamp, announce)
+        base["_record"] = _record(base, body, None, offers, rows, state, stamp, announce, scoped)
         return base
     started = time.perf_counter()
     catalogue = snapshot.catalogue
@@ -279,7 +488,7 @@ def _decide(
     if control:
         base["note"] = "control group: no model offers, by design"
         base["result"] = "control"
-        base["_record"] = _record(base, body, entry, [], [], state, stamp, announce)
+        base["_record"] = _record(base, body, entry, [], [], state, stamp, announce, scoped)
         return base
     started = time.perf_counter()
     offers, rows = _offers(
@@ -304,7 +513,7 @@ def _decide(
     elif not offers:
         base["note"] = "no product is likely enough to be worth offering now"
     base["result"] = "degraded" if snapshot.degraded else ("normal" if offers else "empty")
-    base["_record"] = _record(base, body, entry, offers, rows, state, stamp, announce)
+    base["_record"] = _record(base, body, entry, offers, rows, state, stamp, announce, scoped)
     return base
 
 
@@ -456,9 +665,11 @@ def _record(
     state: ServingState,
     stamp: str,
     announce: bool,
+    scoped: ScopedKey | None,
 ) -> AuditRecord:
     """The audit rows, as driver-ready tuples (see :class:`service.audit.AuditRecord`);
-    ``rows`` are the offers' (made with them, by :func:`_offer`)."""
+    ``rows`` are the offers' (made with them, by :func:`_offer`); ``scoped``, the
+    request's (API key prefix, Idempotency-Key), if it sent one."""
     customer = answer["customer_id"]
     decision = [
         answer["decision_id"],
@@ -474,6 +685,8 @@ def _record(
         answer["cold_start"],
         stamp,
     ]
+    if _AUDIT_RECORDS_KEYS:
+        decision.extend(scoped or (None, None))
     events = []
     if announce:
         origin = state.origin
@@ -492,18 +705,27 @@ def _record(
     operation_id="recordOutcome",
     summary="Record what the customer said to an offer",
     description=(
-        "presented, accepted, declined or not_now. Idempotent: a retry with the same "
-        "Idempotency-Key, or the same outcome for the same offer, is recorded once and "
-        "answered 200 with duplicate=true. An accepted offer adds the product to the "
-        "customer's holdings; a decline stops the product being offered to the customer "
-        "for the cooldown. Needs scope 'outcomes'."
+        "presented, accepted, declined or not_now. An offer takes one answer: the first "
+        "of accepted, declined or not_now is final, and a different one afterwards is "
+        "refused with 409 naming the recorded outcome. `presented` is not an answer: it "
+        "is recorded once per offer whenever it arrives, before or after the answer. "
+        "Idempotent: the same outcome again for the same offer, or a retry with the same "
+        "Idempotency-Key, is recorded once and answered 200 with duplicate=true. "
+        "Idempotency keys belong to the API key that sends them (another caller's keys "
+        "never collide with yours). An accepted offer adds the product to the customer's "
+        "holdings; a decline stops the product being offered to the customer for the "
+        "cooldown. Needs scope 'outcomes'."
     ),
     response_model=OutcomeResponse,
     status_code=201,
     responses={
         200: {"description": "Already recorded (a retry).", "model": OutcomeResponse},
         404: {"description": "Unknown offer."},
-        409: {"description": "The Idempotency-Key was used for a different outcome."},
+        409: {
+            "description": "The offer already has a different final outcome (named in "
+            "`recorded_outcome`), or this API key used the Idempotency-Key for another "
+            "outcome or offer."
+        },
     },
 )
 def record_outcome(
@@ -517,12 +739,13 @@ def record_outcome(
     state: ServingState = request.app.state.serving
     engine = request.app.state.engine
     now = state.clock()
+    ask = _OutcomeAsk(offer_id, body, principal.prefix, idempotency_key, now)
     try:
-        result = _store_outcome(engine, state, offer_id, body, idempotency_key, now)
+        outcome, duplicate = _store_outcome(engine, state, ask)
     except IntegrityError:
-        # A concurrent retry won the race: answer with what it stored.
-        result = _store_outcome(engine, state, offer_id, body, idempotency_key, now)
-    outcome, duplicate = result
+        # A concurrent request won the race (a retry, or another answer to the offer):
+        # the unique indexes let only one in; answer against what it stored.
+        outcome, duplicate = _store_outcome(engine, state, ask)
     if duplicate:
         response.status_code = 200
     else:
@@ -537,14 +760,26 @@ def record_outcome(
     return outcome
 
 
+@dataclass(frozen=True, slots=True)
+class _OutcomeAsk:
+    """One outcome request: what is said about which offer, by which API key."""
+
+    offer_id: str
+    body: OutcomeRequest
+    api_key_prefix: str
+    idempotency_key: str | None
+    now: dt.datetime
+
+
 def _store_outcome(
-    engine: Any,
-    state: ServingState,
-    offer_id: str,
-    body: OutcomeRequest,
-    key: str | None,
-    now: dt.datetime,
+    engine: Any, state: ServingState, ask: _OutcomeAsk
 ) -> tuple[OutcomeResponse, bool]:
+    """Record ``ask`` unless it repeats what is recorded: (the answer, whether a repeat).
+
+    Raises :class:`NotFound` for an unknown offer and :class:`Conflict` for an answer
+    that contradicts the recorded one, or a reused Idempotency-Key.
+    """
+    offer_id, body, now = ask.offer_id, ask.body, ask.now
     with unit_of_work(engine) as session:
         row = session.execute(
             select(
@@ -561,24 +796,7 @@ def _store_outcome(
         if row is None:
             raise NotFound(f"offer '{offer_id}' does not exist")
         _, customer_db_id, product_db_id, code, customer = row
-        existing = None
-        if key is not None:
-            existing = session.scalar(
-                select(OfferOutcome).where(OfferOutcome.idempotency_key == key)
-            )
-            if existing is not None and (
-                existing.offer_id != offer_id or existing.outcome != body.outcome
-            ):
-                raise Conflict(
-                    f"Idempotency-Key '{key}' was already used for outcome "
-                    f"'{existing.outcome}' of offer '{existing.offer_id}'"
-                )
-        if existing is None:
-            existing = session.scalar(
-                select(OfferOutcome).where(
-                    OfferOutcome.offer_id == offer_id, OfferOutcome.outcome == body.outcome
-                )
-            )
+        existing = _recorded_outcome(session, ask)
         if existing is not None:
             return (
                 OutcomeResponse(
@@ -597,7 +815,8 @@ def _store_outcome(
                 outcome=body.outcome,
                 reason=body.reason,
                 staff_id=body.staff_id,
-                idempotency_key=key,
+                api_key_prefix=ask.api_key_prefix,
+                idempotency_key=ask.idempotency_key,
                 created_at=now,
             )
         )
@@ -641,3 +860,44 @@ def _store_outcome(
         ),
         False,
     )
+
+
+def _recorded_outcome(session: Any, ask: _OutcomeAsk) -> OfferOutcome | None:
+    """The recorded outcome ``ask`` repeats, or None when it is new.
+
+    Raises
+    ------
+    Conflict
+        The caller's own Idempotency-Key was used for something else, or the offer
+        already holds a different final outcome. Only this API key's idempotency keys
+        are looked at, so the answer says nothing about other callers' requests.
+    """
+    offer_id, outcome, key = ask.offer_id, ask.body.outcome, ask.idempotency_key
+    if key is not None:
+        mine = session.scalar(
+            select(OfferOutcome).where(
+                OfferOutcome.api_key_prefix == ask.api_key_prefix,
+                OfferOutcome.idempotency_key == key,
+            )
+        )
+        if mine is not None:
+            if mine.offer_id != offer_id or mine.outcome != outcome:
+                which = "this offer" if mine.offer_id == offer_id else "another offer"
+                raise Conflict(
+                    f"Idempotency-Key '{key}' was already used by this API key for outcome "
+                    f"'{mine.outcome}' of {which}; use a new key for a new request"
+                )
+            return mine  # type: ignore[no-any-return]
+    kinds = FINAL_OUTCOMES if outcome in FINAL_OUTCOMES else (outcome,)
+    existing: OfferOutcome | None = session.scalars(
+        select(OfferOutcome)
+        .where(OfferOutcome.offer_id == offer_id, OfferOutcome.outcome.in_(kinds))
+        .order_by(OfferOutcome.id)
+    ).first()
+    if existing is not None and existing.outcome != outcome:
+        raise Conflict(
+            f"offer '{offer_id}' already has the final outcome '{existing.outcome}'; "
+            "an offer takes one answer",
+            recorded_outcome=existing.outcome,
+        )
+    return existing

@@ -45,7 +45,9 @@ def category(kind: str, score: int) -> str:
         "customer, with the staff member and branch (taken from the decision when not "
         "given) and an optional comment. A detractor NPS answer (0-6) about a contact "
         "with offers suppresses offers to the customer for the configured number of days. "
-        "Idempotent with an `Idempotency-Key` header. Needs scope 'outcomes'."
+        "Idempotent with an `Idempotency-Key` header; keys belong to the API key that "
+        "sends them (another caller's keys never collide with yours). Needs scope "
+        "'outcomes'."
     ),
     status_code=201,
     response_model=FeedbackResponse,
@@ -56,7 +58,7 @@ def category(kind: str, score: int) -> str:
         },
         401: {"description": "Missing or invalid API key."},
         403: {"description": "The key lacks scope 'outcomes'."},
-        409: {"description": "The Idempotency-Key was used for a different answer."},
+        409: {"description": "This API key used the Idempotency-Key for a different answer."},
         422: {"description": "Score out of range, or unknown decision or customer (named)."},
     },
 )
@@ -80,11 +82,12 @@ def record_feedback(
         )
     state: ServingState = request.app.state.serving
     now = state.clock()
+    key = (principal.prefix, idempotency_key)
     try:
-        result, duplicate = _store(request.app.state.engine, state, body, idempotency_key, now)
+        result, duplicate = _store(request.app.state.engine, state, body, key, now)
     except IntegrityError:
         # A concurrent retry with the same key won the race: answer with what it stored.
-        result, duplicate = _store(request.app.state.engine, state, body, idempotency_key, now)
+        result, duplicate = _store(request.app.state.engine, state, body, key, now)
     if duplicate:
         response.status_code = 200
     else:
@@ -100,17 +103,27 @@ def _store(
     engine: Any,
     state: ServingState,
     body: FeedbackRequest,
-    key: str | None,
+    scoped_key: tuple[str, str | None],
     now: dt.datetime,
 ) -> tuple[FeedbackResponse, bool]:
+    """Record ``body`` unless this API key (prefix, idempotency key) already did.
+
+    Only the caller's own idempotency keys are looked at, so a 409 says nothing about
+    other callers' answers.
+    """
+    prefix, key = scoped_key
     with unit_of_work(engine) as session:
         if key is not None:
-            existing = session.scalar(select(Feedback).where(Feedback.idempotency_key == key))
+            existing = session.scalar(
+                select(Feedback).where(
+                    Feedback.api_key_prefix == prefix, Feedback.idempotency_key == key
+                )
+            )
             if existing is not None:
                 if existing.kind != body.kind or existing.score != body.score:
                     raise Conflict(
-                        f"Idempotency-Key '{key}' was already used for a {existing.kind} "
-                        f"answer of {existing.score}"
+                        f"Idempotency-Key '{key}' was already used by this API key for a "
+                        f"{existing.kind} answer of {existing.score}"
                     )
                 customer = None
                 if existing.customer_id is not None:
@@ -162,6 +175,7 @@ def _store(
             staff_id=body.staff_id or (decision.staff_id if decision is not None else None),
             branch_id=body.branch_id or (decision.branch_id if decision is not None else None),
             comment=body.comment,
+            api_key_prefix=prefix,
             idempotency_key=key,
             created_at=now,
         )
