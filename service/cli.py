@@ -201,6 +201,7 @@ def import_customers_cmd(
             max_errors=settings.import_max_errors,
             categorical=categorical or (),
             numeric=numeric or (),
+            max_attributes=settings.max_attributes,
             progress=advance,
         ),
     )
@@ -824,6 +825,30 @@ def models_rollback() -> None:
         console.print(f"{now_active.version} is active again ({retired.version} retired)")
 
 
+def uvicorn_options(settings: Settings, *, host: str, port: int, workers: int) -> dict[str, Any]:
+    """The options ``nbo serve`` gives uvicorn (besides the app factory).
+
+    Proxy headers (X-Forwarded-Proto, X-Forwarded-For) are trusted only from the
+    addresses in ``settings.forwarded_allow_ips``, and not at all when it is empty:
+    otherwise any client could claim to have come over HTTPS. Behind a TLS proxy
+    they are what tells nbo the request was https (the dashboard's cookie is then
+    ``Secure`` and its Origin check expects ``https://``).
+    """
+    options: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "workers": workers,
+        "log_level": "warning",
+        "access_log": False,
+        # uvicorn trusts 127.0.0.1 by default: off unless configured.
+        "proxy_headers": False,
+    }
+    if settings.forwarded_allow_ips:
+        options["proxy_headers"] = True
+        options["forwarded_allow_ips"] = list(settings.forwarded_allow_ips)
+    return options
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -846,14 +871,7 @@ def serve(
         uvicorn.run(
             "service.app:create_app",
             factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            log_level="warning",
-            access_log=False,
-            # nbo reads no client address (it logs none): uvicorn's X-Forwarded-For
-            # middleware would only wrap every request for nothing.
-            proxy_headers=False,
+            **uvicorn_options(settings, host=host, port=port, workers=workers),
         )
     finally:
         if metrics_dir is not None:

@@ -8,10 +8,21 @@ library: every value passes through :func:`html.escape`, styles and charts
 script, font or image from anywhere.
 
 A browser cannot send an ``Authorization`` header, so ``POST /dashboard/login``
-takes an API key holding the ``reports`` scope and keeps it in an HttpOnly,
-SameSite=Strict cookie; the pages accept that cookie or the usual headers. The
-key is checked on every request, so a revoked key stops working within the key
-cache's TTL.
+takes an API key holding the ``reports`` scope and opens a server-side session
+(:mod:`service.dashboard_sessions`): the cookie holds a random session id, never
+the key. The pages accept that cookie or the usual headers. A session ends
+after ``dashboard_session_hours``, on signing out, or at once when its key is
+revoked. Admin keys are refused at sign-in: they would pass every scope check,
+and the most powerful key has no business being typed into a browser.
+
+The cookie is HttpOnly, SameSite=Strict (the pages are only ever reached from
+nbo's own; a link from a mail or chat asks to sign in again, which is the price
+of sending nothing on any cross-site request), limited to ``/dashboard`` and
+``Secure`` whenever the request came over HTTPS. Behind a TLS-terminating proxy
+nbo sees HTTPS only through the proxy's headers, which ``nbo serve`` trusts
+from the addresses in ``forwarded_allow_ips`` alone. Every POST must come from
+a page of this site: its ``Origin`` (or, without one, its ``Referer``) must be
+the request's own scheme, host and port, else it is refused with a 403.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import html
+import logging
 import math
 import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
@@ -27,18 +39,25 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from sqlalchemy import Engine
 
 from service import reports
-from service.auth import Forbidden, KeyStore, Unauthorized
+from service.auth import ADMIN_SCOPE, Forbidden, KeyStore, Principal, Unauthorized
+from service.dashboard_sessions import close_session, find_session, open_session
+from service.db import read_only, unit_of_work
+from service.errors import problem_response
 from service.reports import BranchDaily, ConversionRow, DayFigures, StaffDaily
+from service.settings import Settings
+
+log = logging.getLogger("nbo.dashboard")
 
 router = APIRouter(prefix="/dashboard", include_in_schema=False)
 
-COOKIE = "nbo_key"
-"""The cookie holding the API key of a signed-in browser."""
+COOKIE = "nbo_session"
+"""The cookie holding the session id of a signed-in browser."""
+LEGACY_COOKIE = "nbo_key"
+"""Where earlier versions kept the API key itself: deleted from any browser still sending it."""
 SCOPE = "reports"
-COOKIE_MAX_AGE_SECONDS = 12 * 3600
-"""A working day: after it, the browser asks for the key again."""
 
 SECURITY_HEADERS: dict[str, str] = {
     # Nothing but the page itself and its inline styles: no script runs, nothing
@@ -48,7 +67,10 @@ SECURITY_HEADERS: dict[str, str] = {
         "form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
     ),
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # Not "no-referrer": under it a browser sends "Origin: null" with the page's own
+    # form posts, and the Origin check could not tell them from a cross-site post.
+    # "same-origin" still sends nothing to any other site.
+    "Referrer-Policy": "same-origin",
     # The pages show the bank's results: no shared or browser cache keeps them.
     "Cache-Control": "no-store",
 }
@@ -114,8 +136,10 @@ def login_form(request: Request, next_path: Annotated[str, Query(alias="next")] 
 
 @router.post("/login", name="dashboard_login")
 async def login(request: Request) -> Response:
-    """Check the posted ``key``; if it holds ``reports``, keep it in a cookie and go on."""
+    """Check the posted ``key``; if it holds ``reports``, open a session and go on."""
     links = _Links.of(request)
+    if not _same_origin(request):
+        return _cross_site(request)
     form = await _read_form(request)
     if form is None:
         return _page(
@@ -127,32 +151,53 @@ async def login(request: Request) -> Response:
     keys: KeyStore = request.app.state.keys
     try:
         # A cache miss reads the database: not on the event loop.
-        await asyncio.to_thread(keys.authenticate, None, key, SCOPE)
+        principal = await asyncio.to_thread(keys.authenticate, None, key, SCOPE)
     except Unauthorized:
         error = "Enter an API key." if not key else "That key was not accepted."
         return _page(_render_login(links, next_path=next_path, error=error), status=401)
     except Forbidden:
         error = f"That key is valid but lacks the {SCOPE!r} scope the dashboard needs."
         return _page(_render_login(links, next_path=next_path, error=error), status=403)
+    if not _may_sign_in(principal.scopes):
+        error = (
+            f"That is an {ADMIN_SCOPE!r} key: sign in with a key holding {SCOPE!r} "
+            "instead, so that the key typed into a browser can do no more than read reports."
+        )
+        return _page(_render_login(links, next_path=next_path, error=error), status=403)
+    settings: Settings = request.app.state.settings
+    lifetime = dt.timedelta(hours=settings.dashboard_session_hours)
+    token = await asyncio.to_thread(_open, request.app.state.engine, principal, lifetime)
+    if token is None:  # revoked since the key cache last read it
+        error = "That key was not accepted."
+        return _page(_render_login(links, next_path=next_path, error=error), status=401)
+    log.info("dashboard session opened", extra={"prefix": principal.prefix})
     response = _redirect(next_path)
     response.set_cookie(
         COOKIE,
-        key,
-        max_age=COOKIE_MAX_AGE_SECONDS,
-        path=links.home.rstrip("/") or "/",
+        token,
+        max_age=int(lifetime.total_seconds()),
+        path=_cookie_path(links),
         secure=request.url.scheme == "https",
         httponly=True,
         samesite="strict",
     )
+    _forget_legacy_cookie(request, response, links)
     return response
 
 
 @router.post("/logout", name="dashboard_logout")
 def logout(request: Request) -> Response:
-    """Forget the key cookie and show the sign-in form."""
+    """Close the session, forget its cookie and show the sign-in form."""
+    if not _same_origin(request):
+        return _cross_site(request)
     links = _Links.of(request)
+    token = request.cookies.get(COOKIE)
+    if token is not None:
+        with unit_of_work(request.app.state.engine) as session:
+            close_session(session, token=token)
     response = _redirect(links.login())
     _forget_cookie(response, links)
+    _forget_legacy_cookie(request, response, links)
     return response
 
 
@@ -200,38 +245,115 @@ def _parse_day(value: str | None) -> dt.date | None:
 
 
 def _authorize(request: Request) -> Response | None:
-    """None when the request carries a key with ``reports``; otherwise the answer to send.
+    """None when the request carries a key with ``reports`` or an open session; otherwise
+    the answer to send.
 
-    The key comes from ``Authorization``/``X-API-Key`` when either is sent, else
-    from the cookie. No valid key: a 303 to the sign-in form. A key without the
-    scope: a 403 page.
+    A key in ``Authorization``/``X-API-Key``, when either is sent, is checked as on
+    every ``/v1`` route; else the session cookie is looked up. Neither valid: a 303
+    to the sign-in form. A key without the scope: a 403 page.
     """
-    keys: KeyStore = request.app.state.keys
+    links = _Links.of(request)
     authorization = request.headers.get("authorization")
     api_key = request.headers.get("x-api-key")
-    from_cookie = authorization is None and api_key is None
-    if from_cookie:
-        api_key = request.cookies.get(COOKIE)
-    links = _Links.of(request)
+    if authorization is None and api_key is None:
+        return _authorize_session(request, links)
+    keys: KeyStore = request.app.state.keys
     try:
         keys.authenticate(authorization, api_key, SCOPE)
     except Unauthorized:
-        target = request.url.path
-        if request.url.query:
-            target += f"?{request.url.query}"
-        response = _redirect(links.login(_safe_next(links, target)))
-        if from_cookie and api_key is not None:
-            _forget_cookie(response, links)
-        return response
+        return _to_sign_in(request, links)
     except Forbidden:
-        body = (
-            "<h1>Not allowed</h1>"
-            f'<p class="notice">This API key does not hold the <code>{SCOPE}</code> scope the '
-            "dashboard needs. Ask an administrator for a key with it.</p>"
-            f'<p><a href="{_esc(links.login())}">Sign in with another key</a></p>'
-        )
-        return _page(_shell(links, body, title="Not allowed"), status=403)
+        return _not_allowed(links)
     return None
+
+
+def _authorize_session(request: Request, links: _Links) -> Response | None:
+    token = request.cookies.get(COOKIE)
+    if token is None:
+        return _to_sign_in(request, links)
+    with unit_of_work(read_only(request.app.state.engine)) as session:
+        signed_in = find_session(session, token=token)
+    if signed_in is None:  # expired, signed out, or its key revoked
+        response = _to_sign_in(request, links)
+        _forget_cookie(response, links)
+        return response
+    if SCOPE not in signed_in.scopes or not _may_sign_in(signed_in.scopes):
+        return _not_allowed(links)
+    return None
+
+
+def _may_sign_in(scopes: frozenset[str]) -> bool:
+    """Whether a key with ``scopes`` may open a dashboard session: it must hold
+    ``reports`` itself, and not ``admin``, which holds it only by implication."""
+    return SCOPE in scopes and ADMIN_SCOPE not in scopes
+
+
+def _open(engine: Engine, principal: Principal, lifetime: dt.timedelta) -> str | None:
+    with unit_of_work(engine) as session:
+        return open_session(session, key_prefix=principal.prefix, lifetime=lifetime)
+
+
+def _to_sign_in(request: Request, links: _Links) -> Response:
+    """A 303 to the sign-in form, which comes back here once signed in."""
+    target = request.url.path
+    if request.url.query:
+        target += f"?{request.url.query}"
+    response = _redirect(links.login(_safe_next(links, target)))
+    _forget_legacy_cookie(request, response, links)
+    return response
+
+
+def _not_allowed(links: _Links) -> Response:
+    body = (
+        "<h1>Not allowed</h1>"
+        f'<p class="notice">This API key does not hold the <code>{SCOPE}</code> scope the '
+        "dashboard needs. Ask an administrator for a key with it.</p>"
+        f'<p><a href="{_esc(links.login())}">Sign in with another key</a></p>'
+    )
+    return _page(_shell(links, body, title="Not allowed"), status=403)
+
+
+def _origin(url: str) -> tuple[str, str, int] | None:
+    """``url``'s origin as (scheme, host, port), or None when it has none (``null``)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+        return None
+    return scheme, parts.hostname.lower(), port or _DEFAULT_PORTS[scheme]
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _same_origin(request: Request) -> bool:
+    """Whether a POST came from a page of this very site (scheme, host and port).
+
+    Browsers send ``Origin`` with every POST; ``Referer`` stands in when it is
+    missing. Neither (a script, or a very old browser) counts as foreign: the
+    form is only ever posted by a browser. Behind a proxy the request's own
+    origin is what the proxy passes on: the Host header, and https when
+    ``forwarded_allow_ips`` trusts its X-Forwarded-Proto.
+    """
+    claimed = request.headers.get("origin") or request.headers.get("referer")
+    if claimed is None:
+        return False
+    own = _origin(str(request.url))
+    return own is not None and _origin(claimed) == own
+
+
+def _cross_site(request: Request) -> Response:
+    log.warning("dashboard cross-site post refused", extra={"path": request.url.path})
+    return problem_response(
+        403,
+        "Forbidden",
+        "This form must be posted from nbo's own dashboard pages (Origin check).",
+        "cross-site",
+        instance=request.url.path,
+    )
 
 
 def _safe_next(links: _Links, target: str) -> str:
@@ -274,10 +396,18 @@ def _redirect(location: str) -> Response:
     return RedirectResponse(location, status_code=303, headers=SECURITY_HEADERS)
 
 
-def _forget_cookie(response: Response, links: _Links) -> None:
-    response.delete_cookie(
-        COOKIE, path=links.home.rstrip("/") or "/", httponly=True, samesite="strict"
-    )
+def _cookie_path(links: _Links) -> str:
+    return links.home.rstrip("/") or "/"
+
+
+def _forget_cookie(response: Response, links: _Links, name: str = COOKIE) -> None:
+    response.delete_cookie(name, path=_cookie_path(links), httponly=True, samesite="strict")
+
+
+def _forget_legacy_cookie(request: Request, response: Response, links: _Links) -> None:
+    """Delete an API key an earlier version left in the browser's cookie."""
+    if LEGACY_COOKIE in request.cookies:
+        _forget_cookie(response, links, LEGACY_COOKIE)
 
 
 def _page(document: str, *, status: int = 200) -> HTMLResponse:

@@ -101,7 +101,8 @@ def keys_list() -> None:
 def keys_revoke(
     prefix: Annotated[str, typer.Argument(help="The key's prefix, as `nbo keys list` shows.")],
 ) -> None:
-    """Revoke a key; running services stop accepting it within their key cache TTL."""
+    """Revoke a key; running services stop accepting it within their key cache TTL, and
+    the dashboard sessions opened with it end at once."""
     try:
         with _session() as session:
             info = auth.revoke_key(session, prefix=prefix)

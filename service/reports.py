@@ -23,7 +23,7 @@ Definitions shared by every report:
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -46,6 +46,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql.elements import ColumnElement
 
+from service import bank_rows
+from service.bank_rows import RowAudit
 from service.db import read_only
 from service.tables import Base
 
@@ -489,7 +491,7 @@ def _adopted_offers(
             *(dimensions[key].label(key) for key in keys),
             OFFERS.c.id.label("offer_id"),
             _utc_day(DECISIONS.c.created_at, dialect).label("offer_day"),
-            ADOPTIONS.c.adopted_at,
+            _date_text(ADOPTIONS.c.adopted_at, dialect).label("adopted_at"),
         )
         .select_from(
             _OFFERS_MADE.join(
@@ -506,7 +508,7 @@ def _adopted_offers(
             ADOPTIONS.c.adopted_at <= period.end + dt.timedelta(days=window_days),
         )
     )
-    frame = _frame(connection, query)
+    frame = _clean_adoptions(_frame(connection, query), key="offer_id")
     columns = [*keys, "offer_id", "days"]
     if frame.empty:
         return pd.DataFrame(columns=columns)
@@ -812,24 +814,64 @@ def _contacted_adoptions(connection: Connection, period: Period, window_days: in
         DECISIONS.c.cold_start == false(),
         DECISIONS.c.customer_id.is_not(None),
     )
+    dialect = connection.dialect.name
     query = select(
         ADOPTIONS.c.customer_id,
         ADOPTIONS.c.product_id,
-        ADOPTIONS.c.adopted_at,
-        ADOPTIONS.c.closed_at,
+        _date_text(ADOPTIONS.c.adopted_at, dialect).label("adopted_at"),
+        _date_text(ADOPTIONS.c.closed_at, dialect).label("closed_at"),
     ).where(
         ADOPTIONS.c.customer_id.in_(contacted),
         ADOPTIONS.c.adopted_at <= period.end + dt.timedelta(days=window_days),
     )
-    return _frame(connection, query)
+    return _clean_adoptions(_frame(connection, query), key="customer_id")
 
 
 def _products(connection: Connection) -> pd.DataFrame:
-    """The catalogue: id, code, value, active."""
-    return _frame(
+    """The catalogue: id, code, value (0 where the stored one is unusable), active."""
+    frame = _frame(
         connection,
         select(PRODUCTS.c.id, PRODUCTS.c.code, PRODUCTS.c.value, PRODUCTS.c.active),
     )
+    audit = RowAudit("report")
+    try:
+        values = [
+            bank_rows.product_number(value, 0.0, audit, key=str(code), field="value")[0]
+            for code, value in zip(frame["code"], frame["value"], strict=True)
+        ]
+    finally:
+        audit.close()
+    return frame.assign(value=pd.Series(values, index=frame.index, dtype="float64"))
+
+
+def _date_text(column: Any, dialect: str) -> ColumnElement[Any]:
+    """A DATE column read as ISO text (see :func:`service.bank_rows.date_text`)."""
+    return literal_column(bank_rows.date_text(f"{column.table.name}.{column.name}", dialect))
+
+
+def _clean_adoptions(frame: pd.DataFrame, *, key: str) -> pd.DataFrame:
+    """Adoption rows with their dates cleaned as every reader cleans them
+    (:func:`service.bank_rows.adoption_dates`): a row without a usable ``adopted_at``
+    is dropped, an unusable ``closed_at`` is unknown. ``key`` names the column that
+    identifies a row in the log."""
+    if frame.empty:
+        return frame
+    closed = frame["closed_at"] if "closed_at" in frame.columns else [None] * len(frame)
+    audit = RowAudit("report")
+    keep, adopted_at, closed_at = [], [], []
+    try:
+        for row_key, adopted, ended in zip(frame[key], frame["adopted_at"], closed, strict=True):
+            dates = bank_rows.adoption_dates(adopted, ended, audit, key=str(row_key))
+            keep.append(dates is not None)
+            if dates is not None:
+                adopted_at.append(dates[0])
+                closed_at.append(dates[1])
+    finally:
+        audit.close()
+    cleaned = frame.loc[keep].assign(adopted_at=adopted_at)
+    if "closed_at" in frame.columns:
+        cleaned = cleaned.assign(closed_at=closed_at)
+    return cleaned.reset_index(drop=True)
 
 
 def _percent(rate: float) -> str:
@@ -1207,13 +1249,31 @@ def branch_daily(engine: Engine, branch_id: str, day: dt.date) -> BranchDaily:
     )
 
 
+OTHER_BRANCHES = "other"
+"""The branch of :func:`rolling_figures`' NPS for every branch not labelled by its own id."""
+
+_CUSTOMERS = Base.metadata.tables["customers"]
+_NPS_COUNTS = ["responses", "high", "middle", "low"]
+
+
 def rolling_figures(
-    engine: Engine, today: dt.date, days: int = 7
+    engine: Engine,
+    today: dt.date,
+    days: int = 7,
+    *,
+    branches: Collection[str] = (),
+    branch_limit: int = 200,
 ) -> tuple[dict[tuple[str, str], float], dict[str, float]]:
     """Conversion by (product code, channel) and NPS by branch over the last ``days`` days.
 
     The window ends with ``today`` (included). Only groups with data appear: a conversion
     needs a presented offer, an NPS an answer. A null branch is ``"(none)"``.
+
+    The figures become metric labels, and a feedback's branch is whatever its caller
+    sent, so NPS is given by their own id only for ``branches`` (when given) or else the
+    ``branch_limit`` branches with most customers; the answers of every other branch
+    are pooled under :data:`OTHER_BRANCHES`. Products come from the catalogue and
+    channels are a fixed list: those need no bound.
 
     Raises
     ------
@@ -1225,14 +1285,36 @@ def rolling_figures(
     with _reading(engine) as connection:
         offers = _presented_counts(connection, period, ["product", "channel"])
         feedback = _feedback_counts(connection, period, ["branch"])
+        labelled = set(branches) or _largest_branches(connection, branch_limit)
     rates = {
         (str(row.product), str(row.channel)): row.accepted / row.presented
         for row in offers.itertuples(index=False)
         if row.presented
     }
-    scores: dict[str, float] = {}
+    pooled: dict[str, pd.Series] = {}
     for value, counts in _by_kind(feedback, "nps", "branch").items():
-        score = _nps_row(_key(value), counts).nps
+        key = _key(value)
+        label = key if key == NONE_KEY or key in labelled else OTHER_BRANCHES
+        answers = counts[_NPS_COUNTS].astype("int64")
+        pooled[label] = answers if label not in pooled else pooled[label] + answers
+    scores: dict[str, float] = {}
+    for label, counts in pooled.items():
+        score = _nps_row(label, counts).nps
         if score is not None:
-            scores[_key(value)] = score
+            scores[label] = score
     return rates, scores
+
+
+def _largest_branches(connection: Connection, limit: int) -> set[str]:
+    """The ``limit`` branch ids with most customers (ties: the smaller id)."""
+    if limit <= 0:
+        return set()
+    branch = _CUSTOMERS.c.branch_id
+    query = (
+        select(branch)
+        .where(branch.is_not(None))
+        .group_by(branch)
+        .order_by(func.count().desc(), branch)
+        .limit(limit)
+    )
+    return {str(value) for value in connection.execute(query).scalars()}
