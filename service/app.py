@@ -14,18 +14,23 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Response
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 
 from service import dashboard, db, metrics, reports
 from service.api import catalogue, data, decisions, feedback, health
 from service.api import reports as report_routes
 from service.audit import AuditWriter, audit_writer
-from service.auth import KeyStore
+from service.auth import KeyStore, ops_access
 from service.errors import (
     Problem,
+    TooLarge,
     install_error_handlers,
+    is_outage,
     render_invalid,
+    render_outage,
     render_problem,
     render_unexpected,
 )
@@ -41,7 +46,7 @@ API_VERSION = "0.1.0"
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    engine = db.engine_from_settings(settings)
+    engine = db.engine_from_settings(settings, serving=True)
     app.state.engine = engine
     app.state.keys = KeyStore(engine, ttl_seconds=settings.api_key_ttl_seconds)
     state = ServingState(engine, settings)
@@ -84,7 +89,30 @@ async def _load(state: ServingState) -> None:
     metrics.set_active_model(snapshot.version)
 
 
+class _RepeatedFailure:
+    """Logs a failing periodic task once with its traceback, then quietly (debug) until
+    it succeeds again: through an outage the change poll fails twice a second, and a
+    traceback each time buried everything else in the log."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        self.failing = False
+
+    def failed(self) -> None:
+        if self.failing:
+            log.debug(self.message, exc_info=True)
+        else:
+            self.failing = True
+            log.warning(self.message, exc_info=True)
+
+    def succeeded(self) -> None:
+        if self.failing:
+            self.failing = False
+            log.info("periodic task recovered", extra={"task": self.message})
+
+
 async def _poll_forever(state: ServingState, interval: float) -> None:
+    poll_failure = _RepeatedFailure("change poll failed")
     every = state.settings.figures_interval_seconds
     figures_due = time.monotonic() + min(every, 10.0)  # not while the worker warms up
     while True:
@@ -107,7 +135,9 @@ async def _poll_forever(state: ServingState, interval: float) -> None:
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - keep polling; the next round may succeed
-            log.warning("change poll failed", exc_info=True)
+            poll_failure.failed()
+        else:
+            poll_failure.succeeded()
 
 
 _DECISION_PATH = re.compile(r"/v1/customers/([^/]+)/decisions")
@@ -145,9 +175,12 @@ class NboApp(FastAPI):
             response = render_problem(exc, path)
         except RequestValidationError as exc:
             response = render_invalid(exc, path)
-        except Exception:  # noqa: BLE001 - answered as a problem, logged with its traceback
-            log.exception("unhandled error", extra={"path": path})
-            response = render_unexpected(path)
+        except Exception as exc:  # noqa: BLE001 - answered as a problem, logged
+            if is_outage(exc):
+                response = render_outage(exc, path)
+            else:
+                log.exception("unhandled error", extra={"path": path})
+                response = render_unexpected(path)
         else:
             if not await _send_whole(send, body):
                 await send(
@@ -165,6 +198,74 @@ class NboApp(FastAPI):
             return
         await response(scope, receive, send)
         metrics.observe_request("POST", _DECISION_ROUTE, response.status_code, started)
+
+
+class BodyLimit:
+    """Refuses a request body over ``max_bytes`` with a 413 problem, on every route,
+    before anything reads it (FastAPI reads a body before it checks the key).
+
+    A declared ``Content-Length`` over the limit is answered at once, unread. A body
+    sent without one (chunked) is counted as it arrives: the chunk that crosses the
+    limit is answered 413 and the application is told the client went away, so it
+    stops reading; anything it sends after that is dropped. Pure ASGI, so it costs a
+    header scan per request and nothing per chunk but an addition.
+    """
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        received = 0
+        started = refused = False
+
+        async def bounded_receive() -> Any:
+            nonlocal received, refused
+            message = await receive()
+            if message["type"] == "http.request" and not refused:
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    refused = True
+                    if not started:
+                        await self._refuse(scope, receive, send)
+                    return {"type": "http.disconnect"}
+            elif refused:
+                return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Any) -> None:
+            nonlocal started
+            if refused and not started:
+                return  # the 413 was the answer
+            started = True
+            await send(message)
+
+        await self.app(scope, bounded_receive, guarded_send)
+
+    async def _refuse(self, scope: Any, receive: Any, send: Any) -> None:
+        problem = TooLarge(f"the request body is over {self.max_bytes:,} bytes")
+        # The client may still be sending: close the connection after the answer
+        # rather than read (and discard) the rest.
+        response = render_problem(problem, scope["path"])
+        response.headers["Connection"] = "close"
+        await response(scope, receive, send)
+
+
+def _content_length(scope: Any) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
 
 
 @functools.cache
@@ -241,7 +342,13 @@ async def _publish_figures(state: ServingState) -> None:
     """Rolling 7-day conversion by product and channel, NPS by branch, as gauges."""
     today = state.clock().date()
     try:
-        conversion, nps = await asyncio.to_thread(reports.rolling_figures, state.engine, today)
+        conversion, nps = await asyncio.to_thread(
+            reports.rolling_figures,
+            state.engine,
+            today,
+            branches=state.settings.known_branches,
+            branch_limit=state.settings.metric_branch_limit,
+        )
     except Exception:  # noqa: BLE001 - a report failing must not stop the poll loop
         log.warning("business figures could not be computed", exc_info=True)
         return
@@ -258,16 +365,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=(
             "Every /v1 operation needs an API key (`nbo keys create`), sent as "
             "`Authorization: Bearer <key>` or `X-API-Key: <key>`, holding the scope the "
-            "operation names. Errors are RFC 9457 problem details."
+            "operation names. So do /metrics, /docs, /redoc and /openapi.json (scope "
+            "'ops'), unless the service runs with `NBO_OPS_ENDPOINTS=open`. Errors are "
+            "RFC 9457 problem details; a 503 carries Retry-After."
         ),
         lifespan=lifespan,
         responses=_PROBLEM_RESPONSES,
+        # Served by _docs_router instead, behind the ops_endpoints setting.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     install_error_handlers(app)
+    # Inside the metrics middleware, so that refused bodies are counted too.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware)
     app.include_router(health.router)
-    app.include_router(metrics.router)
+    app.include_router(metrics.router, dependencies=[Depends(ops_access)], responses=_OPS_RESPONSES)
+    app.include_router(_docs_router(app))
     app.include_router(decisions.router)
     app.include_router(data.router)
     app.include_router(catalogue.router)
@@ -276,6 +392,45 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(dashboard.router)
     return app
 
+
+OPENAPI_URL = "/openapi.json"
+
+
+def _docs_router(app: FastAPI) -> APIRouter:
+    """``/openapi.json``, ``/docs`` and ``/redoc`` as FastAPI serves them, behind
+    :func:`service.auth.ops_access` (the spec maps every operation an attacker could
+    try, so by default it takes a key with scope 'ops')."""
+    router = APIRouter(include_in_schema=False, dependencies=[Depends(ops_access)])
+
+    @router.get(OPENAPI_URL)
+    async def openapi(request: Request) -> JSONResponse:
+        schema = app.openapi()
+        root_path = request.scope.get("root_path", "").rstrip("/")
+        if root_path and root_path not in {s.get("url") for s in schema.get("servers", [])}:
+            schema = {**schema, "servers": [{"url": root_path}, *schema.get("servers", [])]}
+        return JSONResponse(schema)
+
+    @router.get("/docs")
+    async def swagger(request: Request) -> HTMLResponse:
+        root_path = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(
+            openapi_url=root_path + OPENAPI_URL,
+            title=f"{app.title} - Swagger UI",
+            oauth2_redirect_url=None,
+        )
+
+    @router.get("/redoc")
+    async def redoc(request: Request) -> HTMLResponse:
+        root_path = request.scope.get("root_path", "").rstrip("/")
+        return get_redoc_html(openapi_url=root_path + OPENAPI_URL, title=f"{app.title} - ReDoc")
+
+    return router
+
+
+_OPS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"description": "Missing or invalid API key (unless ops_endpoints is 'open')."},
+    403: {"description": "The key lacks scope 'ops'."},
+}
 
 _PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     "default": {

@@ -11,10 +11,16 @@ A request presents its key as ``Authorization: Bearer <key>`` or
 request costs a dict lookup and one SHA-256, no database round trip. Entries
 expire after a TTL, so a revocation takes effect everywhere within it.
 Routes declare what they need with ``Depends(require("models"))``.
+
+While the database cannot be reached, a key verified before keeps working
+from its last good entry (a revocation read before the outage still holds);
+a key never seen, or seen as unknown, gets 503 with ``Retry-After``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import datetime as dt
 import hashlib
 import hmac
@@ -33,8 +39,9 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from service import metrics
 from service.db import read_only, unit_of_work
-from service.errors import NotFound, Problem
+from service.errors import NotFound, Problem, Unavailable, is_outage
 from service.tables import ApiKey, utcnow
 
 log = logging.getLogger("nbo.auth")
@@ -47,6 +54,7 @@ SCOPES: dict[str, str] = {
     "models": "list and activate model versions",
     "rules": "read rules",
     "reports": "read reports",
+    "ops": "read /metrics, the API docs and the readiness figures",
     "admin": "everything (implies every other scope)",
 }
 """Every scope a key can hold, with what it allows."""
@@ -241,6 +249,10 @@ class _Entry:
     revoked: bool = False
 
 
+STALE_RETRY_SECONDS = 5.0
+"""While the database is unreachable, how often a last good entry is re-read (at most)."""
+
+
 class KeyStore:
     """A thread-safe, in-memory view of the ``api_keys`` table for the request path.
 
@@ -255,9 +267,19 @@ class KeyStore:
         client hammering with made-up keys costs one query per prefix per period,
         while a key created just now is usable soon.
     max_entries
-        Bound on cached prefixes; when full, expired entries go, then the oldest.
+        Bound on cached prefixes; when full, expired entries go (unknown prefixes
+        first, so made-up keys cannot push out the entries an outage needs), then
+        the oldest.
     clock
         Monotonic seconds; replaceable in tests.
+
+    Notes
+    -----
+    When re-reading an expired key fails because the database is unreachable
+    (:func:`service.errors.is_outage`), its last good entry is served instead and
+    re-read at most every ``min(ttl_seconds, STALE_RETRY_SECONDS)``; each such
+    fallback counts in ``nbo_auth_stale_keys_total`` and the outage is logged once.
+    A prefix with no good entry then raises :class:`~service.errors.Unavailable`.
     """
 
     def __init__(
@@ -272,15 +294,21 @@ class KeyStore:
         self._engine = engine
         self._ttl = ttl_seconds
         self._negative_ttl = min(negative_ttl_seconds, ttl_seconds)
+        self._stale_retry = min(STALE_RETRY_SECONDS, ttl_seconds)
         self._max_entries = max_entries
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
+        self._refreshing: set[str] = set()
+        self._outage = False
 
     def authenticate(
         self, authorization_header: str | None, x_api_key: str | None, scope: str
     ) -> Principal:
         """The principal of the presented key, if it is valid and holds ``scope``.
+
+        Blocking on a cache miss (it reads the database): call it from a thread, or
+        use :meth:`authenticate_async` on the event loop.
 
         Parameters
         ----------
@@ -298,26 +326,26 @@ class KeyStore:
             No key, a malformed one, an unknown prefix, a wrong secret, or a revoked key.
         Forbidden
             The key is valid but lacks ``scope`` (and is not ``admin``).
+        Unavailable
+            The key is not in memory and the database cannot be reached.
         """
-        key = _presented_key(authorization_header, x_api_key)
-        match = _KEY_PATTERN.fullmatch(key)
-        if match is None:
-            raise Unauthorized(f"malformed API key: expected {KEY_PREFIX}_<prefix>_<secret>")
-        prefix = match["prefix"]
-        entry = self._entry(prefix)
-        # Hash even for an unknown prefix, so the answer takes the same time either way.
-        presented = hash_key(key).encode("ascii")
-        if entry.principal is None or not hmac.compare_digest(
-            presented, entry.secret_hash.encode("ascii")
-        ):
-            log.debug("api key rejected", extra={"prefix": prefix, "reason": "invalid"})
-            raise Unauthorized("invalid API key")
-        if entry.revoked:
-            log.warning("api key rejected", extra={"prefix": prefix, "reason": "revoked"})
-            raise Unauthorized(f"API key {prefix} has been revoked")
-        if not entry.principal.allows(scope):
-            raise Forbidden(f"this key lacks scope {scope!r}", scope=scope)
-        return entry.principal
+        key, prefix = _parse(authorization_header, x_api_key)
+        entry = self._cached(prefix)
+        if entry is None:
+            entry = self._refresh(prefix)
+        return _check(entry, key, prefix, scope)
+
+    async def authenticate_async(
+        self, authorization_header: str | None, x_api_key: str | None, scope: str
+    ) -> Principal:
+        """:meth:`authenticate` for the event loop: a key in memory is checked right
+        here (a dict lookup and one SHA-256); a miss reads the database in a thread,
+        so a slow or locked database never stalls other requests."""
+        key, prefix = _parse(authorization_header, x_api_key)
+        entry = self._cached(prefix)
+        if entry is None:
+            entry = await asyncio.to_thread(self._refresh, prefix)
+        return _check(entry, key, prefix, scope)
 
     def invalidate(self, prefix: str | None = None) -> None:
         """Forget ``prefix`` (or everything) now, e.g. after revoking a key in this process."""
@@ -327,20 +355,67 @@ class KeyStore:
             else:
                 self._entries.pop(prefix, None)
 
-    def _entry(self, prefix: str) -> _Entry:
-        now = self._clock()
+    def _cached(self, prefix: str) -> _Entry | None:
+        """The entry of ``prefix`` if it has not expired, or if it is a known key being
+        re-read right now (by one request; the others need not all wait on the database);
+        None when the caller must read it."""
         with self._lock:
             entry = self._entries.get(prefix)
-        if entry is not None and entry.expires_at > now:
-            return entry
-        # Read outside the lock so one slow query does not stall every other request.
-        entry = self._load(prefix, now)
+            if entry is None:
+                return None
+            if entry.expires_at > self._clock():
+                return entry
+            if entry.principal is not None and prefix in self._refreshing:
+                return entry
+        return None
+
+    def _refresh(self, prefix: str) -> _Entry:
+        """Read ``prefix`` from the database and remember it (blocking); through an
+        outage, its last good entry."""
+        now = self._clock()
         with self._lock:
-            self._entries.pop(prefix, None)
-            if len(self._entries) >= self._max_entries:
-                self._evict(now)
-            self._entries[prefix] = entry
+            self._refreshing.add(prefix)
+        try:
+            # Read outside the lock so one slow query does not stall every other request.
+            entry = self._read(prefix, now)
+            with self._lock:
+                self._entries.pop(prefix, None)
+                if len(self._entries) >= self._max_entries:
+                    self._evict(now)
+                self._entries[prefix] = entry
+        finally:
+            with self._lock:
+                self._refreshing.discard(prefix)
         return entry
+
+    def _read(self, prefix: str, now: float) -> _Entry:
+        try:
+            entry = self._load(prefix, now)
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            return self._last_good(prefix, now)
+        if self._outage:
+            self._outage = False
+            log.info("api keys read from the database again")
+        return entry
+
+    def _last_good(self, prefix: str, now: float) -> _Entry:
+        """The entry of ``prefix`` verified before the database became unreachable,
+        served for another retry period; Unavailable when there is none."""
+        with self._lock:
+            previous = self._entries.get(prefix)
+        if previous is None or previous.principal is None:
+            # Never verified (or unknown when last read, perhaps created since):
+            # nothing to vouch for it, and "invalid" would be a lie.
+            raise Unavailable(
+                "the API key cannot be checked: the database is unavailable; retry shortly"
+            ) from None
+        metrics.AUTH_STALE_KEYS.inc()
+        if not self._outage:
+            self._outage = True
+            log.warning("api keys served from memory: database unavailable")
+        return dataclasses.replace(previous, expires_at=now + self._stale_retry)
 
     def _load(self, prefix: str, now: float) -> _Entry:
         with unit_of_work(read_only(self._engine)) as session:
@@ -359,11 +434,44 @@ class KeyStore:
         )
 
     def _evict(self, now: float) -> None:
-        # Called with the lock held.
-        for prefix in [p for p, e in self._entries.items() if e.expires_at <= now]:
-            del self._entries[prefix]
+        # Called with the lock held. Expired unknown prefixes go first: a flood of
+        # made-up keys must not push out the last good entries an outage serves from.
+        expired = [(p, e) for p, e in self._entries.items() if e.expires_at <= now]
+        for prefix, entry in expired:
+            if entry.principal is None:
+                del self._entries[prefix]
+        for prefix, _ in expired:
+            if len(self._entries) < self._max_entries:
+                break
+            self._entries.pop(prefix, None)
         while len(self._entries) >= self._max_entries:
             del self._entries[next(iter(self._entries))]
+
+
+def _parse(authorization: str | None, x_api_key: str | None) -> tuple[str, str]:
+    """The presented key and its prefix; Unauthorized if missing or malformed."""
+    key = _presented_key(authorization, x_api_key)
+    match = _KEY_PATTERN.fullmatch(key)
+    if match is None:
+        raise Unauthorized(f"malformed API key: expected {KEY_PREFIX}_<prefix>_<secret>")
+    return key, match["prefix"]
+
+
+def _check(entry: _Entry, key: str, prefix: str, scope: str) -> Principal:
+    """The principal ``entry`` vouches for, if ``key`` is its key, unrevoked, with ``scope``."""
+    # Hash even for an unknown prefix, so the answer takes the same time either way.
+    presented = hash_key(key).encode("ascii")
+    if entry.principal is None or not hmac.compare_digest(
+        presented, entry.secret_hash.encode("ascii")
+    ):
+        log.debug("api key rejected", extra={"prefix": prefix, "reason": "invalid"})
+        raise Unauthorized("invalid API key")
+    if entry.revoked:
+        log.warning("api key rejected", extra={"prefix": prefix, "reason": "revoked"})
+        raise Unauthorized(f"API key {prefix} has been revoked")
+    if not entry.principal.allows(scope):
+        raise Forbidden(f"this key lacks scope {scope!r}", scope=scope)
+    return entry.principal
 
 
 def _presented_key(authorization: str | None, x_api_key: str | None) -> str:
@@ -415,16 +523,38 @@ def require(scope: str) -> Callable[..., Principal]:
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; scopes: {', '.join(SCOPES)}")
 
-    # A plain def: a cache miss reads the database, which must not block the event loop.
-    def dependency(
+    # On the event loop, without a thread hop for a key in memory; a cache miss reads
+    # the database in a thread (authenticate_async).
+    async def dependency(
         request: Request,
         _bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer_scheme)],
         _api_key: Annotated[str | None, Depends(_api_key_scheme)],
     ) -> Principal:
         keys: KeyStore = request.app.state.keys
-        return keys.authenticate(
+        return await keys.authenticate_async(
             request.headers.get("authorization"), request.headers.get("x-api-key"), scope
         )
 
     dependency.__name__ = f"require_{scope}"
     return dependency
+
+
+OPS_SCOPE = "ops"
+
+
+async def ops_access(
+    request: Request,
+    _bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer_scheme)],
+    _api_key: Annotated[str | None, Depends(_api_key_scheme)],
+) -> Principal | None:
+    """A FastAPI dependency guarding the operations endpoints (``/metrics``, the API docs).
+
+    With ``ops_endpoints="open"`` anyone passes (None); with ``"key"`` (the default)
+    the caller needs a key holding ``ops`` (or ``admin``), as :func:`require` checks.
+    """
+    if request.app.state.settings.ops_endpoints == "open":
+        return None
+    keys: KeyStore = request.app.state.keys
+    return await keys.authenticate_async(
+        request.headers.get("authorization"), request.headers.get("x-api-key"), OPS_SCOPE
+    )

@@ -3,10 +3,20 @@
 SQLite (the zero-setup default) is opened in WAL mode with foreign keys on and
 ``synchronous=FULL``, so a committed write survives a crash as it does on
 PostgreSQL.
+
+Every engine hides SQL parameters from its log lines and exceptions
+(``hide_parameters``): a failing statement would otherwise write customer
+attributes and key hashes into the log. PostgreSQL engines give up connecting
+after ``db_connect_timeout_seconds``; the serving app's engine also bounds each
+statement, each lock wait and each wait for a pooled connection, so an outage or
+a stuck lock becomes a quick 503 rather than a hung request. Imports and
+training (the CLI) run long statements on purpose and get no statement timeout.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,9 +33,51 @@ from service.settings import Settings
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
-    """Create an engine for ``url`` with nbo's connection settings applied."""
+DEFAULT_CONNECT_TIMEOUT_SECONDS = 5.0
+
+
+class _NoResultRows(logging.Filter):
+    """Drops SQLAlchemy's debug lines of result rows (``sqlalchemy.engine`` at DEBUG):
+    they would carry customer attributes and key hashes, which ``hide_parameters``
+    does not cover (it hides statement parameters only). Statements still log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != "Row %r"
+
+
+def _hide_result_rows() -> None:
+    engine_log = logging.getLogger("sqlalchemy.engine.Engine")
+    if not any(isinstance(f, _NoResultRows) for f in engine_log.filters):
+        engine_log.addFilter(_NoResultRows())
+
+
+def make_engine(
+    url: str,
+    *,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_SECONDS,
+    statement_timeout: float | None = None,
+    lock_timeout: float | None = None,
+    **kwargs: Any,
+) -> Engine:
+    """Create an engine for ``url`` with nbo's connection settings applied.
+
+    Parameters
+    ----------
+    url
+        SQLAlchemy database URL.
+    connect_timeout
+        PostgreSQL: seconds to wait for a connection to open (libpq counts whole
+        seconds, at least 2). SQLite opens files and waits on locks instead
+        (``busy_timeout``, 30 s).
+    statement_timeout, lock_timeout
+        PostgreSQL: seconds any one statement may run, or wait for a lock, before
+        the server cancels it; None for no limit (bulk imports, training).
+    **kwargs
+        Passed to :func:`sqlalchemy.create_engine` (e.g. ``pool_timeout``).
+    """
     parsed = make_url(url)
+    kwargs.setdefault("hide_parameters", True)
+    _hide_result_rows()
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
         if database and database != ":memory:":
@@ -34,7 +86,18 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
         return engine
-    return create_engine(url, pool_pre_ping=True, **kwargs)
+    connect_args: dict[str, Any] = {"connect_timeout": max(2, math.ceil(connect_timeout))}
+    options = [
+        f"-c {name}={math.ceil(seconds * 1000)}"
+        for name, seconds in (
+            ("statement_timeout", statement_timeout),
+            ("lock_timeout", lock_timeout),
+        )
+        if seconds
+    ]
+    if options:
+        connect_args["options"] = " ".join(options)
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args, **kwargs)
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -63,9 +126,24 @@ def read_only(engine: Engine) -> Engine:
     return engine.execution_options(nbo_begin="DEFERRED")
 
 
-def engine_from_settings(settings: Settings) -> Engine:
-    """The engine for the configured database."""
-    return make_engine(settings.resolved_database_url)
+def engine_from_settings(settings: Settings, *, serving: bool = False) -> Engine:
+    """The engine for the configured database.
+
+    ``serving``: the request-serving app's engine, whose statements, lock waits and
+    waits for a pooled connection are bounded by the settings; otherwise (CLI imports,
+    training, migrations) only connecting is.
+    """
+    if not serving:
+        return make_engine(
+            settings.resolved_database_url, connect_timeout=settings.db_connect_timeout_seconds
+        )
+    return make_engine(
+        settings.resolved_database_url,
+        connect_timeout=settings.db_connect_timeout_seconds,
+        statement_timeout=settings.db_statement_timeout_seconds or None,
+        lock_timeout=settings.db_lock_timeout_seconds or None,
+        pool_timeout=settings.db_pool_timeout_seconds,
+    )
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

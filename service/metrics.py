@@ -85,6 +85,12 @@ HTTP_REQUEST_SECONDS = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
 
+AUTH_STALE_KEYS = Counter(
+    "nbo_auth_stale_keys_total",
+    "Times an API key was vouched for by its last good entry in memory because the "
+    "database could not be read to re-check it (an outage).",
+)
+
 # --- Decisions ---------------------------------------------------------------
 
 DECISIONS = Counter(
@@ -146,6 +152,20 @@ MODEL_LOADS = Counter(
     "Attempts to load a model version, by result (success, failure).",
     ["result"],
 )
+ROWS_SKIPPED = Counter(
+    "nbo_rows_skipped_total",
+    "Stored rows (or fields of a row) a reader could not use and skipped or read as "
+    "unknown, by reader (snapshot, training, scoring, customer, report) and reason "
+    "(see service.bank_rows.SkipReason).",
+    ["reader", "reason"],
+)
+SNAPSHOT_RELOAD_FAILURES = Counter(
+    "nbo_snapshot_reload_failures_total",
+    "Failed attempts to build the serving snapshot or re-read customers; the previous "
+    "snapshot (or customer entry) keeps serving and the work is retried. By what "
+    "(snapshot, customers).",
+    ["what"],
+)
 
 # --- Audit -------------------------------------------------------------------
 
@@ -158,6 +178,12 @@ AUDIT_COMMIT_SECONDS = Histogram(
     "nbo_audit_commit_duration_seconds",
     "Time to write and commit one group of audit rows.",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+AUDIT_DEAD_LETTERS = Counter(
+    "nbo_audit_dead_letters_total",
+    "Spooled audit records moved to the dead-letter file, by reason (torn_tail, bad_frame, "
+    "bad_checksum, bad_json, bad_record, rejected).",
+    ["reason"],
 )
 
 # --- Feedback and business ---------------------------------------------------
@@ -177,10 +203,13 @@ CONVERSION = Gauge(
 )
 NPS = Gauge(
     "nbo_nps_score",
-    "Net promoter score (-100 to 100), by branch, over the reporting window.",
+    "Net promoter score (-100 to 100), by branch, over the reporting window. Branches "
+    "are the configured known_branches (else those with most customers); every other "
+    'branch is pooled under "other", so callers cannot grow the series.',
     ["branch"],
     multiprocess_mode="mostrecent",
 )
+_nps_branches: set[str] = set()
 
 _model_lock = threading.Lock()
 _served_versions: set[str] = set()
@@ -192,6 +221,13 @@ def set_business_figures(conversion: dict[tuple[str, str], float], nps: dict[str
         CONVERSION.labels(product, channel).set(rate)
     for branch, score in nps.items():
         NPS.labels(branch).set(score)
+    # A branch without answers in the window any more drops out; multiprocess files
+    # cannot drop a series, and there the last value stays (the labels stay bounded).
+    if not is_multiprocess():
+        for gone in _nps_branches - nps.keys():
+            NPS.remove(gone)
+    _nps_branches.clear()
+    _nps_branches.update(nps)
 
 
 def set_active_model(version: str | None) -> None:

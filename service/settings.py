@@ -6,12 +6,13 @@ or in a ``.env`` file in the working directory.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_DATA_DIR = Path("data")
 
@@ -51,6 +52,16 @@ class Settings(BaseSettings):
         default=20,
         gt=0,
         description="An import stops collecting problems after this many and reports them.",
+    )
+    max_attributes: int = Field(
+        default=500,
+        ge=1,
+        le=1500,
+        description=(
+            "At most this many customer attributes (distinct names) may be defined, through "
+            "PUT /v1/customers or `nbo import customers`: each is a column of the query that "
+            "loads the bank, and PostgreSQL allows at most 1,664 of them."
+        ),
     )
 
     promotion_tolerance: float = Field(
@@ -164,6 +175,121 @@ class Settings(BaseSettings):
         gt=0.0,
         description="How long a worker trusts a verified API key before re-reading it (revocation delay).",
     )
+    db_connect_timeout_seconds: float = Field(
+        default=5.0,
+        gt=0.0,
+        description=(
+            "PostgreSQL: how long opening a database connection may take before it fails "
+            "(whole seconds, at least 2). Without it a server that stops answering holds "
+            "each request for minutes."
+        ),
+    )
+    db_statement_timeout_seconds: float = Field(
+        default=30.0,
+        ge=0.0,
+        description=(
+            "PostgreSQL: the longest any one statement of the serving app may run before "
+            "the server cancels it (answered 503); 0 for no limit. Imports and training "
+            "(the CLI) are not limited."
+        ),
+    )
+    db_lock_timeout_seconds: float = Field(
+        default=10.0,
+        ge=0.0,
+        description=(
+            "PostgreSQL: the longest a statement of the serving app waits for a lock before "
+            "giving up (answered 503), e.g. behind a bulk import; 0 for no limit."
+        ),
+    )
+    db_pool_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0.0,
+        description="How long a request waits for a free pooled database connection (then 503).",
+    )
+    max_body_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description=(
+            "Largest request body accepted on any route, refused with 413 before the key "
+            "is checked or the body read (decisions have their own, smaller limit)."
+        ),
+    )
+    ops_endpoints: Literal["key", "open"] = Field(
+        default="key",
+        description=(
+            "Who may read /metrics, /docs, /redoc, /openapi.json and the figures of "
+            "/health/ready: 'key' (the default), a key with scope 'ops' (or 'admin'), "
+            "since metrics show conversion by product and NPS by branch and the spec maps "
+            "the attack surface; 'open', anyone who can reach the port (only behind a "
+            "network that lets nothing else in). /health/live and the readiness status "
+            "stay open for orchestrators either way."
+        ),
+    )
+    dashboard_session_hours: float = Field(
+        default=8.0,
+        gt=0.0,
+        le=24.0 * 7,
+        description=(
+            "How long a dashboard sign-in lasts (a working day by default). The browser's "
+            "cookie holds a random session id, never the API key; the session also ends "
+            "when its key is revoked or the browser signs out."
+        ),
+    )
+    forwarded_allow_ips: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Addresses of the reverse proxies whose X-Forwarded-Proto and X-Forwarded-For "
+            "headers `nbo serve` trusts, comma-separated IPs or networks (e.g. "
+            "'127.0.0.1' or '10.0.0.0/8'; '*' trusts every client, only when nothing but "
+            "the proxy can reach nbo). Empty (the default): proxy headers are ignored, so "
+            "no client can pretend to have come over HTTPS. Behind a TLS-terminating proxy "
+            "set it, so that nbo sees https and marks the dashboard cookie Secure; the "
+            "proxy must also pass the Host header on unchanged."
+        ),
+    )
+    known_branches: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Branch ids that label the nbo_nps_score gauge, comma-separated. NPS of any "
+            "other branch is reported under 'other', so callers cannot grow the metric "
+            "series. Empty (the default): the metric_branch_limit branches with most "
+            "customers in the database."
+        ),
+    )
+    metric_branch_limit: int = Field(
+        default=200,
+        ge=0,
+        le=10_000,
+        description=(
+            "Most branches labelling the nbo_nps_score gauge when known_branches is empty "
+            "(the branches with most customers); the rest are reported under 'other'."
+        ),
+    )
+
+    @field_validator("forwarded_allow_ips", "known_branches", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        # NBO_FORWARDED_ALLOW_IPS=10.0.0.1,10.0.0.2 rather than a JSON list.
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        # Refused at start-up, parsed as uvicorn parses them: uvicorn takes anything else
+        # (a typo, "10.0.0.1/8") as a literal that never matches, silently.
+        if "*" in value and value != ["*"]:
+            raise ValueError("'*' trusts every client: give it alone or not at all")
+        for item in value:
+            try:
+                if "/" in item:
+                    ipaddress.ip_network(item)
+                elif item != "*":
+                    ipaddress.ip_address(item)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or network") from None
+        return value
 
     workers: int = Field(
         default=1,

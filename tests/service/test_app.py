@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def client(database_url: str, tmp_path: Path) -> Iterator[TestClient]:
-    settings = Settings(database_url=database_url, data_dir=tmp_path)
+    # Ops endpoints open: these tests read the readiness figures without a key.
+    settings = Settings(database_url=database_url, data_dir=tmp_path, ops_endpoints="open")
     with TestClient(create_app(settings)) as client:
         yield client
 
