@@ -32,10 +32,10 @@ from service import registry, reports, serving
 from service.app import create_app
 from service.auth import create_key
 from service.db import make_engine, unit_of_work
-from service.importing import import_adoptions, import_customers, import_products
 from service.serving import ServingState, read_customers
 from service.settings import Settings
 from service.training import load_bank
+from tests.bank import load_trained_bank
 
 AS_OF = dt.date(2026, 1, 1)
 VICTIM = "C0000007"
@@ -62,22 +62,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
 
 
 def prepare(engine: Engine, trained: Trained, data_dir: Path) -> None:
-    import_products(engine, trained.bank / "products.csv")
-    import_customers(engine, trained.bank / "customers.csv")
-    import_adoptions(engine, trained.bank / "adoptions.csv")
-    with unit_of_work(engine) as session:
-        registry.register(
-            session,
-            bundle=trained.bundle,
-            artifacts_dir=data_dir / "models",
-            as_of=AS_OF,
-            horizon_days=90,
-            params={},
-            metrics={"map@3": 0.3},
-            gate_metric="map@3",
-            tolerance=0.0,
-            version="v1",
-        )
+    load_trained_bank(engine, trained.bank, trained.bundle, data_dir)
 
 
 @pytest.fixture

@@ -32,10 +32,9 @@ from service import registry
 from service.app import _publish_figures as publish_figures
 from service.app import _send_whole as send_whole
 from service.app import create_app
-from service.auth import create_key
 from service.db import make_engine, unit_of_work
-from service.importing import import_adoptions, import_customers, import_products
 from service.settings import Settings
+from tests.bank import load_trained_bank
 from tests.uvicorn_thread import uvicorn_thread
 
 AS_OF = dt.date(2026, 1, 1)
@@ -86,37 +85,19 @@ class Service:
             engine.dispose()
 
 
+KEYS = {
+    "teller": ["decisions", "outcomes"],
+    "admin": ["admin"],
+    "data": ["data"],
+    "analyst": ["models", "rules", "catalogue"],
+    "analyst_decider": ["decisions", "models", "reports"],
+}
+
+
 def prepare(url: str, trained: Trained, data_dir: Path, *, bundle: bool = True) -> dict[str, str]:
-    engine = make_engine(url)
-    import_products(engine, trained.bank / "products.csv")
-    import_customers(engine, trained.bank / "customers.csv")
-    import_adoptions(engine, trained.bank / "adoptions.csv")
-    keys = {}
-    with unit_of_work(engine) as session:
-        if bundle:
-            registry.register(
-                session,
-                bundle=trained.bundle,
-                artifacts_dir=data_dir / "models",
-                as_of=AS_OF,
-                horizon_days=90,
-                params={},
-                metrics={"map@3": 0.3},
-                gate_metric="map@3",
-                tolerance=0.0,
-                version="v1",
-            )
-        keys["teller"] = create_key(session, name="teller", scopes=["decisions", "outcomes"])
-        keys["admin"] = create_key(session, name="admin", scopes=["admin"])
-        keys["data"] = create_key(session, name="feed", scopes=["data"])
-        keys["analyst"] = create_key(
-            session, name="analyst", scopes=["models", "rules", "catalogue"]
-        )
-        keys["analyst_decider"] = create_key(
-            session, name="analyst-decider", scopes=["decisions", "models", "reports"]
-        )
-    engine.dispose()
-    return keys
+    return load_trained_bank(
+        url, trained.bank, trained.bundle if bundle else None, data_dir, keys=KEYS
+    )
 
 
 @pytest.fixture

@@ -25,13 +25,13 @@ from models.artifacts import save_bundle
 from models.data import BankData
 from models.propensity import TrainConfig, train
 from models.synthetic import generate_bank, write_bank
-from service import auth, db, metrics, registry
+from service import auth, db, metrics
 from service.app import create_app
 from service.auth import KeyStore, Unauthorized
 from service.db import make_engine, unit_of_work
 from service.errors import Unavailable, is_outage
-from service.importing import import_adoptions, import_customers, import_products
 from service.settings import Settings
+from tests.bank import load_trained_bank
 from tests.conftest import POSTGRES_URL
 from tests.uvicorn_thread import uvicorn_thread
 
@@ -69,29 +69,8 @@ class Running:
 
 def _prepare(url: str, bank: tuple[Path, Path], data_dir: Path) -> dict[str, str]:
     folder, bundle = bank
-    engine = make_engine(url)
-    import_products(engine, folder / "products.csv")
-    import_customers(engine, folder / "customers.csv")
-    import_adoptions(engine, folder / "adoptions.csv")
-    with unit_of_work(engine) as session:
-        registry.register(
-            session,
-            bundle=bundle,
-            artifacts_dir=data_dir / "models",
-            as_of=AS_OF,
-            horizon_days=90,
-            params={},
-            metrics={"map@3": 0.3},
-            gate_metric="map@3",
-            tolerance=0.0,
-            version="v1",
-        )
-        keys = {
-            "teller": auth.create_key(session, name="teller", scopes=["decisions", "outcomes"]),
-            "admin": auth.create_key(session, name="admin", scopes=["admin"]),
-        }
-    engine.dispose()
-    return keys
+    keys = {"teller": ["decisions", "outcomes"], "admin": ["admin"]}
+    return load_trained_bank(url, folder, bundle, data_dir, keys=keys)
 
 
 @pytest.fixture

@@ -1,0 +1,58 @@
+"""A small trained bank for service tests: import it into a test database, register its
+bundle as the active version, and make API keys, as an operator would with the CLI."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from sqlalchemy import Engine
+
+from service import registry
+from service.auth import create_key
+from service.db import make_engine, unit_of_work
+from service.importing import import_adoptions, import_customers, import_products
+
+AS_OF = dt.date(2026, 1, 1)
+"""The as-of day the test bundles are trained at."""
+
+
+def load_trained_bank(
+    database: str | Engine,
+    bank: Path,
+    bundle: Path | None,
+    data_dir: Path,
+    *,
+    keys: Mapping[str, Sequence[str]] = {},
+) -> dict[str, str]:
+    """Import ``bank`` (a folder of products, customers and adoptions CSVs) into
+    ``database`` (a URL or an engine), register ``bundle`` as version ``v1`` (activated by
+    the promotion gate, there being no other), and create a key per name in ``keys`` with
+    its scopes. Returns the keys by name."""
+    engine = make_engine(database) if isinstance(database, str) else database
+    try:
+        import_products(engine, bank / "products.csv")
+        import_customers(engine, bank / "customers.csv")
+        import_adoptions(engine, bank / "adoptions.csv")
+        with unit_of_work(engine) as session:
+            if bundle is not None:
+                registry.register(
+                    session,
+                    bundle=bundle,
+                    artifacts_dir=data_dir / "models",
+                    as_of=AS_OF,
+                    horizon_days=90,
+                    params={},
+                    metrics={"map@3": 0.3},
+                    gate_metric="map@3",
+                    tolerance=0.0,
+                    version="v1",
+                )
+            made = {
+                name: create_key(session, name=name, scopes=list(s)) for name, s in keys.items()
+            }
+    finally:
+        if isinstance(database, str):
+            engine.dispose()
+    return made
