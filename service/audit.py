@@ -29,7 +29,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -276,7 +276,7 @@ class _Spool:
 
     # ------------------------------------------------------------------ replaying
 
-    def _claimed_spools(self) -> Iterator[tuple[Claim, list[tuple[Entry, AuditRecord]]]]:
+    def _claimed_spools(self) -> Generator[tuple[Claim, list[tuple[Entry, AuditRecord]]]]:
         """Each spool file that no other replayer holds, claimed, with its records; what
         cannot be read as a record is in the dead-letter file already. The file stays
         claimed until the caller asks for the next one or closes the iterator."""
@@ -843,7 +843,7 @@ def _not_spooled(count: int, cause: BaseException) -> NotRecorded:
 
 
 def _drain(waiting: queue.SimpleQueue[_Waiting | None]) -> list[_Waiting]:
-    items = []
+    items: list[_Waiting] = []
     while True:
         try:
             item = waiting.get_nowait()

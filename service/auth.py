@@ -30,7 +30,7 @@ import secrets
 import string
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -509,7 +509,7 @@ _api_key_scheme = APIKeyHeader(
 )
 
 
-def require(scope: str) -> Callable[..., Principal]:
+def require(scope: str) -> Callable[..., Awaitable[Principal]]:
     """A FastAPI dependency returning the caller's :class:`Principal` if it holds ``scope``.
 
     Reads the :class:`KeyStore` at ``request.app.state.keys``. Use as

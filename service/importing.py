@@ -297,7 +297,7 @@ def _finite_numbers(
         reason = validation.number_problem(float(values[i])) or "not a storable number"
         problems.add(first + int(i), column, f"{reason}: '{raw.iloc[i]}'")
     values[outside] = np.nan
-    return values
+    return values  # type: ignore[no-any-return]  # pandas types to_numpy as Any
 
 
 def _check_lengths(
