@@ -304,7 +304,7 @@ class FeedbackRequest(_Strict):
         max_length=36,
         description="The contact the answer is about; customer, staff and branch default from it.",
     )
-    customer_id: Text | None = Field(
+    customer_id: Identifier | None = Field(
         default=None, min_length=1, max_length=128, description="The bank's customer id."
     )
     staff_id: Text | None = Field(default=None, max_length=64)

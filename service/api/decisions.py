@@ -28,6 +28,7 @@ from service.idempotency import DecisionReplays, ScopedKey, check_same_request
 from service.schemas import (
     DecisionRequest,
     DecisionResponse,
+    Identifier,
     OutcomeRequest,
     OutcomeResponse,
     Text,
@@ -51,10 +52,12 @@ router = APIRouter(prefix="/v1", tags=["decisions"])
 MAX_CUSTOMER_ID = 128
 MAX_DECISION_BODY = 64 * 1024
 CustomerId = Annotated[
-    Text, Path(min_length=1, max_length=MAX_CUSTOMER_ID, description="The bank's customer id.")
+    Identifier,
+    Path(min_length=1, max_length=MAX_CUSTOMER_ID, description="The bank's customer id."),
 ]
-# The same rules, for the fast lane (which reads the id from the path itself).
-_CUSTOMER_ID = TypeAdapter(Annotated[Text, Field(min_length=1, max_length=MAX_CUSTOMER_ID)])
+# The same rules, for the fast lane (which reads the id from the path itself): an id no
+# import could hold (" C1", "NaN") is a 422, not a cold-start decision recorded for it.
+_CUSTOMER_ID = TypeAdapter(Annotated[Identifier, Field(min_length=1, max_length=MAX_CUSTOMER_ID)])
 MAX_IDEMPOTENCY_KEY = 128
 _IDEMPOTENCY_KEY = TypeAdapter(Annotated[Text, Field(min_length=1, max_length=MAX_IDEMPOTENCY_KEY)])
 IdempotencyKey = Annotated[

@@ -274,6 +274,24 @@ def test_a_key_the_loader_reads_as_missing_is_refused(make_api: Any, key: str) -
     assert api.counts() == dict.fromkeys(TABLES, 0)
 
 
+@pytest.mark.parametrize("key", ["NaN", "null", "%20C1"])
+def test_decisions_and_feedback_refuse_a_key_no_import_could_hold(make_api: Any, key: str) -> None:
+    # With cold start on, such an id was decided for and recorded like any other.
+    api = make_api(cold_start=True)
+    url = f"/v1/customers/{key}/decisions"
+    answer = api.client.post(url, json={"channel": "branch"}, headers=api.auth("teller"))
+    assert fields(answer) == ["path.customer_id"]
+    with unit_of_work(api.engine) as session:
+        outcomes = create_key(session, name="outcomes", scopes=["outcomes"])
+    feedback = api.client.post(
+        "/v1/feedback",
+        json={"kind": "nps", "score": 9, "customer_id": key.replace("%20", " ")},
+        headers={"Authorization": f"Bearer {outcomes}"},
+    )
+    assert fields(feedback) == ["body.customer_id"]
+    assert api.scalar("SELECT count(*) FROM decisions") == 0
+
+
 # ------------------------------------------------------------------ finding 9: 500s
 
 
