@@ -79,12 +79,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 async def _load(state: ServingState) -> None:
     """Load the snapshot; a worker that cannot (database down, no schema) still starts,
     answers decisions degraded, and retries from the poll loop."""
-    try:
-        snapshot = await asyncio.to_thread(state.load)
-    except Exception:  # noqa: BLE001 - start anyway; readiness reports the fault
-        log.exception("serving state could not be loaded; retrying in the background")
-        metrics.MODEL_LOADS.labels("failure").inc()
-        return
+    snapshot = await asyncio.to_thread(state.load)  # never raises: logs and counts its failure
     metrics.MODEL_LOADS.labels("success" if snapshot.model is not None else "failure").inc()
     metrics.set_active_model(snapshot.version)
 

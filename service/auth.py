@@ -540,6 +540,7 @@ def require(scope: str) -> Callable[..., Awaitable[Principal]]:
 
 
 OPS_SCOPE = "ops"
+_require_ops = require(OPS_SCOPE)
 
 
 async def ops_access(
@@ -554,7 +555,4 @@ async def ops_access(
     """
     if request.app.state.settings.ops_endpoints == "open":
         return None
-    keys: KeyStore = request.app.state.keys
-    return await keys.authenticate_async(
-        request.headers.get("authorization"), request.headers.get("x-api-key"), OPS_SCOPE
-    )
+    return await _require_ops(request, _bearer, _api_key)

@@ -40,7 +40,7 @@ import pandas as pd
 from sqlalchemy import Connection, text
 
 from models.data import CUSTOMER_FIXED_COLUMNS
-from service import metrics
+from service import metrics, validation
 
 log = logging.getLogger("nbo.rows")
 
@@ -64,9 +64,10 @@ MAX_DATE: Final = dt.date(2199, 12, 31)
 """Dates readers accept. pandas timestamps end in 1677 and 2262; the margin keeps a
 model's arithmetic on dates (horizons, look-back windows) inside them."""
 
-MAX_MAGNITUDE: Final = 1e15
+MAX_MAGNITUDE: Final = validation.MAX_MAGNITUDE
 """The largest absolute number readers accept in an attribute or a product's value
-or weight: beyond it a value is an error, and products of such values overflow."""
+or weight, the bound every value was checked against when it came in: beyond it a
+value is an error, and products of such values overflow."""
 
 LOGGED_PER_REASON: Final = 20
 """Rows logged one by one per reason in one read; the rest are summed up in one line."""

@@ -19,7 +19,6 @@ frames the unit of work.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import re
 import secrets
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from service.auth import hash_key
 from service.tables import ApiKey, DashboardSession, utcnow
 
 TOKEN_BYTES = 32
@@ -56,7 +56,7 @@ def hash_token(token: str) -> str:
     A fast hash is enough: the id is 256 random bits, beyond any guessing, and
     the hash only keeps a copy of the table from being used as cookies.
     """
-    return hashlib.sha256(token.encode("ascii")).hexdigest()
+    return hash_key(token)
 
 
 def open_session(

@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from starlette.requests import ClientDisconnect
 
 from service import metrics
-from service.audit import DECISION_COLUMNS, AuditRecord, NotRecorded, derived_id, new_id
+from service.audit import AuditRecord, NotRecorded, derived_id, new_id
 from service.auth import Principal, _api_key_scheme, _bearer_scheme, require
 from service.db import read_only, unit_of_work
 from service.decisioning import Choice, in_control_group, popular_products
@@ -71,9 +71,6 @@ IdempotencyKey = Annotated[
         ),
     ),
 ]
-# Whether the audit writer records a keyed decision's API key and Idempotency-Key (its
-# last two columns), which lets a retry that reaches another worker find the decision.
-_AUDIT_RECORDS_KEYS = DECISION_COLUMNS[-2:] == ("api_key_prefix", "idempotency_key")
 
 
 @functools.cache
@@ -238,8 +235,6 @@ async def _recorded_answer(
     A database that cannot be read counts as "none": the decision is made (degraded),
     as every decision is during an outage, rather than refused.
     """
-    if not _AUDIT_RECORDS_KEYS:
-        return None
     state: ServingState = app.state.serving
     try:
         found = await asyncio.to_thread(_read_keyed_decision, app.state.engine, scoped)
@@ -688,8 +683,7 @@ def _record(
         answer["cold_start"],
         stamp,
     ]
-    if _AUDIT_RECORDS_KEYS:
-        decision.extend(scoped or (None, None))
+    decision.extend(scoped or (None, None))  # api_key_prefix, idempotency_key
     events = []
     if announce:
         origin = state.origin

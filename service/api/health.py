@@ -67,13 +67,13 @@ def ready(request: Request) -> Health:
     if revision is None:
         raise Unavailable("database schema not migrated: run `nbo db upgrade`")
     state = getattr(request.app.state, "serving", None)
-    snapshot = None if state is None else state.snapshot
-    if snapshot is None:
+    if state is None or state.snapshot is None:
         raise Unavailable("this worker has not loaded its serving snapshot yet")
-    if getattr(state, "load_error", None) is not None:
+    snapshot = state.snapshot
+    if state.load_error is not None:
         # The message may name files and versions: it is in this worker's log.
         raise Unavailable("this worker could not load the active model version")
-    if not getattr(getattr(request.app.state, "audit", None), "healthy", True):
+    if not request.app.state.audit.healthy:
         raise Unavailable("the audit writer is not running: decisions cannot be recorded")
     if not figures:
         return Health(status="ok")
