@@ -465,7 +465,12 @@ def import_products(
             )
             for c in ("min_age", "max_age")
         }
-        _check_lengths(frame, {"name": 200, "category": 64}, first, problems)
+        _check_lengths(
+            frame,
+            {"name": validation.MAX_PRODUCT_NAME, "category": validation.MAX_LABEL},
+            first,
+            problems,
+        )
         for i, record in enumerate(frame.to_dict("records")):
             row = first + i
             code = record["product_code"]
@@ -762,7 +767,8 @@ def _stage_customer_chunk(
         )
         for c in ("joined_at", "birth_date")
     }
-    _check_lengths(frame, {"segment": 64, "branch_id": 64}, first, problems)
+    labels = {"segment": validation.MAX_LABEL, "branch_id": validation.MAX_LABEL}
+    _check_lengths(frame, labels, first, problems)
     values: dict[str, list[Any]] = {}
     for name in attribute_columns:
         column = frame[name]

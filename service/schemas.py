@@ -114,8 +114,8 @@ class _Strict(BaseModel):
 
 class DecisionRequest(_Strict):
     channel: Channel = Field(description="Where the contact happens.")
-    staff_id: Text | None = Field(default=None, max_length=64, description="Who asks.")
-    branch_id: Text | None = Field(default=None, max_length=64, description="Where.")
+    staff_id: Text | None = Field(default=None, max_length=v.MAX_LABEL, description="Who asks.")
+    branch_id: Text | None = Field(default=None, max_length=v.MAX_LABEL, description="Where.")
     max_offers: int = Field(default=3, ge=1, le=10, description="How many offers at most.")
     context: (
         dict[
@@ -182,7 +182,7 @@ class DecisionResponse(BaseModel):
 class OutcomeRequest(_Strict):
     outcome: OutcomeKind
     reason: Text | None = Field(default=None, max_length=500)
-    staff_id: Text | None = Field(default=None, max_length=64)
+    staff_id: Text | None = Field(default=None, max_length=v.MAX_LABEL)
 
 
 class OutcomeResponse(BaseModel):
@@ -212,8 +212,8 @@ class AdoptionsResponse(BaseModel):
 
 
 class CustomerRequest(_Strict):
-    segment: Text | None = Field(default=None, max_length=64)
-    branch_id: Text | None = Field(default=None, max_length=64)
+    segment: Text | None = Field(default=None, max_length=v.MAX_LABEL)
+    branch_id: Text | None = Field(default=None, max_length=v.MAX_LABEL)
     joined_at: Date | None = None
     birth_date: PastDate | None = None
     attributes: dict[AttributeName, AttributeValue] = Field(
@@ -238,14 +238,14 @@ class CustomerResponse(BaseModel):
 
 
 class ProductBody(BaseModel):
-    name: Text = Field(min_length=1, max_length=200)
-    category: Text = Field(default="other", max_length=64)
+    name: Text = Field(min_length=1, max_length=v.MAX_PRODUCT_NAME)
+    category: Text = Field(default="other", max_length=v.MAX_LABEL)
     value: float = Field(default=1.0, ge=0, le=v.MAX_MAGNITUDE, allow_inf_nan=False)
     business_weight: float = Field(default=1.0, ge=0, le=v.MAX_MAGNITUDE, allow_inf_nan=False)
     active: bool = True
     min_age: int | None = Field(default=None, ge=0, le=130)
     max_age: int | None = Field(default=None, ge=0, le=130)
-    segments: list[Annotated[Text, Field(max_length=64)]] | None = Field(
+    segments: list[Annotated[Text, Field(max_length=v.MAX_LABEL)]] | None = Field(
         default=None, max_length=v.MAX_LIST_ITEMS
     )
     requires: list[ProductCode] = Field(default_factory=list, max_length=v.MAX_LIST_ITEMS)
@@ -307,8 +307,8 @@ class FeedbackRequest(_Strict):
     customer_id: Identifier | None = Field(
         default=None, min_length=1, max_length=128, description="The bank's customer id."
     )
-    staff_id: Text | None = Field(default=None, max_length=64)
-    branch_id: Text | None = Field(default=None, max_length=64)
+    staff_id: Text | None = Field(default=None, max_length=v.MAX_LABEL)
+    branch_id: Text | None = Field(default=None, max_length=v.MAX_LABEL)
     comment: Text | None = Field(default=None, max_length=2000)
 
 

@@ -59,8 +59,8 @@ class Settings(BaseSettings):
         le=1500,
         description=(
             "At most this many customer attributes (distinct names) may be defined, through "
-            "PUT /v1/customers or `nbo import customers`: each is a column of the query that "
-            "loads the bank, and PostgreSQL allows at most 1,664 of them."
+            "PUT /v1/customers or `nbo import customers`: each is a column of the loaded "
+            "bank and a value held per customer in every worker."
         ),
     )
 

@@ -45,8 +45,8 @@ PRODUCT_CODE_PATTERN: Final = r"^[A-Za-z0-9_.\-]{1,64}$"
 PRODUCT_CODE_RE: Final = re.compile(PRODUCT_CODE_PATTERN)
 
 MAX_ATTRIBUTE_NAME: Final = 63
-"""PostgreSQL truncates identifiers (the column aliases the bank is loaded with) at 63
-bytes, so two longer names sharing their first 63 characters would become one column."""
+"""PostgreSQL's identifier length (63 bytes): a name stays usable as a column wherever an
+attribute becomes one (an export, a feature table), and two names cannot merge there."""
 ATTRIBUTE_NAME_PATTERN: Final = rf"^[A-Za-z_][A-Za-z0-9_]{{0,{MAX_ATTRIBUTE_NAME - 1}}}$"
 ATTRIBUTE_NAME_RE: Final = re.compile(ATTRIBUTE_NAME_PATTERN)
 RESERVED_ATTRIBUTE_NAMES: Final = frozenset(name.lower() for name in CUSTOMER_FIXED_COLUMNS)
@@ -55,9 +55,12 @@ the loaded customer table two columns of one name."""
 
 MAX_ATTRIBUTES_PER_REQUEST: Final = 200
 DEFAULT_MAX_ATTRIBUTES: Final = 500
-"""Default of ``Settings.max_attributes``: every attribute is a column of the query that
-loads the bank, and PostgreSQL allows at most 1,664 of them (1,600 in a table)."""
+"""Default of ``Settings.max_attributes``: every attribute is a column of the loaded bank
+and a value held per customer in each worker, and a table holds at most 1,600 columns."""
 MAX_ATTRIBUTE_TEXT: Final = 256
+MAX_LABEL: Final = 64
+"""Segments, branch, staff ids and product categories."""
+MAX_PRODUCT_NAME: Final = 200
 MAX_LIST_ITEMS: Final = 100
 MAX_CONTEXT_ITEMS: Final = 20
 MAX_CONTEXT_KEY: Final = 64
