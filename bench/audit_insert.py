@@ -6,7 +6,7 @@ Usage::
     .venv/bin/python bench/audit_insert.py postgresql://postgres@127.0.0.1:5432/nbo_bench_serve
         [--batches 400] [--per-commit 10]
 
-Each batch is the statement :class:`service.audit.LoopAuditWriter` sends for one group
+Each batch is the statement :class:`service.decision.audit.LoopAuditWriter` sends for one group
 commit (``--per-commit`` decisions with 2-3 offers each, real customer and product ids
 of the database), in autocommit as the writer runs it. Reported: wall time per batch
 and the server backend's CPU per decision (read from ``/proc``, so run it on the
@@ -31,7 +31,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.audit import _pg_insert_all, new_id  # noqa: E402
+from service.decision.audit import _pg_insert_all, new_id  # noqa: E402
 
 STAFF = "bench-audit"
 REASONS = json.dumps(

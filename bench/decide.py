@@ -41,9 +41,9 @@ sys.path.insert(0, str(REPO))
 
 from service import db  # noqa: E402
 from service.api.decisions import serve_decision  # noqa: E402
-from service.audit import AuditRecord, audit_writer  # noqa: E402
 from service.auth import KeyStore  # noqa: E402
-from service.serving import ServingState  # noqa: E402
+from service.decision.audit import AuditRecord, audit_writer  # noqa: E402
+from service.decision.state import ServingState  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 BODY = orjson.dumps({"channel": "branch", "staff_id": "S1", "branch_id": "B1", "max_offers": 3})

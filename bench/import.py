@@ -79,8 +79,8 @@ def write_files(folder: Path, rows: int, customers: int, seed: int = 0) -> None:
 
 def run_worker(url: str, folder: Path) -> dict[str, float]:
     """Import the three files into ``url`` (in this process); return the figures."""
-    from service import db
-    from service.importing import import_adoptions, import_customers, import_products
+    from service.data import db
+    from service.data.importing import import_adoptions, import_customers, import_products
 
     db.upgrade(url)
     engine = db.make_engine(url)

@@ -110,8 +110,9 @@ def synthetic(customers: int, seed: int, root: Path) -> dict[str, float]:
 
 def berka(root: Path, horizons: tuple[int, ...] = (90, 365)) -> dict[int, dict[str, float]]:
     """Temporal holdouts of the Berka bank, one per horizon (MAP@3 per model)."""
-    from service.db import make_engine
-    from service.training import evaluate, load_bank
+    from service.data.bank import load_bank
+    from service.data.db import make_engine
+    from service.training import evaluate
 
     folder = root / "berka"
     folder.mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from alembic import context
 
-from service.db import make_engine
-from service.tables import Base
+from service.data.db import make_engine
+from service.data.tables import Base
 
 config = context.config
 target_metadata = Base.metadata

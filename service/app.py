@@ -19,11 +19,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from service import dashboard, db, metrics, reports
+from service import metrics
 from service.api import catalogue, data, decisions, feedback, health
-from service.api import reports as report_routes
-from service.audit import AuditWriter, audit_writer
 from service.auth import KeyStore, ops_access
+from service.data import db
+from service.decision.audit import AuditWriter, audit_writer
+from service.decision.state import ServingState
 from service.errors import (
     Problem,
     TooLarge,
@@ -35,7 +36,9 @@ from service.errors import (
     render_unexpected,
 )
 from service.metrics import MetricsMiddleware
-from service.serving import ServingState
+from service.reports import api as report_routes
+from service.reports import dashboard
+from service.reports import measures as reports
 from service.settings import Settings
 
 log = logging.getLogger("nbo.app")

@@ -40,9 +40,9 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from service import metrics
-from service.db import read_only, unit_of_work
+from service.data.db import read_only, unit_of_work
+from service.data.tables import ApiKey, utcnow
 from service.errors import NotFound, Problem, Unavailable, is_outage
-from service.tables import ApiKey, utcnow
 
 log = logging.getLogger("nbo.auth")
 

@@ -156,7 +156,7 @@ ROWS_SKIPPED = Counter(
     "nbo_rows_skipped_total",
     "Stored rows (or fields of a row) a reader could not use and skipped or read as "
     "unknown, by reader (snapshot, training, scoring, customer, report) and reason "
-    "(see service.bank_rows.SkipReason).",
+    "(see service.data.rows.SkipReason).",
     ["reader", "reason"],
 )
 SNAPSHOT_RELOAD_FAILURES = Counter(

@@ -18,9 +18,9 @@ import pandas as pd
 from sqlalchemy import Engine
 
 from models.propensity import PropensityModel
-from service import registry
-from service.db import unit_of_work
-from service.training import default_as_of, load_bank
+from service.data import registry
+from service.data.bank import default_as_of, load_bank
+from service.data.db import unit_of_work
 
 
 class ScoringError(Exception):

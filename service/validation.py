@@ -5,7 +5,7 @@ model change, ``nbo train``), so one bad value accepted once turns offers off fo
 everyone: a date pandas cannot hold, an infinite number, an attribute name that is not
 a plain identifier or one that collides with a fixed column, thousands of attribute
 columns. The HTTP schemas (:mod:`service.schemas`) and the bulk importer
-(:mod:`service.importing`) both check through the functions here, so the API and the
+(:mod:`service.data.importing`) both check through the functions here, so the API and the
 importer cannot drift. Nothing here imports FastAPI or pydantic.
 
 Each ``*_problem`` function returns ``None`` for a good value, else the reason in

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from service import registry
 from service.auth import create_key
-from service.db import make_engine, unit_of_work
-from service.importing import import_adoptions, import_customers, import_products
+from service.data import registry
+from service.data.db import make_engine, unit_of_work
+from service.data.importing import import_adoptions, import_customers, import_products
 
 AS_OF = dt.date(2026, 1, 1)
 """The as-of day the test bundles are trained at."""

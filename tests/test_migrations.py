@@ -9,8 +9,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from service import db
-from service.tables import Base
+from service.data import db
+from service.data.tables import Base
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -31,7 +31,7 @@ def test_upgrade_matches_tables_then_downgrades_to_base(empty_url: str) -> None:
                 conn, opts={"compare_type": True, "compare_server_default": True}
             )
             drift = compare_metadata(context, Base.metadata)
-        assert drift == [], f"migrations and service/tables.py disagree: {drift}"
+        assert drift == [], f"migrations and service/data/tables.py disagree: {drift}"
         db.downgrade(empty_url, "base")
         leftover = set(inspect(engine).get_table_names()) - {"alembic_version"}
         assert leftover == set()

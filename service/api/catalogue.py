@@ -14,9 +14,12 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from sqlalchemy import select
 
 from models.rules import rule_sentence
-from service import metrics, registry, validation
+from service import metrics, validation
 from service.auth import Principal, require
-from service.db import unit_of_work
+from service.data import registry
+from service.data.db import unit_of_work
+from service.data.tables import ModelVersion, Product
+from service.decision.state import ServingState, record_event
 from service.errors import Invalid, NotFound
 from service.schemas import (
     ActivationResponse,
@@ -28,8 +31,6 @@ from service.schemas import (
     RulesResponse,
     Text,
 )
-from service.serving import ServingState, record_event
-from service.tables import ModelVersion, Product
 
 router = APIRouter(prefix="/v1")
 log = logging.getLogger("nbo.catalogue")

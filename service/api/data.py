@@ -18,7 +18,9 @@ from sqlalchemy.orm import Session
 
 from service import validation
 from service.auth import Principal, require
-from service.db import unit_of_work
+from service.data.db import unit_of_work
+from service.data.tables import Adoption, AttributeDefinition, Customer, Product
+from service.decision.state import ServingState, record_event
 from service.errors import Invalid
 from service.schemas import (
     AdoptionsRequest,
@@ -27,9 +29,7 @@ from service.schemas import (
     CustomerResponse,
     Identifier,
 )
-from service.serving import ServingState, record_event
 from service.settings import Settings
-from service.tables import Adoption, AttributeDefinition, Customer, Product
 
 router = APIRouter(prefix="/v1", tags=["data"])
 
@@ -271,7 +271,7 @@ def _locked_customer(session: Session, customer_id: str) -> tuple[Customer, bool
     they read it and the later commit drops the other's change. The row is first
     created if missing (``ON CONFLICT DO NOTHING``: of two concurrent creators one
     creates, the other waits and updates), then read ``FOR UPDATE`` (PostgreSQL; SQLite
-    serialises writers with BEGIN IMMEDIATE, see service.db).
+    serialises writers with BEGIN IMMEDIATE, see service.data.db).
     """
     insert = _insert(session)
     created = (

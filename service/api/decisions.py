@@ -19,21 +19,13 @@ from sqlalchemy.exc import IntegrityError
 from starlette.requests import ClientDisconnect
 
 from service import metrics
-from service.audit import AuditRecord, NotRecorded, derived_id, new_id
 from service.auth import Principal, _api_key_scheme, _bearer_scheme, require
-from service.db import read_only, unit_of_work
-from service.decisioning import Choice, in_control_group, popular_products
-from service.errors import Conflict, NotFound, TooLarge, Unavailable
-from service.idempotency import DecisionReplays, ScopedKey, check_same_request
-from service.schemas import (
-    DecisionRequest,
-    DecisionResponse,
-    Identifier,
-    OutcomeRequest,
-    OutcomeResponse,
-    Text,
-)
-from service.serving import (
+from service.data.db import read_only, unit_of_work
+from service.data.tables import FINAL_OUTCOMES, Adoption, Decision, Offer, OfferOutcome, Product
+from service.decision.audit import AuditRecord, NotRecorded, derived_id, new_id
+from service.decision.idempotency import DecisionReplays, ScopedKey, check_same_request
+from service.decision.policy import Choice, in_control_group, popular_products
+from service.decision.state import (
     CustomerEntry,
     Pitch,
     ServingState,
@@ -42,8 +34,16 @@ from service.serving import (
     record_event,
     talking_point,
 )
+from service.errors import Conflict, NotFound, TooLarge, Unavailable
+from service.schemas import (
+    DecisionRequest,
+    DecisionResponse,
+    Identifier,
+    OutcomeRequest,
+    OutcomeResponse,
+    Text,
+)
 from service.settings import Settings
-from service.tables import FINAL_OUTCOMES, Adoption, Decision, Offer, OfferOutcome, Product
 
 log = logging.getLogger("nbo.decisions")
 
@@ -665,7 +665,7 @@ def _record(
     announce: bool,
     scoped: ScopedKey | None,
 ) -> AuditRecord:
-    """The audit rows, as driver-ready tuples (see :class:`service.audit.AuditRecord`);
+    """The audit rows, as driver-ready tuples (see :class:`service.decision.audit.AuditRecord`);
     ``rows`` are the offers' (made with them, by :func:`_offer`); ``scoped``, the
     request's (API key prefix, Idempotency-Key), if it sent one."""
     customer = answer["customer_id"]

@@ -17,11 +17,11 @@ from sqlalchemy.exc import IntegrityError
 
 from service import metrics
 from service.auth import Principal, require
-from service.db import unit_of_work
+from service.data.db import unit_of_work
+from service.data.tables import Customer, Decision, Feedback
+from service.decision.state import ServingState, record_event
 from service.errors import Conflict, Invalid
 from service.schemas import FeedbackRequest, FeedbackResponse
-from service.serving import ServingState, record_event
-from service.tables import Customer, Decision, Feedback
 
 router = APIRouter(prefix="/v1", tags=["feedback"])
 

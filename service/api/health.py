@@ -14,9 +14,9 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel
 from sqlalchemy import text
 
-from service import db
 from service.auth import OPS_SCOPE, KeyStore
-from service.db import read_only
+from service.data import db
+from service.data.db import read_only
 from service.errors import Unavailable
 
 router = APIRouter(tags=["health"])

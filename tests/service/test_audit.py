@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, create_engine, text
 
-from service.audit import (
+from service.data.db import unit_of_work
+from service.data.tables import Customer, Product
+from service.decision.audit import (
     AuditRecord,
     AuditWriter,
     LoopAuditWriter,
@@ -22,8 +24,6 @@ from service.audit import (
     new_id,
     timestamp,
 )
-from service.db import unit_of_work
-from service.tables import Customer, Product
 
 
 def test_ids_are_uuid7_time_ordered_and_distinct() -> None:

@@ -16,10 +16,10 @@ from typer.testing import CliRunner
 
 from service import auth
 from service.auth import Forbidden, KeyStore, Principal, Unauthorized, require
-from service.db import unit_of_work
+from service.cli.keys import keys_app
+from service.data.db import unit_of_work
+from service.data.tables import ApiKey
 from service.errors import PROBLEM_JSON, install_error_handlers
-from service.keys_cli import keys_app
-from service.tables import ApiKey
 
 runner = CliRunner()
 
@@ -282,7 +282,7 @@ def test_cli_create_list_revoke(
     missing = runner.invoke(keys_app, ["revoke", "nosuchky"])
     assert missing.exit_code == 1 and "nosuchky" in missing.stderr
 
-    from service.db import make_engine
+    from service.data.db import make_engine
 
     engine = make_engine(database_url)
     try:

@@ -28,13 +28,15 @@ from models.artifacts import save_bundle
 from models.data import BankData, CustomerState, to_ns
 from models.propensity import TrainConfig, train
 from models.synthetic import generate_bank, write_bank
-from service import registry, reports, serving
 from service.app import create_app
 from service.auth import create_key
-from service.db import make_engine, unit_of_work
-from service.serving import ServingState, read_customers
+from service.data import registry
+from service.data.bank import load_bank
+from service.data.db import make_engine, unit_of_work
+from service.decision import state as serving
+from service.decision.state import ServingState, read_customers
+from service.reports import measures as reports
 from service.settings import Settings
-from service.training import load_bank
 from tests.bank import load_trained_bank
 
 AS_OF = dt.date(2026, 1, 1)

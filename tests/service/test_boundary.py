@@ -23,8 +23,8 @@ from sqlalchemy import Engine, text
 
 from service.app import create_app
 from service.auth import create_key
-from service.db import make_engine, unit_of_work
-from service.importing import (
+from service.data.db import make_engine, unit_of_work
+from service.data.importing import (
     ImportFailed,
     SnapshotOptions,
     import_adoptions,

@@ -32,11 +32,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 from websockets.sync.client import ClientConnection, connect
 
-from service import auth, dashboard
+from service import auth
 from service.app import create_app
-from service.db import unit_of_work
+from service.data.db import unit_of_work
+from service.data.tables import Customer, Decision, Feedback, Offer, OfferOutcome, Product
+from service.reports import dashboard
 from service.settings import Settings
-from service.tables import Customer, Decision, Feedback, Offer, OfferOutcome, Product
 from tests.uvicorn_thread import uvicorn_thread
 
 REPO = Path(__file__).resolve().parents[2]

@@ -22,13 +22,14 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select, update
 from typer.testing import CliRunner
 
-from service import auth, metrics, reports
+from service import auth, metrics
 from service.app import _publish_figures, create_app
-from service.cli import app as cli_app
-from service.cli import uvicorn_options
-from service.db import unit_of_work
+from service.cli.main import app as cli_app
+from service.cli.main import uvicorn_options
+from service.data.db import unit_of_work
+from service.data.tables import Customer, DashboardSession, Feedback
+from service.reports import measures as reports
 from service.settings import Settings
-from service.tables import Customer, DashboardSession, Feedback
 from tests.uvicorn_thread import uvicorn_thread
 
 SITE = "http://testserver"
@@ -181,7 +182,7 @@ def test_a_key_left_in_an_old_cookie_is_neither_used_nor_kept(
 def test_at_most_a_bounded_number_of_sessions_per_key(
     client: TestClient, engine: Engine, reports_key: str
 ) -> None:
-    from service.dashboard_sessions import MAX_SESSIONS_PER_KEY
+    from service.reports.sessions import MAX_SESSIONS_PER_KEY
 
     for _ in range(MAX_SESSIONS_PER_KEY + 3):
         assert sign_in(client, reports_key).status_code == 303

@@ -9,7 +9,7 @@ import itertools
 import numpy as np
 import pytest
 
-from service.decisioning import (
+from service.decision.policy import (
     Arbiter,
     ContactHistory,
     Policy,

@@ -28,11 +28,11 @@ from models.eligibility import Catalogue, check_eligibility
 from models.propensity import TrainConfig, train
 from models.synthetic import generate_bank, write_bank
 from service import app as app_module
-from service import registry
 from service.app import _publish_figures as publish_figures
 from service.app import _send_whole as send_whole
 from service.app import create_app
-from service.db import make_engine, unit_of_work
+from service.data import registry
+from service.data.db import make_engine, unit_of_work
 from service.settings import Settings
 from tests.bank import load_trained_bank
 from tests.uvicorn_thread import uvicorn_thread
@@ -177,7 +177,7 @@ def test_ranked_offers_with_reasons_are_recorded_before_the_answer(
 
 
 def _states(data: BankData) -> list[Any]:
-    from service.serving import customer_states
+    from service.decision.state import customer_states
 
     return list(customer_states(data).values())
 
@@ -254,7 +254,7 @@ def test_control_group_gets_no_offers_and_is_flagged(make_service: Any) -> None:
     assert body["control"] is True and body["offers"] == []
     rows = service.sql("SELECT control FROM decisions WHERE id = :id", id=body["decision_id"])
     assert bool(rows[0][0]) is True
-    from service.decisioning import in_control_group
+    from service.decision.policy import in_control_group
 
     share = sum(in_control_group(f"C{i}", share=0.05, salt="s") for i in range(20_000)) / 20_000
     assert 0.04 < share < 0.06

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 from service import auth
 from service.app import create_app
-from service.db import make_engine, unit_of_work
-from service.keys_cli import keys_app
+from service.cli.keys import keys_app
+from service.data.db import make_engine, unit_of_work
 from service.settings import Settings
 from tests.uvicorn_thread import uvicorn_thread
 

@@ -15,10 +15,10 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import IntegrityError
 
-from service import db
 from service.api import decisions
+from service.data import db
+from service.decision.idempotency import DecisionReplays
 from service.errors import Conflict
-from service.idempotency import DecisionReplays
 from tests.service import test_decisions_api as api
 from tests.service.test_decisions_api import Service, customers_with_offers
 

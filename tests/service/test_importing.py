@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from sqlalchemy import Engine, text
 
-from service.importing import (
+from service.data.importing import (
     ImportFailed,
     SnapshotOptions,
     import_adoptions,

@@ -25,10 +25,11 @@ from models.artifacts import save_bundle
 from models.data import BankData
 from models.propensity import TrainConfig, train
 from models.synthetic import generate_bank, write_bank
-from service import auth, db, metrics
+from service import auth, metrics
 from service.app import create_app
 from service.auth import KeyStore, Unauthorized
-from service.db import make_engine, unit_of_work
+from service.data import db
+from service.data.db import make_engine, unit_of_work
 from service.errors import Unavailable, is_outage
 from service.settings import Settings
 from tests.bank import load_trained_bank

@@ -10,9 +10,9 @@ import pytest
 from sqlalchemy import Engine, update
 from sqlalchemy.exc import IntegrityError
 
-from service import registry
-from service.db import unit_of_work
-from service.tables import ModelVersion
+from service.data import registry
+from service.data.db import unit_of_work
+from service.data.tables import ModelVersion
 
 
 def bundle(tmp_path: Path, name: str) -> Path:

@@ -19,11 +19,13 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, insert
 from typer.testing import CliRunner
 
-from service import auth, reports
+from service import auth
 from service.app import create_app
-from service.cli import app as cli_app
-from service.db import unit_of_work
-from service.reports import (
+from service.cli.main import app as cli_app
+from service.data.db import unit_of_work
+from service.data.tables import Base
+from service.reports import measures as reports
+from service.reports.measures import (
     ConversionRow,
     CsatRow,
     DayFigures,
@@ -32,7 +34,6 @@ from service.reports import (
     difference_interval,
 )
 from service.settings import Settings
-from service.tables import Base
 
 T = Base.metadata.tables
 UTC = dt.UTC

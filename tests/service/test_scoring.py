@@ -11,11 +11,11 @@ from sqlalchemy import Engine, create_engine
 from typer.testing import CliRunner
 
 from models.synthetic import generate_bank, write_bank
-from service import registry
-from service.cli import app
-from service.db import unit_of_work
+from service.cli.main import app
+from service.data import registry
+from service.data.bank import load_bank
+from service.data.db import unit_of_work
 from service.scoring import ScoringError, load_version, rank_offers
-from service.training import load_bank
 
 runner = CliRunner()
 
@@ -137,7 +137,7 @@ def test_scoring_errors_are_clear(engine: Engine, tmp_path: Path) -> None:
 
 
 def test_a_changed_bundle_is_refused(engine: Engine, tmp_path: Path, bank_dir: Path) -> None:
-    from service.importing import import_adoptions, import_customers, import_products
+    from service.data.importing import import_adoptions, import_customers, import_products
     from service.training import train_and_register
 
     import_products(engine, bank_dir / "products.csv")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, text
 
-from service.serving import ServingState
+from service.decision.state import ServingState
 from service.settings import Settings
 
 AT = dt.datetime(2026, 11, 23, 10, tzinfo=dt.UTC)

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from models.propensity import TrainConfig
 from models.synthetic import OfferResponse
-from service.cli import app
-from service.simulation import SimulationConfig, SimulationResult, run_simulation
+from service.cli.main import app
+from service.simulation.run import SimulationConfig, SimulationResult, run_simulation
 
 TINY_MODEL = TrainConfig(n_cutoffs=2, max_rounds=30, rules=False, num_threads=1)
 

@@ -22,12 +22,12 @@ import orjson
 import pytest
 from sqlalchemy import Engine, create_engine, text
 
-from service import spool as spool_module
-from service.audit import AuditRecord, AuditWriter, LoopAuditWriter, NotRecorded, new_id
-from service.db import unit_of_work
+from service.data.db import unit_of_work
+from service.data.tables import Customer, Product
+from service.decision import spool as spool_module
+from service.decision.audit import AuditRecord, AuditWriter, LoopAuditWriter, NotRecorded, new_id
+from service.decision.spool import DEAD_LETTER_NAME, Journal, frame, parse
 from service.metrics import AUDIT_DEAD_LETTERS
-from service.spool import DEAD_LETTER_NAME, Journal, frame, parse
-from service.tables import Customer, Product
 
 DOWN_URL = "postgresql+psycopg://nobody@127.0.0.1:1/none"
 

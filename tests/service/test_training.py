@@ -16,18 +16,17 @@ from models.artifacts import save_bundle
 from models.data import OUTCOME_COLUMNS, BankData
 from models.propensity import TrainConfig, train
 from models.synthetic import generate_bank, write_bank
-from service import registry
-from service.cli import app
-from service.db import unit_of_work
-from service.importing import import_adoptions, import_customers, import_products
-from service.serving import build_snapshot, read_customers
+from service.cli.main import app
+from service.data import registry
+from service.data.bank import default_as_of, load_bank
+from service.data.db import unit_of_work
+from service.data.importing import import_adoptions, import_customers, import_products
+from service.data.tables import Customer, Decision, Offer, OfferOutcome, Product
+from service.decision.state import build_snapshot, read_customers
 from service.settings import Settings
-from service.tables import Customer, Decision, Offer, OfferOutcome, Product
 from service.training import (
     WITHOUT_OUTCOMES,
-    default_as_of,
     evaluate,
-    load_bank,
     train_and_register,
 )
 

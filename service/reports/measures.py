@@ -46,10 +46,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql.elements import ColumnElement
 
-from service import bank_rows
-from service.bank_rows import RowAudit
-from service.db import read_only
-from service.tables import Base
+from service.data import rows as bank_rows
+from service.data.db import read_only
+from service.data.rows import RowAudit
+from service.data.tables import Base
 
 DECISIONS = Base.metadata.tables["decisions"]
 OFFERS = Base.metadata.tables["offers"]
@@ -845,13 +845,13 @@ def _products(connection: Connection) -> pd.DataFrame:
 
 
 def _date_text(column: Any, dialect: str) -> ColumnElement[Any]:
-    """A DATE column read as ISO text (see :func:`service.bank_rows.date_text`)."""
+    """A DATE column read as ISO text (see :func:`service.data.rows.date_text`)."""
     return literal_column(bank_rows.date_text(f"{column.table.name}.{column.name}", dialect))
 
 
 def _clean_adoptions(frame: pd.DataFrame, *, key: str) -> pd.DataFrame:
     """Adoption rows with their dates cleaned as every reader cleans them
-    (:func:`service.bank_rows.adoption_dates`): a row without a usable ``adopted_at``
+    (:func:`service.data.rows.adoption_dates`): a row without a usable ``adopted_at``
     is dropped, an unusable ``closed_at`` is unknown. ``key`` names the column that
     identifies a row in the log."""
     if frame.empty:

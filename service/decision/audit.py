@@ -10,7 +10,7 @@ that is not the record's fault), the records are appended to a local spool file 
 fsynced before the decision is answered, and flagged ``degraded``; the writer replays
 spooled records into the database as soon as a commit succeeds again (duplicates are
 ignored by primary key), so the audit trail stays whole. The spool is a journal of framed
-records (:mod:`service.spool`): a torn or damaged record, or one the database refuses as
+records (:mod:`service.decision.spool`): a torn or damaged record, or one the database refuses as
 data, goes to a dead-letter file and holds back nothing else.
 
 Every caller gets an answer, whatever fails: True (committed), False (spooled: answered
@@ -38,8 +38,8 @@ import orjson
 from sqlalchemy import Engine
 from sqlalchemy.exc import DataError, IntegrityError
 
+from service.decision.spool import Claim, Entry, Journal
 from service.metrics import AUDIT_BATCH_ROWS, AUDIT_COMMIT_SECONDS
-from service.spool import Claim, Entry, Journal
 
 log = logging.getLogger("nbo.audit")
 

@@ -15,12 +15,12 @@ model is retrained on the database (:func:`service.training.train_and_register`,
 recorded outcomes are learnt from) and, when the promotion gate lets it, activated
 through ``POST /v1/models/{version}/activate``: the service swaps versions live.
 
-At the end, :mod:`service.reports` measures conversion, uplift against the control
+At the end, :mod:`service.reports.measures` measures conversion, uplift against the control
 group and NPS, exactly as for a real bank. The generator knows the truth the uplift
 estimates: every customer has a counterfactual twin with the same random draws who is
 never offered anything, and the true uplift is the treated customers' adoption rate
 minus their twins', computed with the report's own definitions
-(:func:`service.reports.uplift_table`). A sound experiment puts the true value inside
+(:func:`service.reports.measures.uplift_table`). A sound experiment puts the true value inside
 the measured confidence interval.
 """
 
@@ -47,10 +47,11 @@ from models.synthetic import (
     generate_bank,
     write_bank,
 )
-from service import db, reports
 from service.app import create_app
 from service.auth import create_key
-from service.importing import import_adoptions, import_customers, import_products
+from service.data import db
+from service.data.importing import import_adoptions, import_customers, import_products
+from service.reports import measures as reports
 from service.settings import Settings
 from service.training import train_and_register
 
@@ -161,13 +162,13 @@ class SimulationResult:
     visits, decisions_with_offers, adoptions_organic, adoptions_offer : int
         Counts over the simulated days (organic adoptions of every customer; adoptions
         through accepted offers).
-    conversion : service.reports.ConversionReport
+    conversion : service.reports.measures.ConversionReport
         By product.
-    uplift : service.reports.UpliftReport
+    uplift : service.reports.measures.UpliftReport
         Treated versus control, per product and for any product.
-    nps : service.reports.NpsReport
+    nps : service.reports.measures.NpsReport
         By branch.
-    true_uplift : service.reports.UpliftReport
+    true_uplift : service.reports.measures.UpliftReport
         The same report with the treated customers' counterfactual twins (same random
         draws, never offered anything) in the place of the control group: its
         ``difference`` is the true effect of the offers on the treated customers.
@@ -450,7 +451,7 @@ def true_uplift(
     Every treated customer appears twice: as treated, with their adoptions; and as
     control, with their counterfactual twin's (the history, then the adoptions the
     same random draws gave a customer never offered anything). The report's own
-    definitions (:func:`service.reports.uplift_table`) then give the true effect of the
+    definitions (:func:`service.reports.measures.uplift_table`) then give the true effect of the
     offers on the treated customers, per product and for any product.
     """
     treated = [(c, d) for c, (d, is_treated) in first_contacts.items() if is_treated]

@@ -3,7 +3,7 @@
 Every report covers an explicit, inclusive range of UTC days (``start`` and ``end`` are
 required). Handlers are plain ``def``: FastAPI runs them in its thread pool, so the
 report's queries never block the event loop. The definitions behind each figure are in
-:mod:`service.reports`.
+:mod:`service.reports.measures`.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, Field
 
-from service import reports
 from service.auth import Principal, require
 from service.errors import Invalid
-from service.reports import ConversionDimension, FeedbackDimension, Period
+from service.reports import measures as reports
+from service.reports.measures import ConversionDimension, FeedbackDimension, Period
 from service.schemas import Date, Text
 
 router = APIRouter(prefix="/v1/reports", tags=["reports"])

@@ -15,7 +15,8 @@ from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.orm import Session
 
-from service import auth, db
+from service import auth
+from service.data import db
 
 keys_app = typer.Typer(
     help="API keys: create (shown once), list, revoke. Only a hash of each key is stored.",
@@ -28,8 +29,8 @@ err_console = Console(stderr=True)
 
 @contextmanager
 def _session() -> Iterator[Session]:
-    # Imported here: service.cli imports this module to mount `nbo keys`.
-    from service.cli import _engine_ready, _settings
+    # Imported here: service.cli.main imports this module to mount `nbo keys`.
+    from service.cli.main import _engine_ready, _settings
 
     engine = _engine_ready(_settings())
     try:

@@ -36,12 +36,14 @@ from models.data import Adoption, BankData, CustomerState, OfferOutcome, to_ns
 from models.eligibility import Catalogue
 from models.propensity import PropensityModel
 from models.rules import Rule
-from service import bank_rows, metrics, registry
-from service.bank_rows import RowAudit
-from service.db import read_only, unit_of_work
-from service.decisioning import Arbiter, ContactHistory, Policy
+from service import metrics
+from service.data import registry
+from service.data import rows as bank_rows
+from service.data.bank import default_as_of, load_bank
+from service.data.db import read_only, unit_of_work
+from service.data.rows import RowAudit
+from service.decision.policy import Arbiter, ContactHistory, Policy
 from service.settings import Settings
-from service.training import default_as_of, load_bank
 
 log = logging.getLogger("nbo.serving")
 
@@ -725,7 +727,7 @@ def read_customers(
 ) -> dict[str, CustomerEntry]:
     """Read customers from the database and score them with the snapshot's model.
 
-    Rows are cleaned as the batch load cleans them (:mod:`service.bank_rows`).
+    Rows are cleaned as the batch load cleans them (:mod:`service.data.rows`).
     """
     audit = RowAudit("customer")
     try:
@@ -774,7 +776,7 @@ def _read_customers(
             adoptions[cid].append(Adoption(code, *dates))
     outcomes: dict[str, list[OfferOutcome]] = defaultdict(list)
     for cid, code, outcome, at in outcome_rows:
-        # Naive UTC, as the batch path reads them (service.training.read_outcomes).
+        # Naive UTC, as the batch path reads them (service.data.bank.read_outcomes).
         utc = _aware(at).astimezone(dt.UTC).replace(tzinfo=None)
         outcomes[cid].append(OfferOutcome(code, outcome, utc))
     out: dict[str, CustomerEntry] = {}

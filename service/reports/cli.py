@@ -22,8 +22,8 @@ from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import Engine
 
-from service import reports
-from service.reports import ConversionDimension, FeedbackDimension, Period
+from service.reports import measures as reports
+from service.reports.measures import ConversionDimension, FeedbackDimension, Period
 
 report_app = typer.Typer(help="Reports over an explicit date range.", no_args_is_help=True)
 
@@ -53,8 +53,8 @@ def _period(start: str, end: str) -> Period:
 
 @contextmanager
 def _engine() -> Iterator[Engine]:
-    # Imported here: service.cli imports this module to mount `nbo report`.
-    from service.cli import _engine_ready, _settings
+    # Imported here: service.cli.main imports this module to mount `nbo report`.
+    from service.cli.main import _engine_ready, _settings
 
     engine = _engine_ready(_settings())
     try:

@@ -22,8 +22,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from service import db
-from service.importing import (
+from service.cli.keys import keys_app
+from service.data import db
+from service.data.importing import (
     ImportFailed,
     ImportSummary,
     SnapshotOptions,
@@ -33,10 +34,9 @@ from service.importing import (
     import_products,
     import_snapshots,
 )
-from service.keys_cli import keys_app
-from service.report_cli import report_app
+from service.reports.cli import report_app
 from service.settings import Settings, export_workers
-from service.simulate_cli import simulate_app
+from service.simulation.cli import simulate_app
 
 app = typer.Typer(
     name="nbo",
@@ -505,7 +505,8 @@ def train(
     outcomes are learnt from: a recent decline of a product is a feature, and accepted
     offers are positives (unless --forced-sales drop).
     """
-    from service.training import load_bank, train_and_register, write_evaluation_report
+    from service.data.bank import load_bank
+    from service.training import train_and_register, write_evaluation_report
 
     settings = _settings()
     config = _train_config(forced_sales, settings)
@@ -558,8 +559,9 @@ def evaluate(
     trained without outcome features, to show what learning from outcomes adds.
     """
     from models.data import BankData
+    from service.data.bank import load_bank
     from service.training import evaluate as run_evaluation
-    from service.training import load_bank, write_evaluation_report
+    from service.training import write_evaluation_report
 
     settings = _settings()
     config = _train_config(forced_sales, settings)
@@ -771,7 +773,7 @@ def _version_table(rows: list[Any]) -> Table:
 @models_app.command("list")
 def models_list() -> None:
     """List model versions, newest first."""
-    from service import registry
+    from service.data import registry
 
     with _registry_session() as session:
         rows = registry.list_versions(session)
@@ -784,7 +786,7 @@ def models_list() -> None:
 @models_app.command("show")
 def models_show(version: Annotated[str, typer.Argument(help="Version id.")]) -> None:
     """Show one version: status, data window, parameters, holdout metrics."""
-    from service import registry
+    from service.data import registry
 
     with _registry_session() as session:
         try:
@@ -798,7 +800,7 @@ def models_show(version: Annotated[str, typer.Argument(help="Version id.")]) -> 
 @models_app.command("promote")
 def models_promote(version: Annotated[str, typer.Argument(help="Version id.")]) -> None:
     """Make VERSION active by hand, whatever the gate said; the active one retires."""
-    from service import registry
+    from service.data import registry
 
     with _registry_session() as session:
         try:
@@ -814,7 +816,7 @@ def models_promote(version: Annotated[str, typer.Argument(help="Version id.")]) 
 @models_app.command("rollback")
 def models_rollback() -> None:
     """Re-activate the version that was active before the current one."""
-    from service import registry
+    from service.data import registry
 
     with _registry_session() as session:
         try:

@@ -9,7 +9,7 @@ script, font or image from anywhere.
 
 A browser cannot send an ``Authorization`` header, so ``POST /dashboard/login``
 takes an API key holding the ``reports`` scope and opens a server-side session
-(:mod:`service.dashboard_sessions`): the cookie holds a random session id, never
+(:mod:`service.reports.sessions`): the cookie holds a random session id, never
 the key. The pages accept that cookie or the usual headers. A session ends
 after ``dashboard_session_hours``, on signing out, or at once when its key is
 revoked. Admin keys are refused at sign-in: they would pass every scope check,
@@ -41,12 +41,12 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import Engine
 
-from service import reports
 from service.auth import ADMIN_SCOPE, Forbidden, KeyStore, Principal, Unauthorized
-from service.dashboard_sessions import close_session, find_session, open_session
-from service.db import read_only, unit_of_work
+from service.data.db import read_only, unit_of_work
 from service.errors import problem_response
-from service.reports import BranchDaily, ConversionRow, DayFigures, StaffDaily
+from service.reports import measures as reports
+from service.reports.measures import BranchDaily, ConversionRow, DayFigures, StaffDaily
+from service.reports.sessions import close_session, find_session, open_session
 from service.settings import Settings
 
 log = logging.getLogger("nbo.dashboard")

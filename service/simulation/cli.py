@@ -77,7 +77,7 @@ def simulate(
     against the control group next to the true uplift the generator planted, and NPS.
     """
     from models.synthetic import OfferResponse
-    from service.simulation import SimulationConfig, run_simulation
+    from service.simulation.run import SimulationConfig, run_simulation
 
     try:
         config = SimulationConfig(

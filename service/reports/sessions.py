@@ -27,7 +27,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from service.auth import hash_key
-from service.tables import ApiKey, DashboardSession, utcnow
+from service.data.tables import ApiKey, DashboardSession, utcnow
 
 TOKEN_BYTES = 32
 """Random bytes in a session id: 256 bits, as in an API key's secret."""

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from models.artifacts import BundleError, load_bundle
 from models.propensity import PropensityModel
-from service.tables import ModelVersion
+from service.data.tables import ModelVersion
 
 MANIFEST = "manifest.json"
 

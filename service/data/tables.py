@@ -196,7 +196,7 @@ class Decision(Base):
     """One answer to a teller or agent system: the audit record of a contact.
 
     Decisions and offers are the audit trail, written on the hot path, many a second,
-    by one code path (:mod:`service.audit`) that writes a decision and its offers in one
+    by one code path (:mod:`service.decision.audit`) that writes a decision and its offers in one
     statement. They carry no foreign keys: on PostgreSQL each key is a row lock per
     row written (on a customer, a product, the decision), which took a quarter of the
     database's work per decision. Customers and products are never deleted (products
@@ -382,7 +382,7 @@ class ChangeEvent(Base):
 
 
 class DashboardSession(Base):
-    """A browser signed in to the dashboard (see :mod:`service.dashboard_sessions`).
+    """A browser signed in to the dashboard (see :mod:`service.reports.sessions`).
 
     The browser's cookie holds a random session id; only its SHA-256 is stored, so a
     copy of this table opens no session. A session dies at ``expires_at``, when its

@@ -8,8 +8,8 @@ numbers, and the catalogue refuses rules naming unknown products, so one such ro
 used to fail every load (training, scoring, the serving snapshot) and turn offers off
 for everyone.
 
-Every reader of the bank (:func:`service.training.load_bank`,
-:func:`service.serving.read_customers`, the reports) passes each row through the
+Every reader of the bank (:func:`service.data.bank.load_bank`,
+:func:`service.decision.state.read_customers`, the reports) passes each row through the
 functions here, so training and serving read the same values:
 
 - a date outside :data:`MIN_DATE`..:data:`MAX_DATE`, or not a date, is unknown (None);

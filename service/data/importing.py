@@ -1068,7 +1068,7 @@ def _foreign_keys_checked_once(conn: Connection, rows: int, bulk_rows: int) -> I
     if conn.dialect.name != "postgresql" or bulk_rows <= 0 or rows < bulk_rows:
         yield
         return
-    from service.tables import Adoption
+    from service.data.tables import Adoption
 
     constraints = [c for c in Adoption.__table__.constraints if isinstance(c, ForeignKeyConstraint)]
     for constraint in constraints:
