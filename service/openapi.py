@@ -8,4 +8,5 @@ from fastapi import FastAPI
 
 def render_openapi(app: FastAPI) -> str:
     """The app's OpenAPI spec as YAML (key order kept, so diffs stay readable)."""
-    return yaml.safe_dump(app.openapi(), sort_keys=False, allow_unicode=True, width=100)
+    rendered: str = yaml.safe_dump(app.openapi(), sort_keys=False, allow_unicode=True, width=100)
+    return rendered

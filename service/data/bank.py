@@ -167,4 +167,5 @@ def default_as_of(data: BankData) -> dt.date:
     """The end of the observed history: the day after the last recorded adoption."""
     if data.adoptions.empty:
         return dt.date.today()
-    return (data.adoptions["adopted_at"].max() + pd.Timedelta(days=1)).date()
+    day: dt.date = (data.adoptions["adopted_at"].max() + pd.Timedelta(days=1)).date()
+    return day

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.settings import Settings
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 
 
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 5.0

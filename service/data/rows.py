@@ -33,13 +33,13 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
 import orjson
 import pandas as pd
 from sqlalchemy import Connection, text
 
-from models.data import CUSTOMER_FIXED_COLUMNS
+from models.data import CUSTOMER_FIXED_COLUMNS, AttributeKind
 from service import metrics, validation
 
 log = logging.getLogger("nbo.rows")
@@ -152,7 +152,7 @@ def customer_query(dialect: str, *, with_id: bool = False) -> str:
     )
 
 
-def read_attribute_kinds(conn: Connection, audit: RowAudit) -> dict[str, str]:
+def read_attribute_kinds(conn: Connection, audit: RowAudit) -> dict[str, AttributeKind]:
     """The usable attribute definitions (see :func:`attribute_kinds`)."""
     rows = conn.execute(text("SELECT name, kind FROM attribute_definitions"))
     return attribute_kinds(((str(name), str(kind)) for name, kind in rows), audit)
@@ -264,15 +264,15 @@ def parse_json(value: Any) -> Any:
 # --------------------------------------------------------------------------- rows
 
 
-def attribute_kinds(rows: Iterable[tuple[str, str]], audit: RowAudit) -> dict[str, str]:
+def attribute_kinds(rows: Iterable[tuple[str, str]], audit: RowAudit) -> dict[str, AttributeKind]:
     """The usable attribute definitions: a name that is also a fixed customer column
     (``segment``...) would clash with it in every frame, so it is left out."""
-    kinds: dict[str, str] = {}
+    kinds: dict[str, AttributeKind] = {}
     for name, kind in rows:
         if name in CUSTOMER_FIXED_COLUMNS or kind not in ("numeric", "categorical"):
             audit.note("bad_attribute_name", table="attribute_definitions", key=name, field="name")
             continue
-        kinds[name] = kind
+        kinds[name] = cast(AttributeKind, kind)
     return kinds
 
 

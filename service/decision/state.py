@@ -625,8 +625,12 @@ def build_snapshot(engine: Engine, settings: Settings) -> Snapshot:
         if model is not None:
             as_of = max(as_of, model.as_of.date())
     with read_only(engine).connect() as conn:
-        ids = dict(conn.execute(text("SELECT external_id, id FROM customers")).all())
-        product_ids = dict(conn.execute(text("SELECT code, id FROM products")).all())
+        ids: dict[str, int] = dict(
+            conn.execute(text("SELECT external_id, id FROM customers")).all()
+        )
+        product_ids: dict[str, int] = dict(
+            conn.execute(text("SELECT code, id FROM products")).all()
+        )
     states = customer_states(data)
     matrix, index = _score_matrix(model, data, catalogue, as_of)
     customers = {
