@@ -765,9 +765,11 @@ def _pg_insert_all(*, ignore_duplicates: bool) -> str:
     return f"WITH d AS ({parts[0]}), o AS ({parts[1]}) {parts[2]}"
 
 
-def audit_writer(
-    engine: Engine, spool_dir: Path, *, lanes: int = 2
-) -> AuditWriter | LoopAuditWriter:
+AuditSink = AuditWriter | LoopAuditWriter
+"""Either writer: what the application holds as ``app.state.audit``."""
+
+
+def audit_writer(engine: Engine, spool_dir: Path, *, lanes: int = 2) -> AuditSink:
     """The writer for ``engine``'s database: on the event loop for PostgreSQL (``lanes``
     commits in flight), a thread otherwise."""
     if engine.dialect.name == "postgresql":
