@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, cast
 
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -43,6 +43,7 @@ from service import metrics
 from service.data.db import read_only, unit_of_work
 from service.data.tables import ApiKey, utcnow
 from service.errors import NotFound, Problem, Unavailable, is_outage
+from service.settings import Settings
 
 log = logging.getLogger("nbo.auth")
 
@@ -512,7 +513,7 @@ _api_key_scheme = APIKeyHeader(
 def require(scope: str) -> Callable[..., Awaitable[Principal]]:
     """A FastAPI dependency returning the caller's :class:`Principal` if it holds ``scope``.
 
-    Reads the :class:`KeyStore` at ``request.app.state.keys``. Use as
+    Reads the application's :class:`KeyStore` (``app.state.keys``). Use as
     ``principal: Annotated[Principal, Depends(require("models"))]``.
 
     Raises
@@ -530,8 +531,7 @@ def require(scope: str) -> Callable[..., Awaitable[Principal]]:
         _bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer_scheme)],
         _api_key: Annotated[str | None, Depends(_api_key_scheme)],
     ) -> Principal:
-        keys: KeyStore = request.app.state.keys
-        return await keys.authenticate_async(
+        return await _keys(request).authenticate_async(
             request.headers.get("authorization"), request.headers.get("x-api-key"), scope
         )
 
@@ -553,6 +553,35 @@ async def ops_access(
     With ``ops_endpoints="open"`` anyone passes (None); with ``"key"`` (the default)
     the caller needs a key holding ``ops`` (or ``admin``), as :func:`require` checks.
     """
-    if request.app.state.settings.ops_endpoints == "open":
+    if _settings(request).ops_endpoints == "open":
         return None
     return await _require_ops(request, _bearer, _api_key)
+
+
+async def sees_ops_figures(request: Request) -> bool:
+    """A FastAPI dependency for an open route that adds operations figures for some callers.
+
+    True when ops endpoints are open or the caller sent a key holding ``ops``. No key
+    gives False, not an error (probes send none); a key that is invalid or lacks the
+    scope raises as :func:`require` does (401, 403), so a misconfigured scraper hears
+    about it. Reads the raw headers without the security schemes, so the route stays
+    open in the OpenAPI spec.
+    """
+    if _settings(request).ops_endpoints == "open":
+        return True
+    authorization = request.headers.get("authorization")
+    api_key = request.headers.get("x-api-key")
+    if authorization is None and api_key is None:
+        return False
+    await _keys(request).authenticate_async(authorization, api_key, OPS_SCOPE)
+    return True
+
+
+# service.api.deps has the typed getters for routes, but it imports this module:
+# these two read the same app.state attributes without the cycle.
+def _keys(request: Request) -> KeyStore:
+    return cast(KeyStore, request.app.state.keys)
+
+
+def _settings(request: Request) -> Settings:
+    return cast(Settings, request.app.state.settings)

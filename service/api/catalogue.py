@@ -10,17 +10,18 @@ import asyncio
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Response
 from sqlalchemy import select
 
 from models.rules import rule_sentence
 from service import metrics, validation
+from service.api.deps import EngineDep, ServingDep
 from service.auth import Principal, require
 from service.data import registry
 from service.data.db import unit_of_work
 from service.data.tables import ModelVersion, Product
-from service.decision.state import ServingState, record_event
-from service.errors import Invalid, NotFound
+from service.decision.state import record_event
+from service.errors import Invalid, NotFound, Unavailable
 from service.schemas import (
     ActivationResponse,
     Identifier,
@@ -71,9 +72,9 @@ def _product_out(row: Product) -> ProductResponse:
     response_model=list[ProductResponse],
 )
 def list_products(
-    request: Request, principal: Annotated[Principal, Depends(require("catalogue"))]
+    principal: Annotated[Principal, Depends(require("catalogue"))], engine: EngineDep
 ) -> list[ProductResponse]:
-    with unit_of_work(request.app.state.engine) as session:
+    with unit_of_work(engine) as session:
         return [_product_out(p) for p in session.scalars(select(Product).order_by(Product.code))]
 
 
@@ -86,11 +87,11 @@ def list_products(
     responses={404: {"description": "Unknown product."}},
 )
 def get_product(
-    request: Request,
     code: ProductCodePath,
     principal: Annotated[Principal, Depends(require("catalogue"))],
+    engine: EngineDep,
 ) -> ProductResponse:
-    with unit_of_work(request.app.state.engine) as session:
+    with unit_of_work(engine) as session:
         row = session.scalar(select(Product).where(Product.code == code))
         if row is None:
             raise NotFound(f"product '{code}' does not exist")
@@ -111,16 +112,15 @@ def get_product(
     responses={201: {"description": "Created.", "model": ProductResponse}},
 )
 async def put_product(
-    request: Request,
     response: Response,
     code: ProductCodePath,
     body: ProductRequest,
     principal: Annotated[Principal, Depends(require("catalogue"))],
+    engine: EngineDep,
+    state: ServingDep,
 ) -> ProductResponse:
-    state: ServingState = request.app.state.serving
-
     def write() -> tuple[ProductResponse, bool]:
-        with unit_of_work(request.app.state.engine) as session:
+        with unit_of_work(engine) as session:
             known = set(session.scalars(select(Product.code)))
             for field in ("requires", "excludes"):
                 unknown = sorted(set(getattr(body, field)) - known - {code})
@@ -167,9 +167,9 @@ async def put_product(
     response_model=list[ModelVersionOut],
 )
 def list_models(
-    request: Request, principal: Annotated[Principal, Depends(require("models"))]
+    principal: Annotated[Principal, Depends(require("models"))], engine: EngineDep
 ) -> list[ModelVersionOut]:
-    with unit_of_work(request.app.state.engine) as session:
+    with unit_of_work(engine) as session:
         return [_version_out(row) for row in registry.list_versions(session)]
 
 
@@ -202,13 +202,11 @@ def _version_out(row: ModelVersion) -> ModelVersionOut:
     },
 )
 async def activate_model(
-    request: Request,
     version: Annotated[Text, Path(min_length=1, max_length=64)],
     principal: Annotated[Principal, Depends(require("models"))],
+    engine: EngineDep,
+    state: ServingDep,
 ) -> ActivationResponse:
-    state: ServingState = request.app.state.serving
-    engine = request.app.state.engine
-
     def activate() -> str | None:
         with unit_of_work(engine) as session:
             try:
@@ -241,19 +239,16 @@ async def activate_model(
     responses={503: {"description": "No model is loaded."}},
 )
 def list_rules(
-    request: Request,
     principal: Annotated[Principal, Depends(require("rules"))],
+    state: ServingDep,
     consequent: Annotated[Text | None, Query(max_length=64)] = None,
     min_confidence: Annotated[float, Query(ge=0, le=1)] = 0.0,
     min_lift: Annotated[float, Query(ge=0, allow_inf_nan=False)] = 0.0,
     ordered: bool | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> RulesResponse:
-    state: ServingState = request.app.state.serving
     snapshot = state.snapshot
     if snapshot is None or snapshot.model is None:
-        from service.errors import Unavailable
-
         raise Unavailable("no model version is loaded: train one with `nbo train`")
     model = snapshot.model
     rules = [] if model.rules is None else list(model.rules.rules)

@@ -10,17 +10,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi import APIRouter, Depends, Path, Response
 from sqlalchemy import select, text
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from service import validation
+from service.api.deps import EngineDep, ServingDep, SettingsDep
 from service.auth import Principal, require
 from service.data.db import unit_of_work
 from service.data.tables import Adoption, AttributeDefinition, Customer, Product
-from service.decision.state import ServingState, record_event
+from service.decision.state import record_event
 from service.errors import Invalid
 from service.schemas import (
     AdoptionsRequest,
@@ -29,7 +30,6 @@ from service.schemas import (
     CustomerResponse,
     Identifier,
 )
-from service.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["data"])
 
@@ -54,14 +54,14 @@ AttributeValue = float | int | str | None
     responses={422: {"description": "Unknown customer or product (the field is named)."}},
 )
 def push_adoptions(
-    request: Request,
     body: AdoptionsRequest,
     principal: Annotated[Principal, Depends(require("data"))],
+    engine: EngineDep,
+    state: ServingDep,
 ) -> AdoptionsResponse:
-    state: ServingState = request.app.state.serving
     today = state.clock().date()
     added = updated = 0
-    with unit_of_work(request.app.state.engine) as session:
+    with unit_of_work(engine) as session:
         customers = dict(
             session.execute(
                 select(Customer.external_id, Customer.id).where(
@@ -156,15 +156,15 @@ def push_adoptions(
     },
 )
 def put_customer(
-    request: Request,
     response: Response,
     customer_id: CustomerIdPath,
     body: CustomerRequest,
     principal: Annotated[Principal, Depends(require("data"))],
+    engine: EngineDep,
+    state: ServingDep,
+    settings: SettingsDep,
 ) -> CustomerResponse:
-    state: ServingState = request.app.state.serving
-    settings: Settings = request.app.state.settings
-    with unit_of_work(request.app.state.engine) as session:
+    with unit_of_work(engine) as session:
         _define_attributes(session, body.attributes, limit=settings.max_attributes)
         row, created = _locked_customer(session, customer_id)
         fields = body.model_fields_set

@@ -17,6 +17,7 @@ from typing import Annotated, cast
 
 from fastapi import Depends, Request
 from sqlalchemy import Engine
+from starlette.applications import Starlette
 
 from service.auth import KeyStore
 from service.decision.audit import AuditSink
@@ -49,9 +50,9 @@ async def get_replays(request: Request) -> DecisionReplays:
     return replays_of(request.app)
 
 
-def replays_of(app: object) -> DecisionReplays:
+def replays_of(app: Starlette) -> DecisionReplays:
     """The worker's :class:`DecisionReplays`, made on first use."""
-    state = app.state  # type: ignore[attr-defined]
+    state = app.state
     replays = getattr(state, "decision_replays", None)
     if replays is None:
         replays = state.decision_replays = DecisionReplays()

@@ -9,13 +9,15 @@ transaction, so every serving worker applies the suppression within its poll int
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Request, Response
-from sqlalchemy import select, text
+from fastapi import APIRouter, Depends, Header, Response
+from sqlalchemy import Engine, select, text
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from service import metrics
+from service.api.deps import EngineDep, ServingDep
 from service.auth import Principal, require
 from service.data.db import unit_of_work
 from service.data.tables import Customer, Decision, Feedback
@@ -63,10 +65,11 @@ def category(kind: str, score: int) -> str:
     },
 )
 def record_feedback(
-    request: Request,
     response: Response,
     body: FeedbackRequest,
     principal: Annotated[Principal, Depends(require("outcomes"))],
+    engine: EngineDep,
+    state: ServingDep,
     idempotency_key: Annotated[str | None, Header(max_length=128)] = None,
 ) -> FeedbackResponse:
     low, high = SCORE_RANGES[body.kind]
@@ -80,14 +83,13 @@ def record_feedback(
             "decision_id: give the contact the answer is about, or at least customer_id",
             errors=[{"field": "body.decision_id", "message": "decision_id or customer_id needed"}],
         )
-    state: ServingState = request.app.state.serving
     now = state.clock()
     key = (principal.prefix, idempotency_key)
     try:
-        result, duplicate = _store(request.app.state.engine, state, body, key, now)
+        result, duplicate = _store(engine, state, body, key, now)
     except IntegrityError:
         # A concurrent retry with the same key won the race: answer with what it stored.
-        result, duplicate = _store(request.app.state.engine, state, body, key, now)
+        result, duplicate = _store(engine, state, body, key, now)
     if duplicate:
         response.status_code = 200
     else:
@@ -100,7 +102,7 @@ def record_feedback(
 
 
 def _store(
-    engine: Any,
+    engine: Engine,
     state: ServingState,
     body: FeedbackRequest,
     scoped_key: tuple[str, str | None],
@@ -195,7 +197,7 @@ def _store(
         return _answer(row, customer_external, until, duplicate=False), False
 
 
-def _is_detractor_after_offer(session: Any, body: FeedbackRequest) -> bool:
+def _is_detractor_after_offer(session: Session, body: FeedbackRequest) -> bool:
     if body.kind != "nps" or category("nps", body.score) != "detractor":
         return False
     if body.decision_id is None:

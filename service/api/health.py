@@ -8,13 +8,14 @@ with scope 'ops' (or with ``ops_endpoints="open"``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends
 from pydantic import BaseModel
 from sqlalchemy import text
 
-from service.auth import OPS_SCOPE, KeyStore
+from service.api.deps import AuditDep, EngineDep, ServingDep
+from service.auth import sees_ops_figures
 from service.data import db
 from service.data.db import read_only
 from service.errors import Unavailable
@@ -51,13 +52,16 @@ def live() -> Health:
         },
     },
 )
-def ready(request: Request) -> Health:
+def ready(
+    figures: Annotated[bool, Depends(sees_ops_figures)],
+    engine: EngineDep,
+    state: ServingDep,
+    audit: AuditDep,
+) -> Health:
     """Ready to serve: the database answers and is migrated, this worker loaded its
     snapshot and the active model version (if one is active), and the audit writer runs;
     503 problem otherwise. Only ``status`` without a key; with a key holding 'ops' (or
     when ops endpoints are open), the figures too."""
-    figures = _may_see_figures(request)
-    engine = request.app.state.engine
     try:
         with read_only(engine).connect() as conn:
             conn.execute(text("SELECT 1"))
@@ -66,14 +70,13 @@ def ready(request: Request) -> Health:
         raise Unavailable(f"database unreachable: {type(exc).__name__}") from None
     if revision is None:
         raise Unavailable("database schema not migrated: run `nbo db upgrade`")
-    state = getattr(request.app.state, "serving", None)
-    if state is None or state.snapshot is None:
-        raise Unavailable("this worker has not loaded its serving snapshot yet")
     snapshot = state.snapshot
+    if snapshot is None:
+        raise Unavailable("this worker has not loaded its serving snapshot yet")
     if state.load_error is not None:
         # The message may name files and versions: it is in this worker's log.
         raise Unavailable("this worker could not load the active model version")
-    if not request.app.state.audit.healthy:
+    if not audit.healthy:
         raise Unavailable("the audit writer is not running: decisions cannot be recorded")
     if not figures:
         return Health(status="ok")
@@ -85,19 +88,3 @@ def ready(request: Request) -> Health:
         degraded=snapshot.degraded,
         customers=len(snapshot.customers),
     )
-
-
-def _may_see_figures(request: Request) -> bool:
-    """Whether the caller may see the readiness figures: ops endpoints open, or a key with
-    'ops'. No key: no figures (not an error, probes send none); a key that is invalid or
-    lacks the scope: 401 or 403, so a misconfigured scraper hears about it."""
-    settings: Any = request.app.state.settings
-    if settings.ops_endpoints == "open":
-        return True
-    authorization = request.headers.get("authorization")
-    api_key = request.headers.get("x-api-key")
-    if authorization is None and api_key is None:
-        return False
-    keys: KeyStore = request.app.state.keys
-    keys.authenticate(authorization, api_key, OPS_SCOPE)  # a plain def: runs in a thread
-    return True

@@ -12,9 +12,10 @@ import dataclasses
 import datetime as dt
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query
 from pydantic import BaseModel, Field
 
+from service.api.deps import EngineDep
 from service.auth import Principal, require
 from service.errors import Invalid
 from service.reports import measures as reports
@@ -210,15 +211,15 @@ def _conversion_rows(rows: list[reports.ConversionRow]) -> list[ConversionRowOut
     responses=_AUTH_RESPONSES,
 )
 def get_conversion(
-    request: Request,
     principal: Reader,
+    engine: EngineDep,
     start: Start,
     end: End,
     by: ConversionDimension = "product",
     adoption_window_days: Annotated[int, Query(ge=0, le=3650)] = 90,
 ) -> ConversionReportOut:
     report = reports.conversion(
-        request.app.state.engine,
+        engine,
         _period(start, end),
         by=by,
         adoption_window_days=adoption_window_days,
@@ -247,8 +248,8 @@ def get_conversion(
     responses=_AUTH_RESPONSES,
 )
 def get_uplift(
-    request: Request,
     principal: Reader,
+    engine: EngineDep,
     start: Start,
     end: End,
     window_days: Annotated[int, Query(ge=0, le=3650)] = 30,
@@ -257,7 +258,7 @@ def get_uplift(
     ] = 0.95,
 ) -> UpliftReportOut:
     report = reports.uplift(
-        request.app.state.engine,
+        engine,
         _period(start, end),
         window_days=window_days,
         confidence=confidence,
@@ -284,13 +285,13 @@ def get_uplift(
     responses=_AUTH_RESPONSES,
 )
 def get_nps(
-    request: Request,
     principal: Reader,
+    engine: EngineDep,
     start: Start,
     end: End,
     by: FeedbackDimension = "branch",
 ) -> NpsReportOut:
-    report = reports.nps(request.app.state.engine, _period(start, end), by=by)
+    report = reports.nps(engine, _period(start, end), by=by)
     return NpsReportOut(
         period=PeriodOut(start=start, end=end),
         by=report.by,
@@ -311,13 +312,13 @@ def get_nps(
     responses=_AUTH_RESPONSES,
 )
 def get_csat(
-    request: Request,
     principal: Reader,
+    engine: EngineDep,
     start: Start,
     end: End,
     by: FeedbackDimension = "branch",
 ) -> CsatReportOut:
-    report = reports.csat(request.app.state.engine, _period(start, end), by=by)
+    report = reports.csat(engine, _period(start, end), by=by)
     return CsatReportOut(
         period=PeriodOut(start=start, end=end),
         by=report.by,
@@ -339,12 +340,12 @@ def get_csat(
     responses=_AUTH_RESPONSES,
 )
 def get_staff_daily(
-    request: Request,
     principal: Reader,
+    engine: EngineDep,
     staff_id: Annotated[Text, Path(min_length=1, max_length=64)],
     day: Day = None,
 ) -> StaffDailyOut:
-    daily = reports.staff_daily(request.app.state.engine, staff_id, day or _yesterday())
+    daily = reports.staff_daily(engine, staff_id, day or _yesterday())
     return StaffDailyOut(
         staff_id=daily.staff_id,
         branch_id=daily.branch_id,
@@ -369,12 +370,12 @@ def get_staff_daily(
     responses=_AUTH_RESPONSES,
 )
 def get_branch_daily(
-    request: Request,
     principal: Reader,
+    engine: EngineDep,
     branch_id: Annotated[Text, Path(min_length=1, max_length=64)],
     day: Day = None,
 ) -> BranchDailyOut:
-    daily = reports.branch_daily(request.app.state.engine, branch_id, day or _yesterday())
+    daily = reports.branch_daily(engine, branch_id, day or _yesterday())
     return BranchDailyOut(
         branch_id=daily.branch_id,
         day=daily.day,

@@ -41,13 +41,13 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import Engine
 
+from service.api.deps import EngineDep, KeysDep, SettingsDep
 from service.auth import ADMIN_SCOPE, Forbidden, KeyStore, Principal, Unauthorized
 from service.data.db import read_only, unit_of_work
 from service.errors import problem_response
 from service.reports import measures as reports
 from service.reports.measures import BranchDaily, ConversionRow, DayFigures, StaffDaily
 from service.reports.sessions import close_session, find_session, open_session
-from service.settings import Settings
 
 log = logging.getLogger("nbo.dashboard")
 
@@ -83,9 +83,16 @@ _NONE = "—"
 
 
 @router.get("/", name="dashboard_index")
-def index(request: Request, branch: str = "", staff: str = "", day: str | None = None) -> Response:
+def index(
+    request: Request,
+    keys: KeysDep,
+    engine: EngineDep,
+    branch: str = "",
+    staff: str = "",
+    day: str | None = None,
+) -> Response:
     """The picker; submitted (``?branch=`` or ``?staff=``), a redirect to that page."""
-    denied = _authorize(request)
+    denied = _authorize(request, keys, engine)
     if denied is not None:
         return denied
     links = _Links.of(request)
@@ -100,30 +107,34 @@ def index(request: Request, branch: str = "", staff: str = "", day: str | None =
 
 
 @router.get("/branches/{branch_id:path}", name="dashboard_branch")
-def branch_page(request: Request, branch_id: str, day: str | None = None) -> Response:
+def branch_page(
+    request: Request, keys: KeysDep, engine: EngineDep, branch_id: str, day: str | None = None
+) -> Response:
     """A branch's day: its figures beside the bank's, its staff, products and week."""
-    denied = _authorize(request)
+    denied = _authorize(request, keys, engine)
     if denied is not None:
         return denied
     links = _Links.of(request)
     when = _parse_day(day)
     if when is None:
         return _bad_day(links, day)
-    report = reports.branch_daily(request.app.state.engine, branch_id, when)
+    report = reports.branch_daily(engine, branch_id, when)
     return _page(_render_branch(report, links, today=_today()))
 
 
 @router.get("/staff/{staff_id:path}", name="dashboard_staff")
-def staff_page(request: Request, staff_id: str, day: str | None = None) -> Response:
+def staff_page(
+    request: Request, keys: KeysDep, engine: EngineDep, staff_id: str, day: str | None = None
+) -> Response:
     """A staff member's day beside their branch's and the bank's."""
-    denied = _authorize(request)
+    denied = _authorize(request, keys, engine)
     if denied is not None:
         return denied
     links = _Links.of(request)
     when = _parse_day(day)
     if when is None:
         return _bad_day(links, day)
-    report = reports.staff_daily(request.app.state.engine, staff_id, when)
+    report = reports.staff_daily(engine, staff_id, when)
     return _page(_render_staff(report, links, today=_today()))
 
 
@@ -135,7 +146,9 @@ def login_form(request: Request, next_path: Annotated[str, Query(alias="next")] 
 
 
 @router.post("/login", name="dashboard_login")
-async def login(request: Request) -> Response:
+async def login(
+    request: Request, keys: KeysDep, engine: EngineDep, settings: SettingsDep
+) -> Response:
     """Check the posted ``key``; if it holds ``reports``, open a session and go on."""
     links = _Links.of(request)
     if not _same_origin(request):
@@ -148,7 +161,6 @@ async def login(request: Request) -> Response:
         )
     key = form.get("key", "").strip()
     next_path = _safe_next(links, form.get("next", ""))
-    keys: KeyStore = request.app.state.keys
     try:
         # A cache miss reads the database: not on the event loop.
         principal = await asyncio.to_thread(keys.authenticate, None, key, SCOPE)
@@ -164,9 +176,8 @@ async def login(request: Request) -> Response:
             "instead, so that the key typed into a browser can do no more than read reports."
         )
         return _page(_render_login(links, next_path=next_path, error=error), status=403)
-    settings: Settings = request.app.state.settings
     lifetime = dt.timedelta(hours=settings.dashboard_session_hours)
-    token = await asyncio.to_thread(_open, request.app.state.engine, principal, lifetime)
+    token = await asyncio.to_thread(_open, engine, principal, lifetime)
     if token is None:  # revoked since the key cache last read it
         error = "That key was not accepted."
         return _page(_render_login(links, next_path=next_path, error=error), status=401)
@@ -186,14 +197,14 @@ async def login(request: Request) -> Response:
 
 
 @router.post("/logout", name="dashboard_logout")
-def logout(request: Request) -> Response:
+def logout(request: Request, engine: EngineDep) -> Response:
     """Close the session, forget its cookie and show the sign-in form."""
     if not _same_origin(request):
         return _cross_site(request)
     links = _Links.of(request)
     token = request.cookies.get(COOKIE)
     if token is not None:
-        with unit_of_work(request.app.state.engine) as session:
+        with unit_of_work(engine) as session:
             close_session(session, token=token)
     response = _redirect(links.login())
     _forget_cookie(response, links)
@@ -244,7 +255,7 @@ def _parse_day(value: str | None) -> dt.date | None:
         return None
 
 
-def _authorize(request: Request) -> Response | None:
+def _authorize(request: Request, keys: KeyStore, engine: Engine) -> Response | None:
     """None when the request carries a key with ``reports`` or an open session; otherwise
     the answer to send.
 
@@ -256,8 +267,7 @@ def _authorize(request: Request) -> Response | None:
     authorization = request.headers.get("authorization")
     api_key = request.headers.get("x-api-key")
     if authorization is None and api_key is None:
-        return _authorize_session(request, links)
-    keys: KeyStore = request.app.state.keys
+        return _authorize_session(request, links, engine)
     try:
         keys.authenticate(authorization, api_key, SCOPE)
     except Unauthorized:
@@ -267,11 +277,11 @@ def _authorize(request: Request) -> Response | None:
     return None
 
 
-def _authorize_session(request: Request, links: _Links) -> Response | None:
+def _authorize_session(request: Request, links: _Links, engine: Engine) -> Response | None:
     token = request.cookies.get(COOKIE)
     if token is None:
         return _to_sign_in(request, links)
-    with unit_of_work(read_only(request.app.state.engine)) as session:
+    with unit_of_work(read_only(engine)) as session:
         signed_in = find_session(session, token=token)
     if signed_in is None:  # expired, signed out, or its key revoked
         response = _to_sign_in(request, links)
@@ -554,7 +564,7 @@ def _render_branch(report: BranchDaily, links: _Links, *, today: dt.date) -> str
         )
     parts.append(_tiles("branch", figures, [("bank", "Bank", bank)]))
     if report.staff:
-        chart_rows = [
+        chart_rows: list[_BarRow] = [
             (staff_id, staff.conversion, "staff", links.staff(staff_id, day))
             for staff_id, staff in report.staff
         ]
@@ -847,7 +857,7 @@ def _nice_ceiling(value: float, steps: Sequence[float] = (1, 2, 4, 10)) -> float
     """
     if value <= 0:
         return 1.0
-    power = 10 ** math.floor(math.log10(value))
+    power = 10.0 ** math.floor(math.log10(value))
     for step in steps:
         if step * power >= value - 1e-12:
             return step * power
@@ -931,9 +941,9 @@ def _bar_chart(
         f'{_FONT} font-size="12">'
         f'<title id="{ident}-title">{_esc(label)}</title>'
     ]
-    for value, text in ticks:
-        x = x_of(value)
-        line_class = "grid zero" if value == 0 and low < 0 else "grid"
+    for tick, text in ticks:
+        x = x_of(tick)
+        line_class = "grid zero" if tick == 0 and low < 0 else "grid"
         parts.append(
             f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{height - axis}" '
             f'class="{line_class}"/>'
