@@ -5,39 +5,19 @@ A key is printed once, when it is created; the database keeps only its hash.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from sqlalchemy.orm import Session
 
 from service import auth
-from service.data import db
+from service.cli.context import console, err_console, open_session
 
 keys_app = typer.Typer(
     help="API keys: create (shown once), list, revoke. Only a hash of each key is stored.",
     no_args_is_help=True,
 )
-
-console = Console()
-err_console = Console(stderr=True)
-
-
-@contextmanager
-def _session() -> Iterator[Session]:
-    # Imported here: service.cli.main imports this module to mount `nbo keys`.
-    from service.cli.main import _engine_ready, _settings
-
-    engine = _engine_ready(_settings())
-    try:
-        with db.unit_of_work(engine) as session:
-            yield session
-    finally:
-        engine.dispose()
 
 
 @keys_app.command("create")
@@ -62,7 +42,7 @@ def keys_create(
     except ValueError as exc:
         err_console.print(str(exc), markup=False)
         raise typer.Exit(code=2) from None
-    with _session() as session:
+    with open_session() as session:
         key = auth.create_key(session, name=name, scopes=granted)
     # Plain echo, not rich: the key must come out exactly, unwrapped and unstyled.
     typer.echo(key)
@@ -79,7 +59,7 @@ def keys_create(
 @keys_app.command("list")
 def keys_list() -> None:
     """List keys (prefix, name, scopes, dates); never their secrets."""
-    with _session() as session:
+    with open_session() as session:
         keys = auth.list_keys(session)
     if not keys:
         console.print("no API keys yet")
@@ -105,7 +85,7 @@ def keys_revoke(
     """Revoke a key; running services stop accepting it within their key cache TTL, and
     the dashboard sessions opened with it end at once."""
     try:
-        with _session() as session:
+        with open_session() as session:
             info = auth.revoke_key(session, prefix=prefix)
     except auth.KeyNotFound as exc:
         err_console.print(exc.detail, markup=False)

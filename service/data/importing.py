@@ -56,8 +56,8 @@ _MISSING = validation.MISSING_TOKENS
 
 
 @dataclass(frozen=True)
-class Problem:
-    """One thing wrong with an input file."""
+class RowProblem:
+    """One thing wrong with an input file: a row, a cell, or (``row`` None) the file itself."""
 
     file: str
     row: int | None
@@ -76,7 +76,7 @@ class Problem:
 class ImportFailed(Exception):
     """The file was rejected; nothing was written."""
 
-    def __init__(self, problems: Sequence[Problem], *, truncated: bool = False) -> None:
+    def __init__(self, problems: Sequence[RowProblem], *, truncated: bool = False) -> None:
         self.problems = list(problems)
         self.truncated = truncated
         lines = [str(p) for p in self.problems]
@@ -91,7 +91,7 @@ class _Collector:
     def __init__(self, file: str, limit: int) -> None:
         self.file = file
         self.limit = limit
-        self.problems: list[Problem] = []
+        self.problems: list[RowProblem] = []
         self.truncated = False
         self.rejected_rows: set[int] = set()
 
@@ -99,7 +99,7 @@ class _Collector:
         if row is not None:
             self.rejected_rows.add(row)
         if len(self.problems) < self.limit:
-            self.problems.append(Problem(self.file, row, column, reason))
+            self.problems.append(RowProblem(self.file, row, column, reason))
         else:
             self.truncated = True
 
@@ -153,7 +153,7 @@ def read_chunks(path: Path, chunk_rows: int) -> Iterator[tuple[int, pd.DataFrame
     check below sees one representation whatever the source format.
     """
     if not path.exists():
-        raise ImportFailed([Problem(str(path), None, None, "file not found")])
+        raise ImportFailed([RowProblem(str(path), None, None, "file not found")])
     first = 1
     if path.suffix.lower() == ".parquet":
         parquet = pq.ParquetFile(path)
@@ -175,10 +175,10 @@ def read_chunks(path: Path, chunk_rows: int) -> Iterator[tuple[int, pd.DataFrame
             yield first, _strip(frame)
             first += len(frame)
     except pd.errors.EmptyDataError:
-        raise ImportFailed([Problem(str(path), None, None, "the file is empty")]) from None
+        raise ImportFailed([RowProblem(str(path), None, None, "the file is empty")]) from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise ImportFailed(
-            [Problem(str(path), None, None, f"not a readable CSV file: {exc}")]
+            [RowProblem(str(path), None, None, f"not a readable CSV file: {exc}")]
         ) from None
 
 

@@ -11,8 +11,7 @@ import csv
 import dataclasses
 import datetime as dt
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TextIO, TypeVar
 
@@ -22,6 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import Engine
 
+from service.cli.context import open_engine
 from service.reports import measures as reports
 from service.reports.measures import ConversionDimension, FeedbackDimension, Period
 
@@ -51,20 +51,8 @@ def _period(start: str, end: str) -> Period:
     return Period(first, last)
 
 
-@contextmanager
-def _engine() -> Iterator[Engine]:
-    # Imported here: service.cli.main imports this module to mount `nbo report`.
-    from service.cli.main import _engine_ready, _settings
-
-    engine = _engine_ready(_settings())
-    try:
-        yield engine
-    finally:
-        engine.dispose()
-
-
 def _run(report: Callable[[Engine], T]) -> T:
-    with _engine() as engine:
+    with open_engine() as engine:
         return report(engine)
 
 

@@ -10,14 +10,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-simulate_app = typer.Typer(help="Closed-loop simulation on the synthetic bank.")
+from service.cli.context import console, err_console
 
-console = Console()
-err_console = Console(stderr=True)
+simulate_app = typer.Typer(help="Closed-loop simulation on the synthetic bank.")
 
 
 @simulate_app.callback(invoke_without_command=True)

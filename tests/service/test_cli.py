@@ -19,9 +19,10 @@ runner = CliRunner()
 
 
 def nbo(args: list[str], database_url: str, tmp_path: Path) -> tuple[int, str]:
-    result = runner.invoke(
-        app, args, env={"NBO_DATABASE_URL": database_url, "NBO_DATA_DIR": str(tmp_path)}
-    )
+    # A wide terminal: without one, rich wraps at 80 columns and a message naming a long
+    # temporary path would be split where the tests look for it.
+    env = {"NBO_DATABASE_URL": database_url, "NBO_DATA_DIR": str(tmp_path), "COLUMNS": "200"}
+    result = runner.invoke(app, args, env=env)
     return result.exit_code, result.output
 
 
@@ -93,7 +94,7 @@ def test_berka_real_bank_imports_with_published_counts(database_url: str, tmp_pa
     engine = db.make_engine(database_url)
     with engine.connect() as conn:
         customers = conn.execute(text("SELECT COUNT(*) FROM customers")).scalar_one()
-        by_category = dict(
+        by_category: dict[str, int] = dict(
             conn.execute(
                 text(
                     "SELECT p.category, COUNT(*) FROM adoptions a "

@@ -64,7 +64,9 @@ def test_fixture_bank_loads(engine: Engine) -> None:
         "attribute_definitions": 3,
     }
     with engine.connect() as conn:
-        kinds = dict(conn.execute(text("SELECT name, kind FROM attribute_definitions")).all())
+        kinds: dict[str, str] = dict(
+            conn.execute(text("SELECT name, kind FROM attribute_definitions")).all()
+        )
         attrs = conn.execute(
             text("SELECT attributes FROM customers WHERE external_id = 'C3'")
         ).scalar_one()
