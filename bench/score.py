@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from models.artifacts import load_bundle, save_bundle  # noqa: E402
 from models.data import BankData, CustomerState  # noqa: E402
-from models.propensity import train  # noqa: E402
+from models.propensity.training import train  # noqa: E402
 from models.synthetic import generate_bank  # noqa: E402
 
 

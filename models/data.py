@@ -41,6 +41,7 @@ __all__ = [
     "CustomerState",
     "OfferOutcome",
     "Snapshot",
+    "instant",
     "snapshot_of_state",
     "to_ns",
 ]
@@ -182,6 +183,36 @@ def to_ns(value: DateInput) -> int:
     if stamp.tzinfo is not None:
         stamp = stamp.tz_localize(None)
     return int(stamp.as_unit("ns").value)
+
+
+def instant(value: DateInput, *, name: str = "as_of") -> int:
+    """A required instant as :func:`to_ns` reads it.
+
+    Features, eligibility and scoring read what happened strictly before an instant;
+    a missing one reads as :data:`NAT_NS`, before everything, and would answer as if
+    nothing had happened, so it is refused.
+
+    Parameters
+    ----------
+    value : date-like
+        The instant.
+    name : str
+        The caller's argument, named in the error.
+
+    Returns
+    -------
+    int
+        Nanoseconds since the epoch, wall-clock time.
+
+    Raises
+    ------
+    ValueError
+        If ``value`` is None or ``NaT``.
+    """
+    value_ns = to_ns(value)
+    if value_ns == NAT_NS:
+        raise ValueError(f"{name} is required, got a missing value")
+    return value_ns
 
 
 def floor_day(ns: int) -> int:

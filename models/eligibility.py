@@ -34,6 +34,7 @@ from models.data import (
     BankData,
     CustomerState,
     DateInput,
+    instant,
     snapshot_of_state,
     to_ns,
 )
@@ -367,7 +368,7 @@ def eligible_matrix(
         bool, ``len(data.customers)`` x products, rows in ``data.customers`` order.
     """
     catalogue = catalogue if catalogue is not None else Catalogue.from_data(data)
-    at_ns = _instant(at)
+    at_ns = instant(at, name="at")
     customers = data.customers
     index = AdoptionIndex.from_frame(
         data.adoptions,
@@ -418,7 +419,7 @@ def check_eligibility(state: CustomerState, catalogue: Catalogue, at: DateInput)
     -------
     Eligibility
     """
-    at_ns = _instant(at)
+    at_ns = instant(at, name="at")
     held, ages, segments = state_arrays(state, catalogue, at_ns)
     failures = rule_failures(catalogue, held=held, ages=ages, segment_codes=segments)
     return describe(catalogue, failures, held=held[0], age=float(ages[0]), segment=state.segment)
@@ -484,10 +485,3 @@ def describe(
         else:
             eligible.append(code)
     return Eligibility(eligible=tuple(eligible), reasons=reasons)
-
-
-def _instant(at: DateInput) -> int:
-    at_ns = to_ns(at)
-    if at_ns == NAT_NS:
-        raise ValueError("an instant is required, got a missing value")
-    return at_ns

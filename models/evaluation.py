@@ -24,7 +24,8 @@ from models.metrics import (
     popularity_scores,
     product_metrics,
 )
-from models.propensity import ProgressFn, PropensityModel, TrainConfig, train
+from models.propensity import PropensityModel, TrainConfig
+from models.propensity.training import ProgressFn, train
 from models.synthetic import read_truth, true_propensities
 
 ReferenceScorer = Callable[[dt.date, int, pd.DataFrame], pd.DataFrame]

@@ -55,6 +55,7 @@ from models.data import (
     BankData,
     CustomerState,
     DateInput,
+    instant,
     snapshot_of_state,
     to_ns,
 )
@@ -749,7 +750,7 @@ class FeatureBuilder:
         FeatureFrame
         """
         prepared = data if isinstance(data, PreparedBank) else self.prepare(data)
-        as_of_ns = _instant(as_of)
+        as_of_ns = instant(as_of)
         rows = np.flatnonzero(
             (prepared.joined_ns == NAT_NS) | (prepared.joined_ns < as_of_ns)
         ).astype(np.intp)
@@ -866,7 +867,7 @@ class FeatureBuilder:
         numpy.ndarray
             float32, ``spec.columns``.
         """
-        as_of_ns = _instant(as_of)
+        as_of_ns = instant(as_of)
         values, _, _ = _assemble(self, self.customer_inputs(state, as_of_ns), as_of_ns)
         return np.asarray(values[0], dtype=np.float32)
 
@@ -962,13 +963,6 @@ def _number(value: object) -> float:
 
 def _ns(values: pd.Series) -> npt.NDArray[np.int64]:
     return np.asarray(values.to_numpy(dtype="datetime64[ns]").astype(np.int64))
-
-
-def _instant(as_of: DateInput) -> int:
-    as_of_ns = to_ns(as_of)
-    if as_of_ns == NAT_NS:
-        raise ValueError("as_of is required, got a missing value")
-    return as_of_ns
 
 
 def _empty_outcomes() -> pd.DataFrame:

@@ -137,6 +137,7 @@ NOT_FOR_SERVING = (
     "models.synthetic",
     "models.evaluation",
     "models.report",
+    "models.propensity.training",
     "service.training",
     "service.scoring",
     "service.cli",

@@ -22,7 +22,8 @@ from models.artifacts import (
     save_bundle,
 )
 from models.data import BankData
-from models.propensity import PropensityModel, TrainConfig, train
+from models.propensity import PropensityModel, TrainConfig
+from models.propensity.training import train
 from models.synthetic import generate_bank
 
 AS_OF = pd.Timestamp("2025-06-01")

@@ -15,13 +15,8 @@ from sklearn.metrics import roc_auc_score
 
 from models.data import BankData, CustomerState
 from models.eligibility import Catalogue, eligible_matrix
-from models.propensity import (
-    ProductScore,
-    PropensityModel,
-    TrainConfig,
-    plan_cutoffs,
-    train,
-)
+from models.propensity import ProductScore, PropensityModel, TrainConfig
+from models.propensity.training import plan_cutoffs, train
 from models.synthetic import SyntheticBank, generate_bank, true_propensities
 
 REPO = Path(__file__).resolve().parents[2]
@@ -210,7 +205,7 @@ def test_training_is_deterministic(planted: BankData, planted_model: PropensityM
 
 def test_progress_is_reported_to_the_end(planted: BankData) -> None:
     seen: list[tuple[str, float]] = []
-    PropensityModel.train(
+    train(
         planted,
         as_of=AS_OF,
         config=TrainConfig(n_cutoffs=2, products=("insurance",)),

@@ -26,7 +26,8 @@ from sqlalchemy import Engine, text
 
 from models.artifacts import save_bundle
 from models.data import BankData, CustomerState, to_ns
-from models.propensity import TrainConfig, train
+from models.propensity import TrainConfig
+from models.propensity.training import train
 from models.synthetic import generate_bank, write_bank
 from service.app import create_app
 from service.auth import create_key

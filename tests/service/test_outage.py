@@ -23,7 +23,8 @@ from sqlalchemy.engine import make_url
 
 from models.artifacts import save_bundle
 from models.data import BankData
-from models.propensity import TrainConfig, train
+from models.propensity import TrainConfig
+from models.propensity.training import train
 from models.synthetic import generate_bank, write_bank
 from service import auth, metrics
 from service.app import create_app

@@ -22,7 +22,8 @@ import pytest
 
 from models.artifacts import save_bundle
 from models.data import BankData
-from models.propensity import TrainConfig, train
+from models.propensity import TrainConfig
+from models.propensity.training import train
 from models.synthetic import generate_bank, write_bank
 from service.app import create_app
 from service.settings import Settings

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from models.artifacts import save_bundle
 from models.data import OUTCOME_COLUMNS, BankData
-from models.propensity import TrainConfig, train
+from models.propensity import TrainConfig
+from models.propensity.training import train
 from models.synthetic import generate_bank, write_bank
 from service.cli.main import app
 from service.data import registry

@@ -1,0 +1,690 @@
+"""Training a propensity model: cutoffs, sampled rows, one booster per product.
+
+Training data: monthly cutoffs
+------------------------------
+The latest month start ``v`` with ``v + horizon <= as_of`` is the validation cutoff;
+up to ``n_cutoffs`` earlier month starts whose whole label window ends by ``v`` are the
+training cutoffs, so no adoption is a label in both. At each cutoff features are built
+from data strictly before it (rules mined strictly before it too) and the label is an
+adoption in ``[cutoff, cutoff + horizon)``. When history is too short for both, one
+cutoff is used and its customers are split (by a hash of the id) into training and
+validation. Negatives are subsampled per product and cutoff (all positives kept) and
+reweighted by the inverse sampling rate, so the weighted data keep the true base rate.
+
+Each product's booster is then early-stopped on the validation cutoff and calibrated
+there (see :mod:`models.propensity.calibration`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightgbm as lgb
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+from sklearn.metrics import roc_auc_score
+
+from models.data import NS_PER_DAY, BankData, DateInput, instant
+from models.eligibility import Catalogue, combine, rule_failures
+from models.features import FeatureBuilder, FeatureFrame, FeatureSpec, PreparedBank, mine_rules
+from models.propensity.calibration import Calibrator, fit_blend, fit_calibrator, log_loss, sigmoid
+from models.propensity.config import TrainConfig
+from models.propensity.model import ProductModel, PropensityModel
+from models.rules import RuleSet
+
+__all__ = [
+    "CutoffPlan",
+    "ProgressFn",
+    "plan_cutoffs",
+    "reliability",
+    "train",
+]
+
+ProgressFn = Callable[[str, float], None]
+"""Called as ``progress(stage, fraction_done)`` while training."""
+
+
+@dataclass(frozen=True)
+class CutoffPlan:
+    """Cutoffs of one training run.
+
+    Attributes
+    ----------
+    train : tuple of pandas.Timestamp
+        Training cutoffs, most recent first.
+    validation : pandas.Timestamp
+        Validation cutoff.
+    split_customers : bool
+        One cutoff only: its customers are split into training and validation.
+    """
+
+    train: tuple[pd.Timestamp, ...]
+    validation: pd.Timestamp
+    split_customers: bool
+
+
+def plan_cutoffs(
+    as_of: DateInput,
+    *,
+    horizon_days: int,
+    first_adoption: DateInput,
+    n_cutoffs: int = 6,
+    step_months: int = 1,
+) -> CutoffPlan:
+    """Choose the training and validation cutoffs (see the module docstring).
+
+    Parameters
+    ----------
+    as_of : date-like
+        Training instant: every label window must end by it.
+    horizon_days : int
+        Label window length.
+    first_adoption : date-like
+        The earliest adoption in the data; a cutoff needs ``horizon_days`` of history
+        after it.
+    n_cutoffs, step_months : int
+        Most training cutoffs, and months between them.
+
+    Returns
+    -------
+    CutoffPlan
+
+    Raises
+    ------
+    ValueError
+        If not even one cutoff fits.
+    """
+    end = pd.Timestamp(instant(as_of), unit="ns")
+    horizon = pd.Timedelta(days=horizon_days)
+    earliest = pd.Timestamp(instant(first_adoption, name="first_adoption"), unit="ns") + horizon
+    validation = _month_floor(end - horizon)
+    if validation <= earliest:
+        raise ValueError(
+            f"not enough history: the first adoption is {first_adoption}, so no cutoff "
+            f"with {horizon_days} days of history before it and a {horizon_days}-day "
+            f"label window ending by {end.date()} fits"
+        )
+    cutoffs: list[pd.Timestamp] = []
+    t = _month_floor(validation - horizon)
+    while len(cutoffs) < n_cutoffs and t > earliest:
+        cutoffs.append(t)
+        t = t - pd.DateOffset(months=step_months)
+    if not cutoffs:
+        return CutoffPlan(train=(validation,), validation=validation, split_customers=True)
+    return CutoffPlan(train=tuple(cutoffs), validation=validation, split_customers=False)
+
+
+def _month_floor(stamp: pd.Timestamp) -> pd.Timestamp:
+    return pd.Timestamp(year=stamp.year, month=stamp.month, day=1)
+
+
+@dataclass
+class _Rows:
+    """Sampled rows of one product, accumulated over cutoffs."""
+
+    values: list[npt.NDArray[np.float32]] = field(default_factory=list)
+    labels: list[npt.NDArray[np.bool_]] = field(default_factory=list)
+    weights: list[npt.NDArray[np.float64]] = field(default_factory=list)
+    folds: list[npt.NDArray[np.int8]] = field(default_factory=list)
+    rules: list[npt.NDArray[np.float64]] = field(default_factory=list)
+    positives: int = 0
+    weighted_rows: float = 0.0
+    weighted_positives: float = 0.0
+
+    def add(
+        self,
+        values: npt.NDArray[np.float32],
+        labels: npt.NDArray[np.bool_],
+        weights: npt.NDArray[np.float64],
+        folds: npt.NDArray[np.int8],
+        rules: npt.NDArray[np.float64],
+    ) -> None:
+        self.values.append(values)
+        self.labels.append(labels)
+        self.weights.append(weights)
+        self.folds.append(folds)
+        self.rules.append(rules)
+        self.positives += int(labels.sum())
+        self.weighted_rows += float(weights.sum())
+        self.weighted_positives += float(weights[labels].sum())
+
+    def arrays(
+        self, n_features: int
+    ) -> tuple[
+        npt.NDArray[np.float32],
+        npt.NDArray[np.bool_],
+        npt.NDArray[np.float64],
+        npt.NDArray[np.int8],
+        npt.NDArray[np.float64],
+    ]:
+        """Values, labels, weights, folds and exact rule confidences (the values are
+        released: call once)."""
+        if not self.values:
+            return (
+                np.empty((0, n_features), dtype=np.float32),
+                np.empty(0, dtype=bool),
+                np.empty(0),
+                np.empty(0, dtype=np.int8),
+                np.empty(0),
+            )
+        out = (
+            np.concatenate(self.values),
+            np.concatenate(self.labels),
+            np.concatenate(self.weights),
+            np.concatenate(self.folds),
+            np.concatenate(self.rules),
+        )
+        self.values.clear()
+        return out
+
+
+def train(
+    data: BankData,
+    *,
+    as_of: DateInput,
+    horizon_days: int = 90,
+    config: TrainConfig | None = None,
+    progress: ProgressFn | None = None,
+) -> PropensityModel:
+    """Train a propensity model on the data strictly before ``as_of``.
+
+    Parameters
+    ----------
+    data : BankData
+        The bank. Adoptions on or after ``as_of`` are never read.
+    as_of : date-like
+        Training instant.
+    horizon_days : int
+        Propensity horizon: adoption within this many days.
+    config : TrainConfig, optional
+        Settings (default ``TrainConfig()``).
+    progress : callable, optional
+        ``progress(stage, fraction)`` with ``fraction`` from 0 to 1.
+
+    Returns
+    -------
+    PropensityModel
+        Its ``report`` holds, per product: ``kind`` (``lightgbm`` or ``base_rate``),
+        ``n_trees``, ``calibration``, ``blend`` (used or not), training and validation
+        rows and positives, and cross-fitted validation metrics ``auc``,
+        ``brier_uncalibrated``, ``brier_lgbm``, ``brier_rules``, ``brier_propensity``,
+        ``log_loss_propensity``, ``mean_predicted``, ``observed_rate`` and
+        ``reliability`` (10 bins of predicted vs observed).
+
+    Raises
+    ------
+    ValueError
+        If the history is too short for one cutoff.
+    """
+    config = config or TrainConfig()
+    if horizon_days < 1:
+        raise ValueError("horizon_days must be at least 1")
+    started = time.perf_counter()
+    report_progress = progress or (lambda stage, fraction: None)
+    as_of_ns = instant(as_of)
+    as_of_ts = pd.Timestamp(as_of_ns, unit="ns")
+    catalogue = Catalogue.from_data(data)
+    targets = _targets(catalogue, config)
+    spec = FeatureSpec.fit(
+        data, rule_features=config.rules, outcome_kinds=None if config.outcome_features else ()
+    )
+    report_progress("prepare", 0.0)
+    prepared = FeatureBuilder(spec, RuleSet([], "sequence", {}) if config.rules else None).prepare(
+        data
+    )
+    before = prepared.index.adopted < as_of_ns
+    if not before.any():
+        raise ValueError("no adoptions before as_of: nothing to learn from")
+    first_adoption = pd.Timestamp(int(prepared.index.adopted[before].min()), unit="ns")
+    plan = plan_cutoffs(
+        as_of_ts,
+        horizon_days=horizon_days,
+        first_adoption=first_adoption,
+        n_cutoffs=config.n_cutoffs,
+        step_months=config.cutoff_step_months,
+    )
+    rng = np.random.default_rng(config.seed)
+    hashes = (pd.util.hash_array(prepared.customer_ids) % np.uint64(10_000)).astype(np.int64)
+    spec_index = {code: j for j, code in enumerate(spec.product_codes)}
+    train_rows = {code: _Rows() for code in targets}
+    valid_rows = {code: _Rows() for code in targets}
+    forced = (
+        _AcceptedOffers.of(data, prepared.customer_ids, catalogue)
+        if config.forced_sales == "drop"
+        else None
+    )
+    dropped_forced = 0
+    cutoffs = [*plan.train] if plan.split_customers else [*plan.train, plan.validation]
+    per_cutoff_cap = max(1, config.max_rows_per_product // len(plan.train))
+    for i, cutoff in enumerate(cutoffs):
+        report_progress(f"features at {cutoff.date()}", 0.05 + 0.4 * i / len(cutoffs))
+        is_validation = plan.split_customers or cutoff == plan.validation
+        frame, labels, eligible = _cutoff(prepared, spec, catalogue, config, cutoff, horizon_days)
+        if forced is not None:
+            sold = forced.within(frame.rows, int(cutoff.value), horizon_days * NS_PER_DAY)
+            dropped_forced += int((sold & eligible).sum())
+            eligible &= ~sold
+        customer_hash = hashes[frame.rows]
+        if plan.split_customers:
+            held_out = customer_hash < int(config.validation_fraction * 10_000)
+            splits = [
+                (~held_out, train_rows, per_cutoff_cap, False),
+                (held_out, valid_rows, config.max_validation_rows, True),
+            ]
+        else:
+            everyone = np.ones(len(frame), dtype=bool)
+            splits = [
+                (everyone, valid_rows, config.max_validation_rows, True)
+                if is_validation
+                else (everyone, train_rows, per_cutoff_cap, False)
+            ]
+        for mask, sink, cap, validation in splits:
+            for code in targets:
+                j = catalogue.index[code]
+                candidates = np.flatnonzero(eligible[:, j] & mask)
+                rows, weights = _sample(
+                    candidates, labels[candidates, j], config, cap, rng, validation=validation
+                )
+                sink[code].add(
+                    frame.values[rows],
+                    labels[rows, j],
+                    weights,
+                    (customer_hash[rows] % 2).astype(np.int8),
+                    np.zeros(rows.size)
+                    if frame.rule_confidence is None
+                    else frame.rule_confidence[rows, spec_index[code]],
+                )
+        del frame, labels, eligible
+
+    report_progress("final rules", 0.45)
+    rules = None
+    if config.rules:
+        rules = mine_rules(
+            prepared.index,
+            spec.product_codes,
+            as_of=as_of_ts,
+            **_rule_settings(config, horizon_days),
+        )
+    products: list[ProductModel] = []
+    report: dict[str, Any] = {"products": {}}
+    params = config.lightgbm_params()
+    for n, code in enumerate(targets):
+        report_progress(f"training {code}", 0.5 + 0.5 * n / max(len(targets), 1))
+        product, metrics = _fit_product(
+            code, spec, train_rows.pop(code), valid_rows.pop(code), params, config
+        )
+        products.append(product)
+        report["products"][code] = metrics
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    report["summary"] = _summary(report["products"])
+    if forced is not None:
+        report["forced_sales_dropped"] = dropped_forced
+    window = {
+        "first_adoption": first_adoption.isoformat(),
+        "train_cutoffs": [t.isoformat() for t in plan.train],
+        "validation_cutoff": plan.validation.isoformat(),
+        "split_customers": plan.split_customers,
+        "customers": int(len(data.customers)),
+    }
+    report_progress("done", 1.0)
+    return PropensityModel(
+        spec=spec,
+        catalogue=catalogue,
+        rules=rules,
+        products=tuple(products),
+        as_of=as_of_ts,
+        horizon_days=horizon_days,
+        config=config,
+        window=window,
+        report=report,
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class _AcceptedOffers:
+    """Accepted offers as (customer position, catalogue column, instant) arrays."""
+
+    rows: npt.NDArray[np.intp]
+    cols: npt.NDArray[np.intp]
+    at_ns: npt.NDArray[np.int64]
+    n_products: int
+
+    @classmethod
+    def of(
+        cls, data: BankData, customer_ids: npt.NDArray[np.object_], catalogue: Catalogue
+    ) -> _AcceptedOffers:
+        n_products = len(catalogue.product_codes)
+        frame = data.outcomes
+        if frame is None or frame.empty:
+            empty = np.empty(0, dtype=np.intp)
+            return cls(empty, empty, np.empty(0, dtype=np.int64), n_products)
+        frame = frame[frame["outcome"] == "accepted"]
+        rows = pd.Index(customer_ids).get_indexer(frame["customer_id"].to_numpy(dtype=object))
+        cols = np.asarray(
+            [catalogue.index.get(str(code), -1) for code in frame["product_code"]], dtype=np.intp
+        )
+        at_ns = frame["occurred_at"].to_numpy(dtype="datetime64[ns]").astype(np.int64)
+        keep = (rows >= 0) & (cols >= 0)
+        return cls(rows[keep].astype(np.intp), cols[keep], at_ns[keep], n_products)
+
+    def within(
+        self, frame_rows: npt.NDArray[np.intp], start_ns: int, length_ns: int
+    ) -> npt.NDArray[np.bool_]:
+        """Rows of a feature frame x catalogue: an offer accepted in ``[start, start +
+        length)``; an offer accepted during a day counts from that day's start, as the
+        adoption it made is dated that day."""
+        out = np.zeros((frame_rows.size, self.n_products), dtype=bool)
+        day = self.at_ns - self.at_ns % NS_PER_DAY
+        hit = (day >= start_ns) & (day < start_ns + length_ns)
+        if not hit.any():
+            return out
+        position = np.full(int(frame_rows.max(initial=-1)) + 1, -1, dtype=np.intp)
+        position[frame_rows] = np.arange(frame_rows.size)
+        rows = self.rows[hit]
+        inside = rows < position.size
+        where = np.where(inside, position[np.minimum(rows, position.size - 1)], -1)
+        present = where >= 0
+        out[where[present], self.cols[hit][present]] = True
+        return out
+
+
+def _targets(catalogue: Catalogue, config: TrainConfig) -> list[str]:
+    if config.products is None:
+        return [c for j, c in enumerate(catalogue.product_codes) if catalogue.active[j]]
+    unknown = [c for c in config.products if c not in catalogue.index]
+    if unknown:
+        raise ValueError(f"TrainConfig.products names unknown product(s) {unknown}")
+    return [c for c in catalogue.product_codes if c in set(config.products)]
+
+
+def _rule_settings(config: TrainConfig, horizon_days: int) -> dict[str, Any]:
+    return {
+        "min_support": config.rule_min_support,
+        "min_confidence": config.rule_min_confidence,
+        "min_customers": config.rule_min_customers,
+        "max_antecedent": config.rule_max_antecedent,
+        "ordered": config.rule_ordered,
+        "within_days": horizon_days,
+    }
+
+
+def _cutoff(
+    prepared: PreparedBank,
+    spec: FeatureSpec,
+    catalogue: Catalogue,
+    config: TrainConfig,
+    cutoff: pd.Timestamp,
+    horizon_days: int,
+) -> tuple[FeatureFrame, npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+    """Features, labels and eligibility (catalogue columns) at one cutoff."""
+    t_ns = int(cutoff.value)
+    rules = None
+    if config.rules:
+        rules = mine_rules(
+            prepared.index, spec.product_codes, as_of=cutoff, **_rule_settings(config, horizon_days)
+        )
+    frame = FeatureBuilder(spec, rules).build(prepared, as_of=cutoff)
+    labels = prepared.index.adopted_between(t_ns, t_ns + horizon_days * NS_PER_DAY)[frame.rows]
+    failures = rule_failures(
+        catalogue,
+        held=frame.held,
+        ages=frame.ages,
+        segment_codes=catalogue.segment_codes(frame.segments),
+    )
+    return frame, labels, combine(failures)
+
+
+def _sample(
+    candidates: npt.NDArray[np.intp],
+    labels: npt.NDArray[np.bool_],
+    config: TrainConfig,
+    cap: int,
+    rng: np.random.Generator,
+    *,
+    validation: bool,
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.float64]]:
+    """All positives and a uniform share of negatives, weighted by 1 / share.
+
+    Training keeps about ``negatives_per_positive`` negatives per positive (at least
+    ``min_negatives``); validation keeps as many as the cap allows, since calibration
+    and early stopping need the negatives' score distribution more than speed.
+    """
+    positives = candidates[labels]
+    negatives = candidates[~labels]
+    if negatives.size == 0:
+        return positives, np.ones(positives.size)
+    wanted = float(max(cap - positives.size, 1))
+    if not validation:
+        wanted = min(
+            wanted, max(config.negatives_per_positive * positives.size, config.min_negatives)
+        )
+    share = min(1.0, wanted / negatives.size)
+    kept = negatives[rng.random(negatives.size) < share] if share < 1 else negatives
+    rows = np.concatenate([positives, kept])
+    weights = np.concatenate([np.ones(positives.size), np.full(kept.size, 1.0 / share)])
+    return rows, weights
+
+
+def _fit_product(
+    code: str,
+    spec: FeatureSpec,
+    train_rows: _Rows,
+    valid_rows: _Rows,
+    params: Mapping[str, Any],
+    config: TrainConfig,
+) -> tuple[ProductModel, dict[str, Any]]:
+    n_features = len(spec.columns)
+    x_train, y_train, w_train, _, _ = train_rows.arrays(n_features)
+    x_valid, y_valid, w_valid, folds, rules_valid = valid_rows.arrays(n_features)
+    weighted_rows = train_rows.weighted_rows + valid_rows.weighted_rows
+    base_rate = (
+        (train_rows.weighted_positives + valid_rows.weighted_positives) / weighted_rows
+        if weighted_rows
+        else 0.0
+    )
+    metrics: dict[str, Any] = {
+        "train_rows": int(y_train.size),
+        "train_positives": int(y_train.sum()),
+        "validation_rows": int(y_valid.size),
+        "validation_positives": int(y_valid.sum()),
+        "base_rate": base_rate,
+    }
+    rule_column = spec.columns.index(f"rule_conf_{code}") if spec.rule_features else -1
+    enough = (
+        y_train.sum() >= config.min_positives
+        and y_valid.sum() >= max(2, config.min_positives // 4)
+        and (~y_valid).any()
+    )
+    if not enough:
+        calibrator = Calibrator("constant", params=(base_rate,))
+        product = ProductModel(code, None, calibrator, None, base_rate)
+        metrics.update(kind="base_rate", n_trees=0, calibration="constant", blend=False)
+        lgbm = np.full(y_valid.size, base_rate)
+        metrics.update(_metrics(y_valid, w_valid, lgbm, lgbm, rules_valid, lgbm))
+        return product, metrics
+
+    categorical = [c for c in spec.categorical]
+    train_set = lgb.Dataset(
+        x_train,
+        label=y_train.astype(np.float32),
+        weight=w_train,
+        feature_name=list(spec.columns),
+        categorical_feature=categorical,
+        params={"max_bin": config.max_bin, "verbosity": -1},
+        free_raw_data=True,
+    )
+    valid_set = lgb.Dataset(
+        x_valid, label=y_valid.astype(np.float32), weight=w_valid, reference=train_set
+    )
+    booster = lgb.train(
+        dict(params),
+        train_set,
+        num_boost_round=config.max_rounds,
+        valid_sets=[valid_set],
+        callbacks=[lgb.early_stopping(config.early_stopping_rounds, verbose=False)],
+    )
+    best = booster.best_iteration or booster.current_iteration()
+    text = booster.model_to_string(num_iteration=best)
+    del booster, train_set, valid_set, x_train
+    model = lgb.Booster(model_str=text)
+    raw = np.asarray(model.predict(x_valid, raw_score=True), dtype=np.float64)
+
+    # Cross-fitted: each half of the validation customers is calibrated (and blended)
+    # by a fit on the other half, so choices and metrics are out of sample.
+    fits = []
+    for fold in (0, 1):
+        fit, apply = folds != fold, folds == fold
+        if not y_valid[fit].any() or y_valid[fit].all():
+            fit = np.ones(y_valid.size, dtype=bool)
+        fits.append((fit, apply))
+    if config.calibration == "auto":
+        # The weighted training data keep the base rate, so the booster is often
+        # calibrated already: a calibrator is used only where it wins out of sample.
+        methods = ["identity", "platt"]
+        if y_valid.sum() >= config.isotonic_min_positives:
+            methods.append("isotonic")
+    else:
+        methods = [config.calibration]
+    best_loss = math.inf
+    method = methods[0]
+    lgbm_oof = np.empty(y_valid.size)
+    for candidate in methods:
+        oof = np.empty(y_valid.size)
+        for fit, apply in fits:
+            oof[apply] = fit_calibrator(candidate, raw[fit], y_valid[fit], w_valid[fit]).apply(
+                raw[apply]
+            )
+        loss = log_loss(y_valid, w_valid, oof)
+        # A more flexible calibrator must win by a margin, not by noise.
+        if loss < best_loss * (1 - 1e-4):
+            best_loss, method, lgbm_oof = loss, candidate, oof
+    blend_oof = lgbm_oof.copy()
+    if config.blend and rule_column >= 0:
+        for fit, apply in fits:
+            calibrated = fit_calibrator(method, raw[fit], y_valid[fit], w_valid[fit]).apply(
+                raw[fit]
+            )
+            blend = fit_blend(calibrated, rules_valid[fit], y_valid[fit], w_valid[fit])
+            if blend is not None:
+                blend_oof[apply] = blend.apply(lgbm_oof[apply], rules_valid[apply])
+    use_blend = (
+        config.blend
+        and rule_column >= 0
+        and log_loss(y_valid, w_valid, blend_oof)
+        < log_loss(y_valid, w_valid, lgbm_oof) * (1 - 1e-3)
+    )
+    calibrator = fit_calibrator(method, raw, y_valid, w_valid)
+    blend = fit_blend(calibrator.apply(raw), rules_valid, y_valid, w_valid) if use_blend else None
+    propensity_oof = blend_oof if use_blend else lgbm_oof
+    metrics.update(
+        kind="lightgbm",
+        n_trees=int(best),
+        calibration=method,
+        blend=bool(use_blend),
+    )
+    metrics.update(_metrics(y_valid, w_valid, sigmoid(raw), lgbm_oof, rules_valid, propensity_oof))
+    return ProductModel(code, text, calibrator, blend, base_rate), metrics
+
+
+def _brier(
+    labels: npt.NDArray[np.bool_], weights: npt.NDArray[np.float64], p: npt.NDArray[np.float64]
+) -> float:
+    return (
+        float(np.sum(weights * (p - labels) ** 2) / np.sum(weights)) if weights.size else math.nan
+    )
+
+
+def reliability(
+    labels: npt.NDArray[np.bool_],
+    weights: npt.NDArray[np.float64],
+    predicted: npt.NDArray[np.float64],
+    *,
+    bins: int = 10,
+) -> list[dict[str, float]]:
+    """Reliability table: equal-weight bins of the prediction, mean predicted vs observed.
+
+    Parameters
+    ----------
+    labels : numpy.ndarray
+        bool outcomes.
+    weights : numpy.ndarray
+        Row weights.
+    predicted : numpy.ndarray
+        Predicted probabilities.
+    bins : int
+        Number of bins.
+
+    Returns
+    -------
+    list of dict
+        ``mean_predicted``, ``observed``, ``weight`` per non-empty bin, low to high.
+    """
+    if labels.size == 0:
+        return []
+    order = np.argsort(predicted, kind="stable")
+    cumulative = np.cumsum(weights[order])
+    edges = np.searchsorted(cumulative, cumulative[-1] * np.arange(1, bins) / bins)
+    table = []
+    for part in np.split(order, edges):
+        if part.size == 0:
+            continue
+        w = weights[part]
+        table.append(
+            {
+                "mean_predicted": float(np.sum(w * predicted[part]) / np.sum(w)),
+                "observed": float(np.sum(w * labels[part]) / np.sum(w)),
+                "weight": float(np.sum(w)),
+            }
+        )
+    return table
+
+
+def _metrics(
+    labels: npt.NDArray[np.bool_],
+    weights: npt.NDArray[np.float64],
+    uncalibrated: npt.NDArray[np.float64],
+    lgbm: npt.NDArray[np.float64],
+    rules: npt.NDArray[np.float64],
+    propensity: npt.NDArray[np.float64],
+) -> dict[str, Any]:
+    if labels.size == 0:
+        return {}
+    both = labels.any() and not labels.all()
+    return {
+        "auc": float(roc_auc_score(labels, propensity, sample_weight=weights))
+        if both
+        else math.nan,
+        "auc_rules": float(roc_auc_score(labels, rules, sample_weight=weights))
+        if both
+        else math.nan,
+        "brier_uncalibrated": _brier(labels, weights, uncalibrated),
+        "brier_lgbm": _brier(labels, weights, lgbm),
+        "brier_rules": _brier(labels, weights, rules),
+        "brier_propensity": _brier(labels, weights, propensity),
+        "log_loss_propensity": log_loss(labels, weights, propensity),
+        "mean_predicted": float(np.sum(weights * propensity) / np.sum(weights)),
+        "observed_rate": float(np.sum(weights * labels) / np.sum(weights)),
+        "reliability": reliability(labels, weights, propensity),
+    }
+
+
+def _summary(products: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    modelled = [m for m in products.values() if m.get("kind") == "lightgbm"]
+
+    def mean(key: str) -> float:
+        values = [float(m[key]) for m in modelled if key in m and not math.isnan(float(m[key]))]
+        return float(np.mean(values)) if values else math.nan
+
+    return {
+        "products": len(products),
+        "lightgbm_products": len(modelled),
+        "trees": int(sum(int(m["n_trees"]) for m in modelled)),
+        "mean_auc": mean("auc"),
+        "mean_brier_propensity": mean("brier_propensity"),
+        "mean_brier_uncalibrated": mean("brier_uncalibrated"),
+    }
