@@ -12,6 +12,7 @@ Three miners share one rule vocabulary:
 Sequence and co-holding miners return a :class:`RuleSet` (saved as plain JSON), which
 answers "which rule applies best to this customer" one customer at a time
 (:meth:`RuleSet.best_rules`) or for many at once (:func:`best_rule_confidence`).
+:func:`select_rules` filters and ranks rules as an analyst asks for them.
 
 Thresholds are exact: a threshold is read as the decimal it is written as (0.8 is 4/5)
 and compared with integer counts, so a rule exactly at a threshold is always kept,
@@ -399,6 +400,53 @@ def best_rule_confidence(
             np.maximum(out_t[j], np.where(applies, confidence, 0.0), out=out_t[j])
     out_t[held_t] = 0.0
     return np.ascontiguousarray(out_t.T)
+
+
+# --------------------------------------------------------------------------- selecting
+
+
+def select_rules(
+    rules: Iterable[Rule],
+    *,
+    consequent: str | None = None,
+    min_confidence: float = 0.0,
+    min_lift: float = 0.0,
+    ordered: bool | None = None,
+    limit: int | None = None,
+) -> list[Rule]:
+    """The rules an analyst asked for, best first.
+
+    Parameters
+    ----------
+    rules : iterable of Rule
+        The rules to choose from.
+    consequent : str, optional
+        Keep only rules predicting this product; None keeps every consequent.
+    min_confidence, min_lift : float
+        Keep only rules at least this confident and with at least this lift, compared
+        with the rule's stored ratios as floats (the rules are already mined; the exact
+        thresholds above are the miners').
+    ordered : bool, optional
+        Keep only ordered (True) or only unordered (False) rules; None keeps both.
+    limit : int, optional
+        Return at most this many rules; None returns all that are kept.
+
+    Returns
+    -------
+    list of Rule
+        The kept rules, by confidence, then lift, then customers, all descending;
+        rules equal on all three keep their order in ``rules``.
+    """
+    chosen = [
+        rule
+        for rule in rules
+        if rule.confidence >= min_confidence
+        and rule.lift >= min_lift
+        and (consequent is None or rule.consequent == consequent)
+        and (ordered is None or rule.ordered == ordered)
+    ]
+    chosen.sort(key=_rank_key)
+    return chosen if limit is None else chosen[:limit]
 
 
 # --------------------------------------------------------------------------- wording

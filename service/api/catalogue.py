@@ -11,17 +11,15 @@ import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Response
-from sqlalchemy import select
 
-from models.rules import rule_sentence
+from models.rules import rule_sentence, select_rules
 from service import metrics, validation
 from service.api.deps import EngineDep, ServingDep
 from service.auth import Principal, require
-from service.data import registry
+from service.data import catalogue, registry
 from service.data.db import unit_of_work
 from service.data.tables import ModelVersion, Product
-from service.decision.state import record_event
-from service.errors import Invalid, NotFound, Unavailable
+from service.errors import Invalid, Unavailable
 from service.schemas import (
     ActivationResponse,
     Identifier,
@@ -75,7 +73,7 @@ def list_products(
     principal: Annotated[Principal, Depends(require("catalogue"))], engine: EngineDep
 ) -> list[ProductResponse]:
     with unit_of_work(engine) as session:
-        return [_product_out(p) for p in session.scalars(select(Product).order_by(Product.code))]
+        return [_product_out(p) for p in catalogue.list_products(session)]
 
 
 @router.get(
@@ -92,10 +90,7 @@ def get_product(
     engine: EngineDep,
 ) -> ProductResponse:
     with unit_of_work(engine) as session:
-        row = session.scalar(select(Product).where(Product.code == code))
-        if row is None:
-            raise NotFound(f"product '{code}' does not exist")
-        return _product_out(row)
+        return _product_out(catalogue.get_product(session, code=code))
 
 
 @router.put(
@@ -121,32 +116,7 @@ async def put_product(
 ) -> ProductResponse:
     def write() -> tuple[ProductResponse, bool]:
         with unit_of_work(engine) as session:
-            known = set(session.scalars(select(Product.code)))
-            for field in ("requires", "excludes"):
-                unknown = sorted(set(getattr(body, field)) - known - {code})
-                if unknown:
-                    raise Invalid(
-                        f"body.{field}: unknown product(s) {', '.join(unknown)}",
-                        errors=[{"field": f"body.{field}", "message": "unknown product"}],
-                    )
-            if (
-                body.min_age is not None
-                and body.max_age is not None
-                and body.min_age > body.max_age
-            ):
-                raise Invalid(
-                    "body.min_age: greater than max_age",
-                    errors=[{"field": "body.min_age", "message": "greater than max_age"}],
-                )
-            row = session.scalar(select(Product).where(Product.code == code))
-            created = row is None
-            if row is None:
-                row = Product(code=code)
-                session.add(row)
-            for name, value in body.model_dump().items():
-                setattr(row, name, value)
-            session.flush()
-            record_event(session.connection(), kind="catalogue", origin=state.origin, product=code)
+            row, created = catalogue.put_product(session, code=code, body=body, origin=state.origin)
             return _product_out(row), created
 
     answer, created = await asyncio.to_thread(write)
@@ -209,20 +179,14 @@ async def activate_model(
 ) -> ActivationResponse:
     def activate() -> str | None:
         with unit_of_work(engine) as session:
-            try:
-                row = registry.get_version(session, version)
-            except registry.RegistryError as exc:
-                raise NotFound(str(exc)) from None
-            try:
-                registry.load_model(row)
-            except registry.RegistryError as exc:
-                metrics.MODEL_LOADS.labels("failure").inc()
-                raise Invalid(str(exc)) from None
-            previous = registry.activate(session, row)
-            record_event(session.connection(), kind="model", origin=state.origin, detail=version)
-            return None if previous is None else previous.version
+            return registry.activate_version(session, version=version, origin=state.origin)
 
-    previous = await asyncio.to_thread(activate)
+    try:
+        previous = await asyncio.to_thread(activate)
+    except Invalid:
+        # The bundle failed its checks: a failed load, though nothing was swapped.
+        metrics.MODEL_LOADS.labels("failure").inc()
+        raise
     snapshot = await asyncio.to_thread(state.load)
     metrics.MODEL_LOADS.labels("success" if snapshot.model is not None else "failure").inc()
     metrics.set_active_model(snapshot.version)
@@ -250,22 +214,19 @@ def list_rules(
     snapshot = state.snapshot
     if snapshot is None or snapshot.model is None:
         raise Unavailable("no model version is loaded: train one with `nbo train`")
-    model = snapshot.model
-    rules = [] if model.rules is None else list(model.rules.rules)
     if consequent is not None and consequent not in snapshot.catalogue.index:
         raise Invalid(
             f"consequent: unknown product '{consequent}'",
             errors=[{"field": "consequent", "message": "unknown product"}],
         )
-    chosen = [
-        r
-        for r in rules
-        if r.confidence >= min_confidence
-        and r.lift >= min_lift
-        and (consequent is None or r.consequent == consequent)
-        and (ordered is None or r.ordered == ordered)
-    ]
-    chosen.sort(key=lambda r: (-r.confidence, -r.lift, -r.n_customers))
+    chosen = select_rules(
+        [] if snapshot.model.rules is None else snapshot.model.rules.rules,
+        consequent=consequent,
+        min_confidence=min_confidence,
+        min_lift=min_lift,
+        ordered=ordered,
+        limit=limit,
+    )
     names = {code: name for code, name in snapshot.names.items()}
     return RulesResponse(
         model_version=snapshot.version or "",
@@ -284,6 +245,6 @@ def list_rules(
                 median_days=r.median_days,
                 sentence=rule_sentence(r, names),
             )
-            for r in chosen[:limit]
+            for r in chosen
         ],
     )

@@ -26,7 +26,9 @@ from sqlalchemy.orm import Session
 
 from models.artifacts import BundleError, load_bundle
 from models.propensity import PropensityModel
+from service.data.events import record_event
 from service.data.tables import ModelVersion
+from service.errors import Invalid, NotFound
 
 MANIFEST = "manifest.json"
 
@@ -177,6 +179,33 @@ def activate(session: Session, row: ModelVersion) -> ModelVersion | None:
     row.activated_at = dt.datetime.now(dt.UTC)
     session.flush()
     return previous if previous is not None and previous.id != row.id else None
+
+
+def activate_version(session: Session, *, version: str, origin: str) -> str | None:
+    """Make ``version`` active by hand once its bundle loads; return the version retired.
+
+    The bundle is checked (:func:`load_model`) before anything changes, so a version
+    that no worker could serve never becomes active. A ``model`` change event tells
+    every worker to load it.
+
+    Raises
+    ------
+    NotFound
+        If no version is called ``version``.
+    Invalid
+        If the bundle fails its checks; the message says which.
+    """
+    try:
+        row = get_version(session, version)
+    except RegistryError as exc:
+        raise NotFound(str(exc)) from None
+    try:
+        load_model(row)
+    except RegistryError as exc:
+        raise Invalid(str(exc)) from None
+    previous = activate(session, row)
+    record_event(session.connection(), kind="model", origin=origin, detail=version)
+    return None if previous is None else previous.version
 
 
 def rollback(session: Session) -> tuple[ModelVersion, ModelVersion]:
