@@ -21,6 +21,7 @@ demo: install
 test: install
 	bash scripts/test-services
 	$(BIN)/ruff check service models tests bench examples migrations
+	$(BIN)/mypy --strict service models
 	$(BIN)/pytest -n 2 --dist loadgroup
 
 lint: install

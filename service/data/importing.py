@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
-from sqlalchemy import Connection, Engine, ForeignKeyConstraint, text
+from sqlalchemy import Connection, Engine, ForeignKeyConstraint, Table, text
 from sqlalchemy.schema import AddConstraint, DropConstraint
 
 from models.data import ADOPTION_COLUMNS, CUSTOMER_FIXED_COLUMNS, PRODUCT_COLUMNS
@@ -231,7 +231,7 @@ def _parse_dates(
     missing = _missing(raw)
     parsed = pd.to_datetime(raw.where(~missing, None), format="ISO8601", errors="coerce")
     bad = parsed.isna().to_numpy() & ~missing
-    for i in np.flatnonzero(bad):
+    for i in np.flatnonzero(bad).tolist():
         problems.add(
             first + int(i), column, f"unparsable date '{raw.iloc[i]}' (expected YYYY-MM-DD)"
         )
@@ -240,11 +240,11 @@ def _parse_dates(
         (parsed < pd.Timestamp(validation.EARLIEST_DATE))
         | (parsed >= pd.Timestamp(latest) + pd.Timedelta(days=1))
     ).to_numpy()
-    for i in np.flatnonzero(outside):
+    for i in np.flatnonzero(outside).tolist():
         reason = validation.date_problem(parsed.iloc[i].date(), today=today, future=future)
         problems.add(first + int(i), column, reason or f"implausible date '{raw.iloc[i]}'")
     if required:
-        for i in np.flatnonzero(missing):
+        for i in np.flatnonzero(missing).tolist():
             problems.add(first + int(i), column, "missing value")
     return parsed.where(~outside).dt.normalize()
 
@@ -266,21 +266,21 @@ def _parse_numbers(
     missing = _missing(raw)
     parsed = pd.to_numeric(raw.where(~missing, None), errors="coerce")
     bad = parsed.isna().to_numpy() & ~missing
-    for i in np.flatnonzero(bad):
+    for i in np.flatnonzero(bad).tolist():
         problems.add(first + int(i), column, f"not a number: '{raw.iloc[i]}'")
     values = _finite_numbers(parsed, raw, column, first, problems)
-    for i in np.flatnonzero(~np.isnan(values) & (values > maximum)):
+    for i in np.flatnonzero(~np.isnan(values) & (values > maximum)).tolist():
         problems.add(first + int(i), column, f"value {raw.iloc[i]} too large (at most {maximum:g})")
     if integer:
         not_int = ~np.isnan(values) & (values != np.round(values))
-        for i in np.flatnonzero(not_int):
+        for i in np.flatnonzero(not_int).tolist():
             problems.add(first + int(i), column, f"not a whole number: '{raw.iloc[i]}'")
     if minimum is not None:
-        for i in np.flatnonzero(~np.isnan(values) & (values < minimum)):
+        for i in np.flatnonzero(~np.isnan(values) & (values < minimum)).tolist():
             kind = "negative value" if minimum == 0 else "value too small"
             problems.add(first + int(i), column, f"{kind} {raw.iloc[i]} (must be >= {minimum:g})")
     if required:
-        for i in np.flatnonzero(missing):
+        for i in np.flatnonzero(missing).tolist():
             problems.add(first + int(i), column, "missing value")
     return pd.Series(values, index=frame.index)
 
@@ -293,7 +293,7 @@ def _finite_numbers(
     values = parsed.to_numpy(dtype=float, na_value=np.nan, copy=True)
     with np.errstate(invalid="ignore"):
         outside = ~np.isnan(values) & ~(np.abs(values) <= validation.MAX_MAGNITUDE)
-    for i in np.flatnonzero(outside):
+    for i in np.flatnonzero(outside).tolist():
         reason = validation.number_problem(float(values[i])) or "not a storable number"
         problems.add(first + int(i), column, f"{reason}: '{raw.iloc[i]}'")
     values[outside] = np.nan
@@ -308,9 +308,9 @@ def _check_lengths(
         if column not in frame:
             continue
         raw = frame[column]
-        for i in np.flatnonzero((raw.str.len() > limit).to_numpy()):
+        for i in np.flatnonzero((raw.str.len() > limit).to_numpy()).tolist():
             problems.add(first + int(i), column, f"longer than {limit} characters")
-        for i in np.flatnonzero(raw.str.contains("\x00", regex=False).to_numpy()):
+        for i in np.flatnonzero(raw.str.contains("\x00", regex=False).to_numpy()).tolist():
             problems.add(first + int(i), column, "contains the NUL character (U+0000)")
 
 
@@ -339,7 +339,8 @@ def _date_text(value: Any) -> str | None:
     if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NaT:
         return None
     if isinstance(value, pd.Timestamp):
-        return value.date().isoformat()
+        day: str = value.date().isoformat()
+        return day
     if isinstance(value, dt.date):
         return value.isoformat()
     return str(value)
@@ -375,7 +376,8 @@ class _Stage:
         """Append rows (a frame with the table's columns in order, or tuples)."""
         if len(rows) == 0:
             return
-        raw = self.conn.connection.dbapi_connection
+        # psycopg's connection: its cursor is a context manager and has copy().
+        raw: Any = self.conn.connection.dbapi_connection
         assert raw is not None
         if self.postgres:
             frame = (
@@ -755,7 +757,7 @@ def _stage_customer_chunk(
     today: dt.date,
 ) -> list[tuple[Any, ...]]:
     ids = frame["customer_id"]
-    for i in np.flatnonzero(_missing(ids)):
+    for i in np.flatnonzero(_missing(ids)).tolist():
         problems.add(first + int(i), "customer_id", "missing value")
     dates = {
         c: (
@@ -784,7 +786,7 @@ def _stage_customer_chunk(
                 kinds[name] = "categorical"
         kind = kinds.get(name)
         if kind == "numeric":
-            for i in np.flatnonzero(not_number):
+            for i in np.flatnonzero(not_number).tolist():
                 origin = (
                     "is numeric"
                     if name in stored_kinds
@@ -985,12 +987,12 @@ def _stage_adoption_chunk(
     today: dt.date,
 ) -> pd.DataFrame:
     ids = frame["customer_id"]
-    for i in np.flatnonzero(_missing(ids)):
+    for i in np.flatnonzero(_missing(ids)).tolist():
         problems.add(first + int(i), "customer_id", "missing value")
     codes = frame["product_code"]
     product_ids = codes.map(catalogue)
     unknown = product_ids.isna().to_numpy()
-    for i in np.flatnonzero(unknown):
+    for i in np.flatnonzero(unknown).tolist():
         shown = codes.iloc[i]
         problems.add(
             first + int(i),
@@ -1010,7 +1012,7 @@ def _stage_adoption_chunk(
     else:
         closed = pd.Series(pd.NaT, index=frame.index, dtype="datetime64[ns]")
     before = (closed < adopted).to_numpy()
-    for i in np.flatnonzero(before):
+    for i in np.flatnonzero(before).tolist():
         problems.add(
             first + int(i),
             "closed_at",
@@ -1070,7 +1072,8 @@ def _foreign_keys_checked_once(conn: Connection, rows: int, bulk_rows: int) -> I
         return
     from service.data.tables import Adoption
 
-    constraints = [c for c in Adoption.__table__.constraints if isinstance(c, ForeignKeyConstraint)]
+    table: Table = Adoption.__table__  # type: ignore[assignment]  # a declarative class's __table__ is its Table
+    constraints = [c for c in table.constraints if isinstance(c, ForeignKeyConstraint)]
     for constraint in constraints:
         conn.execute(DropConstraint(constraint))
     yield
@@ -1311,7 +1314,7 @@ def _snapshot_chunk(
     today: dt.date,
 ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
     ids = frame[options.id_column]
-    for i in np.flatnonzero(_missing(ids)):
+    for i in np.flatnonzero(_missing(ids)).tolist():
         problems.add(first + int(i), options.id_column, "missing value")
     dates = _parse_dates(
         frame,
@@ -1331,7 +1334,7 @@ def _snapshot_chunk(
             dtype=float, na_value=np.nan
         )
         bad = ~missing & ~np.isin(numbers, (0.0, 1.0))
-        for i in np.flatnonzero(bad):
+        for i in np.flatnonzero(bad).tolist():
             problems.add(
                 first + int(i), column, f"holding flag must be 0 or 1, got '{raw.iloc[i]}'"
             )
