@@ -9,7 +9,7 @@ Run it against a prepared bank, e.g. the one ``bench/serve.py --keep DIR`` leave
 (``NBO_DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1:5432/nbo_bench_serve``,
 ``NBO_DATA_DIR=DIR/postgresql``, and ``NBO_FREQUENCY_CAP=1000000`` as that benchmark
 sets it). It loads the serving state as a worker does, then drives
-:func:`service.api.decisions.serve_decision` (key check, body validation, policy,
+:func:`service.decision.lane.serve_decision` (key check, body validation, policy,
 offers, the audit rows, the JSON answer) for random customers on one event loop, with
 the audit write answered at once instead of committed. What is left out is what the
 bare FastAPI endpoint of ``bench/serve.py`` pays too (uvicorn, sockets) and the
@@ -39,10 +39,10 @@ import orjson
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from service import db  # noqa: E402
-from service.api.decisions import serve_decision  # noqa: E402
 from service.auth import KeyStore  # noqa: E402
+from service.data import db  # noqa: E402
 from service.decision.audit import AuditRecord, audit_writer  # noqa: E402
+from service.decision.lane import serve_decision  # noqa: E402
 from service.decision.state import ServingState  # noqa: E402
 from service.settings import Settings  # noqa: E402
 

@@ -4,37 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request, Response
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.types import Receive, Scope, Send
 
 from service import metrics
 from service.api import catalogue, data, decisions, feedback, health
 from service.auth import KeyStore, ops_access
 from service.data import db
+from service.decision import lane
 from service.decision.audit import AuditWriter, audit_writer
 from service.decision.state import ServingState
-from service.errors import (
-    Problem,
-    TooLarge,
-    install_error_handlers,
-    is_outage,
-    render_invalid,
-    render_outage,
-    render_problem,
-    render_unexpected,
-)
+from service.errors import TooLarge, install_error_handlers, render_problem
 from service.metrics import MetricsMiddleware
 from service.reports import api as report_routes
 from service.reports import dashboard
@@ -138,64 +128,21 @@ async def _poll_forever(state: ServingState, interval: float) -> None:
             poll_failure.succeeded()
 
 
-_DECISION_PATH = re.compile(r"/v1/customers/([^/]+)/decisions")
-_DECISION_ROUTE = "/v1/customers/{customer_id}/decisions"
-
-
 class NboApp(FastAPI):
-    """The FastAPI application, with a fast lane for the decision hot path.
+    """The FastAPI application, with the decision fast lane in front.
 
-    ``POST /v1/customers/{customer_id}/decisions`` is most of the traffic and must
-    answer in a few milliseconds. Routed the usual way, each request crosses seven
-    middleware layers and FastAPI's dependency machinery, which together cost as much
-    as the decision itself. The lane hands it straight to
-    :func:`service.api.decisions.serve_decision`, which checks the key and validates
-    the path and body exactly as the documented route (its twin in the OpenAPI spec)
-    would; errors become the same problem details, and the request is counted in
-    ``nbo_http_request_duration_seconds`` like any other.
+    ``POST /v1/customers/{customer_id}/decisions`` goes straight to
+    :func:`service.decision.lane.serve`, ahead of the middleware stack and routing
+    (see :mod:`service.decision.lane` for why, and what it means for middleware);
+    everything else is served the usual way.
     """
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            match = _DECISION_PATH.fullmatch(scope["path"])
-            if match is not None:
-                await self._decision_lane(scope, receive, send, match.group(1))
-                return
-        await super().__call__(scope, receive, send)
-
-    async def _decision_lane(self, scope: Any, receive: Any, send: Any, customer_id: str) -> None:
-        started = time.perf_counter()
-        path = scope["path"]
-        response: Response
-        try:
-            body = await decisions.serve_decision(self, scope, receive, customer_id)
-        except Problem as exc:
-            response = render_problem(exc, path)
-        except RequestValidationError as exc:
-            response = render_invalid(exc, path)
-        except Exception as exc:  # noqa: BLE001 - answered as a problem, logged
-            if is_outage(exc):
-                response = render_outage(exc, path)
-            else:
-                log.exception("unhandled error", extra={"path": path})
-                response = render_unexpected(path)
-        else:
-            if not await _send_whole(send, body):
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 200,
-                        "headers": [
-                            (b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()),
-                        ],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body})
-            metrics.observe_request("POST", _DECISION_ROUTE, 200, started)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        customer_id = lane.decision_customer(scope)
+        if customer_id is not None:
+            await lane.serve(self, scope, receive, send, customer_id)
             return
-        await response(scope, receive, send)
-        metrics.observe_request("POST", _DECISION_ROUTE, response.status_code, started)
+        await super().__call__(scope, receive, send)
 
 
 class BodyLimit:
@@ -264,76 +211,6 @@ def _content_length(scope: Any) -> int | None:
             except ValueError:
                 return None
     return None
-
-
-@functools.cache
-def _httptools_cycle() -> type[Any] | None:
-    """uvicorn's httptools request cycle class, if it has the attributes
-    :func:`_send_whole` uses (set in its ``__init__``)."""
-    try:
-        from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
-    except ImportError:  # pragma: no cover - uvicorn without httptools
-        return None
-    needed = (
-        "transport",
-        "flow",
-        "default_headers",
-        "keep_alive",
-        "response_started",
-        "response_complete",
-        "message_event",
-        "on_response",
-        "disconnected",
-        "access_log",
-        "waiting_for_100_continue",
-    )
-    init = RequestResponseCycle.__init__.__code__.co_names
-    return RequestResponseCycle if all(name in init for name in needed) else None
-
-
-_STATUS_200 = b"HTTP/1.1 200 OK\r\n"
-
-
-async def _send_whole(send: Any, body: bytes) -> bool:
-    """Send a 200 JSON answer as one write to the socket, when served by uvicorn's
-    httptools protocol; False (nothing sent) otherwise, for the caller to send it as
-    ASGI messages.
-
-    Sent as ASGI messages, an answer costs uvicorn two socket writes (its head, then
-    its body), and on loopback each write also wakes the client: measured on the
-    decision benchmark, the two took a third of the worker's time per decision, and one
-    write took 7% off it. This does what uvicorn's ``send`` does for a complete,
-    fixed-length answer (its default headers, flow control, keep-alive, completion),
-    on the cycle behind the bound ``send``; the class is checked to be the one whose
-    attributes this reads, and anything unusual (an access log, an answer already
-    started) takes the ASGI path.
-    """
-    cycle: Any = getattr(send, "__self__", None)
-    kind = _httptools_cycle()
-    if kind is None or type(cycle) is not kind or cycle.access_log:
-        return False
-    if cycle.response_started:
-        return False
-    if cycle.flow.write_paused and not cycle.disconnected:
-        await cycle.flow.drain()
-    if cycle.disconnected:
-        return True  # as uvicorn's send: an answer to a gone client is dropped
-    cycle.response_started = True
-    cycle.waiting_for_100_continue = False
-    head = [_STATUS_200]
-    for name, value in cycle.default_headers:
-        head += (name, b": ", value, b"\r\n")
-    head.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body))
-    if not cycle.keep_alive:
-        head.append(b"connection: close\r\n")
-    head += (b"\r\n", body)
-    cycle.transport.write(b"".join(head))
-    cycle.response_complete = True
-    cycle.message_event.set()
-    if not cycle.keep_alive:
-        cycle.transport.close()
-    cycle.on_response()
-    return True
 
 
 async def _publish_figures(state: ServingState) -> None:

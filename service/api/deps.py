@@ -17,11 +17,10 @@ from typing import Annotated, cast
 
 from fastapi import Depends, Request
 from sqlalchemy import Engine
-from starlette.applications import Starlette
 
 from service.auth import KeyStore
 from service.decision.audit import AuditSink
-from service.decision.idempotency import DecisionReplays
+from service.decision.idempotency import DecisionReplays, replays_of
 from service.decision.state import ServingState
 from service.settings import Settings
 
@@ -48,15 +47,6 @@ async def get_audit(request: Request) -> AuditSink:
 
 async def get_replays(request: Request) -> DecisionReplays:
     return replays_of(request.app)
-
-
-def replays_of(app: Starlette) -> DecisionReplays:
-    """The worker's :class:`DecisionReplays`, made on first use."""
-    state = app.state
-    replays = getattr(state, "decision_replays", None)
-    if replays is None:
-        replays = state.decision_replays = DecisionReplays()
-    return cast(DecisionReplays, replays)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -5,7 +5,7 @@ retry must not make a second decision, which would count the offers twice agains
 frequency caps and in the metrics. Each worker keeps the recent keyed answers in memory
 (:class:`DecisionReplays`), because a retry usually comes to the same worker within
 seconds and must cost no more than a dict lookup there; a retry reaching another worker
-finds the decision in the database instead (see :mod:`service.api.decisions`).
+finds the decision in the database instead (see :mod:`service.decision.engine`).
 
 Keys belong to the API key that sent them: the scoped key is (API key prefix,
 Idempotency-Key), so one caller's keys never collide with another's.
@@ -18,7 +18,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
+
+from starlette.applications import Starlette
 
 from service.errors import Conflict
 
@@ -134,3 +136,12 @@ class DecisionReplays:
         event = self._deciding.pop(key, None)
         if event is not None:
             event.set()
+
+
+def replays_of(app: Starlette) -> DecisionReplays:
+    """The worker's :class:`DecisionReplays`, made on first use."""
+    state = app.state
+    replays = getattr(state, "decision_replays", None)
+    if replays is None:
+        replays = state.decision_replays = DecisionReplays()
+    return cast(DecisionReplays, replays)

@@ -533,33 +533,6 @@ class ServingState:
             refresh.add(customer)
 
 
-def record_event(
-    conn: Any,
-    *,
-    kind: str,
-    origin: str,
-    customer: str | None = None,
-    product: str | None = None,
-    detail: str | None = None,
-    at: dt.datetime | None = None,
-) -> None:
-    """Append one change event inside the caller's transaction."""
-    conn.execute(
-        text(
-            "INSERT INTO change_events (kind, customer_external_id, product_code, detail, "
-            "origin, occurred_at) VALUES (:kind, :customer, :product, :detail, :origin, :at)"
-        ),
-        {
-            "kind": kind,
-            "customer": customer,
-            "product": product,
-            "detail": detail,
-            "origin": origin,
-            "at": at or dt.datetime.now(dt.UTC),
-        },
-    )
-
-
 # --------------------------------------------------------------------------- building
 
 
@@ -664,7 +637,7 @@ def _score_matrix(
     """Propensity per (customer, catalogue product); NaN where not a candidate.
 
     Without a model, every eligible product gets 0 (popularity decides; see
-    :func:`service.api.decisions`), and held or ineligible products stay NaN.
+    :mod:`service.decision.engine`), and held or ineligible products stay NaN.
     """
     customer_ids = data.customers["customer_id"].astype(str).tolist()
     index = {cid: i for i, cid in enumerate(customer_ids)}

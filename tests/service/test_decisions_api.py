@@ -25,14 +25,14 @@ from sqlalchemy import create_engine, text
 from models.artifacts import save_bundle
 from models.data import BankData
 from models.eligibility import Catalogue, check_eligibility
-from models.propensity import TrainConfig, train
+from models.propensity import TrainConfig
+from models.propensity.training import train
 from models.synthetic import generate_bank, write_bank
-from service import app as app_module
 from service.app import _publish_figures as publish_figures
-from service.app import _send_whole as send_whole
 from service.app import create_app
 from service.data import registry
 from service.data.db import make_engine, unit_of_work
+from service.decision import lane
 from service.settings import Settings
 from tests.bank import load_trained_bank
 from tests.uvicorn_thread import uvicorn_thread
@@ -360,7 +360,7 @@ def test_other_workers_follow_through_the_change_log(make_service: Any) -> None:
     worker_b = make_service(frequency_cap=1, workers=2)
     customer = customers_with_offers(worker_b, 1)[0]
     offered = {o["product_code"] for o in worker_a.decide(customer).json()["offers"]}
-    worker_b.client.app.state.serving.poll()  # type: ignore[attr-defined]
+    worker_b.client.app.state.serving.poll()
     again = worker_b.decide(customer).json()["offers"]
     assert offered.isdisjoint(o["product_code"] for o in again)
 
@@ -401,7 +401,7 @@ def test_degraded_when_the_database_goes_away_and_nothing_is_lost(
     make_service: Any, tmp_path: Path
 ) -> None:
     service = make_service()
-    audit = service.client.app.state.audit  # type: ignore[attr-defined]
+    audit = service.client.app.state.audit
     on_loop = hasattr(audit, "conninfo")  # PostgreSQL: the writer has its own connection
     real = audit.conninfo if on_loop else audit.engine
     if on_loop:
@@ -566,7 +566,8 @@ def test_offer_ids_are_derived_from_their_decision_and_unique(make_service: Any)
 
 def _http_answers(sock: socket.socket, count: int) -> list[tuple[int, dict[str, str], bytes]]:
     """Read ``count`` HTTP/1.1 answers with a content-length off ``sock``."""
-    answers, buffer = [], b""
+    answers: list[tuple[int, dict[str, str], bytes]] = []
+    buffer = b""
     while len(answers) < count:
         while b"\r\n\r\n" not in buffer:
             chunk = sock.recv(65536)
@@ -612,12 +613,13 @@ def test_decisions_over_real_uvicorn_keep_alive_pipelining_and_close(
 
     app = create_app(settings)
     sent_whole: list[bool] = []
+    send_whole = lane._send_whole
 
     async def spy(send: Any, content: bytes) -> bool:
         sent_whole.append(await send_whole(send, content))
         return sent_whole[-1]
 
-    monkeypatch.setattr(app_module, "_send_whole", spy)
+    monkeypatch.setattr(lane, "_send_whole", spy)
     with (
         uvicorn_thread(app, lifespan="on", access_log=access_log) as address,
         socket.create_connection(address, timeout=10) as sock,
@@ -673,7 +675,7 @@ def test_a_failed_customer_read_answers_degraded_not_500(make_service: Any) -> N
     """A customer not held in memory is read from the database; if that read fails, the
     answer is an empty, flagged one (never a held product, never a 5xx)."""
     service = make_service()
-    serving = service.client.app.state.serving  # type: ignore[attr-defined]
+    serving = service.client.app.state.serving
     real = serving.engine
     serving.engine = create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")
     try:
@@ -736,7 +738,7 @@ def test_feedback_is_validated_tied_to_the_contact_and_idempotent(make_service: 
         headers=service.auth("teller"),
     )
     assert accepted.status_code == 201
-    asyncio.run(publish_figures(service.client.app.state.serving))  # type: ignore[attr-defined]
+    asyncio.run(publish_figures(service.client.app.state.serving))
     code = offer["product_code"]
     assert _sample(service, "nbo_conversion_ratio", product=code, channel="branch") == 1.0
     assert _sample(service, "nbo_nps_score", branch="B3") == 100.0
@@ -795,12 +797,12 @@ def test_detractor_after_an_offer_suppresses_offers_and_says_why(make_service: A
     assert "detractor" in analyst_view["note"]
     assert set(analyst_view["suppressed"].values()) == {"detractor"}
     # Another worker hears of it through the change log; a restarted one from the table.
-    other.client.app.state.serving.poll()  # type: ignore[attr-defined]
+    other.client.app.state.serving.poll()
     assert other.decide(unhappy).json()["offers"] == []
     restarted = make_service(detractor_suppress_days=30)
     assert restarted.decide(unhappy).json()["offers"] == []
     # The guardrail lapses after the configured days.
-    state = worker.client.app.state.serving  # type: ignore[attr-defined]
+    state = worker.client.app.state.serving
     later = dt.datetime.now(dt.UTC) + dt.timedelta(days=31)
     state.clock = lambda: later
     assert worker.decide(unhappy).json()["offers"]

@@ -144,7 +144,7 @@ def test_readiness_is_503_when_the_active_model_did_not_load(
 ) -> None:
     client = make_client()
     assert client.get("/health/ready").status_code == 200
-    state = client.app.state.serving  # type: ignore[attr-defined]
+    state = client.app.state.serving
     monkeypatch.setattr(state, "load_error", "bundle checksum mismatch", raising=False)
     answer = client.get("/health/ready")
     assert answer.status_code == 503 and answer.headers["retry-after"]
@@ -156,7 +156,7 @@ def test_readiness_is_503_when_the_audit_writer_is_not_running(
     make_client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client = make_client()
-    audit = client.app.state.audit  # type: ignore[attr-defined]
+    audit = client.app.state.audit
     monkeypatch.setattr(type(audit), "healthy", property(lambda self: False), raising=False)
     answer = client.get("/health/ready")
     assert answer.status_code == 503 and answer.headers["retry-after"]
@@ -167,7 +167,7 @@ def test_readiness_is_503_without_a_snapshot(make_client: Any) -> None:
     """A worker that could not load its snapshot answers every decision degraded with no
     offers: it is not ready, whatever the database says."""
     client = make_client()
-    client.app.state.serving.snapshot = None  # type: ignore[attr-defined]
+    client.app.state.serving.snapshot = None
     answer = client.get("/health/ready")
     assert answer.status_code == 503 and "snapshot" in answer.json()["detail"]
 

@@ -15,8 +15,8 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import IntegrityError
 
-from service.api import decisions
 from service.data import db
+from service.decision import outcomes
 from service.decision.idempotency import DecisionReplays
 from service.errors import Conflict
 from tests.service import test_decisions_api as api
@@ -96,14 +96,14 @@ def test_a_race_lost_at_the_unique_index_answers_409_not_500(
     # Another request's decline commits between this request's check and its insert:
     # the check is blinded once, so only the database stands in the way.
     assert _outcome(service, offer_id, "declined").status_code == 201
-    real = decisions._recorded_outcome
+    real = outcomes._recorded_outcome
     calls: list[int] = []
 
     def blind_once(session: Any, ask: Any) -> Any:
         calls.append(1)
         return None if len(calls) == 1 else real(session, ask)
 
-    monkeypatch.setattr(decisions, "_recorded_outcome", blind_once)
+    monkeypatch.setattr(outcomes, "_recorded_outcome", blind_once)
     lost = _outcome(service, offer_id, "accepted")
     assert lost.status_code == 409, lost.text
     assert lost.json()["recorded_outcome"] == "declined" and len(calls) == 2
