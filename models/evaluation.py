@@ -174,7 +174,7 @@ def _read_table(folder: Path, name: str) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class ReportInputs:
-    """The frames :func:`models.report.write_report` draws, for one holdout."""
+    """The frames :func:`models.evaluation_report.write_report` draws, for one holdout."""
 
     products: pd.DataFrame
     calibration: dict[str, pd.DataFrame]

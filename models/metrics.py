@@ -1,7 +1,7 @@
 """Offline evaluation of next-best-offer rankings and propensity scores.
 
 Every function takes plain frames or arrays and returns a DataFrame, so results drop
-straight into a report (:mod:`models.report`) or a notebook.
+straight into a report (:mod:`models.evaluation_report`) or a notebook.
 
 Contracts
 ---------

@@ -13,10 +13,10 @@ from sqlalchemy import Engine
 from models.artifacts import BundleError, load_bundle, save_bundle
 from models.data import BankData
 from models.evaluation import HoldoutResult, holdout_evaluation, report_inputs, truth_reference
+from models.evaluation_report import write_report
 from models.metrics import compare
 from models.propensity import TrainConfig
 from models.propensity.training import train
-from models.report import write_report
 from service.data import registry
 from service.data.bank import default_as_of, load_bank
 from service.data.db import unit_of_work

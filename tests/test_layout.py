@@ -136,7 +136,7 @@ NOT_FOR_SERVING = (
     "matplotlib",
     "models.synthetic",
     "models.evaluation",
-    "models.report",
+    "models.evaluation_report",
     "models.propensity.training",
     "service.training",
     "service.scoring",

@@ -1,4 +1,4 @@
-"""HTML evaluation report (models/report.py): one self-contained, escaped file."""
+"""HTML evaluation report (models/evaluation_report.py): one self-contained, escaped file."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from models.evaluation_report import write_report
 from models.metrics import (
     calibration_table,
     compare,
@@ -19,7 +20,6 @@ from models.metrics import (
     oracle_scores,
     product_metrics,
 )
-from models.report import write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DATA_URI = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
