@@ -70,7 +70,6 @@ DecisionStage = Literal["lookup", "scoring", "policy", "record"]
 ModelLoadResult = Literal["success", "failure"]
 """Values of the ``result`` label of :data:`MODEL_LOADS`."""
 
-FeedbackKind = Literal["nps", "csat"]
 """Values of the ``kind`` label of :data:`FEEDBACK`."""
 
 # --- HTTP --------------------------------------------------------------------

@@ -11,6 +11,10 @@ from service import validation as v
 
 Channel = Literal["branch", "contact_centre", "digital", "chatbot"]
 OutcomeKind = Literal["presented", "accepted", "declined", "not_now"]
+FeedbackKind = Literal["nps", "csat"]
+FeedbackCategory = Literal[
+    "promoter", "passive", "detractor", "satisfied", "neutral", "dissatisfied"
+]
 
 
 def _storable(value: str) -> str:
@@ -295,7 +299,7 @@ class RulesResponse(BaseModel):
 
 
 class FeedbackRequest(_Strict):
-    kind: Literal["nps", "csat"] = Field(
+    kind: FeedbackKind = Field(
         description="nps: 'How likely are you to recommend us?' 0-10; csat: satisfaction 1-5."
     )
     score: int = Field(ge=0, le=10, description="0-10 for nps, 1-5 for csat.")
@@ -314,9 +318,9 @@ class FeedbackRequest(_Strict):
 
 class FeedbackResponse(BaseModel):
     feedback_id: int
-    kind: Literal["nps", "csat"]
+    kind: FeedbackKind
     score: int
-    category: Literal["promoter", "passive", "detractor", "satisfied", "neutral", "dissatisfied"]
+    category: FeedbackCategory
     decision_id: str | None
     customer_id: str | None
     staff_id: str | None

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-from typing import Literal
 
 from sqlalchemy import Engine, select, text
 from sqlalchemy.exc import IntegrityError
@@ -23,16 +22,18 @@ from service.data.db import unit_of_work
 from service.data.events import record_event
 from service.data.tables import Customer, Decision, Feedback
 from service.errors import Conflict, Invalid
-from service.schemas import FeedbackRequest, FeedbackResponse
+from service.schemas import (
+    FeedbackCategory,
+    FeedbackKind,
+    FeedbackRequest,
+    FeedbackResponse,
+)
 
-Kind = Literal["nps", "csat"]
-Category = Literal["promoter", "passive", "detractor", "satisfied", "neutral", "dissatisfied"]
-
-SCORE_RANGES: dict[Kind, tuple[int, int]] = {"nps": (0, 10), "csat": (1, 5)}
+SCORE_RANGES: dict[FeedbackKind, tuple[int, int]] = {"nps": (0, 10), "csat": (1, 5)}
 """The scores each kind of answer allows, both ends included."""
 
 
-def category(kind: Kind, score: int) -> Category:
+def category(kind: FeedbackKind, score: int) -> FeedbackCategory:
     """NPS: promoter 9-10, passive 7-8, detractor 0-6; CSAT: satisfied 4-5, neutral 3,
     dissatisfied 1-2."""
     if kind == "nps":
@@ -203,7 +204,7 @@ def _is_detractor_after_offer(session: Session, body: FeedbackRequest) -> bool:
     return offered is not None
 
 
-def _stored_kind(kind: str) -> Kind:
+def _stored_kind(kind: str) -> FeedbackKind:
     """The kind of a stored answer (the table's check constraint allows only these)."""
     if kind == "nps":
         return "nps"
