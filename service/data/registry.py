@@ -169,8 +169,20 @@ def _metric(metrics: dict[str, Any] | None, name: str) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
-def activate(session: Session, row: ModelVersion) -> ModelVersion | None:
-    """Make ``row`` the active version; the previous one becomes retired. Returns it."""
+OFFLINE_ORIGIN = "offline"
+"""The origin of change events written outside the service (``nbo train``, ``nbo models``)."""
+
+
+def activate(
+    session: Session, row: ModelVersion, *, origin: str = OFFLINE_ORIGIN
+) -> ModelVersion | None:
+    """Make ``row`` the active version; the previous one becomes retired. Returns it.
+
+    Every activation (the promotion gate of ``nbo train``, ``nbo models promote`` and
+    ``rollback``, the API) writes a ``model`` change event in the same transaction, so
+    running workers load the version at their next poll rather than at their next
+    restart. ``origin`` names who activated, so a worker skips its own event.
+    """
     previous = active_version(session)
     if previous is not None and previous.id != row.id:
         previous.status = "retired"
@@ -178,6 +190,7 @@ def activate(session: Session, row: ModelVersion) -> ModelVersion | None:
     row.status = "active"
     row.activated_at = dt.datetime.now(dt.UTC)
     session.flush()
+    record_event(session.connection(), kind="model", origin=origin, detail=row.version)
     return previous if previous is not None and previous.id != row.id else None
 
 
@@ -185,8 +198,8 @@ def activate_version(session: Session, *, version: str, origin: str) -> str | No
     """Make ``version`` active by hand once its bundle loads; return the version retired.
 
     The bundle is checked (:func:`load_model`) before anything changes, so a version
-    that no worker could serve never becomes active. A ``model`` change event tells
-    every worker to load it.
+    that no worker could serve never becomes active. Its ``model`` change event tells
+    every other worker to load it.
 
     Raises
     ------
@@ -203,8 +216,7 @@ def activate_version(session: Session, *, version: str, origin: str) -> str | No
         load_model(row)
     except RegistryError as exc:
         raise Invalid(str(exc)) from None
-    previous = activate(session, row)
-    record_event(session.connection(), kind="model", origin=origin, detail=version)
+    previous = activate(session, row, origin=origin)
     return None if previous is None else previous.version
 
 

@@ -365,6 +365,40 @@ def test_other_workers_follow_through_the_change_log(make_service: Any) -> None:
     assert offered.isdisjoint(o["product_code"] for o in again)
 
 
+def test_a_version_activated_offline_reaches_running_workers(
+    make_service: Any, trained: Trained, tmp_path: Path
+) -> None:
+    """``nbo train``'s gate, ``nbo models promote`` and ``rollback`` run outside the
+    service: their activation must reach running workers at the next change poll."""
+    service = make_service()
+    serving = service.client.app.state.serving
+    assert service.decide("C0000001").json()["model_version"] == "v1"
+    engine = make_engine(service.url)
+    try:
+        with unit_of_work(engine) as session:  # registered, then promoted by hand
+            registry.register(
+                session,
+                bundle=trained.bundle_b,
+                artifacts_dir=tmp_path / "models",
+                as_of=AS_OF,
+                horizon_days=90,
+                params={},
+                metrics={"map@3": 0.1},
+                gate_metric="map@3",
+                tolerance=0.0,
+                version="v2",
+            )
+            registry.activate(session, registry.get_version(session, "v2"))
+        assert serving.poll() >= 1
+        assert service.decide("C0000001").json()["model_version"] == "v2"
+        with unit_of_work(engine) as session:
+            registry.rollback(session)
+        serving.poll()
+        assert service.decide("C0000001").json()["model_version"] == "v1"
+    finally:
+        engine.dispose()
+
+
 def test_unknown_customer_404_or_cold_start(make_service: Any) -> None:
     service = make_service()
     missing = service.decide("NOBODY")
