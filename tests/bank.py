@@ -8,14 +8,36 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 
 from service.auth import create_key
 from service.data import registry
 from service.data.db import make_engine, unit_of_work
 from service.data.importing import import_adoptions, import_customers, import_products
+from service.data.tables import ModelVersion
 
 AS_OF = dt.date(2026, 1, 1)
 """The as-of day the test bundles are trained at."""
+
+
+def register_bundle(
+    session: Session, bundle: Path, data_dir: Path, *, version: str, map3: float = 0.3
+) -> ModelVersion:
+    """Register ``bundle`` as ``version`` with holdout MAP@3 ``map3``, through the promotion
+    gate with no tolerance (activated unless worse than the active version)."""
+    row, _ = registry.register(
+        session,
+        bundle=bundle,
+        artifacts_dir=data_dir / "models",
+        as_of=AS_OF,
+        horizon_days=90,
+        params={},
+        metrics={"map@3": map3},
+        gate_metric="map@3",
+        tolerance=0.0,
+        version=version,
+    )
+    return row
 
 
 def load_trained_bank(
@@ -37,18 +59,7 @@ def load_trained_bank(
         import_adoptions(engine, bank / "adoptions.csv")
         with unit_of_work(engine) as session:
             if bundle is not None:
-                registry.register(
-                    session,
-                    bundle=bundle,
-                    artifacts_dir=data_dir / "models",
-                    as_of=AS_OF,
-                    horizon_days=90,
-                    params={},
-                    metrics={"map@3": 0.3},
-                    gate_metric="map@3",
-                    tolerance=0.0,
-                    version="v1",
-                )
+                register_bundle(session, bundle, data_dir, version="v1")
             made = {
                 name: create_key(session, name=name, scopes=list(s)) for name, s in keys.items()
             }

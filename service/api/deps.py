@@ -20,7 +20,6 @@ from sqlalchemy import Engine
 
 from service.auth import KeyStore
 from service.decision.audit import AuditSink
-from service.decision.idempotency import DecisionReplays, replays_of
 from service.decision.state import ServingState
 from service.settings import Settings
 
@@ -45,13 +44,8 @@ async def get_audit(request: Request) -> AuditSink:
     return cast(AuditSink, request.app.state.audit)
 
 
-async def get_replays(request: Request) -> DecisionReplays:
-    return replays_of(request.app)
-
-
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 ServingDep = Annotated[ServingState, Depends(get_serving)]
 KeysDep = Annotated[KeyStore, Depends(get_keys)]
 AuditDep = Annotated[AuditSink, Depends(get_audit)]
-ReplaysDep = Annotated[DecisionReplays, Depends(get_replays)]

@@ -11,6 +11,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
@@ -19,6 +28,19 @@ from service.settings import Settings
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+def progress(*, counted: bool = True, remaining: bool = False) -> Progress:
+    """A progress bar on stderr (so stdout stays the command's output), gone when done:
+    the task's name, a bar, ``done/total`` when ``counted``, the time spent and, with
+    ``remaining``, the time left."""
+    columns: list[ProgressColumn] = [TextColumn("[bold]{task.description}"), BarColumn()]
+    if counted:
+        columns.append(MofNCompleteColumn())
+    columns.append(TimeElapsedColumn())
+    if remaining:
+        columns.append(TimeRemainingColumn())
+    return Progress(*columns, console=err_console, transient=True)
 
 
 def load_settings() -> Settings:

@@ -10,17 +10,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
-from service.cli.context import console, err_console, load_settings, ready_engine
+from service.cli.context import console, err_console, load_settings, progress, ready_engine
 from service.data import db
 from service.data.importing import (
     ImportFailed,
@@ -42,17 +34,9 @@ import_app = typer.Typer(
 
 @contextmanager
 def _progress(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=True,
-    ) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda n: progress.advance(task, n)
+    with progress(remaining=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
 
 
 def _print_summary(summary: ImportSummary) -> None:
@@ -296,18 +280,11 @@ def generate(
     if fmt not in ("csv", "parquet"):
         err_console.print("--format must be csv or parquet")
         raise typer.Exit(code=2)
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-    ) as progress:
-        task = progress.add_task("simulating months", total=None)
+    with progress() as bar:
+        task = bar.add_task("simulating months", total=None)
 
         def advance(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
+            bar.update(task, completed=done, total=total)
 
         bank = generate_bank(
             customers,
@@ -318,7 +295,7 @@ def generate(
             offers_per_month=offers_per_month,
             offer_targeting=offer_targeting,
         )
-        progress.update(task, description="writing files")
+        bar.update(task, description="writing files")
         # A str to typer, checked above to be csv or parquet.
         written = write_bank(bank, out, fmt=fmt)  # type: ignore[arg-type]
     table = Table(title=f"synthetic bank (seed {seed}) in {out}", show_header=False)

@@ -10,10 +10,16 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from service.cli.context import console, err_console, load_settings, open_session, ready_engine
+from service.cli.context import (
+    console,
+    err_console,
+    load_settings,
+    open_session,
+    progress,
+    ready_engine,
+)
 from service.settings import Settings
 
 rules_app = typer.Typer(
@@ -57,17 +63,11 @@ def _train_config(forced_sales: str | None, settings: Settings) -> Any:
 
 @contextmanager
 def _stage_progress() -> Iterator[Callable[[str, float], None]]:
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-    ) as progress:
-        task = progress.add_task("loading the bank", total=1.0)
+    with progress(counted=False) as bar:
+        task = bar.add_task("loading the bank", total=1.0)
 
         def advance(stage: str, fraction: float) -> None:
-            progress.update(task, description=stage, completed=fraction)
+            bar.update(task, description=stage, completed=fraction)
 
         yield advance
 

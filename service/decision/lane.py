@@ -137,15 +137,11 @@ async def serve_decision(app: Any, scope: Scope, receive: Receive, customer_id: 
     try:
         _CUSTOMER_ID.validate_python(customer_id)
     except ValidationError as exc:
-        raise RequestValidationError(
-            [{**error, "loc": ("path", "customer_id")} for error in exc.errors()]
-        ) from None
+        raise _located(exc, "path", "customer_id") from None
     try:
         body = DecisionRequest.model_validate_json(await _bounded_body(receive))
     except ValidationError as exc:
-        raise RequestValidationError(
-            [{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]
-        ) from None
+        raise _located(exc, "body") from None
     if idempotency_key is None:
         return await engine.decide(
             customer_id,
@@ -158,9 +154,7 @@ async def serve_decision(app: Any, scope: Scope, receive: Receive, customer_id: 
     try:
         _IDEMPOTENCY_KEY.validate_python(idempotency_key)
     except ValidationError as exc:
-        raise RequestValidationError(
-            [{**error, "loc": ("header", "idempotency-key")} for error in exc.errors()]
-        ) from None
+        raise _located(exc, "header", "idempotency-key") from None
     return await engine.decide_once(
         customer_id,
         body,
@@ -171,6 +165,14 @@ async def serve_decision(app: Any, scope: Scope, receive: Receive, customer_id: 
         audit=state.audit,
         database=state.engine,
         replays=replays_of(app),
+    )
+
+
+def _located(exc: ValidationError, *where: str) -> RequestValidationError:
+    """``exc`` as FastAPI reports it: each error's location prefixed with ``where`` (the
+    request part and, for a single value, its name), so fields are named as elsewhere."""
+    return RequestValidationError(
+        [{**error, "loc": (*where, *error["loc"])} for error in exc.errors()]
     )
 
 

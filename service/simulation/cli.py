@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from service.cli.context import console, err_console
+from service.cli.context import console, err_console, progress
 
 simulate_app = typer.Typer(help="Closed-loop simulation on the synthetic bank.")
 
@@ -93,18 +92,11 @@ def simulate(
     except ValueError as exc:
         err_console.print(f"invalid settings: {exc}")
         raise typer.Exit(code=2) from None
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-    ) as progress:
-        task = progress.add_task("starting", total=days)
+    with progress() as bar:
+        task = bar.add_task("starting", total=days)
 
         def advance(stage: str, done: int, total: int) -> None:
-            progress.update(task, description=stage, completed=min(done, days))
+            bar.update(task, description=stage, completed=min(done, days))
 
         if work is None:
             with tempfile.TemporaryDirectory(prefix="nbo-simulation-") as folder:

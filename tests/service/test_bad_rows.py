@@ -38,7 +38,7 @@ from service.decision import state as serving
 from service.decision.state import ServingState, read_customers
 from service.reports import measures as reports
 from service.settings import Settings
-from tests.bank import load_trained_bank
+from tests.bank import load_trained_bank, register_bundle
 
 AS_OF = dt.date(2026, 1, 1)
 VICTIM = "C0000007"
@@ -452,18 +452,7 @@ def service(
     engine = make_engine(database_url)
     prepare(engine, trained, tmp_path)
     with unit_of_work(engine) as session:
-        registry.register(
-            session,
-            bundle=trained.bundle,
-            artifacts_dir=tmp_path / "models",
-            as_of=AS_OF,
-            horizon_days=90,
-            params={},
-            metrics={"map@3": 0.3},
-            gate_metric="map@3",
-            tolerance=0.0,
-            version="v2",
-        )
+        register_bundle(session, trained.bundle, tmp_path, version="v2")
         keys = {
             "models": create_key(session, name="analyst", scopes=["models", "catalogue"]),
             "teller": create_key(session, name="teller", scopes=["decisions"]),

@@ -34,7 +34,7 @@ from service.data import registry
 from service.data.db import make_engine, unit_of_work
 from service.decision import lane
 from service.settings import Settings
-from tests.bank import load_trained_bank
+from tests.bank import load_trained_bank, register_bundle
 from tests.uvicorn_thread import uvicorn_thread
 
 AS_OF = dt.date(2026, 1, 1)
@@ -376,18 +376,7 @@ def test_a_version_activated_offline_reaches_running_workers(
     engine = make_engine(service.url)
     try:
         with unit_of_work(engine) as session:  # registered, then promoted by hand
-            registry.register(
-                session,
-                bundle=trained.bundle_b,
-                artifacts_dir=tmp_path / "models",
-                as_of=AS_OF,
-                horizon_days=90,
-                params={},
-                metrics={"map@3": 0.1},
-                gate_metric="map@3",
-                tolerance=0.0,
-                version="v2",
-            )
+            register_bundle(session, trained.bundle_b, tmp_path, version="v2", map3=0.1)
             registry.activate(session, registry.get_version(session, "v2"))
         assert serving.poll() >= 1
         assert service.decide("C0000001").json()["model_version"] == "v2"
@@ -474,18 +463,7 @@ def test_activation_under_load_fails_no_request(
     service = make_service()
     engine = make_engine(service.url)
     with unit_of_work(engine) as session:
-        row, _ = registry.register(
-            session,
-            bundle=trained.bundle_b,
-            artifacts_dir=tmp_path / "models",
-            as_of=AS_OF,
-            horizon_days=90,
-            params={},
-            metrics={"map@3": 0.1},
-            gate_metric="map@3",
-            tolerance=0.0,
-            version="v2",
-        )
+        row = register_bundle(session, trained.bundle_b, tmp_path, version="v2", map3=0.1)
         assert row.status == "rejected"
     engine.dispose()
     failures: list[str] = []
