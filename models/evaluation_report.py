@@ -28,8 +28,10 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from models.metrics import expected_calibration_error
+from models.model_card import CardSection, CardTable, card_sections
 
 __all__ = ["write_report"]
 
@@ -84,6 +86,13 @@ tbody tr:hover { background: #f3f4f6; }
 td.best { background: var(--best); color: var(--best-ink); font-weight: 700; }
 tr.reference td { color: var(--muted); font-style: italic; }
 td.rule { white-space: normal; }
+h3 { font-size: 16px; margin: 22px 0 6px; }
+table.card-facts { width: auto; margin-bottom: 8px; }
+table.card-facts th { background: none; color: var(--muted); font-weight: 500; }
+td.wrap { white-space: normal; overflow-wrap: anywhere; }
+table.card { margin-bottom: 8px; }
+table.card caption { text-align: left; color: var(--muted); font-size: 13px;
+                     padding: 4px 0; }
 .arrow { color: var(--accent); font-weight: 700; padding: 0 4px; }
 figure { margin: 0; }
 figure img { max-width: 100%; height: auto; border: 1px solid var(--line);
@@ -107,6 +116,7 @@ def write_report(
     reference_models: Collection[str] = ("oracle",),
     max_rules: int = 20,
     max_features: int = 20,
+    card: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the evaluation report as one self-contained HTML file.
 
@@ -144,6 +154,10 @@ def write_report(
         such as the oracle that knows the future.
     max_rules, max_features : int, default 20
         How many rules and features to show.
+    card : mapping, optional
+        A model card (:func:`models.model_card.build_card`), shown as the last
+        section, "Model card": the sections :func:`models.model_card.render_text`
+        prints, with a reliability chart per product. None: no such section.
 
     Returns
     -------
@@ -153,12 +167,12 @@ def write_report(
     Raises
     ------
     ValueError
-        If a frame lacks the columns its section needs.
+        If a frame lacks the columns its section needs, or ``card`` is not a model card.
     """
     references = frozenset(reference_models)
     body = [
         _header(title, summary),
-        _nav(),
+        _nav(with_card=card is not None),
         "<main>",
         _comparison_section(comparison, references),
         _gains_section(_by_model(gains), references),
@@ -166,6 +180,7 @@ def write_report(
         _products_section(products),
         _rules_section(rules, max_rules),
         _importance_section(importance, max_features),
+        "" if card is None else _card_section(card),
         "</main>",
         "<footer>nbo offline evaluation report &middot; self-contained, no external "
         "resources</footer>",
@@ -206,7 +221,7 @@ def _header(title: str, summary: Mapping[str, str]) -> str:
     return f'<header><h1>{_esc(title)}</h1><dl class="facts">{facts}</dl></header>'
 
 
-def _nav() -> str:
+def _nav(*, with_card: bool = False) -> str:
     links = [
         ("comparison", "Model comparison"),
         ("gains", "Gains and lift"),
@@ -215,6 +230,8 @@ def _nav() -> str:
         ("rules", "Top rules"),
         ("importance", "Feature importance"),
     ]
+    if with_card:
+        links.append(("card", "Model card"))
     return "<nav>" + "".join(f'<a href="#{a}">{_esc(t)}</a>' for a, t in links) + "</nav>"
 
 
@@ -489,6 +506,85 @@ def _importance_section(importance: pd.DataFrame | None, max_features: int) -> s
         note,
         _image(figure, "Bar chart of the most important features"),
     )
+
+
+def _card_section(card: Mapping[str, Any]) -> str:
+    note = (
+        "What a model-risk review reads about the model: its data and holdout, products "
+        "and feature columns, holdout metrics next to the baselines, calibration, metrics "
+        "by segment and by age band, and how it was trained."
+    )
+    parts = []
+    for section in card_sections(card):
+        parts.append(_card_part(section))
+        if section.anchor == "card-calibration":
+            parts.append(_card_reliability(card))
+    return _section("card", "Model card", note, "".join(parts))
+
+
+def _card_part(section: CardSection) -> str:
+    parts = [f'<h3 id="{_esc(section.anchor)}">{_esc(section.heading)}</h3>']
+    if section.facts:
+        rows = "".join(
+            f'<tr><th>{_esc(label)}</th><td class="wrap">{_esc(value)}</td></tr>'
+            for label, value in section.facts
+        )
+        parts.append(f'<table class="card-facts"><tbody>{rows}</tbody></table>')
+    parts.extend(_card_table(table) for table in section.tables)
+    parts.extend(f'<p class="note">{_esc(note)}</p>' for note in section.notes)
+    return "".join(parts)
+
+
+def _card_table(table: CardTable) -> str:
+    caption = f"<caption>{_esc(table.title)}</caption>" if table.title else ""
+    header = "".join(
+        f"<th{_NUM if numeric else ''}>{_esc(column)}</th>"
+        for column, numeric in zip(table.columns, table.numeric, strict=True)
+    )
+    rows = "".join(
+        "<tr>"
+        + "".join(
+            f"<td{_NUM if numeric else ''}>{_esc(cell)}</td>"
+            for cell, numeric in zip(row, table.numeric, strict=True)
+        )
+        + "</tr>"
+        for row in table.rows
+    )
+    return (
+        f'<div class="scroll"><table class="card">{caption}<thead><tr>{header}</tr></thead>'
+        f"<tbody>{rows}</tbody></table></div>"
+    )
+
+
+def _card_reliability(card: Mapping[str, Any]) -> str:
+    """Small multiples: each product's validation reliability bins against the diagonal."""
+    products = [p for p in card["calibration"]["products"] if p["validation"]["bins"]]
+    if not products:
+        return ""
+    columns = min(5, len(products))
+    rows = math.ceil(len(products) / columns)
+    figure = _figure(2.3 * columns, 2.1 * rows)
+    grid = figure.subplots(rows, columns, squeeze=False)
+    for axes, product in zip(grid.flat, products, strict=False):
+        bins = product["validation"]["bins"]
+        predicted = [float(b["mean_predicted"]) for b in bins]
+        observed = [float(b["observed"]) for b in bins]
+        top = max([*predicted, *observed, 1e-3]) * 1.1
+        axes.plot([0, top], [0, top], color=_RANDOM_COLOUR, linestyle=":", linewidth=1)
+        axes.plot(predicted, observed, marker="o", markersize=3, color=_PALETTE[0])
+        axes.set(xlim=(0, top), ylim=(0, top))
+        axes.set_title(str(product["code"]), fontsize=9)
+        axes.tick_params(labelsize=7)
+        axes.xaxis.set_major_formatter(PercentFormatter(1.0))
+        axes.yaxis.set_major_formatter(PercentFormatter(1.0))
+        axes.xaxis.set_major_locator(MaxNLocator(4))
+        axes.yaxis.set_major_locator(MaxNLocator(4))
+        _tidy(axes)
+    for axes in list(grid.flat)[len(products) :]:
+        axes.set_visible(False)
+    figure.supxlabel("mean predicted (validation bins)", fontsize=9)
+    figure.supylabel("observed adoption rate", fontsize=9)
+    return _image(figure, "Reliability of each product on the validation split of training")
 
 
 # --------------------------------------------------------------------------- pieces

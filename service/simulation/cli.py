@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
+import os
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from service.cli.context import console, err_console, progress
+
+if TYPE_CHECKING:
+    from service.simulation.run import SimulationResult
 
 simulate_app = typer.Typer(help="Closed-loop simulation on the synthetic bank.")
 
@@ -63,7 +65,13 @@ def simulate(
         ),
     ] = None,
     report: Annotated[
-        Path | None, typer.Option(help="Also write the results here (.json, else Markdown).")
+        Path | None,
+        typer.Option(
+            help="Also write a report here, in the format its suffix names: .html (or .htm) "
+            "a self-contained page with charts over the simulated days, .md Markdown, .json "
+            "the figures. Any other suffix is refused before the run starts (exit 2). An "
+            "existing file is replaced, and the command says so.",
+        ),
     ] = None,
 ) -> None:
     """Generate a synthetic bank, serve it for DAYS simulated days and measure the results.
@@ -74,14 +82,25 @@ def simulate(
     against the control group next to the true uplift the generator planted, and NPS.
     """
     from models.synthetic import OfferResponse
+    from service.simulation.report import write_report
     from service.simulation.run import SimulationConfig, run_simulation
 
+    if report is not None:
+        _check_report_path(report)
+    if work is not None and work.exists() and (not work.is_dir() or any(work.iterdir())):
+        err_console.print(f"--work {work} is not empty: give a new or empty folder")
+        raise typer.Exit(code=2)
+    try:
+        first_day = dt.date.fromisoformat(start)
+    except ValueError:
+        err_console.print(f"--start {start!r} is not a date: give it as YYYY-MM-DD")
+        raise typer.Exit(code=2) from None
     try:
         config = SimulationConfig(
             customers=customers,
             days=days,
             seed=seed,
-            start=dt.date.fromisoformat(start),
+            start=first_day,
             visits_per_month=visits_per_month,
             control_share=control_share,
             max_offers=max_offers,
@@ -102,39 +121,48 @@ def simulate(
             with tempfile.TemporaryDirectory(prefix="nbo-simulation-") as folder:
                 result = run_simulation(config, Path(folder), progress=advance)
         else:
-            if work.exists() and any(work.iterdir()):
-                err_console.print(f"--work {work} is not empty")
-                raise typer.Exit(code=2)
             result = run_simulation(config, work, progress=advance)
     _print(result)
     if report is not None:
+        try:
+            replaced = write_report(result, report)
+        except OSError as exc:
+            err_console.print(f"cannot write the report {report}: {exc.strerror or exc}")
+            raise typer.Exit(code=2) from None
+        console.print(f"replaced {report}" if replaced else f"report: {report}")
+
+
+def _check_report_path(report: Path) -> None:
+    """Refuse, before a run that may take minutes, a report that could not be written."""
+    from service.simulation.report import report_format
+
+    try:
+        report_format(report)
+    except ValueError as exc:
+        err_console.print(f"--report {exc}")
+        raise typer.Exit(code=2) from None
+    if report.is_dir():
+        err_console.print(
+            f"--report {report} is a folder: give a file name, e.g. {report}/simulation.html"
+        )
+        raise typer.Exit(code=2)
+    try:
         report.parent.mkdir(parents=True, exist_ok=True)
-        if report.suffix == ".json":
-            report.write_text(json.dumps(summary(result), indent=2, default=str) + "\n")
-        else:
-            report.write_text(markdown(result))
-        console.print(f"report: {report}")
+    except OSError as exc:
+        err_console.print(f"--report {report}: cannot create its folder ({exc.strerror or exc})")
+        raise typer.Exit(code=2) from None
+    if not os.access(report.parent, os.W_OK) or (
+        report.exists() and not os.access(report, os.W_OK)
+    ):
+        err_console.print(f"--report {report}: not writable")
+        raise typer.Exit(code=2)
 
 
-def _pct(value: float | None, digits: int = 1) -> str:
-    return "" if value is None else f"{100 * value:.{digits}f}%"
+def _print(result: SimulationResult) -> None:
+    from service.simulation.report import pct as _pct
+    from service.simulation.report import pp as _pp
+    from service.simulation.report import uplift_rows
 
-
-def _pp(value: float | None) -> str:
-    return "" if value is None else f"{100 * value:+.1f}"
-
-
-def _uplift_rows(result: Any) -> list[tuple[Any, Any]]:
-    """(measured, true) rows worth showing: the total, then products anyone adopted."""
-    truth = {row.product_code: row for row in result.true_uplift.rows}
-    rows = [(result.uplift.total, result.true_uplift.total)]
-    for row in result.uplift.rows:
-        if row.treated_adopters or row.control_adopters:
-            rows.append((row, truth.get(row.product_code)))
-    return rows
-
-
-def _print(result: Any) -> None:
     config = result.config
     period = config.period
     total = result.conversion.total
@@ -160,7 +188,7 @@ def _print(result: Any) -> None:
     )
     for column in ("product", "treated", "control", "measured", "95% CI", "true", "in CI"):
         uplift.add_column(column, justify="left" if column == "product" else "right")
-    for measured, truth in _uplift_rows(result):
+    for measured, truth in uplift_rows(result):
         true_value = None if truth is None else truth.difference
         inside = (
             measured.ci_low is not None
@@ -201,65 +229,3 @@ def _print(result: Any) -> None:
     ]
     for line in lines:
         console.print(line)
-
-
-def summary(result: Any) -> dict[str, Any]:
-    """The results as plain JSON-ready data."""
-    config = result.config
-    return {
-        "config": {
-            **{k: v for k, v in asdict(config).items() if k not in ("train_config",)},
-            "train_config": config.train_config.to_dict(),
-        },
-        "visits": result.visits,
-        "decisions_with_offers": result.decisions_with_offers,
-        "adoptions_organic": result.adoptions_organic,
-        "adoptions_offer": result.adoptions_offer,
-        "conversion": asdict(result.conversion.total),
-        "conversion_by_product": [asdict(row) for row in result.conversion.rows],
-        "uplift": asdict(result.uplift.total),
-        "true_uplift": result.true_difference(),
-        "recovered": result.recovered(),
-        "uplift_by_product": [
-            {**asdict(measured), "true_difference": None if truth is None else truth.difference}
-            for measured, truth in _uplift_rows(result)[1:]
-        ],
-        "nps": asdict(result.nps.total),
-        "nps_by_branch": [asdict(row) for row in result.nps.rows],
-        "retrainings": [asdict(r) for r in result.retrainings],
-        "seconds": result.seconds,
-    }
-
-
-def markdown(result: Any) -> str:
-    """The results as a short Markdown report."""
-    config = result.config
-    period = config.period
-    total = result.conversion.total
-    nps = result.nps.total
-    out = [
-        f"# nbo simulation: {config.customers:,} customers, {period.start} to {period.end}",
-        "",
-        f"- branch visits: {result.visits:,} ({result.decisions_with_offers:,} with offers)",
-        f"- offers accepted: {total.accepted:,} of {total.presented:,} ({_pct(total.conversion)})",
-        f"- NPS: {'n/a' if nps.nps is None else f'{nps.nps:+.1f}'} ({nps.responses:,} answers)",
-        f"- control group: {_pct(config.control_share, 0)} of customers",
-        "",
-        f"## Uplift: adoption within {config.uplift_window_days} days of the first contact",
-        "",
-        "| product | treated | control | measured (pp) | 95% CI (pp) | true (pp) |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for measured, truth in _uplift_rows(result):
-        ci = "" if measured.ci_low is None else f"{_pp(measured.ci_low)} .. {_pp(measured.ci_high)}"
-        out.append(
-            f"| {measured.product_code} | {_pct(measured.treated_rate)} of "
-            f"{measured.treated_customers:,} | {_pct(measured.control_rate)} of "
-            f"{measured.control_customers:,} | {_pp(measured.difference)} | {ci} | "
-            f"{_pp(None if truth is None else truth.difference)} |"
-        )
-    out += ["", "## Model versions", ""]
-    for r in result.retrainings:
-        state = "activated" if r.activated else "not activated"
-        out.append(f"- {r.day}: {r.version} ({state}; {r.reason})")
-    return "\n".join(out) + "\n"

@@ -7,16 +7,22 @@ simulated clock, a live model swap, and the reports. Seeds make every run the sa
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import io
 import json
+import re
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from sqlalchemy import create_engine, text
 from typer.testing import CliRunner
 
 from models.propensity import TrainConfig
 from models.synthetic import OfferResponse
 from service.cli.main import app
+from service.simulation.report import html_report, write_report
 from service.simulation.run import SimulationConfig, SimulationResult, run_simulation
 
 TINY_MODEL = TrainConfig(n_cutoffs=2, max_rounds=30, rules=False, num_threads=1)
@@ -108,25 +114,99 @@ def test_offers_without_effect_show_no_uplift(tmp_path: Path) -> None:
     assert result.recovered()
 
 
-def test_cli_runs_a_tiny_simulation(tmp_path: Path) -> None:
-    report = tmp_path / "simulation.json"
-    outcome = CliRunner().invoke(
-        app,
-        [
-            "simulate",
-            "--days", "2",
-            "--customers", "300",
-            "--visits-per-month", "3",
-            "--retrain-every", "0",
-            "--work", str(tmp_path / "work"),
-            "--report", str(report),
-        ],
-    )  # fmt: skip
-    assert outcome.exit_code == 0, outcome.output
-    assert "uplift" in outcome.output and "NPS" in outcome.output
-    figures = json.loads(report.read_text())
-    assert figures["visits"] > 0 and figures["config"]["days"] == 2
-    assert set(figures) >= {"conversion", "uplift", "true_uplift", "nps", "retrainings"}
-    assert (tmp_path / "work" / "nbo.sqlite3").exists()
-    again = CliRunner().invoke(app, ["simulate", "--days", "1", "--work", str(tmp_path / "work")])
-    assert again.exit_code == 2 and "not empty" in " ".join(again.output.split())
+def test_each_day_adds_up_to_the_final_reports(strong: SimulationResult) -> None:
+    """The day-by-day record is the loop's own count; the final reports read the database.
+    They must agree, and the last evening's reading of the experiment is the final one."""
+    days = strong.daily
+    assert [d.day for d in days] == strong.config.period.days
+    conversion, nps = strong.conversion.total, strong.nps.total
+    assert sum(d.decisions for d in days) == strong.visits
+    assert sum(d.decisions_with_offers for d in days) == strong.decisions_with_offers
+    assert sum(d.offers for d in days) == conversion.offers
+    assert sum(d.accepted for d in days) == conversion.accepted
+    assert sum(d.declined for d in days) == conversion.declined
+    assert sum(d.not_now for d in days) == conversion.not_now
+    assert sum(d.promoters for d in days) == nps.promoters
+    assert sum(d.detractors for d in days) == nps.detractors
+    assert sum(d.nps_responses for d in days) == nps.responses
+    ((control,),) = sql(strong, "SELECT count(*) FROM decisions WHERE control")
+    assert strong.control_decisions == control > 0
+    assert days[-1].uplift == strong.uplift.total
+    assert days[-1].true_uplift == strong.true_uplift.total
+    # Read as of each evening: the experiment only grows, and so far is never final.
+    treated = [d.uplift.treated_customers for d in days]
+    assert treated == sorted(treated) and 0 < treated[0] < treated[-1]
+    assert days[0].uplift.treated_adopters <= days[-1].uplift.treated_adopters
+
+
+def test_reports_in_each_format(strong: SimulationResult, tmp_path: Path) -> None:
+    page = tmp_path / "sim.html"
+    assert write_report(strong, page) is False
+    document = page.read_text()
+    assert document.startswith("<!DOCTYPE html>") and "</html>" in document
+    assert "http://" not in document and "https://" not in document  # self-contained
+    images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([^"]+)"', document)
+    assert len(images) == 3  # conversion, NPS, uplift
+    for encoded in images:
+        with Image.open(io.BytesIO(base64.b64decode(encoded))) as image:
+            assert image.width > 600 and image.height > 200
+    for anchor in ("summary", "conversion", "nps", "uplift", "products", "versions"):
+        assert f'<section id="{anchor}">' in document
+    assert f"<td>{strong.config.customers:,}</td>" in document
+    assert f"{strong.conversion.total.offers:,}</td>" in document
+
+    notes = tmp_path / "sim.md"
+    assert write_report(strong, notes) is False
+    assert write_report(strong, notes) is True  # replaced, and the caller is told
+    assert not list(tmp_path.glob(".*partial"))
+    text = notes.read_text()
+    assert text.startswith("# nbo simulation") and "<" not in text
+    assert sum(line.startswith("| 2026-") for line in text.splitlines()) == strong.config.days
+
+    figures = tmp_path / "sim.json"
+    write_report(strong, figures)
+    data = json.loads(figures.read_text())
+    assert len(data["daily"]) == strong.config.days
+    assert data["daily"][-1]["uplift"] == strong.uplift.total.difference
+    assert sum(day["offers"] for day in data["daily"]) == data["conversion"]["offers"]
+
+    with pytest.raises(ValueError, match=r"\.html or \.htm .*, \.md .* or \.json"):
+        write_report(strong, tmp_path / "sim.txt")
+    assert not (tmp_path / "sim.txt").exists()
+
+
+def test_a_report_without_nps_says_so(strong: SimulationResult) -> None:
+    silent = dataclasses.replace(
+        strong,
+        nps=dataclasses.replace(
+            strong.nps, total=dataclasses.replace(strong.nps.total, responses=0, nps=None)
+        ),
+    )
+    document = html_report(silent)
+    assert "No NPS answers were simulated." in document
+    assert document.count("<img ") == 2
+
+
+def test_report_problems_are_refused_before_the_run(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    (tmp_path / "reports.html").mkdir()
+    for report, message in [
+        (tmp_path / "sim.txt", "'sim.txt' ends in '.txt'"),
+        (tmp_path / "sim", "'sim' has no suffix"),
+        (tmp_path / "reports.html", "is a folder"),
+    ]:
+        outcome = CliRunner().invoke(
+            app, ["simulate", "--work", str(work), "--report", str(report)]
+        )
+        said = " ".join(outcome.output.split())
+        assert outcome.exit_code == 2 and message in said, said
+        assert "Traceback" not in said
+    bad_start = CliRunner().invoke(app, ["simulate", "--start", "2026-13-01"])
+    assert bad_start.exit_code == 2 and "YYYY-MM-DD" in bad_start.output
+    assert not work.exists()  # nothing ran
+
+
+def test_a_used_work_folder_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "nbo.sqlite3").write_text("")
+    outcome = CliRunner().invoke(app, ["simulate", "--days", "1", "--work", str(tmp_path)])
+    assert outcome.exit_code == 2 and "not empty" in " ".join(outcome.output.split())
