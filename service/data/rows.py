@@ -183,9 +183,11 @@ def parse_date(value: Any) -> tuple[dt.date | None, SkipReason | None]:
 
     Readers select dates as ISO text (see :func:`date_text`): a
     driver then never has to convert a date it cannot represent (PostgreSQL's
-    ``infinity``, a date BC, a year past 9999 on SQLite).
+    ``infinity``, a date BC, a year past 9999 on SQLite). A missing value is None, or
+    NaN/NaT where a frame stood in for it (pandas' ``str`` dtype holds a missing text as
+    NaN).
     """
-    if value is None:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NaT:
         return None, None
     if isinstance(value, str):
         try:
@@ -307,20 +309,35 @@ def customer_attributes(
             ) and -MAX_MAGNITUDE <= value <= MAX_MAGNITUDE:
                 out[name] = float(value)
                 continue
-            number, bad = parse_number(value)
-            if bad:
-                audit.note("bad_attribute_value", table="customers", key=key, field=name)
-            out[name] = number
         elif value_type is str:
             out[name] = value
-        elif isinstance(value, bool):
-            out[name] = "true" if value else "false"
-        elif isinstance(value, int | float):
-            out[name] = _label(value)
-        else:  # a list or an object: not a label
-            audit.note("bad_attribute_value", table="customers", key=key, field=name)
-            out[name] = None
+            continue
+        out[name] = attribute_value(value, kind, audit, table="customers", key=key, name=name)
     return out
+
+
+def attribute_value(
+    value: Any, kind: str, audit: RowAudit, *, table: str, key: str, name: str
+) -> AttributeValue:
+    """One stored attribute value of ``kind`` cleaned: a finite number within
+    :data:`MAX_MAGNITUDE` for a numeric one, a label (text) otherwise; None when absent
+    or unusable (noted in ``audit``). Segments and branches read as labels."""
+    if value is None:
+        return None
+    if kind == "numeric":
+        number, bad = parse_number(value)
+        if bad:
+            audit.note("bad_attribute_value", table=table, key=key, field=name)
+        return number
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return _label(value)
+    # A list or an object: not a label.
+    audit.note("bad_attribute_value", table=table, key=key, field=name)
+    return None
 
 
 def _label(value: int | float) -> str | None:

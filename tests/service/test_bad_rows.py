@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
@@ -542,3 +543,15 @@ def test_uplift_survives_bad_adoption_dates_and_product_values(
     assert skipped("report", "date_out_of_range") > before
     assert report.total.treated_customers == 1
     assert all(math.isfinite(row.incremental_value) for row in report.rows)
+
+
+@pytest.mark.parametrize("missing", [None, math.nan, pd.NaT])
+def test_a_missing_date_is_missing_not_bad(missing: Any) -> None:
+    """A frame holds a missing text as NaN (pandas' ``str`` dtype) or NaT: that is an
+    open product, not a bad date (before, closed products read this way were counted as
+    bad rows and held for ever in the uplift report)."""
+    from service.data.rows import parse_date
+
+    assert parse_date(missing) == (None, None)
+    assert parse_date("not a date") == (None, "bad_date")
+    assert parse_date("2024-02-29") == (dt.date(2024, 2, 29), None)
