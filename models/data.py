@@ -1,7 +1,8 @@
 """The bank's data as plain frames, and fast indexes over its adoption history.
 
 :class:`BankData` holds the four import-format tables (products, customers, adoptions
-and, later, offer outcomes) with normalised dtypes. It is built from files
+and, later, offer outcomes) with normalised dtypes, and the customers' attribute history
+when the bank keeps one. It is built from files
 (:meth:`BankData.from_folder`) or from frames the service reads from its database
 (:meth:`BankData.from_frames`). :class:`CustomerState` is one customer's record, as read
 at decision time; :class:`AdoptionIndex` turns either into customers x products arrays
@@ -30,6 +31,8 @@ from models.sequences import NEVER
 
 __all__ = [
     "ADOPTION_COLUMNS",
+    "ATTRIBUTE_HISTORY_COLUMNS",
+    "HISTORY_FIXED_COLUMNS",
     "CUSTOMER_FIXED_COLUMNS",
     "NS_PER_DAY",
     "OUTCOME_COLUMNS",
@@ -76,6 +79,14 @@ ADOPTION_COLUMNS: Final[tuple[str, ...]] = (
     "closed_at",
 )
 OUTCOME_COLUMNS: Final[tuple[str, ...]] = ("customer_id", "product_code", "outcome", "occurred_at")
+ATTRIBUTE_HISTORY_COLUMNS: Final[tuple[str, ...]] = (
+    "customer_id",
+    "attribute",
+    "changed_at",
+    "previous",
+)
+HISTORY_FIXED_COLUMNS: Final[tuple[str, ...]] = ("segment", "branch_id")
+"""The fixed customer columns an attribute history may hold besides the attributes."""
 
 NS_PER_DAY: Final[int] = 86_400 * 10**9
 """Nanoseconds in a day."""
@@ -501,6 +512,17 @@ class BankData:
     outcomes : pandas.DataFrame or None
         :data:`OUTCOME_COLUMNS` (``occurred_at`` datetime64[ns]) when offer outcomes
         are tracked, else None.
+    attribute_history : pandas.DataFrame or None
+        :data:`ATTRIBUTE_HISTORY_COLUMNS`, one row per change of a customer's attribute
+        (or ``segment``, ``branch_id``): from ``changed_at`` (datetime64[ns]) on,
+        ``attribute`` took a new value, and before it was ``previous`` (object: a float
+        for numeric attributes, a str otherwise; NaN when unknown). ``customers`` holds
+        the values after each customer's last change, and the value before the first
+        change counts as valid from the start of history; so the value at an instant
+        ``t`` is ``previous`` of the first change at or after ``t`` (a change at ``t``
+        has not happened yet at ``t``), else the one in ``customers``. Sorted by
+        customer, attribute and ``changed_at``. None (or no rows) when the bank keeps
+        no history: every instant reads ``customers``.
     """
 
     products: pd.DataFrame
@@ -508,6 +530,7 @@ class BankData:
     attribute_kinds: dict[str, AttributeKind]
     adoptions: pd.DataFrame
     outcomes: pd.DataFrame | None = None
+    attribute_history: pd.DataFrame | None = None
 
     @property
     def product_codes(self) -> tuple[str, ...]:
@@ -523,6 +546,7 @@ class BankData:
         *,
         attribute_kinds: Mapping[str, AttributeKind] | None = None,
         outcomes: pd.DataFrame | None = None,
+        attribute_history: pd.DataFrame | None = None,
     ) -> BankData:
         """Validate and normalise import-format frames.
 
@@ -542,6 +566,9 @@ class BankData:
             number (numeric dtypes always are), else categorical.
         outcomes : pandas.DataFrame, optional
             Offer outcomes (:data:`OUTCOME_COLUMNS`).
+        attribute_history : pandas.DataFrame, optional
+            Changes of customers' attributes (:data:`ATTRIBUTE_HISTORY_COLUMNS`, see
+            :class:`BankData`); ``previous`` is read by the attribute's kind.
 
         Returns
         -------
@@ -551,7 +578,8 @@ class BankData:
         ------
         ValueError
             On missing required columns, missing or duplicate keys, unparseable values,
-            or adoptions naming unknown customers or products.
+            adoptions naming unknown customers or products, or history naming unknown
+            customers or attributes.
         """
         product_frame = _normalise_products(products)
         customer_frame, kinds = _normalise_customers(customers, attribute_kinds)
@@ -565,12 +593,17 @@ class BankData:
         for frame, name in checked:
             _check_known(frame, "customer_id", known_customers, name)
             _check_known(frame, "product_code", known_products, name)
+        history_frame = None
+        if attribute_history is not None:
+            history_frame = _normalise_history(attribute_history, kinds)
+            _check_known(history_frame, "customer_id", known_customers, "attribute_history")
         return cls(
             products=product_frame,
             customers=customer_frame,
             attribute_kinds=kinds,
             adoptions=adoption_frame,
             outcomes=outcome_frame,
+            attribute_history=history_frame,
         )
 
     @classmethod
@@ -580,7 +613,8 @@ class BankData:
         *,
         attribute_kinds: Mapping[str, AttributeKind] | None = None,
     ) -> BankData:
-        """Read ``products``, ``customers``, ``adoptions`` (and optional ``outcomes``).
+        """Read ``products``, ``customers``, ``adoptions`` (and optional ``outcomes`` and
+        ``attribute_history``).
 
         Each table is ``<name>.parquet``, ``<name>.csv`` or ``<name>.csv.gz`` in
         ``path``. CSV cells are read as text and parsed as in :meth:`from_frames`.
@@ -605,8 +639,8 @@ class BankData:
         """
         folder = Path(path)
         tables = {
-            name: _read_table(folder, name, required=name != "outcomes")
-            for name in ("products", "customers", "adoptions", "outcomes")
+            name: _read_table(folder, name, required=name in ("products", "customers", "adoptions"))
+            for name in ("products", "customers", "adoptions", "outcomes", "attribute_history")
         }
         products, customers, adoptions = (
             tables["products"],
@@ -620,6 +654,7 @@ class BankData:
             adoptions,
             attribute_kinds=attribute_kinds,
             outcomes=tables["outcomes"],
+            attribute_history=tables["attribute_history"],
         )
 
     def customer_state(self, customer_id: str) -> CustomerState:
@@ -900,6 +935,35 @@ def _normalise_outcomes(outcomes: pd.DataFrame) -> pd.DataFrame:
     )
     if frame["occurred_at"].isna().any():
         raise ValueError("outcomes.occurred_at must not be missing")
+    return frame.reset_index(drop=True)
+
+
+def _normalise_history(history: pd.DataFrame, kinds: Mapping[str, AttributeKind]) -> pd.DataFrame:
+    _require(history, ATTRIBUTE_HISTORY_COLUMNS, "attribute_history")
+    frame = pd.DataFrame(
+        {
+            "customer_id": _keys(history["customer_id"], "customer_id", "attribute_history"),
+            "attribute": _keys(history["attribute"], "attribute", "attribute_history"),
+            "changed_at": _dates(history["changed_at"], "attribute_history.changed_at"),
+            "previous": pd.Series([None] * len(history), index=history.index, dtype=object),
+        }
+    )
+    if frame["changed_at"].isna().any():
+        raise ValueError("attribute_history.changed_at must not be missing")
+    names = frame["attribute"].to_numpy(dtype=object)
+    unknown = sorted({str(n) for n in names} - set(kinds) - set(HISTORY_FIXED_COLUMNS))
+    if unknown:
+        raise ValueError(f"attribute_history.attribute names unknown attribute(s) {unknown[:3]}")
+    previous = history["previous"]
+    for name in pd.unique(names):
+        mask = names == name
+        values = previous[mask]
+        if kinds.get(str(name)) == "numeric":
+            converted = _floats(values, f"attribute_history.previous of {name}")
+        else:
+            converted = _categorical_text(values)
+        frame.loc[mask, "previous"] = converted.to_numpy(dtype=object)
+    frame = frame.sort_values(["customer_id", "attribute", "changed_at"], kind="stable")
     return frame.reset_index(drop=True)
 
 

@@ -11,8 +11,12 @@ adoption days, last adoption, dates, encoded attributes) and then run the same c
 Only information strictly before ``as_of`` is used: adoptions and closures are read
 through :class:`models.data.AdoptionIndex` at ``as_of``, rules come from rules mined
 before ``as_of`` (the caller's responsibility; :func:`mine_rules` does it), and offer
-outcomes count only inside the window before ``as_of``. Customer attributes are read as
-imported: the bank keeps no history of them.
+outcomes count only inside the window before ``as_of``. Customer attributes, segment and
+branch are read as they were at ``as_of`` when the bank keeps their history
+(:attr:`models.data.BankData.attribute_history`: the value before a customer's first
+change counts as valid from the start), else as imported. One customer's row
+(:meth:`FeatureBuilder.for_customer`) reads the :class:`models.data.CustomerState` as
+given: serving passes the values in force now.
 
 Columns, for products ``p`` in spec order:
 
@@ -161,8 +165,9 @@ class FeatureSpec:
         Parameters
         ----------
         data : BankData
-            The bank; levels come from its customers table (which has no dates, so
-            this leaks nothing across a cutoff).
+            The bank; levels come from its customers table and the earlier values in
+            its attribute history (the set of levels tells nothing of when a value
+            was held, so this leaks nothing across a cutoff).
         product_codes : sequence of str, optional
             Products (default: the catalogue, in order).
         rule_features : bool
@@ -182,13 +187,16 @@ class FeatureSpec:
         codes = tuple(product_codes) if product_codes is not None else data.product_codes
         if outcome_kinds is None:
             outcome_kinds = ("declined",) if data.outcomes is not None else ()
+        earlier = _earlier_values(data.attribute_history)
         levels = {
-            "segment": _levels(data.customers["segment"], max_levels),
-            "branch_id": _levels(data.customers["branch_id"], max_levels),
+            "segment": _levels(data.customers["segment"], max_levels, earlier.get("segment")),
+            "branch_id": _levels(data.customers["branch_id"], max_levels, earlier.get("branch_id")),
         }
         for name, kind in data.attribute_kinds.items():
             if kind == "categorical":
-                levels[f"attr_{name}"] = _levels(data.customers[name], max_levels)
+                levels[f"attr_{name}"] = _levels(
+                    data.customers[name], max_levels, earlier.get(name)
+                )
         return cls(
             product_codes=codes,
             attributes=tuple(data.attribute_kinds.items()),
@@ -299,7 +307,21 @@ def _kind(value: object) -> AttributeKind:
     raise ValueError(f"unknown attribute kind {value!r}")
 
 
-def _levels(values: pd.Series, max_levels: int) -> tuple[str, ...]:
+def _earlier_values(history: pd.DataFrame | None) -> dict[str, pd.Series]:
+    """The earlier values in an attribute history, by attribute."""
+    if history is None or history.empty:
+        return {}
+    return {
+        str(name): group["previous"]
+        for name, group in history.groupby("attribute", sort=False, observed=True)
+    }
+
+
+def _levels(
+    values: pd.Series, max_levels: int, earlier: pd.Series | None = None
+) -> tuple[str, ...]:
+    if earlier is not None:
+        values = pd.concat([values.astype(object), earlier.astype(object)], ignore_index=True)
     counts = values.dropna().astype("str").value_counts()
     top = counts.sort_index(kind="stable").sort_values(ascending=False, kind="stable")
     return tuple(sorted(str(v) for v in top.index[:max_levels]))
@@ -557,6 +579,9 @@ class PreparedBank:
     outcomes : tuple or None
         Outcome rows as arrays (rows, cols, kind, occurred ns) when the spec counts
         outcomes.
+    history : _HistoryRows or None
+        The attribute history over the static columns, when the bank keeps one;
+        ``static`` and ``segments`` hold the values in force now.
     """
 
     customer_ids: npt.NDArray[np.object_]
@@ -566,6 +591,7 @@ class PreparedBank:
     static: npt.NDArray[np.float64]
     segments: npt.NDArray[np.object_]
     outcomes: _OutcomeRows | None
+    history: _HistoryRows | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -574,6 +600,19 @@ class _OutcomeRows:
     cols: npt.NDArray[np.intp]
     kinds: npt.NDArray[np.intp]
     occurred: npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True, eq=False)
+class _HistoryRows:
+    """Changes of static columns, sorted by customer row, column, then instant: the
+    column ``cols`` of customer ``rows`` held ``previous`` (encoded as in ``static``;
+    ``raw`` as stored) until ``changed`` (int64 ns)."""
+
+    rows: npt.NDArray[np.intp]
+    cols: npt.NDArray[np.intp]
+    changed: npt.NDArray[np.int64]
+    previous: npt.NDArray[np.float64]
+    raw: npt.NDArray[np.object_]
 
 
 @dataclass(frozen=True, eq=False)
@@ -732,6 +771,44 @@ class FeatureBuilder:
             static=static,
             segments=customers["segment"].to_numpy(dtype=object),
             outcomes=outcomes,
+            history=self._history(data.attribute_history, ids),
+        )
+
+    def _history(
+        self, history: pd.DataFrame | None, ids: npt.NDArray[np.object_]
+    ) -> _HistoryRows | None:
+        """The attribute history as arrays over the static columns (None when empty)."""
+        if history is None or history.empty:
+            return None
+        column = {name: k for k, (name, _) in enumerate(self._static_columns)}
+        rows = pd.Index(ids).get_indexer(history["customer_id"].to_numpy(dtype=object))
+        cols = history["attribute"].map(column).to_numpy(dtype=np.float64, na_value=np.nan)
+        keep = (rows >= 0) & ~np.isnan(cols)
+        if not keep.any():
+            return None
+        frame = history.loc[keep]
+        rows, cols = rows[keep].astype(np.intp), cols[keep].astype(np.intp)
+        raw = frame["previous"].to_numpy(dtype=object)
+        previous = np.empty(len(frame), dtype=np.float64)
+        for k in np.unique(cols).tolist():
+            at = cols == k
+            categorical = self._static_columns[k][1]
+            if categorical is None:
+                previous[at] = pd.to_numeric(pd.Series(raw[at]), errors="coerce").to_numpy(
+                    dtype=np.float64, na_value=np.nan
+                )
+            else:
+                previous[at] = _encode(self._maps[categorical], raw[at])
+        changed = _ns(frame["changed_at"])
+        # By cell, then instant: the first change at or after an instant is the first of
+        # its cell in that order.
+        order = np.lexsort((changed, cols, rows))
+        return _HistoryRows(
+            rows=rows[order],
+            cols=cols[order],
+            changed=changed[order],
+            previous=previous[order],
+            raw=raw[order],
         )
 
     def build(self, data: BankData | PreparedBank, *, as_of: DateInput) -> FeatureFrame:
@@ -762,6 +839,7 @@ class FeatureBuilder:
             counts = _outcome_counts(
                 o.rows, o.cols, o.kinds, o.occurred, index.n_customers, self.spec, as_of_ns
             )[rows]
+        static, segments = _static_at(prepared, as_of_ns)
         inputs = _Inputs(
             held=snapshot.held[rows],
             first_days=snapshot.first_days[rows],
@@ -769,7 +847,7 @@ class FeatureBuilder:
             last_day=snapshot.last_day[rows],
             joined_ns=prepared.joined_ns[rows],
             birth_ns=prepared.birth_ns[rows],
-            static=prepared.static[rows],
+            static=static[rows],
             outcome_counts=counts,
         )
         values, ages, rule_confidence = _assemble(self, inputs, as_of_ns)
@@ -783,7 +861,7 @@ class FeatureBuilder:
             ever=inputs.first_days != NEVER,
             first_days=inputs.first_days,
             ages=ages,
-            segments=prepared.segments[rows],
+            segments=segments[rows],
             rule_confidence=rule_confidence,
         )
 
@@ -908,6 +986,38 @@ def _assemble(
         assert inputs.outcome_counts is not None
         out[:, k:] = inputs.outcome_counts
     return out, ages, rule_confidence
+
+
+def _static_at(
+    prepared: PreparedBank, as_of_ns: int
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.object_]]:
+    """The static columns and raw segments as they were at an instant.
+
+    A value changed at or after ``as_of`` reads as the ``previous`` of its first such
+    change (a change at ``as_of`` has not happened at ``as_of``, as an adoption); the
+    others are the values in force now. Vectorised: one pass over the changes.
+    """
+    history = prepared.history
+    if history is None:
+        return prepared.static, prepared.segments
+    later = np.flatnonzero(history.changed >= as_of_ns)
+    if later.size == 0:
+        return prepared.static, prepared.segments
+    rows, cols = history.rows[later], history.cols[later]
+    # Sorted by cell then instant: a cell's first later change opens its run.
+    first = np.ones(later.size, dtype=bool)
+    first[1:] = (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1])
+    chosen = later[first]
+    static = prepared.static.copy()
+    static[history.rows[chosen], history.cols[chosen]] = history.previous[chosen]
+    segments = prepared.segments
+    of_segment = chosen[history.cols[chosen] == 0]
+    if of_segment.size:
+        segments = segments.copy()
+        segments[history.rows[of_segment]] = [
+            value if isinstance(value, str) else None for value in history.raw[of_segment]
+        ]
+    return static, segments
 
 
 def _outcome_counts(

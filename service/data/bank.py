@@ -12,7 +12,13 @@ from collections.abc import Mapping
 import pandas as pd
 from sqlalchemy import Connection, Engine, text
 
-from models.data import CUSTOMER_FIXED_COLUMNS, PRODUCT_COLUMNS, BankData
+from models.data import (
+    ATTRIBUTE_HISTORY_COLUMNS,
+    CUSTOMER_FIXED_COLUMNS,
+    HISTORY_FIXED_COLUMNS,
+    PRODUCT_COLUMNS,
+    BankData,
+)
 from service.data import rows as bank_rows
 from service.data.db import read_only
 from service.data.rows import Reader, RowAudit
@@ -115,13 +121,63 @@ def _read_adoptions(conn: Connection, audit: RowAudit) -> pd.DataFrame:
     return frame
 
 
-def load_bank(engine: Engine, *, reader: Reader = "training") -> BankData:
+def _read_attribute_history(
+    conn: Connection, kinds: Mapping[str, str], audit: RowAudit
+) -> pd.DataFrame | None:
+    """Every stored attribute change (see :mod:`service.data.history`) as
+    :data:`models.data.ATTRIBUTE_HISTORY_COLUMNS`; None when there is none.
+
+    Changes of attributes no longer defined are left out; a change without a usable day
+    is skipped and an unusable earlier value reads as unknown (both counted in ``audit``).
+    """
+    dialect = conn.dialect.name
+    rows = conn.execute(
+        text(
+            "SELECT c.external_id, ch.name, "
+            f"{bank_rows.date_text('ch.changed_on', dialect)}, CAST(ch.previous AS TEXT) "
+            "FROM attribute_changes ch JOIN customers c ON c.id = ch.customer_id"
+        )
+    ).all()
+    if not rows:
+        return None
+    kinds_of = {**{name: "categorical" for name in HISTORY_FIXED_COLUMNS}, **kinds}
+    records = []
+    for cid, name, day, raw in rows:
+        kind = kinds_of.get(str(name))
+        if kind is None:
+            continue
+        key = f"{cid}/{name}"
+        changed, reason = bank_rows.parse_date(day)
+        if changed is None:
+            audit.note(reason or "bad_date", table="attribute_changes", key=key, field="changed_on")
+            continue
+        try:
+            value = bank_rows.parse_json(raw)
+        except ValueError:
+            audit.note("bad_attribute_value", table="attribute_changes", key=key, field="previous")
+            value = None
+        previous = bank_rows.attribute_value(
+            value, kind, audit, table="attribute_changes", key=str(cid), name=str(name)
+        )
+        records.append((str(cid), str(name), pd.Timestamp(changed), previous))
+    if not records:
+        return None
+    return pd.DataFrame.from_records(records, columns=list(ATTRIBUTE_HISTORY_COLUMNS))
+
+
+def load_bank(
+    engine: Engine, *, reader: Reader = "training", history: bool | None = None
+) -> BankData:
     """The bank as the models library sees it, read in a few set-based queries.
 
     Rows the models cannot use are skipped or read as unknown, counted and logged
-    (see :mod:`service.data.rows`); ``reader`` labels them.
+    (see :mod:`service.data.rows`); ``reader`` labels them. ``history`` reads the
+    customers' attribute history too (``BankData.attribute_history``), so features at a
+    past instant read the values of that instant; by default every reader but serving's
+    (``"snapshot"``), which scores the values in force now.
     """
     audit = RowAudit(reader)
+    with_history = reader != "snapshot" if history is None else history
     try:
         with read_only(engine).connect() as conn:
             kinds = bank_rows.read_attribute_kinds(conn, audit)
@@ -129,10 +185,16 @@ def load_bank(engine: Engine, *, reader: Reader = "training") -> BankData:
             customers = _read_customers(conn, kinds, audit)
             adoptions = _read_adoptions(conn, audit)
             outcomes = read_outcomes(conn, audit)
+            changes = _read_attribute_history(conn, kinds, audit) if with_history else None
     finally:
         audit.close()
     return BankData.from_frames(
-        products, customers, adoptions, attribute_kinds=kinds, outcomes=outcomes
+        products,
+        customers,
+        adoptions,
+        attribute_kinds=kinds,
+        outcomes=outcomes,
+        attribute_history=changes,
     )
 
 

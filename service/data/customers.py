@@ -19,6 +19,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from service import validation
+from service.data import history
 from service.data.events import record_event
 from service.data.tables import Adoption, AttributeDefinition, Customer, Product
 from service.errors import Invalid
@@ -108,28 +109,61 @@ def record_adoptions(
 
 
 def put_customer(
-    session: Session, *, customer_id: str, body: CustomerRequest, origin: str, max_attributes: int
+    session: Session,
+    *,
+    customer_id: str,
+    body: CustomerRequest,
+    origin: str,
+    max_attributes: int,
+    today: dt.date | None = None,
 ) -> CustomerResponse:
     """Create or update ``customer_id`` from ``body`` and answer what is now held.
 
     Fields sent replace those held (all of them when the customer is new); attributes
     are merged, a null removing one. New attribute names are defined on the way, at most
     ``max_attributes`` in all. ``created`` in the answer says whether the row is new.
+
+    A changed attribute, segment or branch of a known customer keeps the value it
+    replaced, the new one valid from ``today`` (default: today in UTC; see
+    :mod:`service.data.history`); a value sent unchanged adds nothing.
     """
     _define_attributes(session, body.attributes, limit=max_attributes)
     row, created = _locked_customer(session, customer_id)
     fields = body.model_fields_set
+    merged: dict[str, Any] = dict(row.attributes or {})
+    sent: list[tuple[str, Any, Any]] = [
+        (name, merged.get(name), value) for name, value in body.attributes.items()
+    ]
     for name in ("segment", "branch_id", "joined_at", "birth_date"):
         if name in fields or created:
-            setattr(row, name, getattr(body, name))
-    merged: dict[str, Any] = dict(row.attributes or {})
-    for name, value in body.attributes.items():
-        if value is None:
+            if name in history.HISTORY_FIELDS and not created:
+                sent.append((name, getattr(row, name), getattr(body, name)))
+            else:
+                setattr(row, name, getattr(body, name))
+    stored = (
+        {}
+        if created or not sent
+        else history.read_changes(session.connection(), "ch.customer_id = :c", {"c": row.id})
+    )
+    writes = history.HistoryWrites()
+    day = today or validation.utc_today()
+    for name, current, value in sent:
+        before = stored.get((row.id, name), [])
+        result = history.apply_change(before, current, day, value)
+        if result is None:
+            continue
+        changes, now = result
+        if changes != before:
+            writes.replace(row.id, name, before, changes)
+        if name in history.HISTORY_FIELDS:
+            setattr(row, name, now)
+        elif now is None:
             merged.pop(name, None)
         else:
-            merged[name] = value
+            merged[name] = now
     row.attributes = merged
     session.flush()
+    writes.write(session.connection())
     holdings = [
         code
         for (code,) in session.execute(

@@ -14,7 +14,8 @@ Every import follows the same shape, so that it loads whole or not at all:
 Row numbers count data rows from 1 (the header is not a row), so row N is on
 line N + 1 of a CSV file. Importing the same file twice adds nothing: rows are
 matched by their natural key (product code, customer id, or customer +
-product + adoption date).
+product + adoption date). A customer's changed attribute, segment or branch keeps the
+value it replaced, dated (see :mod:`service.data.history`).
 """
 
 from __future__ import annotations
@@ -38,12 +39,16 @@ from sqlalchemy.schema import AddConstraint, DropConstraint
 
 from models.data import ADOPTION_COLUMNS, CUSTOMER_FIXED_COLUMNS, PRODUCT_COLUMNS
 from service import validation
+from service.data import history
 
 ProgressFn = Callable[[int], None]
 """Called with the number of rows just read."""
 
 PRODUCT_REQUIRED = ("product_code", "name", "category", "value")
 CUSTOMER_FIXED = CUSTOMER_FIXED_COLUMNS
+VALID_FROM = "valid_from"
+"""The customers file's optional column: the first day of the row's values (not an
+attribute)."""
 ADOPTION_REQUIRED = ("customer_id", "product_code", "adopted_at")
 
 _CODE_RE = validation.PRODUCT_CODE_RE
@@ -628,6 +633,7 @@ def import_customers(
     categorical: Sequence[str] = (),
     numeric: Sequence[str] = (),
     max_attributes: int = validation.DEFAULT_MAX_ATTRIBUTES,
+    valid_from: dt.date | None = None,
     today: dt.date | None = None,
     progress: ProgressFn | None = None,
 ) -> ImportSummary:
@@ -642,11 +648,26 @@ def import_customers(
     An empty cell removes the attribute for that customer. Names, dates, numbers and
     texts follow the API's rules (:mod:`service.validation`); the bank has at most
     ``max_attributes`` attributes.
+
+    History: a changed attribute, segment or branch of a known customer keeps the value
+    it replaced (:mod:`service.data.history`). The new value holds from the row's
+    ``valid_from`` cell (an optional column, ``YYYY-MM-DD``, not after tomorrow), else
+    from ``valid_from``, else from ``today`` (the import day). A value no one knew
+    before (a new customer, a new attribute) counts as valid from the start of history;
+    a value equal to the one held that day adds nothing.
     """
     started = time.perf_counter()
     problems = _Collector(str(path), max_errors)
     summary = ImportSummary("customers", str(path))
     today = today or validation.utc_today()
+    # A change is an event that happened: not after today (one day of grace for clocks
+    # in other time zones), as adoptions.
+    until = today + dt.timedelta(days=1)
+    if valid_from is not None:
+        problem = validation.date_problem(valid_from, today=until, future=False)
+        if problem is not None:
+            problems.add(None, VALID_FROM, f"the day given for the whole file: {problem}")
+            problems.raise_if_any()
     with engine.begin() as conn:
         kinds: dict[str, str] = {
             name: kind
@@ -665,13 +686,16 @@ def import_customers(
                 ("birth_date", "DATE"),
                 ("attributes", "TEXT"),
                 ("present", "TEXT"),
+                ("valid_from", "DATE"),
             ],
         )
         attribute_columns: list[str] = []
         for first, frame in read_chunks(path, chunk_rows):
             if first == 1:
                 _check_columns(frame.columns, problems, required=("customer_id",))
-                attribute_columns = [c for c in frame.columns if c not in CUSTOMER_FIXED]
+                attribute_columns = [
+                    c for c in frame.columns if c not in CUSTOMER_FIXED and c != VALID_FROM
+                ]
                 _check_attribute_names(attribute_columns, stored_kinds, max_attributes, problems)
                 for name in set(categorical) | set(numeric):
                     if name not in attribute_columns:
@@ -718,7 +742,7 @@ def import_customers(
                 )
         stage.index("row_no")
         stage.analyze()
-        _merge_customers(conn, summary, summary.rows_read)
+        _merge_customers(conn, summary, summary.rows_read, valid_from or today)
         stage.drop()
     summary.seconds = time.perf_counter() - started
     return summary
@@ -769,6 +793,19 @@ def _stage_customer_chunk(
         )
         for c in ("joined_at", "birth_date")
     }
+    changed_on = (
+        _parse_dates(
+            frame,
+            VALID_FROM,
+            first,
+            problems,
+            required=False,
+            today=today + dt.timedelta(days=1),
+            future=False,
+        )
+        if VALID_FROM in frame
+        else None
+    )
     labels = {"segment": validation.MAX_LABEL, "branch_id": validation.MAX_LABEL}
     _check_lengths(frame, labels, first, problems)
     values: dict[str, list[Any]] = {}
@@ -828,14 +865,22 @@ def _stage_customer_chunk(
                 _date_text(born.iloc[i]) if born is not None else None,
                 json.dumps(attributes, sort_keys=True),
                 present,
+                _date_text(changed_on.iloc[i]) if changed_on is not None else None,
             )
         )
     return staged
 
 
-def _merge_customers(conn: Connection, summary: ImportSummary, total_rows: int) -> None:
-    """Update existing customers (merging attributes in Python, page by page, so memory
-    stays bounded), then insert the new ones with one INSERT ... SELECT."""
+def _merge_customers(
+    conn: Connection, summary: ImportSummary, total_rows: int, default_day: dt.date
+) -> None:
+    """Update existing customers (merging attributes and their history in Python, page by
+    page, so memory stays bounded), then insert the new ones with one INSERT ... SELECT.
+
+    A changed attribute, segment or branch goes through :func:`history.apply_change`
+    from the row's ``valid_from`` (else ``default_day``); its stored changes are read
+    for the page's customers in one query (customers without any cost nothing).
+    """
     has_column = {
         name: conn.exec_driver_sql(
             f"SELECT 1 FROM stage_customers WHERE {name} IS NOT NULL LIMIT 1"
@@ -845,15 +890,27 @@ def _merge_customers(conn: Connection, summary: ImportSummary, total_rows: int) 
     }
     now = dt.datetime.now(dt.UTC)
     page = 50_000
+    writes = history.HistoryWrites()
     for low in range(0, total_rows, page):
-        rows = conn.exec_driver_sql(
-            "SELECT s.segment, s.branch_id, s.joined_at, s.birth_date, s.attributes, s.present, "
-            "c.id, c.segment, c.branch_id, c.joined_at, c.birth_date, c.attributes "
-            "FROM stage_customers s JOIN customers c ON c.external_id = s.external_id "
-            f"WHERE s.row_no > {low} AND s.row_no <= {low + page}"
+        window = {"low": low, "high": low + page}
+        rows = conn.execute(
+            text(
+                "SELECT s.segment, s.branch_id, s.joined_at, s.birth_date, s.attributes, "
+                "s.present, s.valid_from, c.id, c.segment, c.branch_id, c.joined_at, "
+                "c.birth_date, c.attributes FROM stage_customers s "
+                "JOIN customers c ON c.external_id = s.external_id "
+                "WHERE s.row_no > :low AND s.row_no <= :high"
+            ),
+            window,
         ).fetchall()
+        stored = history.read_changes(
+            conn,
+            "ch.customer_id IN (SELECT c.id FROM stage_customers s JOIN customers c "
+            "ON c.external_id = s.external_id WHERE s.row_no > :low AND s.row_no <= :high)",
+            window,
+        )
         updates: list[dict[str, Any]] = []
-        for seg, branch, joined, born, attrs, present, cid, *old_values in rows:
+        for seg, branch, joined, born, attrs, present, day, cid, *old_values in rows:
             o_seg, o_branch, o_joined, o_born, o_attrs = old_values
             old = {
                 "segment": o_seg,
@@ -871,9 +928,31 @@ def _merge_customers(conn: Connection, summary: ImportSummary, total_rows: int) 
                 if not has_column[name]:
                     new[name] = old[name]
             old_attrs = _json_value(o_attrs) or {}
-            merged = {k: v for k, v in old_attrs.items() if k not in json.loads(present)}
-            merged.update(json.loads(attrs))
-            if old == new and merged == old_attrs:
+            staged = json.loads(attrs)
+            merged = dict(old_attrs)
+            # The values this row sets: its attribute columns (an empty cell is unknown),
+            # and the segment and branch when the file has them.
+            values = [(name, old_attrs.get(name), staged.get(name)) for name in json.loads(present)]
+            values += [(f, old[f], new[f]) for f in history.HISTORY_FIELDS if has_column[f]]
+            first_day = _as_date(day) or default_day
+            history_changed = False
+            for name, current, value in values:
+                before = stored.get((cid, name), [])
+                result = history.apply_change(before, current, first_day, value)
+                if result is None:
+                    current_value = current
+                else:
+                    changes, current_value = result
+                    if changes != before:
+                        writes.replace(cid, name, before, changes)
+                        history_changed = True
+                if name in history.HISTORY_FIELDS:
+                    new[name] = current_value
+                elif current_value is None:
+                    merged.pop(name, None)
+                else:
+                    merged[name] = current_value
+            if old == new and merged == old_attrs and not history_changed:
                 summary.unchanged += 1
                 continue
             updates.append(
@@ -889,6 +968,8 @@ def _merge_customers(conn: Connection, summary: ImportSummary, total_rows: int) 
                 updates,
             )
             summary.updated += len(updates)
+        writes.write(conn)
+    summary.extra["attribute_changes"] = writes.added
     attributes = (
         "CAST(s.attributes AS JSONB)" if conn.dialect.name == "postgresql" else "s.attributes"
     )

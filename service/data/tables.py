@@ -134,6 +134,36 @@ class Customer(Base):
     )
 
 
+class AttributeChange(Base):
+    """A change of one customer's attribute, segment or branch: the value it replaced.
+
+    The values in force now live in ``customers`` (serving reads them there); this table
+    keeps what they were before. A row says that from ``changed_on`` on ``name`` took a
+    new value and that before that day it was ``previous`` (null: unknown). The value
+    before a customer's first change of ``name`` counts as valid from the start of
+    history, so a bank that imported one snapshot has no rows here and loses nothing.
+    Written by the customer import and ``PUT /v1/customers/{id}`` through
+    :mod:`service.data.history`; read by :func:`service.data.bank.load_bank`.
+    """
+
+    __tablename__ = "attribute_changes"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(
+        String(128), doc="An attribute's name, or 'segment' or 'branch_id'."
+    )
+    changed_on: Mapped[dt.date] = mapped_column(Date, doc="First day of the new value.")
+    previous: Mapped[Any] = mapped_column(
+        JSONType, nullable=True, doc="The value before changed_on; null when unknown."
+    )
+    recorded_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+
+    __table_args__ = (UniqueConstraint("customer_id", "name", "changed_on"),)
+
+
 class Adoption(Base):
     """One product taken up by one customer; open while ``closed_at`` is null."""
 
