@@ -11,8 +11,12 @@ Three miners share one rule vocabulary:
 
 Sequence and co-holding miners return a :class:`RuleSet` (saved as plain JSON), which
 answers "which rule applies best to this customer" one customer at a time
-(:meth:`RuleSet.best_rules`) or for many at once (:func:`best_rule_confidence`).
-:func:`select_rules` filters and ranks rules as an analyst asks for them.
+(:meth:`RuleSet.best_rules`) or for many at once (:func:`best_rule_confidence`): the
+model's features, by confidence. Which rule is worth saying to the customer is another
+question (:meth:`RuleSet.reasons_for`): only rules with a lift above 1 and enough
+customers behind them, the highest lift first; :func:`rules_for_display` orders rules
+for people the same way, and :func:`select_rules` filters rules as an analyst asks
+for them and ranks them in that order too.
 
 Thresholds are exact: a threshold is read as the decimal it is written as (0.8 is 4/5)
 and compared with integer counts, so a rule exactly at a threshold is always kept,
@@ -25,7 +29,7 @@ import itertools
 import json
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from fractions import Fraction
 from functools import cached_property
@@ -41,6 +45,8 @@ from models.sequences import NEVER, AdoptionMatrix, DateLike, first_adoption_mat
 
 __all__ = [
     "BASKET_COLUMNS",
+    "REASON_MIN_CUSTOMERS",
+    "REASON_MIN_LIFT",
     "Rule",
     "RuleSet",
     "best_rule_confidence",
@@ -51,6 +57,7 @@ __all__ = [
     "mine_sequence_rules_from_matrix",
     "read_baskets",
     "rule_sentence",
+    "rules_for_display",
 ]
 
 BASKET_COLUMNS: Final[tuple[str, ...]] = (
@@ -63,6 +70,16 @@ BASKET_COLUMNS: Final[tuple[str, ...]] = (
     "count",
 )
 """Columns of :func:`mine_basket_rules`'s result, in order."""
+
+REASON_MIN_LIFT: Final[float] = 1.0
+"""A rule is said as a reason (or shown first) only with a lift above this: at or below
+1 the customers it describes take the product no more often than anyone, so saying it
+argues against the offer."""
+REASON_MIN_CUSTOMERS: Final[int] = 30
+"""Fewest customers a rule said as a reason must have held for (``n_customers``): a
+share such as "9 in 10" resting on fewer is too likely a fluke of a handful (at 30 its
+relative standard error is under a fifth). Mining keeps rules from 10 customers
+(:class:`models.propensity.TrainConfig`), which is enough for a model feature."""
 
 _FORMAT: Final[str] = "nbo.rules"
 _FORMAT_VERSION: Final[int] = 1
@@ -153,6 +170,12 @@ class Rule:
 def _rank_key(rule: Rule) -> tuple[float, float, int]:
     """Sort key putting the best rule first: confidence, then lift, then customers."""
     return (-rule.confidence, -rule.lift, -rule.n_customers)
+
+
+def _reason_key(rule: Rule) -> tuple[float, float, float, int]:
+    """Sort key putting the most persuasive rule first: lift, then conviction, then
+    confidence, then customers."""
+    return (-rule.lift, -rule.conviction, -rule.confidence, -rule.n_customers)
 
 
 _Entry = tuple[int, str, Rule]
@@ -268,37 +291,95 @@ class RuleSet:
             order), best first. A rule applies if its antecedent is a subset of
             ``held`` and, for ordered rules, appears in ``held`` in that order.
         """
-        sequence = list(dict.fromkeys(held))
-        held_set = set(sequence)
-        best: dict[str, tuple[int, Rule]] = {}
-        for lookup in self._lookups:
-            items = sequence if lookup.ordered else sorted(held_set)
-            _collect(lookup, items, held_set, best)
-        ranked = sorted(best.items(), key=lambda item: item[1][0])
-        return {consequent: rule for consequent, (_, rule) in ranked}
+        return _applicable(self._lookups, held)
+
+    def reasons_for(
+        self,
+        held: Sequence[str],
+        *,
+        min_lift: float = REASON_MIN_LIFT,
+        min_customers: int = REASON_MIN_CUSTOMERS,
+    ) -> dict[str, Rule]:
+        """The most persuasive applicable rule worth saying for every product the
+        customer does not hold: the reason to give, never one that argues against.
+
+        Unlike :meth:`best_rules` (the model's feature, by confidence), only rules with
+        ``lift > min_lift`` and ``n_customers >= min_customers`` count, ranked by lift,
+        then conviction, then confidence, then ``n_customers``, then set order.
+
+        Parameters
+        ----------
+        held : sequence of str
+            As in :meth:`best_rules`.
+        min_lift : float
+            Keep rules whose lift is strictly above this (default
+            :data:`REASON_MIN_LIFT`).
+        min_customers : int
+            Keep rules that held for at least this many customers (default
+            :data:`REASON_MIN_CUSTOMERS`).
+
+        Returns
+        -------
+        dict of str to Rule
+            For each consequent not in ``held`` that a kept rule applies to (as in
+            :meth:`best_rules`), its best kept rule, best first.
+        """
+        key = (float(min_lift), int(min_customers))
+        lookups = self._reason_lookups.get(key)
+        if lookups is None:
+            keep = [
+                rule.lift > min_lift and rule.n_customers >= min_customers for rule in self.rules
+            ]
+            lookups = self._reason_lookups[key] = _build_lookups(self.rules, _reason_key, keep)
+        return _applicable(lookups, held)
 
     @cached_property
     def _lookups(self) -> tuple[_Lookup, ...]:
-        order = sorted(range(len(self.rules)), key=lambda i: (_rank_key(self.rules[i]), i))
-        rank = {index: position for position, index in enumerate(order)}
-        lookups = []
-        for ordered in (False, True):
-            grouped: dict[tuple[str, ...], dict[str, _Entry]] = defaultdict(dict)
-            for index, rule in enumerate(self.rules):
-                if rule.ordered != ordered:
-                    continue
-                key = rule.antecedent if ordered else tuple(sorted(rule.antecedent))
-                entry = (rank[index], rule.consequent, rule)
-                current = grouped[key].get(rule.consequent)
-                if current is None or entry[0] < current[0]:
-                    grouped[key][rule.consequent] = entry
-            if not grouped:
+        return _build_lookups(self.rules, _rank_key, [True] * len(self.rules))
+
+    @cached_property
+    def _reason_lookups(self) -> dict[tuple[float, int], tuple[_Lookup, ...]]:
+        return {}
+
+
+def _applicable(lookups: tuple[_Lookup, ...], held: Sequence[str]) -> dict[str, Rule]:
+    """The best rule of ``lookups`` per consequent applicable to ``held``, best first."""
+    sequence = list(dict.fromkeys(held))
+    held_set = set(sequence)
+    best: dict[str, tuple[int, Rule]] = {}
+    for lookup in lookups:
+        items = sequence if lookup.ordered else sorted(held_set)
+        _collect(lookup, items, held_set, best)
+    ranked = sorted(best.items(), key=lambda item: item[1][0])
+    return {consequent: rule for consequent, (_, rule) in ranked}
+
+
+def _build_lookups(
+    rules: Sequence[Rule], rank_key: Callable[[Rule], Any], keep: Sequence[bool]
+) -> tuple[_Lookup, ...]:
+    """Lookup tables over the kept ``rules``, ranked by ``rank_key`` then set order."""
+    kept = [i for i in range(len(rules)) if keep[i]]
+    order = sorted(kept, key=lambda i: (rank_key(rules[i]), i))
+    rank = {index: position for position, index in enumerate(order)}
+    lookups = []
+    for ordered in (False, True):
+        grouped: dict[tuple[str, ...], dict[str, _Entry]] = defaultdict(dict)
+        for index in kept:
+            rule = rules[index]
+            if rule.ordered != ordered:
                 continue
-            by_size: dict[int, dict[tuple[str, ...], tuple[_Entry, ...]]] = defaultdict(dict)
-            for key, entries in grouped.items():
-                by_size[len(key)][key] = tuple(sorted(entries.values(), key=lambda e: e[0]))
-            lookups.append(_Lookup(by_size=dict(sorted(by_size.items())), ordered=ordered))
-        return tuple(lookups)
+            key = rule.antecedent if ordered else tuple(sorted(rule.antecedent))
+            entry = (rank[index], rule.consequent, rule)
+            current = grouped[key].get(rule.consequent)
+            if current is None or entry[0] < current[0]:
+                grouped[key][rule.consequent] = entry
+        if not grouped:
+            continue
+        by_size: dict[int, dict[tuple[str, ...], tuple[_Entry, ...]]] = defaultdict(dict)
+        for key, entries in grouped.items():
+            by_size[len(key)][key] = tuple(sorted(entries.values(), key=lambda e: e[0]))
+        lookups.append(_Lookup(by_size=dict(sorted(by_size.items())), ordered=ordered))
+    return tuple(lookups)
 
 
 def _collect(
@@ -434,8 +515,9 @@ def select_rules(
     Returns
     -------
     list of Rule
-        The kept rules, by confidence, then lift, then customers, all descending;
-        rules equal on all three keep their order in ``rules``.
+        The kept rules in the order reasons are chosen (:func:`rules_for_display`):
+        by lift, then conviction, then confidence, then customers, all descending;
+        rules equal on all four keep their order in ``rules``.
     """
     chosen = [
         rule
@@ -445,8 +527,49 @@ def select_rules(
         and (consequent is None or rule.consequent == consequent)
         and (ordered is None or rule.ordered == ordered)
     ]
-    chosen.sort(key=_rank_key)
+    chosen.sort(key=_reason_key)
     return chosen if limit is None else chosen[:limit]
+
+
+def rules_for_display(
+    rules: RuleSet | Iterable[Rule],
+    *,
+    limit: int | None = None,
+    min_lift: float = REASON_MIN_LIFT,
+    min_customers: int = REASON_MIN_CUSTOMERS,
+) -> tuple[list[Rule], int]:
+    """The rules to show a person, in the order decisions choose their reasons.
+
+    The same choice as :meth:`RuleSet.reasons_for`: only rules with ``lift > min_lift``
+    and ``n_customers >= min_customers``, by lift, then conviction, then confidence,
+    then customers (all descending), then their order in ``rules``.
+
+    Parameters
+    ----------
+    rules : RuleSet or iterable of Rule
+        The rules (filter them first, e.g. by consequent, to show fewer).
+    limit : int, optional
+        Show at most this many; None shows every kept rule.
+    min_lift : float
+        Keep rules whose lift is strictly above this.
+    min_customers : int
+        Keep rules that held for at least this many customers.
+
+    Returns
+    -------
+    shown : list of Rule
+        The rules to show, best first.
+    left_out : int
+        How many of ``rules`` are not shown (lift too low, too few customers, or past
+        ``limit``), to say so next to them.
+    """
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be non-negative, got {limit}")
+    pool = rules.rules if isinstance(rules, RuleSet) else list(rules)
+    kept = [rule for rule in pool if rule.lift > min_lift and rule.n_customers >= min_customers]
+    kept.sort(key=_reason_key)
+    shown = kept if limit is None else kept[:limit]
+    return shown, len(pool) - len(shown)
 
 
 # --------------------------------------------------------------------------- wording

@@ -149,10 +149,34 @@ class Factor(BaseModel):
 
 
 class Reasons(BaseModel):
-    rule: str | None = Field(description="The best matching adoption rule, as a sentence.")
+    rule: str | None = Field(
+        description=(
+            "The most persuasive adoption rule that applies to the customer, as a sentence: "
+            "only rules with a lift above 1 and at least 30 customers behind them, the "
+            "highest lift first. Null when none is worth saying."
+        )
+    )
     rule_confidence: float | None = None
     rule_lift: float | None = None
-    factors: list[Factor] = Field(default_factory=list, description="Top model factors (SHAP).")
+    profile: str | None = Field(
+        default=None,
+        description=(
+            "Without a rule: how much more often customers with a similar profile (the "
+            "model's strongest profile columns) took the product over the past year than "
+            "customers overall, as a sentence; the multiplier is profile_lift rounded "
+            "down. Null when no group of at least 30 adopters took it 1.5 times as often, "
+            "or the customer's propensity is below the product's base rate; then the "
+            "talking point makes no claim."
+        ),
+    )
+    profile_lift: float | None = Field(
+        default=None,
+        description="The group's take-up rate over the past year ÷ that of all customers.",
+    )
+    factors: list[Factor] = Field(
+        default_factory=list,
+        description="Top model factors (SHAP), with explain=true; they do not change what is said.",
+    )
 
 
 class OfferOut(BaseModel):

@@ -49,6 +49,8 @@ from models.features import FeatureBuilder, FeatureFrame, FeatureSpec
 from models.propensity.calibration import Blend, Calibrator, logit, sigmoid
 from models.propensity.config import TrainConfig
 from models.propensity.predictor import FastPredictor
+from models.reasons import MAX_COLUMNS as MAX_PROFILE_COLUMNS
+from models.reasons import profile_columns
 from models.rules import Rule, RuleSet, rule_sentence
 
 __all__ = [
@@ -460,6 +462,19 @@ class PropensityModel:
     def rule_sentence(self, rule: Rule) -> str:
         """``rule`` as a sentence a teller can say, with the catalogue's spoken names."""
         return rule_sentence(rule, self._runtime.spoken_names)
+
+    def spoken_name(self, product_code: str) -> str:
+        """The product's catalogue name as it reads inside a sentence ("home insurance");
+        the code itself for a product the catalogue does not name."""
+        return self._runtime.spoken_names.get(product_code, product_code)
+
+    def profile_columns(self, limit: int = MAX_PROFILE_COLUMNS) -> dict[str, tuple[str, ...]]:
+        """Per product with a booster, the columns a customer can be described by aloud
+        (age, time with the bank, segment, attributes that may be argued from) that
+        its booster gains most from, strongest first: what a profile reason may name
+        (:func:`models.reasons.profile_columns` over :meth:`feature_importance`)."""
+        attributes = [name for name, _ in self.spec.attributes]
+        return profile_columns(self.feature_importance(), attributes, limit=limit)
 
     def feature_importance(self) -> pd.DataFrame:
         """Gain and split importance of every feature in every product's booster.

@@ -37,7 +37,6 @@ from service.decision.state import (
     Pitch,
     ServingState,
     Snapshot,
-    pitch,
     talking_point,
 )
 from service.errors import NotFound, Unavailable
@@ -196,7 +195,9 @@ def _read_keyed_decision(database: Engine, scoped: ScopedKey) -> tuple[Any, list
 
 def _rebuilt_answer(snapshot: Snapshot | None, decision: Any, offers: list[Any]) -> dict[str, Any]:
     """A recorded decision as its answer: what the audit record holds, talking points
-    said again from the recorded reasons; ``suppressed`` and ``note`` are not recorded."""
+    said again from the recorded reasons (the rule sentence, else the profile sentence,
+    else the snapshot's line for an offer without a reason); ``suppressed`` and ``note``
+    are not recorded."""
     names = {} if snapshot is None else snapshot.names
     kind = (
         "cold_start" if decision.cold_start else ("model" if decision.model_version else "degraded")
@@ -205,9 +206,9 @@ def _rebuilt_answer(snapshot: Snapshot | None, decision: Any, offers: list[Any])
     for offer in offers:
         reasons = offer.reasons or {}
         name = names.get(offer.code, offer.code)
-        sentence, factors = reasons.get("rule"), reasons.get("factors") or []
-        if snapshot is None or sentence or factors:
-            line = talking_point(name, sentence, factors)
+        sentence, profile = reasons.get("rule"), reasons.get("profile")
+        if snapshot is None or sentence or profile:
+            line = talking_point(name, sentence, profile)
         else:
             line = snapshot.plain(offer.code, kind).talking_point
         answered.append(
@@ -426,7 +427,13 @@ def _offers(
     decision_id: str,
     stamp: str,
 ) -> tuple[list[dict[str, Any]], list[tuple[Any, ...]]]:
-    """The answer's offers and their audit rows."""
+    """The answer's offers and their audit rows.
+
+    Each offer says the most persuasive true reason there is: the rule worth saying
+    (:meth:`Snapshot.pitches`), else the profile claim (:meth:`Snapshot.profile_pitch`),
+    else nothing. ``explain`` lists the model's top factors too, without changing what
+    is said.
+    """
     if not choices:
         return [], []
     degraded = snapshot.degraded
@@ -461,13 +468,14 @@ def _offers(
     rows: list[tuple[Any, ...]] = []
     for position, choice in enumerate(choices, start=1):
         code = choice.product_code
-        pitched = said.get(code) or snapshot.plain(code, kind)
+        pitched = said.get(code)
+        if pitched is None and not degraded:
+            pitched = snapshot.profile_pitch(entry, code, choice.propensity)
+        if pitched is None:
+            pitched = snapshot.plain(code, kind)
         factors = contributions.get(code)
         if factors:
-            rule = pitched.rule
-            sentence = pitched.reasons["rule"]
-            name = snapshot.names.get(code, code)
-            pitched = pitch(rule, sentence, talking_point(name, sentence, factors), factors)
+            pitched = pitched.with_factors(factors)
         _offer(snapshot, entry.db_id, choice, position, pitched, decision_id, stamp, offers, rows)
     return offers, rows
 

@@ -35,6 +35,7 @@ from sqlalchemy import Connection, Engine, bindparam, text
 from models.data import Adoption, BankData, CustomerState, OfferOutcome, to_ns
 from models.eligibility import Catalogue
 from models.propensity import PropensityModel
+from models.reasons import ProfileRates, profile_sentence
 from models.rules import Rule
 from service import metrics
 from service.data import registry
@@ -63,6 +64,9 @@ class CustomerEntry:
     """Whether the customer is in the control group (worked out on first use)."""
     pitches: dict[str, Pitch] | None = None
     """The snapshot's pitches for the customer's adoption sequence (found on first use)."""
+    bands: tuple[int, ...] | None = None
+    """The customer's profile bands (:meth:`models.reasons.ProfileRates.bands_of`), all a
+    profile reason depends on; made at load, or on first use."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,9 +74,14 @@ class Pitch:
     """What an offer of one product says: the answer's ``reasons`` object, the same as
     JSON text for the audit row, and the talking point.
 
-    Made once per rule (or per product, for the answers without one) and shared by
-    every answer that says it, so a decision builds no reasons of its own: the dict
-    is read-only by convention and must never be changed.
+    An offer says the most persuasive true thing there is (see :meth:`Snapshot.pitches`
+    and :meth:`Snapshot.profile_pitch`): an adoption rule with a lift above 1 that
+    applies to the customer, else how much more often customers with a similar profile
+    took the product, else nothing (a talking point that claims nothing).
+
+    Made once per rule (or profile claim, or product, for the answers with neither) and
+    shared by every answer that says it, so a decision builds no reasons of its own: the
+    dict is read-only by convention and must never be changed.
     """
 
     rule: Rule | None
@@ -80,34 +89,47 @@ class Pitch:
     reasons_json: str
     talking_point: str
 
+    def with_factors(self, factors: list[dict[str, Any]]) -> Pitch:
+        """This pitch with the model's top ``factors`` listed (``explain``); what is said
+        does not change."""
+        reasons = {**self.reasons, "factors": factors}
+        return Pitch(self.rule, reasons, orjson.dumps(reasons).decode(), self.talking_point)
+
 
 def pitch(
     rule: Rule | None,
     sentence: str | None,
     talking_point: str,
     factors: list[dict[str, Any]] | None = None,
+    *,
+    profile: str | None = None,
+    profile_lift: float | None = None,
 ) -> Pitch:
-    """A :class:`Pitch` for ``rule`` (said as ``sentence``) and explanation ``factors``."""
+    """A :class:`Pitch` for ``rule`` (said as ``sentence``), or a profile claim (said as
+    ``profile``, with its ratio ``profile_lift``), and explanation ``factors``."""
     reasons = {
         "rule": sentence,
         "rule_confidence": None if rule is None else round(rule.confidence, 4),
         "rule_lift": None if rule is None else round(rule.lift, 3),
+        "profile": profile,
+        "profile_lift": profile_lift,
         "factors": factors or [],
     }
     return Pitch(rule, reasons, orjson.dumps(reasons).decode(), talking_point)
 
 
 def talking_point(
-    name: str, sentence: str | None, factors: list[dict[str, Any]], *, degraded: bool = False
+    name: str, sentence: str | None, profile: str | None = None, *, degraded: bool = False
 ) -> str:
-    """A short line the teller can say about product ``name``."""
+    """A short line the teller can say about product ``name``: the rule ``sentence``,
+    else the ``profile`` sentence, else a question that claims nothing."""
     if degraded:
         return f"{name} is one of the products customers like this one take most often."
     if sentence:
         return f"{name}: {sentence[0].upper()}{sentence[1:]}."
-    if factors:
-        return f"{name} fits this customer well, mostly because of their {factors[0]['label']}."
-    return f"{name} fits this customer's profile."
+    if profile:
+        return f"{name}: {profile[0].upper()}{profile[1:]}."
+    return f"{name}: ask whether it would be useful to them."
 
 
 @dataclass
@@ -126,23 +148,43 @@ class Snapshot:
     load_error: str | None = None
     names: dict[str, str] = field(default_factory=dict)
 
+    profiles: ProfileRates | None = None
+    """Take-up of customer groups per product, for profile reasons (with a model)."""
+    base_rates: dict[str, float] = field(default_factory=dict)
+    """Per product, the model's base rate: a profile reason is said only to customers
+    whose propensity is at least this (the model agrees they are above average)."""
+
     rule_cache: dict[tuple[str, ...], dict[str, Pitch]] = field(default_factory=dict)
-    """Adoption sequence -> product -> the pitch of its best rule."""
+    """Adoption sequence -> product -> the pitch of its rule worth saying."""
     rule_pitches: dict[Rule, Pitch] = field(default_factory=dict)
-    """One pitch per rule, shared by every sequence the rule is best for."""
+    """One pitch per rule, shared by every sequence the rule is said for."""
+    profile_pitches: dict[tuple[str, tuple[int, ...]], Pitch | None] = field(default_factory=dict)
+    """(product, the customer's bands on its profile columns) -> the pitch of the best
+    profile claim, None when there is none."""
     plain_pitches: dict[tuple[str, str], Pitch] = field(default_factory=dict)
-    """(kind, product) -> the pitch of an offer without a rule (see :meth:`plain`)."""
+    """(kind, product) -> the pitch of an offer without a reason (see :meth:`plain`)."""
 
     def warm_rules(self) -> int:
-        """Fill the rule cache for every customer held (at load, before anyone asks):
-        a decision then never mines its reasons on the request path. Returns the number
-        of distinct adoption sequences."""
+        """Fill the reason caches for every customer held (at load, before anyone asks):
+        a decision then never looks for its reasons on the request path. Returns the
+        number of distinct adoption sequences."""
+        distinct: set[tuple[int, ...]] = set()
         for entry in self.customers.values():
             self.pitches(entry)
+            if entry.bands is not None:
+                distinct.add(entry.bands)
+        profiles = self.profiles
+        if profiles is not None:
+            for code in profiles.positions:
+                for key in {profiles.key(code, bands) for bands in distinct}:
+                    if key is not None:
+                        self._profile_pitch(profiles, code, key)
         return len(self.rule_cache)
 
     def pitches(self, entry: CustomerEntry) -> dict[str, Pitch]:
-        """The pitch of the best rule for every product the customer may take next.
+        """The pitch of the rule worth saying for every product the customer may take
+        next (:meth:`models.rules.RuleSet.reasons_for`: lift above 1, enough customers,
+        the highest lift first); products without one are absent.
 
         Cached by adoption sequence: customers on the same path share one entry, so a
         decision usually costs a dict lookup here.
@@ -166,28 +208,68 @@ class Snapshot:
                 self.rule_cache.clear()
             pitches = self.rule_pitches
             found = {}
-            for code, rule in model.rules.best_rules(entry.sequence).items():
+            for code, rule in model.rules.reasons_for(entry.sequence).items():
                 said = pitches.get(rule)
                 if said is None:
                     sentence = model.rule_sentence(rule)
                     name = self.names.get(code, code)
-                    said = pitches[rule] = pitch(rule, sentence, talking_point(name, sentence, []))
+                    said = pitches[rule] = pitch(rule, sentence, talking_point(name, sentence))
                 found[code] = said
             self.rule_cache[entry.sequence] = found
         entry.pitches = found
         return found
 
+    def profile_pitch(self, entry: CustomerEntry, code: str, propensity: float) -> Pitch | None:
+        """The pitch of the best profile claim about ``code`` for the customer ("customers
+        with similar age and income took it 3.1x as often ..."; see
+        :mod:`models.reasons`), or None: no claim is strong enough, or the customer's
+        ``propensity`` is below the product's base rate (the model does not see them as
+        above average, so the group they are in is no argument for them).
+
+        Cached by the customer's bands on the product's profile columns: a dict lookup.
+        """
+        profiles = self.profiles
+        if profiles is None or propensity < self.base_rates.get(code, 1.0):
+            return None
+        bands = entry.bands
+        if bands is None:
+            bands = entry.bands = profiles.bands_of(entry.state)
+        key = profiles.key(code, bands)
+        if key is None:
+            return None
+        try:
+            return self.profile_pitches[(code, key)]
+        except KeyError:
+            return self._profile_pitch(profiles, code, key)
+
+    def _profile_pitch(
+        self, profiles: ProfileRates, code: str, key: tuple[int, ...]
+    ) -> Pitch | None:
+        if len(self.profile_pitches) > 200_000:
+            self.profile_pitches.clear()
+        claim = profiles.claim(code, key)
+        found = None
+        if claim is not None and self.model is not None:
+            ratio = round(claim.ratio, 3)  # printed from the ratio the answer gives
+            said = profile_sentence(claim, self.model.spoken_name(code), ratio)
+            name = self.names.get(code, code)
+            found = pitch(
+                None, None, talking_point(name, None, said), profile=said, profile_lift=ratio
+            )
+        self.profile_pitches[(code, key)] = found
+        return found
+
     def plain(self, code: str, kind: str = "model") -> Pitch:
-        """The pitch of an offer of ``code`` with no rule to cite: ``kind`` is
-        ``model`` (the model's choice), ``degraded`` (popularity, with no model) or
-        ``cold_start`` (a customer not known yet)."""
+        """The pitch of an offer of ``code`` with no reason to give: ``kind`` is
+        ``model`` (the model's choice; the talking point claims nothing), ``degraded``
+        (popularity, with no model) or ``cold_start`` (a customer not known yet)."""
         found = self.plain_pitches.get((kind, code))
         if found is None:
             name = self.names.get(code, code)
             if kind == "cold_start":
                 line = f"{name} is one of the products new customers take most often."
             else:
-                line = talking_point(name, None, [], degraded=kind == "degraded")
+                line = talking_point(name, None, degraded=kind == "degraded")
             found = self.plain_pitches[(kind, code)] = pitch(None, None, line)
         return found
 
@@ -606,8 +688,15 @@ def build_snapshot(engine: Engine, settings: Settings) -> Snapshot:
         )
     states = customer_states(data)
     matrix, index = _score_matrix(model, data, catalogue, as_of)
+    profiles = None
+    base_rates: dict[str, float] = {}
+    bands: list[tuple[int, ...] | None] = [None] * len(index)
+    if model is not None:
+        profiles = ProfileRates.measure(data, as_of=as_of, columns=model.profile_columns())
+        bands = [tuple(row) for row in profiles.bands(data).tolist()]
+        base_rates = {p.product_code: p.base_rate for p in model.products}
     customers = {
-        cid: CustomerEntry(int(ids[cid]), state, matrix[index[cid]])
+        cid: CustomerEntry(int(ids[cid]), state, matrix[index[cid]], bands=bands[index[cid]])
         for cid, state in states.items()
         if cid in ids
     }
@@ -628,6 +717,8 @@ def build_snapshot(engine: Engine, settings: Settings) -> Snapshot:
         ),
         load_error=error,
         names=dict(zip(catalogue.product_codes, catalogue.names, strict=True)),
+        profiles=profiles,
+        base_rates=base_rates,
     )
 
 
@@ -772,7 +863,9 @@ def _read_customers(
             outcomes=tuple(outcomes.get(cid, ())),
         )
         row, scored_as_of = _score_one(snapshot, state)
-        out[cid] = CustomerEntry(int(db_id), state, row, scored_as_of)
+        profiles = snapshot.profiles
+        bands = None if profiles is None else profiles.bands_of(state)
+        out[cid] = CustomerEntry(int(db_id), state, row, scored_as_of, bands=bands)
     return out
 
 
