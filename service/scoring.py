@@ -3,28 +3,45 @@
 ``nbo score`` writes every customer's ranked offers (or one product's campaign list)
 with the active version; customers imported after training are scored from their
 current data, because features are built from the database at scoring time by the
-same builder that trained the model.
+same builder that trained the model. Offers are ranked as the decision API ranks them
+(:meth:`service.decision.policy.Arbiter.rank`): by ``score`` = propensity x value x
+business weight, ties by product code; or, when asked, by propensity alone.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 from sqlalchemy import Engine
 
+from models.eligibility import Catalogue
 from models.propensity import PropensityModel
+from models.rules import RuleSet, rules_for_display
 from service.data import registry
 from service.data.bank import default_as_of, load_bank
 from service.data.db import unit_of_work
 
 
 class ScoringError(Exception):
-    """Scoring cannot run: no such version, no active version, unknown product, bad file."""
+    """Scoring cannot run: no active version, a changed bundle."""
+
+
+class UnknownName(ScoringError):
+    """Scoring was asked for something that does not exist: a model version, a product,
+    an output format (a usage error: the command line exits with status 2)."""
+
+
+RankBy = Literal["expected-value", "propensity"]
+RANK_BY: tuple[RankBy, ...] = ("expected-value", "propensity")
+"""What offers can be ranked by: ``expected-value`` (the ``score`` column, as the
+decision API ranks) or ``propensity``."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +63,7 @@ def load_version(engine: Engine, version: str | None) -> tuple[str, PropensityMo
             try:
                 row = registry.get_version(session, version)
             except registry.RegistryError as exc:
-                raise ScoringError(str(exc)) from None
+                raise UnknownName(str(exc)) from None
         session.expunge(row)
     try:
         return row.version, registry.load_model(row)
@@ -54,27 +71,47 @@ def load_version(engine: Engine, version: str | None) -> tuple[str, PropensityMo
         raise ScoringError(str(exc)) from None
 
 
+def with_values(scores: pd.DataFrame, catalogue: Catalogue) -> pd.DataFrame:
+    """``scores`` with the decision API's ``expected_value`` (propensity x the product's
+    value) and ``score`` (expected value x business weight) columns."""
+    index = scores["product_code"].map(catalogue.index).to_numpy()
+    propensity = scores["propensity"].to_numpy(dtype=np.float64)
+    expected = propensity * catalogue.values[index]
+    return scores.assign(
+        expected_value=expected, score=expected * catalogue.business_weights[index]
+    )
+
+
 def rank_offers(
-    scores: pd.DataFrame, *, top_k: int | None = None, product: str | None = None
+    scores: pd.DataFrame,
+    *,
+    top_k: int | None = None,
+    product: str | None = None,
+    rank_by: RankBy = "expected-value",
 ) -> pd.DataFrame:
     """Rank scored pairs: per customer (1 = best), or per product over customers.
 
-    Ties are broken by customer id and product code, so the output is deterministic.
+    ``rank_by`` ``expected-value`` orders by ``score`` (see :func:`with_values`), as the
+    decision API does; ``propensity`` by propensity. A customer's ties are broken by
+    product code (as the API breaks them), a product's by propensity then customer id,
+    so the output is deterministic.
     """
-    frame = scores.loc[:, ["customer_id", "product_code", "propensity", "lgbm", "rules"]]
+    key = "score" if rank_by == "expected-value" else "propensity"
+    columns = ["customer_id", "product_code", "propensity"]
+    columns += [c for c in ("expected_value", "score") if c in scores.columns]
+    frame = scores.loc[:, [*columns, "lgbm", "rules"]]
     if product is not None:
         frame = frame.loc[frame["product_code"] == product]
+        order = [key, "propensity", "customer_id"] if key != "propensity" else [key, "customer_id"]
         frame = frame.sort_values(
-            ["propensity", "customer_id"], ascending=[False, True], kind="stable"
+            order, ascending=[False] * (len(order) - 1) + [True], kind="stable"
         )
-        frame.insert(3, "rank", np.arange(1, len(frame) + 1, dtype=np.int64))
+        frame.insert(2, "rank", np.arange(1, len(frame) + 1, dtype=np.int64))
     else:
         frame = frame.sort_values(
-            ["customer_id", "propensity", "product_code"],
-            ascending=[True, False, True],
-            kind="stable",
+            ["customer_id", key, "product_code"], ascending=[True, False, True], kind="stable"
         )
-        frame.insert(3, "rank", frame.groupby("customer_id", sort=False).cumcount() + 1)
+        frame.insert(2, "rank", frame.groupby("customer_id", sort=False).cumcount() + 1)
     if top_k is not None:
         frame = frame.loc[frame["rank"] <= top_k]
     return frame.reset_index(drop=True)
@@ -88,25 +125,29 @@ def score_bank(
     product: str | None = None,
     top_k: int | None = None,
     as_of: dt.date | None = None,
+    rank_by: RankBy = "expected-value",
     progress: Callable[[str, float], None] | None = None,
 ) -> ScoreResult:
     """Score every customer with ``version`` and write the ranked pairs to ``out``.
 
     ``as_of`` defaults to the later of the model's training cutoff and the day after the
     last recorded adoption, so that recent adoptions are seen and held products are
-    never offered.
+    never offered. Eligibility, values and business weights are the catalogue's now,
+    as in serving.
     """
+    if rank_by not in RANK_BY:
+        raise UnknownName(f"--rank-by {rank_by!r}: choose {' or '.join(RANK_BY)}")
     suffix = "".join(out.suffixes[-2:]).lower()
     if suffix not in (".csv", ".csv.gz", ".parquet") and out.suffix.lower() not in (
         ".csv",
         ".parquet",
     ):
-        raise ScoringError(f"{out}: the output must end in .csv, .csv.gz or .parquet")
+        raise UnknownName(f"{out}: the output must end in .csv, .csv.gz or .parquet")
     if progress:
         progress("loading the model", 0.05)
     version_id, model = load_version(engine, version)
     if product is not None and product not in model.product_codes:
-        raise ScoringError(
+        raise UnknownName(
             f"--product {product!r}: model version {version_id} does not score it "
             f"(it scores {', '.join(model.product_codes)})"
         )
@@ -116,8 +157,9 @@ def score_bank(
     day = as_of or max(model.as_of.date(), default_as_of(data))
     if progress:
         progress("scoring", 0.5)
-    scores = model.score(data, as_of=day)
-    ranked = rank_offers(scores, top_k=top_k, product=product)
+    catalogue = Catalogue.from_data(data)
+    scores = with_values(model.score(data, as_of=day, catalogue=catalogue), catalogue)
+    ranked = rank_offers(scores, top_k=top_k, product=product, rank_by=rank_by)
     if progress:
         progress("writing", 0.9)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -138,44 +180,58 @@ def model_rules(
     min_confidence: float = 0.0,
     min_lift: float = 0.0,
     ordered: bool | None = None,
-) -> tuple[str, pd.DataFrame]:
-    """The mined rules of a version, filtered, best first (confidence, lift, customers).
+    everything: bool = False,
+) -> tuple[str, pd.DataFrame, int]:
+    """The mined rules of a version, filtered, in the order decisions choose their
+    reasons (:func:`models.rules.rules_for_display`: lift above 1 and enough customers
+    behind the rule, by lift, conviction, confidence), with how many of the filtered
+    rules are left out; ``everything`` keeps them all, in the same order.
 
     The antecedent is rendered as text: ``a, b`` for co-holding rules, ``a -> b`` for
     ordered ones.
     """
     version_id, model = load_version(engine, version)
     if model.rules is None:
-        return version_id, pd.DataFrame(
-            columns=[
-                "antecedent",
-                "consequent",
-                "ordered",
-                "support",
-                "confidence",
-                "lift",
-                "conviction",
-                "n_customers",
-                "median_days",
-            ]
+        return (
+            version_id,
+            pd.DataFrame(
+                columns=[
+                    "antecedent",
+                    "consequent",
+                    "ordered",
+                    "support",
+                    "confidence",
+                    "lift",
+                    "conviction",
+                    "n_customers",
+                    "median_days",
+                ]
+            ),
+            0,
         )
     frame = model.rules.to_frame()
     keep = (frame["confidence"] >= min_confidence) & (frame["lift"] >= min_lift)
     if consequents:
         unknown = sorted(set(consequents) - set(model.product_codes))
         if unknown:
-            raise ScoringError(f"--consequent: unknown product(s) {', '.join(unknown)}")
+            raise UnknownName(
+                f"--consequent: unknown product(s) {', '.join(unknown)} "
+                f"(model version {version_id} has {', '.join(model.product_codes)})"
+            )
         keep &= frame["consequent"].isin(list(consequents))
     if ordered is not None:
         keep &= frame["ordered"] == ordered
-    frame = frame.loc[keep].copy()
+    chosen = [rule for rule, kept in zip(model.rules.rules, keep, strict=True) if kept]
+    shown, left_out = (
+        rules_for_display(chosen, min_lift=-math.inf, min_customers=0)
+        if everything
+        else rules_for_display(chosen)
+    )
+    frame = RuleSet(shown, model.rules.mode, model.rules.params).to_frame()
     frame["antecedent"] = [
         (" -> " if is_ordered else ", ").join(items)
         for items, is_ordered in zip(frame["antecedent"], frame["ordered"], strict=True)
     ]
-    frame = frame.sort_values(
-        ["confidence", "lift", "n_customers"], ascending=False, kind="stable"
-    ).reset_index(drop=True)
     columns = [
         "antecedent",
         "consequent",
@@ -187,4 +243,4 @@ def model_rules(
         "n_customers",
         "median_days",
     ]
-    return version_id, frame.loc[:, columns]
+    return version_id, frame.loc[:, columns], left_out

@@ -7,8 +7,11 @@ them, so imports go one way.
 
 from __future__ import annotations
 
+import datetime as dt
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import (
@@ -28,6 +31,65 @@ from service.settings import Settings
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+class UserError(Exception):
+    """A mistake the user can put right, said in one or two lines and never with a
+    traceback (``nbo --debug`` shows it anyway).
+
+    ``code`` is the exit status, by the rule ``nbo --help`` states: 2 when the command
+    was called wrongly (an option, a path, a product, version or key that does not
+    exist), 1 when it was called rightly but cannot finish (too little data, a
+    rejected file, a changed model bundle).
+    """
+
+    def __init__(self, message: str, *, hint: str | None = None, code: int = 2) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.code = code
+
+
+def check_output(path: Path, option: str, *, folder: bool = False) -> Path:
+    """``path``, once it is known that a file (or with ``folder``, a folder) can be
+    written there: checked before a long job, so that it does not fail at the end.
+
+    Raises
+    ------
+    UserError
+        The path is a folder where a file is asked for (or the reverse), lies under a
+        file, or is in a folder this user cannot write in.
+    """
+    what = "folder" if folder else "file"
+    if path.exists():
+        if folder != path.is_dir():
+            kind = "a folder" if path.is_dir() else "a file"
+            raise UserError(f"{option} {path}: is {kind}, not a {what}", hint=f"give a {what} path")
+        if not os.access(path, os.W_OK):
+            raise UserError(f"{option} {path}: not writable", hint="give a path you can write to")
+        return path
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(
+            f"{option} {path}: cannot be created, {parent} is a file", hint=f"give a {what} path"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(
+            f"{option} {path}: cannot write in {parent}", hint="give a path you can write to"
+        )
+    return path
+
+
+def replacing(path: Path) -> str | None:
+    """What writing ``path`` will replace, to say after writing it (a file is never
+    replaced silently): ``"replaced the earlier file, written YYYY-MM-DD HH:MM"``, or
+    None when there is none."""
+    if not path.is_file():
+        return None
+    written = dt.datetime.fromtimestamp(path.stat().st_mtime)
+    return f"replaced the earlier file, written {written:%Y-%m-%d %H:%M}"
 
 
 def progress(*, counted: bool = True, remaining: bool = False) -> Progress:

@@ -12,7 +12,15 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from service.cli.context import console, err_console, load_settings, progress, ready_engine
+from service.cli.context import (
+    UserError,
+    check_output,
+    console,
+    err_console,
+    load_settings,
+    progress,
+    ready_engine,
+)
 from service.data import db
 from service.data.importing import (
     ImportFailed,
@@ -68,7 +76,9 @@ def _run_import(
     _print_summary(summary)
 
 
-FileArg = Annotated[Path, typer.Argument(help="CSV (optionally .gz) or Parquet file.")]
+FileArg = Annotated[
+    Path, typer.Argument(exists=True, dir_okay=False, help="CSV (optionally .gz) or Parquet file.")
+]
 
 
 @db_app.command("upgrade")
@@ -130,9 +140,20 @@ def import_customers_cmd(
     numeric: Annotated[
         list[str] | None, typer.Option(help="Attribute column that must be numeric.")
     ] = None,
+    valid_from: Annotated[
+        dt.datetime | None,
+        typer.Option(
+            formats=["%Y-%m-%d"],
+            metavar="DAY",
+            help=(
+                "First day of the file's values (YYYY-MM-DD) where a row has no valid_from "
+                "cell; default: today. Changed values keep the ones they replace."
+            ),
+        ),
+    ] = None,
 ) -> None:
-    """Import customers: customer_id[,segment,branch_id,joined_at,birth_date] plus any
-    attribute columns (numeric or categorical, whatever the bank has)."""
+    """Import customers: customer_id[,segment,branch_id,joined_at,birth_date,valid_from] plus
+    any attribute columns (numeric or categorical, whatever the bank has)."""
     settings = load_settings()
     engine = ready_engine(settings)
     _run_import(
@@ -146,6 +167,7 @@ def import_customers_cmd(
             categorical=categorical or (),
             numeric=numeric or (),
             max_attributes=settings.max_attributes,
+            valid_from=valid_from.date() if valid_from is not None else None,
             progress=advance,
         ),
     )
@@ -229,14 +251,21 @@ def _bank_file(directory: Path, name: str) -> Path:
         candidate = directory / f"{name}{suffix}"
         if candidate.exists():
             return candidate
-    err_console.print(f"{directory}: no {name}.csv or {name}.parquet")
-    raise typer.Exit(code=1)
+    raise UserError(
+        f"{directory}: no {name}.csv or {name}.parquet",
+        hint="a bank folder holds products, customers and adoptions files (as nbo generate writes)",
+    )
 
 
 @import_app.command("bank")
 def import_bank_cmd(
     directory: Annotated[
-        Path, typer.Argument(help="Folder with products, customers and adoptions files.")
+        Path,
+        typer.Argument(
+            exists=True,
+            file_okay=False,
+            help="Folder with products, customers and adoptions files.",
+        ),
     ],
 ) -> None:
     """Import a whole bank folder (as `nbo generate` or examples/berka write it): products,
@@ -245,6 +274,13 @@ def import_bank_cmd(
     import_products_cmd(files[0])
     import_customers_cmd(files[1], None, None)
     import_adoptions_cmd(files[2])
+
+
+def _day(value: str, option: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise UserError(f"{option}: {value!r} is not a date", hint="write it YYYY-MM-DD") from None
 
 
 def generate(
@@ -280,6 +316,10 @@ def generate(
     if fmt not in ("csv", "parquet"):
         err_console.print("--format must be csv or parquet")
         raise typer.Exit(code=2)
+    first, last = _day(start, "--start"), _day(end, "--end")
+    if last <= first:
+        raise UserError(f"--end {last} is not after --start {first}")
+    check_output(out, "--out", folder=True)
     with progress() as bar:
         task = bar.add_task("simulating months", total=None)
 
@@ -289,8 +329,8 @@ def generate(
         bank = generate_bank(
             customers,
             seed,
-            start=dt.date.fromisoformat(start),
-            end=dt.date.fromisoformat(end),
+            start=first,
+            end=last,
             progress=advance,
             offers_per_month=offers_per_month,
             offer_targeting=offer_targeting,

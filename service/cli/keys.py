@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from service import auth
-from service.cli.context import console, err_console, open_session
+from service.cli.context import UserError, console, err_console, open_session
 
 keys_app = typer.Typer(
     help="API keys: create (shown once), list, revoke. Only a hash of each key is stored.",
@@ -35,13 +35,16 @@ def keys_create(
 ) -> None:
     """Create a key and print it on its own line; it cannot be shown again."""
     if (scopes is None) == (role is None):
-        err_console.print("give either --scopes or --role")
-        raise typer.Exit(code=2)
+        raise UserError(
+            "give either --scopes or --role (not both)",
+            hint=f"roles: {', '.join(auth.ROLES)}; scopes: {', '.join(auth.SCOPES)}",
+        )
     try:
         granted = auth.resolve_scopes(scopes=(scopes or "").split(","), role=role)
     except ValueError as exc:
-        err_console.print(str(exc), markup=False)
-        raise typer.Exit(code=2) from None
+        raise UserError(
+            str(exc), hint=f"roles: {', '.join(auth.ROLES)}; scopes: {', '.join(auth.SCOPES)}"
+        ) from exc
     with open_session() as session:
         key = auth.create_key(session, name=name, scopes=granted)
     # Plain echo, not rich: the key must come out exactly, unwrapped and unstyled.
@@ -88,6 +91,5 @@ def keys_revoke(
         with open_session() as session:
             info = auth.revoke_key(session, prefix=prefix)
     except auth.KeyNotFound as exc:
-        err_console.print(exc.detail, markup=False)
-        raise typer.Exit(code=1) from None
+        raise UserError(exc.detail, hint="`nbo keys list` shows the keys' prefixes") from exc
     console.print(f"revoked {info.prefix} ({info.name})", markup=False, highlight=False)

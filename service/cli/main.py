@@ -4,10 +4,12 @@ the service (``serve``, ``openapi``, and ``demo``, which goes from nothing to se
 The other commands live by concern (``data``: schema, import, synthetic bank; ``models``:
 train, evaluate, score, rules, registry) with the sub-apps ``keys``, ``report`` and
 ``simulate``; what they share is in ``context``. No command module imports this one.
+How a command ends when something goes wrong is :mod:`service.cli.errors`.
 """
 
 from __future__ import annotations
 
+import inspect
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,8 +17,9 @@ from typing import Annotated, Any
 
 import typer
 
-from service.cli.context import console, load_settings, open_session
+from service.cli.context import check_output, console, load_settings, open_session
 from service.cli.data import db_app, db_upgrade, generate, import_app, import_bank_cmd
+from service.cli.errors import NboGroup
 from service.cli.keys import keys_app
 from service.cli.models import evaluate, models_app, rules_app, score, train
 from service.data import db
@@ -26,7 +29,15 @@ from service.simulation.cli import simulate_app
 
 app = typer.Typer(
     name="nbo",
-    help="nbo: next-best-offer recommendations for banks.",
+    cls=NboGroup,
+    help="""nbo: next-best-offer recommendations for banks.
+
+    A mistake is said in one or two lines on stderr, with a non-zero exit status: 2
+    when the command was called wrongly (an option, a date, a missing file, an unknown
+    product, version or key, an output that cannot be written), 1 when it could not
+    finish (too little data, a rejected import, a changed model bundle, the database
+    down). --debug (or NBO_DEBUG=1) adds the Python traceback.
+    """,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -40,10 +51,27 @@ app.add_typer(report_app, name="report")
 app.add_typer(simulate_app, name="simulate")
 
 
+@app.callback()
+def options(
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug",
+            envvar="NBO_DEBUG",
+            help="Show the Python traceback when a command fails.",
+        ),
+    ] = False,
+) -> None:
+    # Read by service.cli.errors.NboGroup from the context's parameters.
+    del debug
+
+
 def demo(
     customers: Annotated[int, typer.Option(min=100, help="Customers in the demo bank.")] = 20_000,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 7,
-    port: Annotated[int, typer.Option(help="Port of the service started at the end.")] = 8000,
+    port: Annotated[
+        int, typer.Option(min=1, max=65535, help="Port of the service started at the end.")
+    ] = 8000,
     serve_after: Annotated[
         bool, typer.Option("--serve/--no-serve", help="Start the service at the end.")
     ] = True,
@@ -107,7 +135,7 @@ def uvicorn_options(settings: Settings, *, host: str, port: int, workers: int) -
 
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
 ) -> None:
     """Run the HTTP service (uvicorn) on the configured database, after migrating it."""
@@ -140,6 +168,7 @@ def openapi(
     from service.app import create_app
     from service.openapi import render_openapi
 
+    check_output(out, "--out")
     out.write_text(render_openapi(create_app(Settings())))
     console.print(f"wrote {out}")
 
@@ -147,6 +176,38 @@ def openapi(
 # Registered in this order, which is the order `nbo --help` lists them in.
 for command in (generate, demo, train, evaluate, score, serve, openapi):
     app.command()(command)
+
+
+def reflowed(text: str) -> str:
+    """``text`` with each paragraph on one line, for the help screen to wrap at the
+    terminal's width: Typer keeps a docstring's own line breaks after its first
+    paragraph, which broke sentences in mid-line. A paragraph starting with ``\\b``
+    (Click's mark for preformatted text) is kept as written."""
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(p if p.startswith("\b") else " ".join(p.split()) for p in paragraphs)
+
+
+def _reflow_help(typer_app: typer.Typer) -> None:
+    """Reflow the help of every command and group of ``typer_app``, where it was given
+    (a docstring, or ``help=``); help left to Typer's defaults stays a default, so that
+    which text Typer picks for a group does not change."""
+    for command in typer_app.registered_commands:
+        text = command.help if command.help is not None else inspect.getdoc(command.callback)
+        if text:
+            command.help = reflowed(text)
+    if isinstance(typer_app.info.help, str):
+        typer_app.info.help = reflowed(typer_app.info.help)
+    callback = typer_app.registered_callback
+    if callback is not None and isinstance(callback.help, str):
+        callback.help = reflowed(callback.help)
+    for group in typer_app.registered_groups:
+        if isinstance(group.help, str):
+            group.help = reflowed(group.help)
+        if group.typer_instance is not None:
+            _reflow_help(group.typer_instance)
+
+
+_reflow_help(app)
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import Engine
 
-from service.cli.context import open_engine
+from service.cli.context import check_output, open_engine
 from service.reports import measures as reports
 from service.reports.measures import ConversionDimension, FeedbackDimension, Period
 
@@ -86,6 +86,7 @@ def _write_csv(rows: Sequence[Any], out: TextIO) -> None:
 def _emit(table: Table, rows: Sequence[Any], csv_path: Path | None, fmt: str) -> None:
     """Print ``table`` (or ``rows`` as CSV) and write ``rows`` to ``csv_path`` if given."""
     if csv_path is not None:
+        check_output(csv_path, "--csv")
         with csv_path.open("w", newline="", encoding="utf-8") as out:
             _write_csv(rows, out)
     if fmt == "csv":

@@ -33,17 +33,18 @@ import html
 import logging
 import math
 import urllib.parse
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
 from service.api.deps import EngineDep, KeysDep, SettingsDep
 from service.auth import ADMIN_SCOPE, Forbidden, KeyStore, Principal, Unauthorized
 from service.data.db import read_only, unit_of_work
+from service.data.tables import Product
 from service.errors import problem_response
 from service.reports import measures as reports
 from service.reports.measures import BranchDaily, ConversionRow, DayFigures, StaffDaily
@@ -119,7 +120,8 @@ def branch_page(
     if when is None:
         return _bad_day(links, day)
     report = reports.branch_daily(engine, branch_id, when)
-    return _page(_render_branch(report, links, today=_today()))
+    names = _product_names(engine)
+    return _page(_render_branch(report, links, today=_today(), names=names))
 
 
 @router.get("/staff/{staff_id:path}", name="dashboard_staff")
@@ -135,7 +137,8 @@ def staff_page(
     if when is None:
         return _bad_day(links, day)
     report = reports.staff_daily(engine, staff_id, when)
-    return _page(_render_staff(report, links, today=_today()))
+    names = _product_names(engine)
+    return _page(_render_staff(report, links, today=_today(), names=names))
 
 
 @router.get("/login", name="dashboard_login_form")
@@ -548,7 +551,13 @@ def _render_login(links: _Links, *, next_path: str, error: str = "") -> str:
     return _shell(links, body, title="Sign in", signed_in=False)
 
 
-def _render_branch(report: BranchDaily, links: _Links, *, today: dt.date) -> str:
+def _render_branch(
+    report: BranchDaily,
+    links: _Links,
+    *,
+    today: dt.date,
+    names: Mapping[str, str] | None = None,
+) -> str:
     """A branch's page for one day."""
     day, figures, bank = report.day, report.branch, report.bank
     heading = (
@@ -586,12 +595,22 @@ def _render_branch(report: BranchDaily, links: _Links, *, today: dt.date) -> str
         parts.append(f'<div class="grid-2">{trend}</div>')
     if report.by_product:
         parts.append(
-            _section("Conversion by product", _product_table(report.by_product), ident="products")
+            _section(
+                "Conversion by product",
+                _product_table(report.by_product, names or {}),
+                ident="products",
+            )
         )
     return _shell(links, "".join(parts), title=f"Branch {report.branch_id} · {day.isoformat()}")
 
 
-def _render_staff(report: StaffDaily, links: _Links, *, today: dt.date) -> str:
+def _render_staff(
+    report: StaffDaily,
+    links: _Links,
+    *,
+    today: dt.date,
+    names: Mapping[str, str] | None = None,
+) -> str:
     """A staff member's page for one day."""
     day = report.day
     branch_line = ""
@@ -641,7 +660,11 @@ def _render_staff(report: StaffDaily, links: _Links, *, today: dt.date) -> str:
         )
     if report.by_product:
         parts.append(
-            _section("Products offered", _product_table(report.by_product), ident="products")
+            _section(
+                "Products offered",
+                _product_table(report.by_product, names or {}),
+                ident="products",
+            )
         )
     return _shell(links, "".join(parts), title=f"Staff {report.staff_id} · {day.isoformat()}")
 
@@ -806,14 +829,34 @@ def _cell(metric: str, value: float | int | None, shown: str) -> str:
     return f'<td class="num" data-metric="{metric}" data-value="{_raw(value)}">{_esc(shown)}</td>'
 
 
-def _product_table(rows: Sequence[ConversionRow]) -> str:
+def _product_names(engine: Engine) -> dict[str, str]:
+    """Each product's name by its code, for the product tables."""
+    with read_only(engine).connect() as conn:
+        return {
+            str(code): str(name) for code, name in conn.execute(select(Product.code, Product.name))
+        }
+
+
+def _product_table(rows: Sequence[ConversionRow], names: Mapping[str, str]) -> str:
+    """The offers of a day by product: the product's name (its code beneath, and as the
+    tooltip), then the figures. It fits its card: headers wrap between words, a long
+    name or code anywhere; on a screen too narrow for it the card scrolls sideways, not
+    the page."""
     body = []
     for row in rows:
         median = (
             _NONE if row.median_days_to_adoption is None else f"{row.median_days_to_adoption:g}"
         )
+        name = names.get(row.key)
+        label = (
+            f'<span class="product-name">{_esc(name)}</span>'
+            f'<small class="product-code">{_esc(row.key)}</small>'
+            if name and name != row.key
+            else f'<span class="product-name">{_esc(row.key)}</span>'
+        )
         body.append(
-            f'<tr data-product="{_esc(row.key)}"><th scope="row">{_esc(row.key)}</th>'
+            f'<tr data-product="{_esc(row.key)}">'
+            f'<th scope="row" title="{_esc(row.key)}">{label}</th>'
             + _cell("offers", row.offers, fmt_count(row.offers))
             + _cell("presented", row.presented, fmt_count(row.presented))
             + _cell("accepted", row.accepted, fmt_count(row.accepted))
@@ -838,8 +881,8 @@ def _product_table(rows: Sequence[ConversionRow]) -> str:
         )
     )
     return (
-        '<div class="scroll"><table id="product-table"><thead><tr>'
-        f'<th scope="col">Product</th>{headers}</tr></thead>'
+        '<div class="scroll"><table id="product-table" class="fit"><thead><tr>'
+        f'<th scope="col" class="product">Product</th>{headers}</tr></thead>'
         f"<tbody>{''.join(body)}</tbody></table></div>"
     )
 
@@ -1174,6 +1217,11 @@ vertical-align:-1px}
 .swatch.offers{background:#b3cfee}
 .swatch.line{background:#c05621;height:3px;vertical-align:3px}
 .scroll{overflow-x:auto}
+table.fit{min-width:640px}
+table.fit thead th{white-space:normal;vertical-align:bottom;letter-spacing:.02em}
+table.fit tbody th{white-space:normal;overflow-wrap:anywhere;min-width:9em}
+.product-name{display:block;font-weight:600}
+.product-code{display:block;color:var(--muted);font-size:12px;font-weight:400}
 table{border-collapse:collapse;width:100%;font-variant-numeric:tabular-nums}
 th,td{padding:8px 10px;border-bottom:1px solid var(--line);text-align:left;white-space:nowrap}
 thead th{font-size:12px;text-transform:uppercase;letter-spacing:.04em;color:var(--muted);

@@ -59,8 +59,10 @@ def test_failed_import_exits_nonzero_and_says_where(database_url: str, tmp_path:
 
 
 def test_snapshot_map_option_is_checked(database_url: str, tmp_path: Path) -> None:
+    snapshots = tmp_path / "x.csv"
+    snapshots.write_text("customer_id,snapshot_date,a\n")
     code, out = nbo(
-        ["import", "snapshots", "x.csv", "--products", "a", "--map", "nonsense"],
+        ["import", "snapshots", str(snapshots), "--products", "a", "--map", "nonsense"],
         database_url,
         tmp_path,
     )
@@ -183,4 +185,4 @@ def test_models_commands_on_empty_registry(database_url: str, tmp_path: Path) ->
     code, out = nbo(["models", "rollback"], database_url, tmp_path)
     assert code == 1 and "no active version" in out
     code, out = nbo(["models", "show", "v9"], database_url, tmp_path)
-    assert code == 1 and "no model version 'v9'" in out
+    assert code == 2 and "no model version 'v9'" in out  # a usage error: an unknown name

@@ -665,6 +665,23 @@ def test_branch_page_in_a_real_browser(
         )
         assert staff == EXPECTED_STAFF
 
+        # The product table fits its card at 1280 px and names the products (codes beneath).
+        fit = browser.evaluate(
+            "(() => { const t = document.getElementById('product-table');"
+            " return [t.scrollWidth, t.parentElement.clientWidth,"
+            " document.documentElement.scrollWidth, window.innerWidth]; })()"
+        )
+        assert fit[0] <= fit[1] and fit[2] <= fit[3], fit
+        shown_products = browser.evaluate(
+            "Array.from(document.querySelectorAll('#product-table tbody tr')).map(r =>"
+            " [r.dataset.product, r.querySelector('th .product-name').textContent.trim(),"
+            " r.querySelector('th .product-code').textContent.trim(),"
+            " r.querySelector('th').title])"
+        )
+        assert sorted(shown_products) == sorted(
+            [code, PRODUCTS[code], code, code] for code in EXPECTED_PRODUCTS
+        )
+
         for chart in ("chart-conversion", "chart-trend"):
             box = browser.evaluate(
                 f"(() => {{ const r = document.getElementById('{chart}')"

@@ -59,14 +59,15 @@ def test_train_gate_score_and_rules_through_the_cli(
         gate = newest.metrics["gate"]
         assert "scored on the same holdout" in gate["reason"]
 
-    # Ranked offers for every customer, best first, never a held product.
+    # Ranked offers for every customer, best first (by score, as the decision API ranks),
+    # never a held product.
     offers = tmp_path / "offers.csv"
     nbo(["score", "--out", str(offers), "--top-k", "3"], database_url, tmp_path)
     table = pd.read_csv(offers)
-    assert list(table.columns[:4]) == ["customer_id", "product_code", "propensity", "rank"]
+    assert list(table.columns[:4]) == ["customer_id", "product_code", "rank", "propensity"]
     assert table["customer_id"].nunique() == 2_000
     assert table.groupby("customer_id")["rank"].max().max() == 3
-    assert (table.groupby("customer_id")["propensity"].diff().dropna() <= 0).all()
+    assert (table.groupby("customer_id")["score"].diff().dropna() <= 0).all()
     data = load_bank(engine)
     held = data.adoptions.loc[data.adoptions["closed_at"].isna(), ["customer_id", "product_code"]]
     clash = table.merge(held, on=["customer_id", "product_code"])
@@ -175,13 +176,25 @@ def test_rank_offers_orders_ties_deterministically() -> None:
             "rules": 0.0,
         }
     )
-    ranked = rank_offers(scores)
+    ranked = rank_offers(scores, rank_by="propensity")
     assert ranked[["customer_id", "product_code", "rank"]].values.tolist() == [
         ["a", "x", 1],
         ["a", "y", 2],
         ["b", "y", 1],
         ["b", "x", 2],
     ]
-    campaign = rank_offers(scores, product="x")
+    campaign = rank_offers(scores, product="x", rank_by="propensity")
     assert campaign["customer_id"].tolist() == ["a", "b"]
-    assert rank_offers(scores, top_k=1)["rank"].max() == 1
+    assert rank_offers(scores, top_k=1, rank_by="propensity")["rank"].max() == 1
+    # By score (propensity x value x business weight), as the decision API ranks: the
+    # values reverse both customers' orders. A product's ties go by propensity.
+    valued = scores.assign(score=[0.9, 0.5, 0.1, 0.3])
+    ranked = rank_offers(valued)
+    assert ranked[["customer_id", "product_code", "rank"]].values.tolist() == [
+        ["a", "y", 1],
+        ["a", "x", 2],
+        ["b", "x", 1],
+        ["b", "y", 2],
+    ]
+    tied = rank_offers(valued.assign(score=0.0), product="y")
+    assert tied["customer_id"].tolist() == ["b", "a"]
