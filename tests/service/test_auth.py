@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from service import auth
 from service.auth import Forbidden, KeyStore, Principal, Unauthorized, require
-from service.cli.keys import keys_app
+from service.cli.main import app as nbo_app
 from service.data.db import unit_of_work
 from service.data.tables import ApiKey
 from service.errors import PROBLEM_JSON, install_error_handlers
@@ -250,14 +250,14 @@ def test_cli_create_list_revoke(
     monkeypatch.setenv("NBO_DATABASE_URL", database_url)
     monkeypatch.setenv("NBO_DATA_DIR", str(tmp_path))
 
-    created = runner.invoke(keys_app, ["create", "--name", "branch-app", "--role", "teller"])
+    created = runner.invoke(nbo_app, ["keys", "create", "--name", "branch-app", "--role", "teller"])
     assert created.exit_code == 0, created.output
     key = created.stdout.strip()
     assert key.startswith("nbo_") and "\n" not in key
     assert "shown only once" in created.stderr
 
     quiet = runner.invoke(
-        keys_app, ["create", "--name", "etl", "--scopes", "data, reports", "--quiet"]
+        nbo_app, ["keys", "create", "--name", "etl", "--scopes", "data, reports", "--quiet"]
     )
     assert quiet.exit_code == 0, quiet.output
     assert quiet.stdout.strip().startswith("nbo_") and quiet.stderr == ""
@@ -268,19 +268,19 @@ def test_cli_create_list_revoke(
         (["create", "--name", "x", "--scopes", "decisions,modles"], "'modles'"),
         (["create", "--name", "x", "--role", "clerk"], "'clerk'"),
     ]:
-        bad = runner.invoke(keys_app, args)
+        bad = runner.invoke(nbo_app, ["keys", *args])
         assert bad.exit_code == 2 and message in bad.stderr, bad.output
 
-    listed = runner.invoke(keys_app, ["list"], terminal_width=200)
+    listed = runner.invoke(nbo_app, ["keys", "list"], terminal_width=200)
     assert listed.exit_code == 0, listed.output
     assert prefix_of(key) in listed.stdout and "branch-app" in listed.stdout
     assert "decisions, outcomes" in listed.stdout and "data, reports" in listed.stdout
     assert key.split("_", 2)[2] not in listed.output
 
-    revoked = runner.invoke(keys_app, ["revoke", prefix_of(key)])
+    revoked = runner.invoke(nbo_app, ["keys", "revoke", prefix_of(key)])
     assert revoked.exit_code == 0 and f"revoked {prefix_of(key)}" in revoked.stdout
-    missing = runner.invoke(keys_app, ["revoke", "nosuchky"])
-    assert missing.exit_code == 1 and "nosuchky" in missing.stderr
+    missing = runner.invoke(nbo_app, ["keys", "revoke", "nosuchky"])
+    assert missing.exit_code == 2 and "nosuchky" in missing.stderr
 
     from service.data.db import make_engine
 
