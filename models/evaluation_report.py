@@ -117,6 +117,7 @@ def write_report(
     max_rules: int = 20,
     max_features: int = 20,
     card: Mapping[str, Any] | None = None,
+    rules_left_out: int = 0,
 ) -> Path:
     """Write the evaluation report as one self-contained HTML file.
 
@@ -144,8 +145,9 @@ def write_report(
     rules : pandas.DataFrame or None
         Rules with ``antecedent`` (tuple of product codes or text), ``consequent``,
         ``confidence``, ``lift``, customers as ``n_customers`` (or ``count``) and
-        optionally ``median_days`` and ``ordered``; the best ``max_rules`` by
-        confidence, then lift, then customers are listed. None: the section says so.
+        optionally ``median_days`` and ``ordered``, best first (as
+        :func:`models.rules.rules_for_display` orders them); the first ``max_rules``
+        are listed. None: the section says so.
     importance : pandas.DataFrame or None
         ``feature`` and ``importance`` columns; the ``max_features`` largest are
         charted. None: the section says so.
@@ -158,6 +160,8 @@ def write_report(
         A model card (:func:`models.model_card.build_card`), shown as the last
         section, "Model card": the sections :func:`models.model_card.render_text`
         prints, with a reliability chart per product. None: no such section.
+    rules_left_out : int, default 0
+        Mined rules not in ``rules`` (never said to a customer), counted in the note.
 
     Returns
     -------
@@ -178,7 +182,7 @@ def write_report(
         _gains_section(_by_model(gains), references),
         _calibration_section(_by_model(calibration), references),
         _products_section(products),
-        _rules_section(rules, max_rules),
+        _rules_section(rules, max_rules, rules_left_out),
         _importance_section(importance, max_features),
         "" if card is None else _card_section(card),
         "</main>",
@@ -439,7 +443,7 @@ def _products_section(products: pd.DataFrame) -> str:
     return _section("products", "Products", note, _table(products, columns, "products"))
 
 
-def _rules_section(rules: pd.DataFrame | None, max_rules: int) -> str:
+def _rules_section(rules: pd.DataFrame | None, max_rules: int, left_out: int = 0) -> str:
     note = (
         "Adoption rules: of the customers who had the products on the left, the share "
         "who went on to adopt the product on the right (confidence), how much likelier "
@@ -452,9 +456,15 @@ def _rules_section(rules: pd.DataFrame | None, max_rules: int) -> str:
     _need(rules, ("antecedent", "consequent", "confidence", "lift", customers), "rules")
     frame = rules.copy()
     frame["_customers"] = frame[customers]
-    top = frame.sort_values(
-        ["confidence", "lift", "_customers"], ascending=False, kind="stable"
-    ).head(max_rules)
+    # In the order given: the order decisions choose their reasons in (lift first).
+    top = frame.head(max_rules)
+    if left_out:
+        note += (
+            f" {left_out:,} mined rules are left out: a lift of 1 or below, or too few "
+            "customers behind them, so they are never said to a customer."
+        )
+    if len(frame) > len(top):
+        note += f" The best {len(top)} of {len(frame):,} are shown."
 
     rows = []
     for record in top.to_dict("records"):

@@ -7,14 +7,23 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine
 
 from models.artifacts import BundleError, load_bundle, save_bundle
 from models.data import BankData
-from models.evaluation import HoldoutResult, holdout_evaluation, report_inputs, truth_reference
+from models.evaluation import (
+    HoldoutResult,
+    campaign_metrics,
+    holdout_comparison,
+    holdout_evaluation,
+    report_inputs,
+    truth_reference,
+)
 from models.evaluation_report import write_report
 from models.metrics import compare
+from models.model_card import build_card
 from models.propensity import TrainConfig
 from models.propensity.training import train
 from service.data import registry
@@ -29,6 +38,9 @@ class TrainOutcome:
     activated: bool
     reason: str
     holdout: HoldoutResult
+    card: dict[str, Any]
+    """The version's model card (:func:`models.model_card.build_card`), also kept in the
+    registry row's ``params["card"]``."""
 
 
 WITHOUT_OUTCOMES = "blend without outcome features"
@@ -45,8 +57,12 @@ def evaluate(
     progress: Callable[[str, float], None] | None = None,
     outcome_comparison: bool = False,
 ) -> HoldoutResult:
-    """The temporal holdout of ``data`` ending at ``as_of``, with the oracle row when the
-    bank is synthetic and ``truth_dir`` (the generated bank folder) is given.
+    """The holdout of ``data`` ending at ``as_of``, with the oracle row when the bank is
+    synthetic and ``truth_dir`` (the generated bank folder) is given.
+
+    The holdout is temporal, or a seeded random split of customers when the data
+    supports only one training cutoff (a campaign snapshot and its responders); see
+    :func:`models.evaluation.holdout_evaluation`.
 
     With ``outcome_comparison``, when the data has offer outcomes and ``config`` uses
     them, the holdout is run a second time without outcome features and its blend is
@@ -77,22 +93,36 @@ def evaluate(
             if progress
             else None
         ),
+        kind=holdout.holdout_kind,
     )
     ranked = dict(holdout.ranked)
     ranked[WITHOUT_OUTCOMES] = plain.ranked["blend"]
-    comparison = compare(ranked, holdout.actual, ks=(1, 3, 5))
-    return replace(holdout, ranked=ranked, comparison=comparison)
+    comparison, by_product = holdout_comparison(ranked, holdout.actual)
+    return replace(holdout, ranked=ranked, comparison=comparison, by_product=by_product)
 
 
 def write_evaluation_report(
-    holdout: HoldoutResult, path: Path, *, data: BankData, title: str = "nbo evaluation"
+    holdout: HoldoutResult,
+    path: Path,
+    *,
+    data: BankData,
+    title: str = "nbo evaluation",
+    card: dict[str, Any] | None = None,
 ) -> Path:
-    """The HTML report of a holdout: comparison, gains, calibration, products, rules."""
+    """The HTML report of a holdout: comparison, gains, calibration, products, rules, and
+    the model card (``card``, else the card of the holdout's own model)."""
     inputs = report_inputs(holdout)
     adopted = data.adoptions["adopted_at"]
+    before = adopted[adopted < dt.datetime.combine(holdout.cutoff, dt.time())]
     summary = {
-        "customers evaluated": f"{int(holdout.comparison['n_customers'].iloc[0]):,}",
-        "history": f"{adopted.min():%Y-%m-%d} to {holdout.cutoff - dt.timedelta(days=1)}",
+        "holdout": holdout.describe_holdout(),
+        "customers evaluated": f"{int(holdout.comparison['n_customers'].iloc[0]):,} "
+        f"with an adoption, of {holdout.holdout_size:,} measured",
+        "history": (
+            f"{before.min():%Y-%m-%d} to {holdout.cutoff - dt.timedelta(days=1)}"
+            if len(before)
+            else f"none dated before {holdout.cutoff} (attributes only)"
+        ),
         "holdout window": f"{holdout.cutoff} + {holdout.horizon_days} days",
         "adoptions in window": f"{len(holdout.actual):,}",
         "products": f"{len(holdout.model.products)}",
@@ -107,19 +137,26 @@ def write_evaluation_report(
         calibration=inputs.calibration,
         gains=inputs.gains,
         rules=inputs.rules,
+        rules_left_out=inputs.rules_left_out,
         importance=inputs.importance,
+        card=card if card is not None else build_card(holdout.model, holdout, data),
     )
 
 
 def active_on_holdout(
     engine: Engine, holdout: HoldoutResult, data: BankData
 ) -> tuple[float | None, str]:
-    """The active version's MAP@3 measured on ``holdout``, when that is fair.
+    """The active version's gate metric measured on ``holdout``, when that is fair.
 
+    The gate metric is the holdout kind's (:data:`service.data.registry.GATE_METRICS`):
+    MAP@3 on a temporal holdout, mean AUC over products on a random split of customers.
     Fair means the active version was trained only on data before the holdout window
-    (its ``as_of`` is on or before the cutoff), so it has not seen the adoptions it is
-    scored on. Otherwise (a retrain on the same history) the recorded metrics are
-    compared instead, and the note says so.
+    (its ``as_of`` is on or before the cutoff), so it has seen none of the adoptions it
+    is scored on: in a random split the held-out customers' responses are in the
+    window too, so a version trained past the cutoff (e.g. on the same campaign, with
+    those customers) is never scored on them. Otherwise the recorded metrics are
+    compared instead (by the gate, and only for the same kind of holdout), and the note
+    says so.
     """
     with unit_of_work(engine) as session:
         current = registry.active_version(session)
@@ -129,20 +166,27 @@ def active_on_holdout(
     if as_of > holdout.cutoff:
         return (
             None,
-            f"active {version} was trained past the holdout cutoff; recorded metrics compared",
+            f"active {version} was trained past the holdout cutoff, so it may have seen the "
+            "measured adoptions; recorded metrics compared",
         )
     try:
         active = load_bundle(path)
     except BundleError as exc:
         return None, f"active {version} could not be loaded ({exc}); recorded metrics compared"
-    scores = active.score(data, as_of=holdout.cutoff)
+    measured = holdout.ranked["blend"][["customer_id", "product_code"]]
+    scores = measured.merge(
+        active.score(data, as_of=holdout.cutoff)[["customer_id", "product_code", "propensity"]],
+        on=["customer_id", "product_code"],
+        how="left",
+    )
+    ranked = measured.assign(score=scores["propensity"].fillna(0.0).to_numpy())
+    if holdout.holdout_kind == "random_customers":
+        aucs = campaign_metrics(ranked, holdout.actual)["auc"].dropna()
+        if aucs.empty:
+            return None, f"active {version} has no AUC on the holdout; recorded metrics compared"
+        return float(aucs.mean()), f"active {version} scored on the same held-out customers"
     table = compare(
-        {
-            "active": scores[["customer_id", "product_code"]].assign(score=scores["propensity"]),
-            "candidate": holdout.ranked["blend"],
-        },
-        holdout.actual,
-        ks=(3,),
+        {"active": ranked, "candidate": holdout.ranked["blend"]}, holdout.actual, ks=(3,)
     )
     return float(table.loc["active", "MAP@3"]), f"active {version} scored on the same holdout"
 
@@ -160,8 +204,11 @@ def train_and_register(
 ) -> TrainOutcome:
     """Holdout-evaluate, train on all history to ``as_of``, save the bundle, register it.
 
-    The promotion gate compares the candidate's holdout MAP@3 with the active version's
-    measured on the same holdout (see :func:`active_on_holdout`).
+    The promotion gate compares the candidate's holdout metric (MAP@3 on a temporal
+    holdout, mean AUC on a random split of customers) with the active version's measured
+    on the same holdout (see :func:`active_on_holdout`), else with its recorded one of
+    the same kind of holdout; across kinds nothing is compared and the candidate is
+    registered without activation (:func:`service.data.registry.gate`).
     """
     data = load_bank(engine)
     as_of = as_of or default_as_of(data)
@@ -182,6 +229,9 @@ def train_and_register(
         config=config,
         progress=(lambda stage, f: progress(f"final: {stage}", f)) if progress else None,
     )
+    if progress:
+        progress("model card", 1.0)
+    card = build_card(model, holdout, data)
     with tempfile.TemporaryDirectory(prefix="nbo-bundle-") as tmp:
         bundle = Path(tmp) / "bundle"
         save_bundle(model, bundle, metrics=metrics)
@@ -192,11 +242,21 @@ def train_and_register(
                 artifacts_dir=artifacts_dir,
                 as_of=as_of,
                 horizon_days=horizon_days,
-                params={"config": (config or TrainConfig()).to_dict()},
+                params={
+                    "config": (config or TrainConfig()).to_dict(),
+                    "holdout": {
+                        "kind": holdout.holdout_kind,
+                        "fraction": holdout.holdout_fraction,
+                        "seed": holdout.holdout_seed,
+                        "cutoff": holdout.cutoff.isoformat(),
+                    },
+                    "plan": model.window.get("plan"),
+                    "card": card,
+                },
                 metrics=metrics,
-                gate_metric="map@3",
+                gate_metric=registry.GATE_METRICS[holdout.holdout_kind],
                 tolerance=tolerance,
                 active_value=active_value,
                 active_note=active_note,
             )
-    return TrainOutcome(row, decision.activated, decision.reason, holdout)
+    return TrainOutcome(row, decision.activated, decision.reason, holdout, card)

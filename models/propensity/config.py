@@ -22,7 +22,9 @@ class TrainConfig:
     products : tuple of str or None
         Products to model (default: every active product).
     negatives_per_positive : float
-        Negatives kept per positive at each cutoff (reweighted).
+        Negatives kept per positive at each cutoff (reweighted), when a cutoff's rows do
+        not fit the cutoff's share of ``max_rows_per_product``; when they fit, every row
+        is kept (sampling only buys speed, and small data need every negative).
     min_negatives : int
         Negatives kept at least, per product and cutoff, when there are that many.
     max_rows_per_product : int
@@ -32,15 +34,44 @@ class TrainConfig:
     min_positives : int
         Training positives a product needs for a booster; below it the product is
         scored with its base rate.
-    learning_rate, num_leaves, min_data_in_leaf, feature_fraction, bagging_fraction, \
-lambda_l2, max_bin, max_rounds, early_stopping_rounds, num_threads
+    learning_rate, max_learning_rate : float
+        Boosting rate of a product with up to 20,000 training rows, and the most it
+        grows to with more rows (with their square root: 3x at 180,000). Small data get
+        a small rate: they are early-stopped, many small steps find the stopping round
+        more precisely, and their rounds cost little. A round's time grows with the
+        rows and its noise shrinks, so large data take larger steps.
+    max_rounds, early_stopping_rounds : int
+        Most boosting rounds, and rounds without a better validation log loss before
+        stopping, at ``learning_rate`` (scaled down as the rate grows: 50 rounds at
+        0.05 is 2.5 in rate units, as 20 at 0.15 was).
+    num_leaves : int
+        Most leaves per tree; each product gets one leaf per ``positives_per_leaf``
+        training positives, from 2 (stumps: an additive model for tiny data) up to this.
+    positives_per_leaf : int
+        Training positives per leaf of a product's trees.
+    min_data_in_leaf : int
+        Fewest rows in a leaf, whatever the data (LightGBM's own default).
+    leaf_positives : float
+        Positives a leaf must expect at the product's training rate: a leaf holds at
+        least ``leaf_positives / rate`` rows (and at most half its share of the rows);
+        a category group of a native categorical split needs as many. Rare products get
+        large leaves, so no leaf's rate rests on one or two responders.
+    feature_fraction, bagging_fraction, lambda_l2, max_bin, num_threads
         LightGBM settings (``num_threads=0``: LightGBM's default, all cores).
+    refit : bool
+        After early stopping, train the served booster again for the same rounds on the
+        training and validation rows together: a third more customers in the
+        single-cutoff plan, the most recent cutoff in the monthly one. Calibrator and
+        blend stay those fitted out of sample on the early-stopped booster's validation
+        scores, as do the reported validation metrics.
     seed : int
         Seeds sampling and LightGBM; the same data and seed give the same model.
     calibration : {"auto", "identity", "platt", "isotonic"}
-        Calibrator. ``auto`` picks, per product, the one with the lowest cross-fitted
-        validation log loss among none (``identity``), Platt and (with enough
-        positives) isotonic.
+        Calibrator. ``auto`` picks, per product, among none (``identity``), Platt and
+        (with enough positives) isotonic by cross-fitted validation log loss: a more
+        flexible one only when it wins by more than two standard errors of the paired
+        difference. A calibrator that would reorder the booster's ranking (a falling
+        Platt curve, a flat isotonic fit) is never used.
     isotonic_min_positives : int
         Validation positives ``auto`` needs to consider isotonic.
     blend : bool
@@ -76,15 +107,18 @@ rule_ordered
     max_rows_per_product: int = 200_000
     max_validation_rows: int = 100_000
     min_positives: int = 20
-    learning_rate: float = 0.15
-    num_leaves: int = 7
-    min_data_in_leaf: int = 200
+    learning_rate: float = 0.05
+    max_learning_rate: float = 0.15
+    num_leaves: int = 15
+    positives_per_leaf: int = 20
+    min_data_in_leaf: int = 20
+    leaf_positives: float = 3.0
     feature_fraction: float = 0.8
     bagging_fraction: float = 0.8
     lambda_l2: float = 10.0
     max_bin: int = 63
-    max_rounds: int = 300
-    early_stopping_rounds: int = 20
+    max_rounds: int = 1_000
+    early_stopping_rounds: int = 50
     num_threads: int = 0
     seed: int = 0
     calibration: Literal["auto", "identity", "platt", "isotonic"] = "auto"
@@ -99,10 +133,27 @@ rule_ordered
     validation_fraction: float = 0.25
     outcome_features: bool = True
     forced_sales: Literal["keep", "drop"] = "keep"
+    refit: bool = True
 
     def __post_init__(self) -> None:
         if self.forced_sales not in ("keep", "drop"):
             raise ValueError(f"forced_sales must be 'keep' or 'drop', not {self.forced_sales!r}")
+        if not 0 < self.learning_rate <= self.max_learning_rate:
+            raise ValueError(
+                f"learning_rate must be above 0 and at most max_learning_rate "
+                f"({self.max_learning_rate}), not {self.learning_rate}"
+            )
+        for name, least in (
+            ("num_leaves", 2),
+            ("positives_per_leaf", 1),
+            ("min_data_in_leaf", 1),
+            ("max_rounds", 1),
+            ("early_stopping_rounds", 1),
+        ):
+            if getattr(self, name) < least:
+                raise ValueError(f"{name} must be at least {least}, not {getattr(self, name)}")
+        if self.leaf_positives < 0:
+            raise ValueError(f"leaf_positives must be at least 0, not {self.leaf_positives}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready settings (inverse: :meth:`from_dict`)."""
@@ -119,7 +170,9 @@ rule_ordered
         return cls(**values)
 
     def lightgbm_params(self) -> dict[str, Any]:
-        """The LightGBM parameters every product's booster is trained with."""
+        """The LightGBM parameters every product's booster starts from; leaves and leaf
+        sizes are then sized to the product's data (``num_leaves`` is the most), and a
+        model's report records each product's."""
         return {
             "objective": "binary",
             "learning_rate": self.learning_rate,

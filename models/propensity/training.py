@@ -6,20 +6,35 @@ The latest month start ``v`` with ``v + horizon <= as_of`` is the validation cut
 up to ``n_cutoffs`` earlier month starts whose whole label window ends by ``v`` are the
 training cutoffs, so no adoption is a label in both. At each cutoff features are built
 from data strictly before it (rules mined strictly before it too) and the label is an
-adoption in ``[cutoff, cutoff + horizon)``. When history is too short for both, one
-cutoff is used and its customers are split (by a hash of the id) into training and
-validation. Negatives are subsampled per product and cutoff (all positives kept) and
-reweighted by the inverse sampling rate, so the weighted data keep the true base rate.
+adoption in ``[cutoff, cutoff + horizon)``. When a cutoff's rows of a product exceed
+its share of ``max_rows_per_product``, negatives are subsampled (all positives kept)
+and reweighted by the inverse sampling rate, so the weighted data keep the true base
+rate; otherwise every row is kept.
 
-Each product's booster is then early-stopped on the validation cutoff and calibrated
-there (see :mod:`models.propensity.calibration`).
+Training data: one cutoff (a campaign snapshot)
+-----------------------------------------------
+When the history is too short for that plan, or its training windows hardly hold the
+products taken up in the last window (a campaign: a snapshot of customers on day ``c``,
+maybe holdings dated before it, and the responders dated in the days after), the model
+learns from exactly one cutoff ``c = as_of - horizon`` to the day (not a month start):
+features from data strictly before ``c``, labels the adoptions in ``[c, as_of)``. Its
+customers are split at random (seeded by ``TrainConfig.seed``, stratified by whether
+the customer adopted any modelled product in the window) into training and validation
+(``TrainConfig.validation_fraction``), and the validation customers at random into the
+two calibration folds; see :func:`training_plan` and :func:`stratified_split`.
+
+Each product's booster, its leaves and leaf sizes fitted to the product's rows and
+positives, is then early-stopped on the validation rows and calibrated there (see
+:mod:`models.propensity.calibration`); the served booster is the same number of rounds
+trained again on training and validation rows together (``TrainConfig.refit``).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+import zlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +57,10 @@ __all__ = [
     "ProgressFn",
     "plan_cutoffs",
     "reliability",
+    "stratified_split",
     "train",
+    "training_plan",
+    "window_responders",
 ]
 
 ProgressFn = Callable[[str, float], None]
@@ -60,12 +78,18 @@ class CutoffPlan:
     validation : pandas.Timestamp
         Validation cutoff.
     split_customers : bool
-        One cutoff only: its customers are split into training and validation.
+        One cutoff only, ``as_of - horizon`` to the day (``train == (validation,)``):
+        its customers are split at random into training and validation.
     """
 
     train: tuple[pd.Timestamp, ...]
     validation: pd.Timestamp
     split_customers: bool
+
+    @property
+    def kind(self) -> str:
+        """``"monthly"`` or ``"single_cutoff"``."""
+        return "single_cutoff" if self.split_customers else "monthly"
 
 
 def plan_cutoffs(
@@ -76,19 +100,80 @@ def plan_cutoffs(
     n_cutoffs: int = 6,
     step_months: int = 1,
 ) -> CutoffPlan:
-    """Choose the training and validation cutoffs (see the module docstring).
+    """Choose the training and validation cutoffs from dates alone (module docstring).
 
     Parameters
     ----------
     as_of : date-like
-        Training instant: every label window must end by it.
+        End of history (exclusive): every label window must end by it.
     horizon_days : int
         Label window length.
-    first_adoption : date-like
-        The earliest adoption in the data; a cutoff needs ``horizon_days`` of history
-        after it.
+    first_adoption : date-like or None
+        The earliest adoption in the data (None: no adoption at all); a monthly cutoff
+        needs ``horizon_days`` of history after it.
     n_cutoffs, step_months : int
         Most training cutoffs, and months between them.
+
+    Returns
+    -------
+    CutoffPlan
+        Monthly when a month-start validation cutoff and at least one training cutoff
+        fit after ``first_adoption + horizon``; else the single cutoff
+        ``as_of - horizon_days``.
+    """
+    end = pd.Timestamp(instant(as_of), unit="ns")
+    horizon = pd.Timedelta(days=horizon_days)
+    single = CutoffPlan(train=(end - horizon,), validation=end - horizon, split_customers=True)
+    if first_adoption is None or first_adoption is pd.NaT:
+        return single
+    earliest = pd.Timestamp(instant(first_adoption, name="first_adoption"), unit="ns") + horizon
+    validation = _month_floor(end - horizon)
+    if validation <= earliest:
+        return single
+    cutoffs: list[pd.Timestamp] = []
+    t = _month_floor(validation - horizon)
+    while len(cutoffs) < n_cutoffs and t > earliest:
+        cutoffs.append(t)
+        t = t - pd.DateOffset(months=step_months)
+    if not cutoffs:
+        return single
+    return CutoffPlan(train=tuple(cutoffs), validation=validation, split_customers=False)
+
+
+BURST_RATIO = 4.0
+"""A last window holding more than this many times the adoptions (of the products taken
+up in it) of the monthly plan's average training window is a burst the history does not
+resemble, such as a campaign's responses: the model then learns from that window alone
+(one cutoff), rather than from earlier windows of another kind of adoption with a
+validation window cut at a month start."""
+
+
+def training_plan(
+    data: BankData,
+    *,
+    as_of: DateInput,
+    horizon_days: int,
+    config: TrainConfig | None = None,
+) -> CutoffPlan:
+    """The plan :func:`train` uses for ``data`` at ``as_of``.
+
+    The dated plan of :func:`plan_cutoffs` is kept when, counting the adoptions of the
+    modelled products adopted in the last window ``[as_of - horizon, as_of)``, its
+    training label windows hold at least ``config.min_positives`` in all, and the last
+    window at most :data:`BURST_RATIO` times their average. Otherwise (a campaign
+    snapshot with holdings dated before it, or attributes and responders only) the plan
+    is the single cutoff ``as_of - horizon_days``.
+
+    Parameters
+    ----------
+    data : BankData
+        The bank; only adoptions before ``as_of`` are read.
+    as_of : date-like
+        End of history (exclusive).
+    horizon_days : int
+        Label window length.
+    config : TrainConfig, optional
+        Settings (products, cutoffs, ``min_positives``).
 
     Returns
     -------
@@ -97,26 +182,113 @@ def plan_cutoffs(
     Raises
     ------
     ValueError
-        If not even one cutoff fits.
+        If the plan has one cutoff and no modelled product was adopted in its window:
+        there is nothing to learn.
     """
+    config = config or TrainConfig()
+    if horizon_days < 1:
+        raise ValueError("horizon_days must be at least 1")
     end = pd.Timestamp(instant(as_of), unit="ns")
-    horizon = pd.Timedelta(days=horizon_days)
-    earliest = pd.Timestamp(instant(first_adoption, name="first_adoption"), unit="ns") + horizon
-    validation = _month_floor(end - horizon)
-    if validation <= earliest:
+    targets = _targets(Catalogue.from_data(data), config)
+    adopted = data.adoptions["adopted_at"].to_numpy(dtype="datetime64[ns]")
+    codes = data.adoptions["product_code"].astype(str)
+    before = adopted < end.to_datetime64()
+    first = pd.Timestamp(adopted[before].min()) if before.any() else None
+    plan = plan_cutoffs(
+        end,
+        horizon_days=horizon_days,
+        first_adoption=first,
+        n_cutoffs=config.n_cutoffs,
+        step_months=config.cutoff_step_months,
+    )
+    horizon = np.timedelta64(horizon_days, "D")
+    c = (end - pd.Timedelta(days=horizon_days)).to_datetime64()
+    window = (adopted >= c) & before & codes.isin(targets).to_numpy()
+    if not plan.split_customers:
+        taken = adopted[codes.isin(set(codes[window])).to_numpy()]
+        per_window = [
+            int(((taken >= t.to_datetime64()) & (taken < t.to_datetime64() + horizon)).sum())
+            for t in plan.train
+        ]
+        if sum(per_window) >= config.min_positives and int(window.sum()) <= BURST_RATIO * sum(
+            per_window
+        ) / len(per_window):
+            return plan
+        plan = plan_cutoffs(end, horizon_days=horizon_days, first_adoption=None)
+    if not window.any():
         raise ValueError(
-            f"not enough history: the first adoption is {first_adoption}, so no cutoff "
-            f"with {horizon_days} days of history before it and a {horizon_days}-day "
-            f"label window ending by {end.date()} fits"
+            f"nothing to learn: no modelled product was adopted between {pd.Timestamp(c).date()} "
+            f"and {(end - pd.Timedelta(days=1)).date()} (the {horizon_days} days before as_of "
+            f"{end.date()}); import the responses as adoptions dated in that window, or choose "
+            "an as_of and horizon whose window holds adoptions"
         )
-    cutoffs: list[pd.Timestamp] = []
-    t = _month_floor(validation - horizon)
-    while len(cutoffs) < n_cutoffs and t > earliest:
-        cutoffs.append(t)
-        t = t - pd.DateOffset(months=step_months)
-    if not cutoffs:
-        return CutoffPlan(train=(validation,), validation=validation, split_customers=True)
-    return CutoffPlan(train=tuple(cutoffs), validation=validation, split_customers=False)
+    return plan
+
+
+def stratified_split(
+    customer_ids: npt.ArrayLike,
+    strata: npt.ArrayLike,
+    *,
+    fraction: float,
+    seed: int,
+    stream: str,
+) -> npt.NDArray[np.bool_]:
+    """A seeded random share of customers, the same share of every stratum.
+
+    Parameters
+    ----------
+    customer_ids : array-like
+        Customer ids (unique). The split depends on the ids, not on their order.
+    strata : array-like
+        One label per customer (e.g. whether they adopted in the window).
+    fraction : float
+        Share chosen in each stratum (rounded to the nearest customer), in ``[0, 1]``.
+    seed : int
+        The seed (``TrainConfig.seed``).
+    stream : str
+        What the split is for (``"validation"``, ``"folds"``, ``"holdout"``): splits
+        for different purposes with the same seed are independent.
+
+    Returns
+    -------
+    numpy.ndarray
+        bool, one per customer: chosen.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], not {fraction}")
+    ids = np.asarray(customer_ids, dtype=object).astype(str)
+    labels = np.asarray(strata)
+    if labels.shape != ids.shape:
+        raise ValueError("customer_ids and strata differ in length")
+    rng = np.random.default_rng([seed, zlib.crc32(stream.encode())])
+    order = np.argsort(ids, kind="stable")
+    draws = np.empty(ids.size)
+    draws[order] = rng.random(ids.size)
+    chosen = np.zeros(ids.size, dtype=bool)
+    for value in pd.unique(labels[order]):
+        members = np.flatnonzero(labels == value)
+        k = int(round(fraction * members.size))
+        if k:
+            chosen[members[np.argsort(draws[members], kind="stable")[:k]]] = True
+    return chosen
+
+
+def window_responders(
+    data: BankData, *, start: DateInput, end: DateInput, products: Sequence[str]
+) -> npt.NDArray[np.bool_]:
+    """Per customer (``data.customers`` order): adopted one of ``products`` in
+    ``[start, end)``; the stratum of the random splits."""
+    adoptions = data.adoptions
+    adopted = adoptions["adopted_at"]
+    start_ts = pd.Timestamp(instant(start, name="start"), unit="ns")
+    end_ts = pd.Timestamp(instant(end, name="end"), unit="ns")
+    inside = (
+        (adopted >= start_ts)
+        & (adopted < end_ts)
+        & adoptions["product_code"].astype(str).isin(list(products))
+    )
+    ids = set(adoptions.loc[inside, "customer_id"].astype(str))
+    return np.asarray(data.customers["customer_id"].astype(str).isin(ids), dtype=bool)
 
 
 def _month_floor(stamp: pd.Timestamp) -> pd.Timestamp:
@@ -219,7 +391,8 @@ def train(
     Raises
     ------
     ValueError
-        If the history is too short for one cutoff.
+        If there is nothing to learn: no modelled product adopted in the label window
+        of the plan (:func:`training_plan`).
     """
     config = config or TrainConfig()
     if horizon_days < 1:
@@ -230,6 +403,7 @@ def train(
     as_of_ts = pd.Timestamp(as_of_ns, unit="ns")
     catalogue = Catalogue.from_data(data)
     targets = _targets(catalogue, config)
+    plan = training_plan(data, as_of=as_of_ts, horizon_days=horizon_days, config=config)
     spec = FeatureSpec.fit(
         data, rule_features=config.rules, outcome_kinds=None if config.outcome_features else ()
     )
@@ -238,18 +412,28 @@ def train(
         data
     )
     before = prepared.index.adopted < as_of_ns
-    if not before.any():
-        raise ValueError("no adoptions before as_of: nothing to learn from")
     first_adoption = pd.Timestamp(int(prepared.index.adopted[before].min()), unit="ns")
-    plan = plan_cutoffs(
-        as_of_ts,
-        horizon_days=horizon_days,
-        first_adoption=first_adoption,
-        n_cutoffs=config.n_cutoffs,
-        step_months=config.cutoff_step_months,
-    )
     rng = np.random.default_rng(config.seed)
     hashes = (pd.util.hash_array(prepared.customer_ids) % np.uint64(10_000)).astype(np.int64)
+    if plan.split_customers:
+        # Seeded, stratified by response in the window: validation and both calibration
+        # folds get their share of the (often few) responders.
+        responded = window_responders(data, start=plan.validation, end=as_of_ts, products=targets)
+        held_out_customers = stratified_split(
+            prepared.customer_ids,
+            responded,
+            fraction=config.validation_fraction,
+            seed=config.seed,
+            stream="validation",
+        )
+        fold_customers = np.zeros(held_out_customers.size, dtype=np.int8)
+        fold_customers[held_out_customers] = stratified_split(
+            prepared.customer_ids[held_out_customers],
+            responded[held_out_customers],
+            fraction=0.5,
+            seed=config.seed,
+            stream="folds",
+        )
     spec_index = {code: j for j, code in enumerate(spec.product_codes)}
     train_rows = {code: _Rows() for code in targets}
     valid_rows = {code: _Rows() for code in targets}
@@ -269,14 +453,15 @@ def train(
             sold = forced.within(frame.rows, int(cutoff.value), horizon_days * NS_PER_DAY)
             dropped_forced += int((sold & eligible).sum())
             eligible &= ~sold
-        customer_hash = hashes[frame.rows]
         if plan.split_customers:
-            held_out = customer_hash < int(config.validation_fraction * 10_000)
+            held_out = held_out_customers[frame.rows]
+            folds = fold_customers[frame.rows]
             splits = [
                 (~held_out, train_rows, per_cutoff_cap, False),
                 (held_out, valid_rows, config.max_validation_rows, True),
             ]
         else:
+            folds = (hashes[frame.rows] % 2).astype(np.int8)
             everyone = np.ones(len(frame), dtype=bool)
             splits = [
                 (everyone, valid_rows, config.max_validation_rows, True)
@@ -294,7 +479,7 @@ def train(
                     frame.values[rows],
                     labels[rows, j],
                     weights,
-                    (customer_hash[rows] % 2).astype(np.int8),
+                    folds[rows],
                     np.zeros(rows.size)
                     if frame.rule_confidence is None
                     else frame.rule_confidence[rows, spec_index[code]],
@@ -329,6 +514,17 @@ def train(
         "train_cutoffs": [t.isoformat() for t in plan.train],
         "validation_cutoff": plan.validation.isoformat(),
         "split_customers": plan.split_customers,
+        "plan": plan.kind,
+        "validation": (
+            {
+                "kind": "random_customers",
+                "fraction": config.validation_fraction,
+                "seed": config.seed,
+                "stratified_by": "adopted any modelled product in the window",
+            }
+            if plan.split_customers
+            else {"kind": "cutoff"}
+        ),
         "customers": int(len(data.customers)),
     }
     report_progress("done", 1.0)
@@ -450,16 +646,18 @@ def _sample(
 ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.float64]]:
     """All positives and a uniform share of negatives, weighted by 1 / share.
 
-    Training keeps about ``negatives_per_positive`` negatives per positive (at least
-    ``min_negatives``); validation keeps as many as the cap allows, since calibration
-    and early stopping need the negatives' score distribution more than speed.
+    Training keeps every row when the candidates fit the cap (sampling only buys speed,
+    and small data need every negative), else about ``negatives_per_positive``
+    negatives per positive (at least ``min_negatives``); validation keeps as many as the
+    cap allows, since calibration and early stopping need the negatives' score
+    distribution more than speed.
     """
     positives = candidates[labels]
     negatives = candidates[~labels]
     if negatives.size == 0:
         return positives, np.ones(positives.size)
     wanted = float(max(cap - positives.size, 1))
-    if not validation:
+    if not validation and candidates.size > cap:
         wanted = min(
             wanted, max(config.negatives_per_positive * positives.size, config.min_negatives)
         )
@@ -508,6 +706,9 @@ def _fit_product(
         metrics.update(_metrics(y_valid, w_valid, lgbm, lgbm, rules_valid, lgbm))
         return product, metrics
 
+    params, patience = _booster_params(
+        params, config, rows=int(y_train.size), positives=int(y_train.sum())
+    )
     categorical = [c for c in spec.categorical]
     train_set = lgb.Dataset(
         x_train,
@@ -515,7 +716,7 @@ def _fit_product(
         weight=w_train,
         feature_name=list(spec.columns),
         categorical_feature=categorical,
-        params={"max_bin": config.max_bin, "verbosity": -1},
+        params=_dataset_params(params, config),
         free_raw_data=True,
     )
     valid_set = lgb.Dataset(
@@ -526,13 +727,21 @@ def _fit_product(
         train_set,
         num_boost_round=config.max_rounds,
         valid_sets=[valid_set],
-        callbacks=[lgb.early_stopping(config.early_stopping_rounds, verbose=False)],
+        callbacks=[lgb.early_stopping(patience, verbose=False)],
     )
     best = booster.best_iteration or booster.current_iteration()
     text = booster.model_to_string(num_iteration=best)
-    del booster, train_set, valid_set, x_train
+    del booster, train_set, valid_set
     model = lgb.Booster(model_str=text)
     raw = np.asarray(model.predict(x_valid, raw_score=True), dtype=np.float64)
+    if config.refit:
+        # Served: the same rounds on training and validation rows together. Calibration
+        # and the blend are still fitted on the early-stopped booster's out-of-sample
+        # validation scores: the refit sees more rows of the same kind, not another model.
+        text = _refit(
+            spec, params, config, best, (x_train, x_valid), (y_train, y_valid), (w_train, w_valid)
+        )
+    del x_train
 
     # Cross-fitted: each half of the validation customers is calibrated (and blended)
     # by a fit on the other half, so choices and metrics are out of sample.
@@ -550,19 +759,21 @@ def _fit_product(
             methods.append("isotonic")
     else:
         methods = [config.calibration]
-    best_loss = math.inf
-    method = methods[0]
-    lgbm_oof = np.empty(y_valid.size)
+    method, lgbm_oof, chosen = "identity", sigmoid(raw), False
     for candidate in methods:
         oof = np.empty(y_valid.size)
+        monotone = True
         for fit, apply in fits:
-            oof[apply] = fit_calibrator(candidate, raw[fit], y_valid[fit], w_valid[fit]).apply(
-                raw[apply]
-            )
-        loss = log_loss(y_valid, w_valid, oof)
-        # A more flexible calibrator must win by a margin, not by noise.
-        if loss < best_loss * (1 - 1e-4):
-            best_loss, method, lgbm_oof = loss, candidate, oof
+            fold_calibrator = fit_calibrator(candidate, raw[fit], y_valid[fit], w_valid[fit])
+            monotone &= _keeps_order(fold_calibrator)
+            oof[apply] = fold_calibrator.apply(raw[apply])
+        if not monotone:
+            # Calibration must not reorder: a falling Platt slope would turn the ranking
+            # upside down, a flat isotonic fit would tie everyone.
+            continue
+        # A more flexible calibrator must win by more than the noise of the comparison.
+        if not chosen or _clearly_better(y_valid, w_valid, oof, lgbm_oof):
+            method, lgbm_oof, chosen = candidate, oof, True
     blend_oof = lgbm_oof.copy()
     if config.blend and rule_column >= 0:
         for fit, apply in fits:
@@ -570,7 +781,7 @@ def _fit_product(
                 raw[fit]
             )
             blend = fit_blend(calibrated, rules_valid[fit], y_valid[fit], w_valid[fit])
-            if blend is not None:
+            if blend is not None and blend.coef_lgbm > 0:
                 blend_oof[apply] = blend.apply(lgbm_oof[apply], rules_valid[apply])
     use_blend = (
         config.blend
@@ -579,16 +790,148 @@ def _fit_product(
         < log_loss(y_valid, w_valid, lgbm_oof) * (1 - 1e-3)
     )
     calibrator = fit_calibrator(method, raw, y_valid, w_valid)
+    if not _keeps_order(calibrator):
+        method, calibrator = "identity", fit_calibrator("identity", raw, y_valid, w_valid)
     blend = fit_blend(calibrator.apply(raw), rules_valid, y_valid, w_valid) if use_blend else None
+    if blend is not None and blend.coef_lgbm <= 0:
+        # The stack may add the rules' view, never reverse the booster's ranking.
+        blend, use_blend = None, False
     propensity_oof = blend_oof if use_blend else lgbm_oof
     metrics.update(
         kind="lightgbm",
         n_trees=int(best),
         calibration=method,
         blend=bool(use_blend),
+        refit=config.refit,
+        lightgbm={**{k: params[k] for k in _SIZED}, "early_stopping_rounds": patience},
     )
     metrics.update(_metrics(y_valid, w_valid, sigmoid(raw), lgbm_oof, rules_valid, propensity_oof))
     return ProductModel(code, text, calibrator, blend, base_rate), metrics
+
+
+def _clearly_better(
+    labels: npt.NDArray[np.bool_],
+    weights: npt.NDArray[np.float64],
+    candidate: npt.NDArray[np.float64],
+    incumbent: npt.NDArray[np.float64],
+    *,
+    z: float = 2.0,
+) -> bool:
+    """Whether ``candidate`` has a lower weighted log loss than ``incumbent`` by more
+    than ``z`` standard errors of the rows' paired differences."""
+    gain = _row_log_loss(labels, incumbent) - _row_log_loss(labels, candidate)
+    total = float(np.sum(weights))
+    if total <= 0:
+        return False
+    mean = float(np.sum(weights * gain)) / total
+    error = math.sqrt(float(np.sum((weights * (gain - mean)) ** 2))) / total
+    return mean > z * error
+
+
+def _row_log_loss(
+    labels: npt.NDArray[np.bool_], p: npt.NDArray[np.float64]
+) -> npt.NDArray[np.float64]:
+    q = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.asarray(-np.where(labels, np.log(q), np.log(1 - q)), dtype=np.float64)
+
+
+def _keeps_order(calibrator: Calibrator) -> bool:
+    """Whether a calibrator keeps the booster's ranking: a rising Platt curve, or an
+    isotonic fit that is not flat (a constant keeps nobody apart)."""
+    if calibrator.method == "platt":
+        return calibrator.params[0] > 0
+    if calibrator.method == "isotonic":
+        return len(calibrator.y) > 1 and calibrator.y[-1] > calibrator.y[0]
+    return False
+
+
+_SIZED = ("num_leaves", "min_data_in_leaf", "min_data_per_group", "learning_rate")
+"""The LightGBM settings :func:`_booster_params` sizes per product."""
+
+RATE_ROWS = 20_000
+"""Training rows up to which a booster learns at ``TrainConfig.learning_rate``."""
+
+
+def _booster_params(
+    params: Mapping[str, Any], config: TrainConfig, *, rows: int, positives: int
+) -> tuple[dict[str, Any], int]:
+    """LightGBM settings sized to one product's training rows and positives, and the
+    early-stopping patience in rounds.
+
+    - Leaves: one per ``positives_per_leaf`` training positives, from 2 up to
+      ``num_leaves``: a leaf's rate is only as sure as the positives behind it, so
+      small or rare targets get small trees (stumps at the least, an additive model).
+    - Rows in a leaf: enough to expect ``leaf_positives`` positives at the training
+      rate, at least ``min_data_in_leaf`` and at most a half share of the rows per
+      leaf; a category group (native categorical splits) needs as many.
+    - Rate: ``learning_rate`` up to :data:`RATE_ROWS` rows, then growing with the
+      square root of the rows up to ``max_learning_rate``: a round costs time in
+      proportion to the rows, and its step is less noisy the more rows it is fitted
+      on, so large data take larger steps. The patience keeps the same length in rate
+      units (``early_stopping_rounds`` at ``learning_rate``).
+    """
+    leaves = int(np.clip(positives // config.positives_per_leaf, 2, config.num_leaves))
+    per_leaf = math.ceil(config.leaf_positives * rows / max(positives, 1))
+    ceiling = max(config.min_data_in_leaf, rows // (2 * leaves))
+    min_leaf = int(np.clip(per_leaf, config.min_data_in_leaf, ceiling))
+    rate = float(
+        np.clip(
+            config.learning_rate * math.sqrt(rows / RATE_ROWS),
+            config.learning_rate,
+            max(config.learning_rate, config.max_learning_rate),
+        )
+    )
+    patience = max(5, round(config.early_stopping_rounds * config.learning_rate / rate))
+    sized = {
+        **params,
+        "num_leaves": leaves,
+        "min_data_in_leaf": min_leaf,
+        "min_data_per_group": min_leaf,
+        "learning_rate": rate,
+    }
+    return sized, patience
+
+
+def _dataset_params(params: Mapping[str, Any], config: TrainConfig) -> dict[str, Any]:
+    """Binning settings; LightGBM drops features no leaf of ``min_data_in_leaf`` rows
+    can split while binning, so the sized value goes there too."""
+    return {
+        "max_bin": config.max_bin,
+        "min_data_in_leaf": params["min_data_in_leaf"],
+        "verbosity": -1,
+    }
+
+
+def _refit(
+    spec: FeatureSpec,
+    params: Mapping[str, Any],
+    config: TrainConfig,
+    rounds: int,
+    values: tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]],
+    labels: tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]],
+    weights: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]],
+) -> str:
+    """The booster trained again on training and validation rows together, for the
+    early-stopped number of rounds; its text.
+
+    Validation negatives join at the share the training negatives were sampled at
+    (reweighted), so a large validation cutoff costs no more than its share of rows.
+    """
+    (x_train, x_valid), (y_train, y_valid), (w_train, w_valid) = values, labels, weights
+    negatives = ~y_train
+    share = min(1.0, float(negatives.sum() / w_train[negatives].sum())) if negatives.any() else 1.0
+    keep = y_valid | (np.random.default_rng(config.seed).random(y_valid.size) < share)
+    full = lgb.Dataset(
+        np.concatenate([x_train, x_valid[keep]]),
+        label=np.concatenate([y_train, y_valid[keep]]).astype(np.float32),
+        weight=np.concatenate([w_train, np.where(y_valid, w_valid, w_valid / share)[keep]]),
+        feature_name=list(spec.columns),
+        categorical_feature=list(spec.categorical),
+        params=_dataset_params(params, config),
+        free_raw_data=True,
+    )
+    booster = lgb.train(dict(params), full, num_boost_round=rounds)
+    return str(booster.model_to_string())
 
 
 def _brier(

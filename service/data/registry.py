@@ -9,6 +9,15 @@ version is ``active``; the others are ``candidate`` (trained, not promoted),
 The gate: a newly registered version becomes active only when no version is
 active, or its holdout metric is not worse than the active version's by more
 than the configured tolerance. A person can promote any version by hand.
+
+It compares like with like: the metric belongs to the kind of holdout the
+version was measured on (``metrics["holdout_kind"]``, ``temporal`` when a row
+predates it): MAP@3 for a temporal holdout, mean AUC over products for a
+random split of customers (a campaign, where MAP@k says little); see
+:data:`GATE_METRICS`. When the active version was measured on another kind of
+holdout and could not be measured on the candidate's, the numbers are not
+compared: the candidate is registered without activation (status
+``candidate``), with a reason saying how to promote it by hand.
 """
 
 from __future__ import annotations
@@ -32,6 +41,15 @@ from service.errors import Invalid, NotFound
 
 MANIFEST = "manifest.json"
 
+GATE_METRICS: dict[str, str] = {"temporal": "map@3", "random_customers": "auc"}
+"""The promotion gate's metric for each kind of holdout."""
+
+
+def holdout_kind(metrics: dict[str, Any] | None) -> str:
+    """The kind of holdout recorded metrics come from (``temporal`` before kinds were
+    recorded)."""
+    return str((metrics or {}).get("holdout_kind") or "temporal")
+
 
 class RegistryError(Exception):
     """A registry operation that cannot be done (unknown version, bad bundle...)."""
@@ -43,6 +61,9 @@ class GateDecision:
 
     activated: bool
     reason: str
+    compared: bool = True
+    """False when the metrics could not be compared (another kind of holdout): the
+    version stays a ``candidate`` rather than ``rejected``."""
 
 
 def manifest_checksum(bundle: Path) -> str:
@@ -96,8 +117,10 @@ def register(
     """Copy ``bundle`` into the registry, record it, and apply the promotion gate.
 
     ``metrics[gate_metric]`` is compared with the active version's (``active_value``
-    when the caller measured it on the candidate's holdout, else its recorded metric);
-    the new version is activated when ``new >= active * (1 - tolerance)``.
+    when the caller measured it on the candidate's holdout, else its recorded metric,
+    only when both were measured on the same kind of holdout); the new version is
+    activated when ``new >= active * (1 - tolerance)``. ``params`` and ``metrics``
+    should record the holdout (``metrics["holdout_kind"]``).
     """
     checksum = manifest_checksum(bundle)
     version = version or new_version_id(checksum)
@@ -129,7 +152,7 @@ def register(
     if decision.activated:
         activate(session, row)
     else:
-        row.status = "rejected"
+        row.status = "rejected" if decision.compared else "candidate"
     row.metrics = {**metrics, "gate": {"activated": decision.activated, "reason": decision.reason}}
     return row, decision
 
@@ -143,14 +166,29 @@ def gate(
     active_value: float | None = None,
     active_note: str = "",
 ) -> GateDecision:
-    """Decide whether ``candidate`` may replace the active version."""
+    """Decide whether ``candidate`` may replace the active version.
+
+    ``active_value`` is the active version's ``gate_metric`` measured on the
+    candidate's own holdout (so of the same kind); without it the active version's
+    recorded metric is used, and only when it comes from the same kind of holdout.
+    """
     current = active_version(session)
     if current is None or current.id == candidate.id:
         return GateDecision(True, "no active version")
     new_value = _metric(candidate.metrics, gate_metric)
-    old_value = active_value if active_value is not None else _metric(current.metrics, gate_metric)
     if new_value is None:
         return GateDecision(False, f"candidate has no holdout {gate_metric}")
+    new_kind, old_kind = holdout_kind(candidate.metrics), holdout_kind(current.metrics)
+    if active_value is None and new_kind != old_kind:
+        return GateDecision(
+            False,
+            f"not compared: the candidate was measured on a {_kind_words(new_kind)} "
+            f"holdout, active {current.version} on a {_kind_words(old_kind)} one, and "
+            "their metrics do not compare; kept as a candidate: promote it by hand with "
+            f"`nbo models promote {candidate.version}` if intended",
+            compared=False,
+        )
+    old_value = active_value if active_value is not None else _metric(current.metrics, gate_metric)
     if old_value is None:
         return GateDecision(True, f"active version {current.version} has no holdout {gate_metric}")
     floor = old_value * (1.0 - tolerance)
@@ -162,6 +200,10 @@ def gate(
     if new_value >= floor:
         return GateDecision(True, verdict)
     return GateDecision(False, verdict + "; promote by hand with `nbo models promote` if intended")
+
+
+def _kind_words(kind: str) -> str:
+    return {"temporal": "temporal", "random_customers": "random-customers"}.get(kind, kind)
 
 
 def _metric(metrics: dict[str, Any] | None, name: str) -> float | None:

@@ -429,8 +429,9 @@ def test_cutoffs_leave_the_validation_window_unseen() -> None:
 def test_short_history_uses_one_cutoff_split_by_customer() -> None:
     plan = plan_cutoffs("2025-06-01", horizon_days=90, first_adoption="2024-10-15")
     assert plan.split_customers and plan.train == (plan.validation,)
-    with pytest.raises(ValueError, match="not enough history"):
-        plan_cutoffs("2025-06-01", horizon_days=90, first_adoption="2025-01-01")
+    # Too short even for a validation month: the one cutoff as_of - horizon, to the day.
+    plan = plan_cutoffs("2025-06-01", horizon_days=90, first_adoption="2025-01-01")
+    assert plan.split_customers and plan.train == (pd.Timestamp("2025-03-03"),)
 
 
 def test_one_cutoff_training_still_produces_a_model(planted: BankData) -> None:
