@@ -123,7 +123,7 @@ def test_evaluate_writes_a_report_with_the_oracle(tmp_path: Path, bank_dir: Path
     )
     for model in ("popularity", "rules", "lightgbm", "blend", "oracle"):
         assert model in out
-    assert "trained before 2025-07-03" in out
+    assert "trained on data before 2025-07-03" in out
     page = report.read_text()
     for section in ("comparison", "gains", "calibration", "products", "rules", "importance"):
         assert f'<section id="{section}">' in page
