@@ -172,6 +172,20 @@ def score_bank(
     return ScoreResult(version_id, day, int(ranked["customer_id"].nunique()), len(ranked))
 
 
+RULE_COLUMNS = (
+    "antecedent",
+    "consequent",
+    "ordered",
+    "support",
+    "confidence",
+    "lift",
+    "conviction",
+    "n_customers",
+    "median_days",
+)
+"""The columns of :func:`model_rules`' table, in order."""
+
+
 def model_rules(
     engine: Engine,
     *,
@@ -194,19 +208,7 @@ def model_rules(
     if model.rules is None:
         return (
             version_id,
-            pd.DataFrame(
-                columns=[
-                    "antecedent",
-                    "consequent",
-                    "ordered",
-                    "support",
-                    "confidence",
-                    "lift",
-                    "conviction",
-                    "n_customers",
-                    "median_days",
-                ]
-            ),
+            pd.DataFrame(columns=list(RULE_COLUMNS)),
             0,
         )
     frame = model.rules.to_frame()
@@ -232,15 +234,4 @@ def model_rules(
         (" -> " if is_ordered else ", ").join(items)
         for items, is_ordered in zip(frame["antecedent"], frame["ordered"], strict=True)
     ]
-    columns = [
-        "antecedent",
-        "consequent",
-        "ordered",
-        "support",
-        "confidence",
-        "lift",
-        "conviction",
-        "n_customers",
-        "median_days",
-    ]
-    return version_id, frame.loc[:, columns], left_out
+    return version_id, frame.loc[:, list(RULE_COLUMNS)], left_out
