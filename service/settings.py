@@ -291,12 +291,72 @@ class Settings(BaseSettings):
                 raise ValueError(f"{item!r} is not an IP address or network") from None
         return value
 
+    log_format: Literal["auto", "json", "text"] = Field(
+        default="auto",
+        description=(
+            "How `nbo serve` writes its log: 'json', one JSON object per line (for a log "
+            "collector); 'text', human-readable; 'auto' (the default), text when standard "
+            "error is a terminal and JSON otherwise."
+        ),
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info",
+        description="The least severe log level `nbo serve` writes.",
+    )
+    access_log_sample: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Share of decision requests (the fast lane) that get an access log line, "
+            "0 (the default: none, they are the bulk of the traffic and each decision "
+            "already has its audit row) to 1 (all). Every other request gets one."
+        ),
+    )
+    shutdown_timeout_seconds: float = Field(
+        default=20.0,
+        gt=0.0,
+        le=600.0,
+        description=(
+            "On SIGTERM, how long `nbo serve` waits for in-flight requests to be answered "
+            "and the audit writer to flush before it exits regardless. Keep it below the "
+            "orchestrator's grace period (Kubernetes: terminationGracePeriodSeconds, 30 s "
+            "by default)."
+        ),
+    )
+    build_commit: str | None = Field(
+        default=None,
+        description=(
+            "The source revision this build was made from (set by the Docker build), "
+            "reported by the nbo_build_info metric."
+        ),
+    )
+    prometheus_multiproc_dir: Path | None = Field(
+        default=None,
+        validation_alias="PROMETHEUS_MULTIPROC_DIR",
+        description=(
+            "prometheus_client's multiprocess folder (its own variable, without the NBO_ "
+            "prefix), set by `nbo serve --workers N` for its workers; each worker also "
+            "keeps its per-worker metric state there. Not to be set by hand."
+        ),
+    )
+    announce_offers: bool = Field(
+        default=True,
+        description=(
+            "Write every offer made to change_events, so that every other process "
+            "serving the database (replicas, and workers of `nbo serve --workers`) counts "
+            "it against the frequency cap within its poll interval. Turn it off only when "
+            "exactly one `nbo serve` process with one worker serves the database: that "
+            "saves one change_events row per offer, and a second process would then offer "
+            "past the cap. Ignored (always on) with more than one worker."
+        ),
+    )
     workers: int = Field(
         default=1,
         ge=1,
         description=(
-            "Worker processes serving (set by `nbo serve --workers`). With one worker, "
-            "offers need not be announced to other workers through change_events."
+            "Worker processes serving (set by `nbo serve --workers`). With more than one, "
+            "offers are announced whatever announce_offers says."
         ),
     )
 
