@@ -5,6 +5,10 @@ handlers installed by :func:`install_error_handlers` render every error, our
 own, FastAPI's validation errors and unexpected exceptions, in that one
 shape. A 500 says nothing internal; its traceback goes to the log.
 
+Every problem answered while a request is served names the request's id
+(:mod:`service.logs`): a ``request_id`` member (an RFC 9457 extension) and the
+``X-Request-ID`` header, so that a client's report can be matched to the log lines.
+
 A database that cannot be reached (refused or dropped connections, a timeout, a
 full pool, a lock held too long) is a temporary outage, not a fault of the
 request: :func:`is_outage` recognises it and the handlers answer 503 with
@@ -22,6 +26,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.logs import REQUEST_ID_HEADER, current_request_id
 
 log = logging.getLogger("nbo.errors")
 
@@ -126,6 +132,16 @@ class Conflict(Problem):
     status, title, slug = 409, "Conflict", "conflict"
 
 
+def _answer(body: dict[str, Any], status: int, headers: dict[str, str] | None) -> JSONResponse:
+    """The problem+json response of ``body``, with the request id of the request being
+    served (if any) as its ``request_id`` member and its ``X-Request-ID`` header."""
+    request_id = current_request_id()
+    if request_id is not None:
+        body["request_id"] = request_id
+        headers = {**(headers or {}), REQUEST_ID_HEADER: request_id}
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
 def problem_response(status: int, title: str, detail: str, slug: str, **extra: Any) -> JSONResponse:
     body = {
         "type": PROBLEM_BASE + slug,
@@ -134,14 +150,12 @@ def problem_response(status: int, title: str, detail: str, slug: str, **extra: A
         "detail": detail,
         **extra,
     }
-    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
+    return _answer(body, status, None)
 
 
 def render_problem(exc: Problem, path: str) -> JSONResponse:
     """The answer to a :class:`Problem` raised while serving ``path``."""
-    return JSONResponse(
-        exc.body(path), status_code=exc.status, media_type=PROBLEM_JSON, headers=exc.headers
-    )
+    return _answer(exc.body(path), exc.status, exc.headers)
 
 
 def render_invalid(exc: RequestValidationError, path: str) -> JSONResponse:
@@ -168,8 +182,9 @@ def render_unexpected(path: str) -> JSONResponse:
 
 def render_outage(exc: BaseException, path: str) -> JSONResponse:
     """The 503 answer to a database outage met while serving ``path`` (logged without
-    the statement or its parameters)."""
-    log.warning("database unavailable", extra={"path": path, "error": type(exc).__name__})
+    the statement or its parameters, and without the path: it may hold a customer id;
+    the request id on the line ties it to the request)."""
+    log.warning("database unavailable", extra={"error": type(exc).__name__})
     return render_problem(Unavailable("the database is unavailable for now; retry shortly"), path)
 
 
@@ -200,7 +215,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _database(request: Request, exc: Exception) -> JSONResponse:
         if is_outage(exc):
             return render_outage(exc, request.url.path)
-        log.exception("unhandled error", extra={"path": request.url.path})
+        log.exception("unhandled error")
         return render_unexpected(request.url.path)
 
     app.add_exception_handler(sa_exc.DBAPIError, _database)
@@ -211,5 +226,5 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         if is_outage(exc):
             return render_outage(exc, request.url.path)
-        log.exception("unhandled error", extra={"path": request.url.path})
+        log.exception("unhandled error")
         return render_unexpected(request.url.path)

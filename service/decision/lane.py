@@ -18,6 +18,11 @@ What that means for the rest of the app:
   body limit of :class:`service.app.BodyLimit`: the lane reads at most
   :data:`MAX_DECISION_BODY` bytes itself). Whatever a new middleware must do to every
   request, the lane must do too, or that middleware must be applied here.
+- The request id and the access line of :class:`service.logs.RequestLogs` are done
+  here too: the id (``X-Request-ID``, taken or made) is set for the lines logged while
+  the decision is served, echoed in the answer and put in its problem bodies; an access
+  line is written for the share ``access_log_sample`` of the lane's requests (none by
+  default: they are the bulk of the traffic, and each decision has its audit row).
 - The documented route (:mod:`service.api.decisions`) is served by
   :func:`serve_decision` as well, so that a request the lane does not take (an app
   mounted under another, a test calling FastAPI itself) gets the same answer: key
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import random
 import re
 import time
 from typing import Annotated, Any
@@ -46,7 +52,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from service import metrics
+from service import logs, metrics
 from service.decision import engine
 from service.decision.idempotency import replays_of
 from service.errors import (
@@ -90,28 +96,38 @@ def decision_customer(scope: Scope) -> str | None:
 
 
 async def serve(app: Any, scope: Scope, receive: Receive, send: Send, customer_id: str) -> None:
-    """Answer the decision request ``scope`` of ``app`` (the lane), and count it."""
+    """Answer the decision request ``scope`` of ``app`` (the lane), count it, and log
+    its access line if it is in the sampled share."""
     started = time.perf_counter()
     path = scope["path"]
-    response: Response
+    token = logs.begin_request(logs.request_id_of(scope["headers"]))
+    response: Response | None = None
     try:
-        body = await serve_decision(app, scope, receive, customer_id)
-    except Problem as exc:
-        response = render_problem(exc, path)
-    except RequestValidationError as exc:
-        response = render_invalid(exc, path)
-    except Exception as exc:  # noqa: BLE001 - answered as a problem, logged
-        if is_outage(exc):
-            response = render_outage(exc, path)
+        try:
+            body = await serve_decision(app, scope, receive, customer_id)
+        except Problem as exc:
+            response = render_problem(exc, path)
+        except RequestValidationError as exc:
+            response = render_invalid(exc, path)
+        except Exception as exc:  # noqa: BLE001 - answered as a problem, logged
+            if is_outage(exc):
+                response = render_outage(exc, path)
+            else:
+                log.exception("unhandled error", extra={"route": DECISION_ROUTE})
+                response = render_unexpected(path)
         else:
-            log.exception("unhandled error", extra={"path": path})
-            response = render_unexpected(path)
-    else:
-        await _answer(send, body)
-        metrics.observe_request("POST", DECISION_ROUTE, 200, started)
-        return
-    await response(scope, receive, send)
-    metrics.observe_request("POST", DECISION_ROUTE, response.status_code, started)
+            await _answer(send, body)
+        if response is None:
+            status = 200
+        else:
+            await response(scope, receive, send)
+            status = response.status_code
+        metrics.observe_request("POST", DECISION_ROUTE, status, started)
+        sample = app.state.settings.access_log_sample
+        if sample and (sample >= 1.0 or random.random() < sample):
+            logs.access_line("POST", DECISION_ROUTE, status, started)
+    finally:
+        logs.end_request(token)
 
 
 async def serve_decision(app: Any, scope: Scope, receive: Receive, customer_id: str) -> bytes:
@@ -208,16 +224,14 @@ async def _answer(send: Send, body: bytes) -> None:
             return
     except Exception:  # noqa: BLE001 - uvicorn's own send still answers
         log.warning("one-write answer failed; sent as ASGI messages", exc_info=True)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    request_id = logs.current_request_id()
+    if request_id is not None:
+        headers.append((b"x-request-id", request_id.encode("ascii")))
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -283,6 +297,9 @@ async def _send_whole(send: Send, body: bytes) -> bool:
     for name, value in cycle.default_headers:
         head += (name, b": ", value, b"\r\n")
     head.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body))
+    request_id = logs.current_request_id()
+    if request_id is not None:
+        head += (b"x-request-id: ", request_id.encode("ascii"), b"\r\n")
     if not keep_alive:
         head.append(b"connection: close\r\n")
     head += (b"\r\n", body)

@@ -162,6 +162,8 @@ def _comparable(response: Any) -> Any:
     else:
         assert {"type", "title", "status", "detail"} <= body.keys()
         assert body["status"] == response.status_code
+        # Each request has its own id, in the body and the header alike.
+        assert body.pop("request_id") == response.headers["x-request-id"]
     return body
 
 
