@@ -15,22 +15,37 @@ before uvicorn spawns the workers (which inherit the environment).
 :func:`render_metrics` reads those files whenever this process writes to them.
 
 Counters and histograms of dead workers stay in the sum (a counter must not go
-down). ``nbo_model_active_info`` is per-process state; a worker that stops
-should call :func:`mark_worker_dead` on its way out (from the app lifespan's
-exit) so its last model version stops being reported. uvicorn has no hook for a
-worker that crashes; its files go when ``nbo serve`` restarts and
-:func:`prepare_multiprocess` empties the directory.
+down). Per-worker state (the model version served and its as-of day, memory, open
+files, database connections) cannot live in those files: prometheus_client can
+neither drop a series from them nor tell a stopped worker's last value from a live
+one's. Each worker instead keeps a small JSON file ``worker-<pid>.json`` in the same
+folder (rewritten atomically when its model or pool changes, checked at every change
+poll), and the scraped worker reads the files of the workers still alive, with each
+one's memory and open files from ``/proc/<pid>`` (Linux; elsewhere only its own open
+files are known), into gauges labelled ``pid``. A worker that stops calls
+:func:`mark_worker_dead` on its way out (from the app lifespan's exit), which
+deletes its file; the file of a worker that crashed is ignored (and deleted) once its
+process is gone. In a single process the same gauges describe that process and have
+no ``pid`` label.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
+import datetime as dt
+import importlib.metadata
+import json
+import logging
 import os
+import platform
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import fastapi.routing
 from fastapi import APIRouter, Response
@@ -45,9 +60,18 @@ from prometheus_client import (
     multiprocess,
     values,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from starlette.concurrency import run_in_threadpool
 from starlette.routing import BaseRoute, Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from service.settings import Settings
+
+log = logging.getLogger("nbo.metrics")
 
 # FastAPI >= 0.165 keeps an included router as one route; the routes inside it
 # hold their path without the include prefix, and its RouteContexts the full
@@ -133,19 +157,6 @@ DECISION_STAGE_SECONDS = Histogram(
 
 # --- Models ------------------------------------------------------------------
 
-MODEL_INFO = Gauge(
-    "nbo_model_active_info",
-    "1 for the model version this process serves (0 for versions it served before, "
-    "in multiprocess mode). Set it with set_active_model().",
-    ["version"],
-    # Each worker swaps models on its own, so during a rollout workers differ.
-    # "liveall" keeps one sample per live worker (a pid label is added): it shows
-    # which worker serves which version, and mark_worker_dead() drops a stopped
-    # worker's samples. "max" would merge workers but also keep a dead worker's
-    # 1 forever, reporting a version nobody serves; "livemax" would hide which
-    # worker lags. Aggregate in PromQL instead: max by (version) (...).
-    multiprocess_mode="liveall",
-)
 MODEL_LOADS = Counter(
     "nbo_model_loads_total",
     "Attempts to load a model version, by result (success, failure).",
@@ -164,6 +175,14 @@ SNAPSHOT_RELOAD_FAILURES = Counter(
     "snapshot (or customer entry) keeps serving and the work is retried. By what "
     "(snapshot, customers).",
     ["what"],
+)
+SNAPSHOT_LOAD_SECONDS = Histogram(
+    "nbo_snapshot_load_duration_seconds",
+    "Time to build the serving snapshot (the active model, the bank, every customer "
+    "scored) and swap it in, for each load that succeeded: at start-up and whenever a "
+    "model version is activated or the catalogue changes.",
+    # A small bank loads in a second, a large one in minutes.
+    buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0),
 )
 
 # --- Audit -------------------------------------------------------------------
@@ -208,10 +227,16 @@ NPS = Gauge(
     ["branch"],
     multiprocess_mode="mostrecent",
 )
+UPLIFT_CONVERSION = Gauge(
+    "nbo_uplift_conversion_ratio",
+    "Share of the customers first contacted in the last 7 days (cold starts excluded) "
+    "who adopted a product they did not hold, from that contact up to now, by arm: "
+    "treated (model offers) or control (the control group).",
+    ["arm"],
+    multiprocess_mode="mostrecent",
+)
 _nps_branches: set[str] = set()
-
-_model_lock = threading.Lock()
-_served_versions: set[str] = set()
+_uplift_arms: set[str] = set()
 
 
 def set_business_figures(conversion: dict[tuple[str, str], float], nps: dict[str, float]) -> None:
@@ -229,24 +254,390 @@ def set_business_figures(conversion: dict[tuple[str, str], float], nps: dict[str
     _nps_branches.update(nps)
 
 
-def set_active_model(version: str | None) -> None:
-    """Report ``version`` as the model version this process serves.
+def set_uplift_figures(rates: Mapping[str, float]) -> None:
+    """Publish the rolling adoption rate of each arm (``treated``, ``control``).
 
-    ``nbo_model_active_info{version=...}`` becomes 1 for ``version`` and stops
-    being 1 for every version set before; ``None`` reports none (no model
-    loaded). In a single process the older series are removed. In multiprocess
-    mode prometheus_client cannot remove a series, so they are set to 0.
+    An arm without contacted customers in the window drops out (in multiprocess mode
+    its last value stays, as for NPS).
     """
-    with _model_lock:
-        if is_multiprocess():
-            for old in _served_versions - {version}:
-                MODEL_INFO.labels(old).set(0)
-        else:
-            MODEL_INFO.clear()
-            _served_versions.clear()
-        if version is not None:
-            MODEL_INFO.labels(version).set(1)
-            _served_versions.add(version)
+    for arm, rate in rates.items():
+        UPLIFT_CONVERSION.labels(arm).set(rate)
+    if not is_multiprocess():
+        for gone in _uplift_arms - rates.keys():
+            UPLIFT_CONVERSION.remove(gone)
+    _uplift_arms.clear()
+    _uplift_arms.update(rates)
+
+
+# --- Per-worker state --------------------------------------------------------
+
+WORKER_FILE_GLOB: Final = "worker-*.json"
+"""The per-worker state files in the multiprocess folder (see the module docstring)."""
+
+UNKNOWN: Final = "unknown"
+"""A label of ``nbo_build_info`` that is not known (no build commit configured, nbo
+not installed as a package)."""
+
+
+@dataclass
+class _Worker:
+    """What this process reports about itself (guarded by :data:`_worker_lock`)."""
+
+    version: str | None = None
+    as_of: float | None = None
+    """POSIX time of the served model's as-of day (midnight UTC)."""
+    folder: Path | None = None
+    """The multiprocess folder its state file goes to (multiprocess mode only)."""
+    engine: weakref.ref[Engine] | None = None
+    spool: Callable[[], tuple[int, int]] | None = None
+    build_commit: str | None = None
+    stopped: bool = False
+    """Marked dead: its state file is not written again."""
+    written: bytes | None = None
+    """The state file's content as last written, so an unchanged state is not rewritten."""
+
+
+_worker = _Worker()
+_worker_lock = threading.Lock()
+
+
+def set_active_model(version: str | None, as_of: dt.date | None = None) -> None:
+    """Report ``version`` as the model version this process serves, trained up to ``as_of``.
+
+    ``nbo_model_active_info{version}`` is then 1 for ``version`` only, and the
+    model's as-of and age gauges follow ``as_of``; ``None`` reports no model (the
+    three disappear). Without ``as_of`` (a caller that knows only the version) the
+    as-of reported before for the same version is kept, and for another version none
+    is reported. Safe from any thread.
+    """
+    with _worker_lock:
+        if as_of is not None:
+            _worker.as_of = _posix_day(as_of)
+        elif version is None or version != _worker.version:
+            _worker.as_of = None
+        _worker.version = version
+        _publish_worker()
+
+
+def watch_worker(
+    settings: Settings,
+    engine: Engine | None = None,
+    *,
+    spool: Callable[[], tuple[int, int]] | None = None,
+) -> None:
+    """Tell the metrics which serving worker this process is.
+
+    ``engine``'s pool is counted by ``nbo_worker_db_connections`` (held weakly);
+    ``spool`` gives ``(records waiting, dead letters)`` of the audit spool at each
+    scrape (see :func:`service.decision.spool.record_counts`); ``settings`` give the
+    build commit for ``nbo_build_info`` and, in multiprocess mode, the folder this
+    worker's state file goes to (written at once). Idempotent: the app calls it at
+    each start-up load.
+    """
+    with _worker_lock:
+        _worker.spool = spool
+        _worker.engine = None if engine is None else weakref.ref(engine)
+        _worker.build_commit = settings.build_commit
+        _worker.folder = settings.prometheus_multiproc_dir
+        _worker.stopped = False
+        _publish_worker()
+
+
+def refresh_worker() -> None:
+    """Rewrite this worker's state file if its database pool changed (multiprocess mode;
+    the app calls it at every change poll, so another worker's scrape lags by at most
+    one poll interval)."""
+    with _worker_lock:
+        _publish_worker()
+
+
+def _publish_worker() -> None:
+    """Write this worker's state file when it changed (caller holds the lock).
+
+    Never raises: the model swap that calls it must not fail for its metrics.
+    """
+    folder = _worker.folder
+    if folder is None or _worker.stopped or not is_multiprocess():
+        return
+    pid = os.getpid()
+    state = {
+        "pid": pid,
+        "started": _start_ticks(pid),
+        "version": _worker.version,
+        "as_of": _worker.as_of,
+        "db_connections": _db_connections(),
+    }
+    content = json.dumps(state, sort_keys=True).encode()
+    if content == _worker.written:
+        return
+    temporary = folder / f".worker-{pid}.json.tmp"
+    try:
+        temporary.write_bytes(content)
+        os.replace(temporary, folder / f"worker-{pid}.json")  # readers see it whole
+    except OSError:
+        log.warning("worker metrics state could not be written", exc_info=True)
+        return
+    _worker.written = content
+
+
+def _db_connections() -> int | None:
+    """Connections this worker's pool holds open, idle or lent out (None: not a
+    counting pool, or no engine watched)."""
+    engine = None if _worker.engine is None else _worker.engine()
+    if engine is None:
+        return None
+    pool: Any = engine.pool
+    try:
+        return int(pool.checkedin()) + int(pool.checkedout())
+    except AttributeError:  # NullPool, StaticPool: nothing to count
+        return None
+
+
+def _posix_day(day: dt.date) -> float:
+    """POSIX seconds of midnight UTC starting ``day`` (a datetime: its day)."""
+    if isinstance(day, dt.datetime):
+        day = day.date()
+    return dt.datetime.combine(day, dt.time(0), tzinfo=dt.UTC).timestamp()
+
+
+# --- Process facts from /proc (Linux) -----------------------------------------
+
+
+def _proc_status(pid: int) -> dict[str, str] | None:
+    """``/proc/<pid>/status`` as a dict, None when unreadable (gone, not Linux)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    fields = (line.partition(":") for line in text.splitlines())
+    return {key: value.strip() for key, _, value in fields}
+
+
+def _start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot), to tell it from a later
+    process given the same pid; None where ``/proc`` is unavailable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: fields after its ")".
+    try:
+        return int(stat.rpartition(")")[2].split()[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _alive(pid: int, started: int | None) -> bool:
+    """Whether ``pid`` is the live (not zombie) process that wrote a state file."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, under another user
+    status = _proc_status(pid)
+    if status is not None and status.get("State", "").startswith("Z"):
+        return False
+    return started is None or _start_ticks(pid) in (started, None)
+
+
+def _resident_bytes(pid: int) -> float | None:
+    """Resident memory of ``pid`` (``VmRSS``), None where it cannot be read."""
+    status = _proc_status(pid)
+    rss = None if status is None else status.get("VmRSS")
+    if not rss:
+        return None
+    amount, _, unit = rss.partition(" ")
+    return float(amount) * (1024 if unit.lower() == "kb" else 1)
+
+
+def _open_fds(pid: int) -> float | None:
+    """File descriptors ``pid`` holds open, None where they cannot be listed."""
+    folders = [Path(f"/proc/{pid}/fd")]
+    if pid == os.getpid():
+        folders.append(Path("/dev/fd"))  # macOS and the BSDs: this process only
+    for folder in folders:
+        try:
+            return float(len(os.listdir(folder)))
+        except OSError:
+            continue
+    return None
+
+
+# --- Scrape-time collector ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _WorkerFacts:
+    pid: str | None
+    """The ``pid`` label (multiprocess mode), None in a single process."""
+    version: str | None
+    as_of: float | None
+    db_connections: float | None
+    resident_bytes: float | None
+    open_fds: float | None
+
+
+def _build_version() -> str:
+    try:
+        return importlib.metadata.version("nbo")
+    except importlib.metadata.PackageNotFoundError:
+        return UNKNOWN
+
+
+class _StateCollector(Collector):
+    """The gauges computed when scraped: build, per-worker state, audit spool.
+
+    Registered in the default registry for a single process, and added to the
+    multiprocess registry by :func:`render_metrics`.
+    """
+
+    def __init__(self) -> None:
+        self._version = _build_version()
+
+    def describe(self) -> Iterable[Metric]:
+        # Names only (no state read): lets the registry check for clashes.
+        return list(self._families(pid_label=False))
+
+    def collect(self) -> Iterable[Metric]:
+        multiproc = is_multiprocess()
+        workers: list[_WorkerFacts] = []
+        with _worker_lock:
+            folder = _worker.folder
+            commit = _worker.build_commit or UNKNOWN
+            spool = _worker.spool
+            if multiproc:
+                _publish_worker()  # this worker's own file, fresh
+            else:
+                pid = os.getpid()
+                held = _db_connections()
+                workers.append(
+                    _WorkerFacts(
+                        None,
+                        _worker.version,
+                        _worker.as_of,
+                        None if held is None else float(held),
+                        _resident_bytes(pid),
+                        _open_fds(pid),
+                    )
+                )
+        if multiproc and folder is not None:
+            workers = _read_workers(folder)
+        families = self._families(pid_label=multiproc)
+        build, info, as_of, age, rss, fds, connections, backlog, dead = families
+        build.add_metric([self._version, commit, platform.python_version()], 1.0)
+        now = time.time()
+        for worker in workers:
+            labels = [] if worker.pid is None else [worker.pid]
+            if worker.version is not None:
+                info.add_metric([worker.version, *labels], 1.0)
+                if worker.as_of is not None:
+                    as_of.add_metric(labels, worker.as_of)
+                    age.add_metric(labels, now - worker.as_of)
+            for family, value in (
+                (rss, worker.resident_bytes),
+                (fds, worker.open_fds),
+                (connections, worker.db_connections),
+            ):
+                if value is not None:
+                    family.add_metric(labels, value)
+        if spool is not None:
+            try:
+                waiting, dead_letters = spool()
+            except OSError:
+                log.warning("audit spool could not be counted", exc_info=True)
+            else:
+                backlog.add_metric([], float(waiting))
+                dead.add_metric([], float(dead_letters))
+        return families
+
+    @staticmethod
+    def _families(*, pid_label: bool) -> list[GaugeMetricFamily]:
+        pid = ["pid"] if pid_label else []
+        return [
+            GaugeMetricFamily(
+                "nbo_build_info",
+                "1, labelled with the installed nbo version, the source commit it was built "
+                'from ("unknown" when not configured) and the Python version.',
+                labels=["version", "commit", "python"],
+            ),
+            GaugeMetricFamily(
+                "nbo_model_active_info",
+                "1 for the model version each worker serves (pid label with several "
+                "workers); absent while a worker serves no model.",
+                labels=["version", *pid],
+            ),
+            GaugeMetricFamily(
+                "nbo_model_as_of_timestamp_seconds",
+                "The served model's as-of day (its training cutoff: it saw only data "
+                "before it), as Unix time of midnight UTC.",
+                labels=pid,
+            ),
+            GaugeMetricFamily(
+                "nbo_model_age_seconds",
+                "Seconds from the served model's as-of day (midnight UTC) to the scrape.",
+                labels=pid,
+            ),
+            GaugeMetricFamily(
+                "nbo_worker_resident_memory_bytes",
+                "Resident memory of each worker process (Linux only: absent elsewhere).",
+                labels=pid,
+            ),
+            GaugeMetricFamily(
+                "nbo_worker_open_fds",
+                "File descriptors each worker process holds open (sockets included).",
+                labels=pid,
+            ),
+            GaugeMetricFamily(
+                "nbo_worker_db_connections",
+                "Database connections each worker's connection pool holds open, idle or "
+                "in use (the PostgreSQL audit writer's own commit connections, at most "
+                "audit_commit_lanes, are not counted).",
+                labels=pid,
+            ),
+            GaugeMetricFamily(
+                "nbo_audit_spool_backlog_records",
+                "Acknowledged decisions waiting in the local audit spool (of every worker) "
+                "for the database; 0 when the database keeps up.",
+            ),
+            GaugeMetricFamily(
+                "nbo_audit_dead_letter_records",
+                "Records in the audit spool's dead-letter file: unreadable or refused by "
+                "the database, kept for a person to look at.",
+            ),
+        ]
+
+
+def _read_workers(folder: Path) -> list[_WorkerFacts]:
+    """The state of every live worker, from the state files in ``folder``; the files of
+    workers that are gone are deleted."""
+    found = []
+    for path in sorted(folder.glob(WORKER_FILE_GLOB)):
+        try:
+            state = json.loads(path.read_bytes())
+            pid = int(state["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # deleted meanwhile, or not ours
+        if not _alive(pid, state.get("started")):
+            with contextlib.suppress(OSError):
+                path.unlink()
+            continue
+        connections = state.get("db_connections")
+        found.append(
+            _WorkerFacts(
+                str(pid),
+                state.get("version"),
+                state.get("as_of"),
+                None if connections is None else float(connections),
+                _resident_bytes(pid),
+                _open_fds(pid),
+            )
+        )
+    return found
+
+
+_STATE_COLLECTOR: Final = _StateCollector()
+REGISTRY.register(_STATE_COLLECTOR)
 
 
 # --- Multiprocess ------------------------------------------------------------
@@ -266,42 +657,56 @@ def is_multiprocess() -> bool:
 def prepare_multiprocess(directory: Path) -> None:
     """Make ``directory`` the multiprocess metrics directory of the workers to come.
 
-    Creates ``directory``, deletes the ``*.db`` files an earlier run left in it
-    (stale counters would otherwise be added to the new ones) and sets
+    Creates ``directory``, deletes the ``*.db`` and worker state files an earlier run
+    left in it (stale counters would otherwise be added to the new ones) and sets
     ``PROMETHEUS_MULTIPROC_DIR``. Call it in the parent process before uvicorn
     starts more than one worker; the workers inherit the variable and import
     prometheus_client after it is set. It does not switch the calling process.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    for stale in directory.glob("*.db"):
-        stale.unlink()
+    for pattern in ("*.db", WORKER_FILE_GLOB):
+        for stale in directory.glob(pattern):
+            stale.unlink()
     # The one sanctioned write to os.environ besides settings.py: prometheus_client
-    # reads only this variable, in each worker at import time, so no Settings
-    # field could reach it. It is written, never read back.
+    # reads only this variable, in each worker at import time. The workers' Settings
+    # read it back (prometheus_multiproc_dir).
     os.environ[MULTIPROC_DIR_ENV] = str(directory.resolve())
 
 
 def mark_worker_dead(pid: int | None = None) -> None:
-    """Stop reporting the per-process gauges of worker ``pid`` (default: this process).
+    """Stop reporting the per-worker gauges of worker ``pid`` (default: this process).
 
-    Drops its ``nbo_model_active_info`` samples; its counters and histograms
-    stay in the sums. Call it from a worker shutting down (the app lifespan's
-    exit) or from a supervisor that saw ``pid`` exit. A no-op outside
-    multiprocess mode.
+    Deletes its state file (so its model version, memory and so on are no longer
+    reported; this process's own file is not written again until
+    :func:`watch_worker`); its counters and histograms stay in the sums. Call it from
+    a worker shutting down (the app lifespan's exit) or from a supervisor that saw
+    ``pid`` exit. A no-op outside multiprocess mode.
     """
-    if is_multiprocess():
-        multiprocess.mark_process_dead(os.getpid() if pid is None else pid)  # type: ignore[no-untyped-call]
+    if not is_multiprocess():
+        return
+    pid = os.getpid() if pid is None else pid
+    multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+    with _worker_lock:
+        if pid == os.getpid():
+            _worker.stopped = True
+            _worker.written = None
+        folder = _worker.folder
+    if folder is not None:
+        with contextlib.suppress(FileNotFoundError):
+            (folder / f"worker-{pid}.json").unlink()
 
 
 def render_metrics() -> tuple[bytes, str]:
     """The metrics in the Prometheus text format: ``(body, content type)``.
 
     In multiprocess mode the values of every worker, read from the multiprocess
-    directory and merged; otherwise this process's default registry.
+    directory and merged, with the per-worker gauges of each live worker; otherwise
+    this process's default registry.
     """
     if is_multiprocess():
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        registry.register(_STATE_COLLECTOR)
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
@@ -538,8 +943,10 @@ router = APIRouter(tags=["operations"])
     summary="Prometheus metrics",
     description=(
         "The service's metrics in the Prometheus text exposition format: HTTP latency by "
-        "route template, decisions, offers, outcomes, model loads, audit commits. With "
-        "several workers, the sum over all of them."
+        "route template, decisions, offers, outcomes, model loads, audit commits, the spool, "
+        "the served model's version and age, each worker's memory, files and database "
+        "connections, build info. With several workers, counters and histograms are summed "
+        "over all of them and per-worker gauges carry a pid label."
     ),
     response_class=Response,
     responses={

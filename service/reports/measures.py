@@ -1305,6 +1305,26 @@ def rolling_figures(
     return rates, scores
 
 
+def rolling_uplift(engine: Engine, today: dt.date, days: int = 7) -> dict[str, float]:
+    """Adoption of any product by arm over the last ``days`` days, for the uplift gauge.
+
+    The :func:`uplift` total (``"(any)"``) of the customers first contacted in the
+    window that ends with ``today`` (included): the share of each arm who adopted a
+    product they did not hold, from their first contact up to ``today``. Keys are
+    ``"treated"`` and ``"control"``; an arm without contacted customers is left out.
+
+    Raises
+    ------
+    ValueError
+        When ``days`` is less than 1.
+    """
+    _check_days("days", days, minimum=1)
+    period = Period(today - dt.timedelta(days=days - 1), today)
+    total = uplift(engine, period, window_days=days).total
+    rates = {"treated": total.treated_rate, "control": total.control_rate}
+    return {arm: rate for arm, rate in rates.items() if rate is not None}
+
+
 def _largest_branches(connection: Connection, limit: int) -> set[str]:
     """The ``limit`` branch ids with most customers (ties: the smaller id)."""
     if limit <= 0:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import os
 import subprocess
 import sys
@@ -171,15 +173,22 @@ def test_metrics_endpoint_is_documented() -> None:
 
 def test_set_active_model_reports_one_version() -> None:
     try:
-        metrics.set_active_model("v-old")
-        metrics.set_active_model("v-new")
+        metrics.set_active_model("v-old", dt.date(2025, 6, 1))
+        metrics.set_active_model("v-new", dt.date(2026, 1, 1))
 
         assert REGISTRY.get_sample_value("nbo_model_active_info", {"version": "v-new"}) == 1
         assert REGISTRY.get_sample_value("nbo_model_active_info", {"version": "v-old"}) is None
+        assert REGISTRY.get_sample_value("nbo_model_as_of_timestamp_seconds") == 1767225600
+
+        metrics.set_active_model("v-new")  # a caller that knows only the version
+
+        assert REGISTRY.get_sample_value("nbo_model_as_of_timestamp_seconds") == 1767225600
 
         metrics.set_active_model(None)
 
         assert REGISTRY.get_sample_value("nbo_model_active_info", {"version": "v-new"}) is None
+        assert REGISTRY.get_sample_value("nbo_model_as_of_timestamp_seconds") is None
+        assert REGISTRY.get_sample_value("nbo_model_age_seconds") is None
     finally:
         metrics.set_active_model(None)
 
@@ -191,6 +200,7 @@ def test_prepare_multiprocess_empties_the_directory(
     directory = tmp_path / "prometheus"
     directory.mkdir()
     (directory / "counter_123.db").write_bytes(b"stale")
+    (directory / "worker-123.json").write_text('{"pid": 123}')
     (directory / "README").write_text("not ours")
 
     metrics.prepare_multiprocess(directory)
@@ -201,22 +211,37 @@ def test_prepare_multiprocess_empties_the_directory(
     assert not metrics.is_multiprocess()
 
 
+# A worker: counts decisions, serves the versions given in turn, holds one pooled
+# database connection, prints its pid, and lives until its stdin is closed.
 _WORKER = """
-import os, sys
+import datetime as dt, os, sys
+from sqlalchemy import create_engine
 from service import metrics
+from service.settings import Settings
 assert metrics.is_multiprocess()
-metrics.DECISIONS.labels("web", "normal").inc(int(sys.argv[1]))
-for version in sys.argv[2].split(","):
-    metrics.set_active_model(version)
-print(os.getpid())
+engine = create_engine("sqlite:///" + sys.argv[1] + f"/worker-{os.getpid()}.sqlite3")
+metrics.watch_worker(Settings(data_dir=sys.argv[1]), engine)
+metrics.DECISIONS.labels("web", "normal").inc(int(sys.argv[2]))
+for version in sys.argv[3].split(","):
+    metrics.set_active_model(version, dt.date(2026, 1, 1))
+with engine.connect():
+    pass
+metrics.refresh_worker()
+print(os.getpid(), flush=True)
+sys.stdin.read()
 """
 
+# The scraped worker: marks the pids given dead, then renders every worker's metrics.
 _SCRAPE = """
-import sys
+import os, sys
 from service import metrics
-for pid in sys.argv[1:]:
+from service.settings import Settings
+metrics.watch_worker(Settings(data_dir=sys.argv[1]))
+for pid in sys.argv[2:]:
     metrics.mark_worker_dead(int(pid))
+print(os.getpid())
 sys.stdout.write(metrics.render_metrics()[0].decode())
+metrics.mark_worker_dead()
 """
 
 
@@ -233,37 +258,96 @@ def _python(code: str, *args: str) -> str:
     return result.stdout
 
 
-def test_multiprocess_sums_the_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _scrape(data_dir: Path, *dead: str) -> tuple[str, list[tuple[str, dict[str, str], float]]]:
+    """(the scraping process's pid, the samples it rendered)."""
+    pid, _, text = _python(_SCRAPE, str(data_dir), *dead).partition("\n")
+    return pid, _samples(text)
+
+
+def _by_pid(samples: list[tuple[str, dict[str, str], float]], name: str) -> dict[str, float]:
+    return {labels["pid"]: value for found, labels, value in samples if found == name}
+
+
+@contextlib.contextmanager
+def _worker(data_dir: Path, decisions: int, versions: str) -> Iterator[subprocess.Popen[str]]:
+    process = subprocess.Popen(
+        [sys.executable, "-c", _WORKER, str(data_dir), str(decisions), versions],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield process
+    finally:
+        assert process.stdin is not None
+        process.stdin.close()
+        process.wait(timeout=30)
+
+
+def test_multiprocess_sums_the_workers_and_reports_each_live_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv(metrics.MULTIPROC_DIR_ENV, raising=False)
-    metrics.prepare_multiprocess(tmp_path / "prometheus")  # as `nbo serve` does; children inherit
-    first = _python(_WORKER, "2", "v1").strip()
-    second = _python(_WORKER, "3", "v1,v2").strip()
+    folder = tmp_path / "prometheus"
+    metrics.prepare_multiprocess(folder)  # as `nbo serve` does; children inherit
+    with _worker(tmp_path, 2, "v1") as one, _worker(tmp_path, 3, "v1,v2") as two:
+        assert one.stdout is not None and two.stdout is not None
+        first, second = one.stdout.readline().strip(), two.stdout.readline().strip()
 
-    samples = _samples(_python(_SCRAPE))
+        scraper, samples = _scrape(tmp_path)
 
-    decisions = [
-        value
-        for name, labels, value in samples
-        if name == "nbo_decisions_total" and labels == {"channel": "web", "result": "normal"}
-    ]
-    assert decisions == [5.0]
-    active = {
-        (labels["pid"], labels["version"]): value
-        for name, labels, value in samples
-        if name == "nbo_model_active_info"
-    }
-    assert active == {(first, "v1"): 1.0, (second, "v1"): 0.0, (second, "v2"): 1.0}
+        decisions = [
+            value
+            for name, labels, value in samples
+            if name == "nbo_decisions_total" and labels == {"channel": "web", "result": "normal"}
+        ]
+        assert decisions == [5.0]
+        active = {
+            (labels["pid"], labels["version"]): value
+            for name, labels, value in samples
+            if name == "nbo_model_active_info"
+        }
+        # The version each serves, at 1; none of the versions served before.
+        assert active == {(first, "v1"): 1.0, (second, "v2"): 1.0}
+        as_of = _by_pid(samples, "nbo_model_as_of_timestamp_seconds")
+        assert as_of == {first: 1767225600.0, second: 1767225600.0}
+        for name in ("nbo_worker_resident_memory_bytes", "nbo_worker_open_fds"):
+            found = _by_pid(samples, name)
+            assert set(found) == {first, second, scraper}, name  # the scraper is a worker too
+            assert all(value > 0 for value in found.values()), name
+        assert min(_by_pid(samples, "nbo_worker_resident_memory_bytes").values()) > 10e6
+        assert _by_pid(samples, "nbo_worker_db_connections") == {first: 1.0, second: 1.0}
+        assert [v for n, _, v in samples if n == "nbo_build_info"] == [1.0]
 
-    after_exit = _samples(_python(_SCRAPE, first))
+        # The first is marked dead (as its lifespan's exit does) though its process lives.
+        _, marked = _scrape(tmp_path, first)
 
-    assert {labels["pid"] for name, labels, _ in after_exit if name == "nbo_model_active_info"} == {
-        second
-    }
+        assert _workers(marked) == {second}
+        assert _by_pid(marked, "nbo_model_active_info") == {second: 1.0}
+
+        # The second is gone without a word (a crash): its file stays, but not for long.
+        assert two.stdin is not None
+        two.stdin.close()
+        two.wait(timeout=30)
+        _, after = _scrape(tmp_path)
+
+    assert _workers(after) == set()
+    assert not list(folder.glob("worker-*.json"))
     assert [
         value
-        for name, labels, value in after_exit
+        for name, labels, value in after
         if name == "nbo_decisions_total" and labels["channel"] == "web"
     ] == [5.0]
+
+
+def _workers(samples: list[tuple[str, dict[str, str], float]]) -> set[str]:
+    """The pids of the nbo workers (models served, databases connected) in ``samples``."""
+    return {
+        labels["pid"]
+        for name, labels, _ in samples
+        if name in ("nbo_model_active_info", "nbo_worker_db_connections")
+    }
 
 
 def test_tally_hands_prometheus_the_same_buckets_as_observing_directly() -> None:
