@@ -26,7 +26,7 @@ from models.propensity import PropensityModel
 from models.rules import RuleSet, rules_for_display
 from service.data import registry
 from service.data.bank import default_as_of, load_bank
-from service.data.db import unit_of_work
+from service.data.db import read_only, unit_of_work
 
 
 class ScoringError(Exception):
@@ -66,7 +66,8 @@ def load_version(engine: Engine, version: str | None) -> tuple[str, PropensityMo
                 raise UnknownName(str(exc)) from None
         session.expunge(row)
     try:
-        return row.version, registry.load_model(row)
+        with read_only(engine).connect() as conn:
+            return row.version, registry.load_model(conn, row)
     except registry.RegistryError as exc:
         raise ScoringError(str(exc)) from None
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from models.artifacts import BundleError, load_bundle, save_bundle
+from models.artifacts import save_bundle
 from models.data import BankData
 from models.evaluation import (
     HoldoutResult,
@@ -28,7 +28,7 @@ from models.propensity import TrainConfig
 from models.propensity.training import train
 from service.data import registry
 from service.data.bank import default_as_of, load_bank
-from service.data.db import unit_of_work
+from service.data.db import read_only, unit_of_work
 from service.data.tables import ModelVersion
 
 
@@ -144,7 +144,7 @@ def write_evaluation_report(
 
 
 def active_on_holdout(
-    engine: Engine, holdout: HoldoutResult, data: BankData
+    engine: Engine, holdout: HoldoutResult, data: BankData, *, cache_dir: Path | None = None
 ) -> tuple[float | None, str]:
     """The active version's gate metric measured on ``holdout``, when that is fair.
 
@@ -156,13 +156,15 @@ def active_on_holdout(
     window too, so a version trained past the cutoff (e.g. on the same campaign, with
     those customers) is never scored on them. Otherwise the recorded metrics are
     compared instead (by the gate, and only for the same kind of holdout), and the note
-    says so.
+    says so. The active bundle is loaded through ``cache_dir`` (the local cache of
+    :func:`service.data.registry.load_model`; a temporary folder without it).
     """
     with unit_of_work(engine) as session:
         current = registry.active_version(session)
         if current is None:
             return None, "no active version"
-        path, version, as_of = Path(current.path), current.version, current.as_of
+        version, as_of = current.version, current.as_of
+        session.expunge(current)
     if as_of > holdout.cutoff:
         return (
             None,
@@ -170,8 +172,9 @@ def active_on_holdout(
             "measured adoptions; recorded metrics compared",
         )
     try:
-        active = load_bundle(path)
-    except BundleError as exc:
+        with read_only(engine).connect() as conn:
+            active = registry.load_model(conn, current, cache_dir=cache_dir)
+    except registry.RegistryError as exc:
         return None, f"active {version} could not be loaded ({exc}); recorded metrics compared"
     measured = holdout.ranked["blend"][["customer_id", "product_code"]]
     scores = measured.merge(
@@ -221,7 +224,7 @@ def train_and_register(
         progress=progress,
     )
     metrics = holdout.summary_metrics()
-    active_value, active_note = active_on_holdout(engine, holdout, data)
+    active_value, active_note = active_on_holdout(engine, holdout, data, cache_dir=artifacts_dir)
     model = train(
         data,
         as_of=as_of,

@@ -179,7 +179,13 @@ async def activate_model(
 ) -> ActivationResponse:
     def activate() -> str | None:
         with unit_of_work(engine) as session:
-            return registry.activate_version(session, version=version, origin=state.origin)
+            # Checked through this machine's cache, which the reload below then reuses.
+            return registry.activate_version(
+                session,
+                version=version,
+                origin=state.origin,
+                cache_dir=state.settings.artifacts_dir,
+            )
 
     try:
         previous = await asyncio.to_thread(activate)

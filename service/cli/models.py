@@ -614,6 +614,7 @@ def models_show(
         except registry.RegistryError as exc:
             raise _unknown_version(exc) from exc
         described = registry.describe(row)
+        stored_files, stored_bytes = registry.stored_size(session, version)
     if as_json:
         console.print_json(registry.dumps(described))
         return
@@ -627,7 +628,13 @@ def models_show(
         ("as of", f"{described['as_of']} (horizon {described['horizon_days']} days)"),
         ("registered", described["created_at"]),
         ("activated", described["activated_at"] or "never"),
-        ("bundle", described["path"]),
+        (
+            "bundle",
+            f"{described['path']} (in the database: {stored_files} files, "
+            f"{stored_bytes / 1e6:.1f} MB)"
+            if stored_files
+            else described["path"],
+        ),
         ("gate", gate.get("reason", "")),
     ):
         header.add_row(label, escape(str(value)))
@@ -655,20 +662,33 @@ def models_show(
 
 @models_app.command("promote")
 def models_promote(version: Annotated[str, typer.Argument(help="Version id.")]) -> None:
-    """Make VERSION active by hand, whatever the gate said; the active one retires."""
-    from service.data import registry
+    """Make VERSION active by hand, whatever the gate said; the active one retires.
 
+    The version's bundle must load first (its stored files and manifest are checked),
+    so a version no worker could serve never becomes active.
+    """
+    from service.data import registry
+    from service.errors import Invalid, NotFound
+
+    settings = load_settings()
     with open_session() as session:
         try:
-            row = registry.get_version(session, version)
-        except registry.RegistryError as exc:
+            previous = registry.activate_version(
+                session,
+                version=version,
+                origin=registry.OFFLINE_ORIGIN,
+                cache_dir=settings.artifacts_dir,
+            )
+        except NotFound as exc:
             raise _unknown_version(exc) from exc
-        try:
-            previous = registry.activate(session, row)
-        except registry.RegistryError as exc:
-            raise UserError(str(exc), code=1) from exc
-        retired = f" ({previous.version} retired)" if previous else ""
-        console.print(f"{row.version} is active{retired}")
+        except Invalid as exc:
+            raise UserError(
+                f"{version} was not promoted: {exc}",
+                hint="`nbo models list` shows the versions; train a new one with `nbo train`",
+                code=1,
+            ) from exc
+        retired = f" ({previous} retired)" if previous else ""
+        console.print(f"{version} is active{retired}")
 
 
 @models_app.command("rollback")

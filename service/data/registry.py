@@ -1,10 +1,26 @@
-"""The model registry: versions on disk, their metadata in the database, one active.
+"""The model registry: versions and their bundles in the database, one active.
 
-A model version is a bundle folder (written by :mod:`models.artifacts`) copied
-under ``<data_dir>/models/<version>``, plus a ``model_versions`` row with its
-manifest checksum, data window, parameters and holdout metrics. At most one
-version is ``active``; the others are ``candidate`` (trained, not promoted),
-``retired`` (was active) or ``rejected`` (failed the promotion gate).
+A model version is a bundle folder (written by :mod:`models.artifacts`) and a
+``model_versions`` row with its manifest checksum, data window, parameters and
+holdout metrics. At most one version is ``active``; the others are ``candidate``
+(trained, not promoted), ``retired`` (was active) or ``rejected`` (failed the
+promotion gate).
+
+Where bundles live. Registration stores every file of the bundle in
+``model_files`` (name inside the bundle, sha256, size, content), in the same
+transaction as the version's row, so a version is loadable by every replica that
+reaches the database, whatever machine trained it. The row's ``path`` is then the
+location inside that store, ``db:<version>`` (:data:`STORE_PREFIX`), never a
+folder of one machine. Loading (:func:`load_model`) materialises the files into a
+local cache folder, ``<data_dir>/models/<version>`` (``Settings.artifacts_dir``):
+written to a temporary folder beside it, each file checked against its stored
+sha256 and the manifest against the registered checksum, then renamed into place
+in one step, so workers materialising the same version at once never see (or
+leave) a half-written folder. A cache whose manifest matches the registered
+checksum is reused; one that does not (or fails the bundle's own checks) is
+replaced from the database, which is the authority. Rows registered before
+migration 0009 whose folder was missing on the migrating machine keep their
+absolute ``path`` and load from it as before.
 
 The gate: a newly registered version becomes active only when no version is
 active, or its holdout metric is not worse than the active version's by more
@@ -25,21 +41,31 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
+import os
 import shutil
+import tempfile
+import uuid
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, func, select
 from sqlalchemy.orm import Session
 
 from models.artifacts import BundleError, load_bundle
 from models.propensity import PropensityModel
 from service.data.events import record_event
-from service.data.tables import ModelVersion
+from service.data.tables import ModelFile, ModelVersion
 from service.errors import Invalid, NotFound
 
+log = logging.getLogger(__name__)
+
 MANIFEST = "manifest.json"
+
+STORE_PREFIX = "db:"
+"""``model_versions.path`` of a version whose bundle is stored in ``model_files``:
+``db:<version>``."""
 
 GATE_METRICS: dict[str, str] = {"temporal": "map@3", "random_customers": "auc"}
 """The promotion gate's metric for each kind of holdout."""
@@ -114,25 +140,33 @@ def register(
     active_value: float | None = None,
     active_note: str = "",
 ) -> tuple[ModelVersion, GateDecision]:
-    """Copy ``bundle`` into the registry, record it, and apply the promotion gate.
+    """Store ``bundle`` in the database, record it, and apply the promotion gate.
+
+    Every file of the bundle goes into ``model_files`` in the session's transaction,
+    with the version's row (``path`` ``db:<version>``); ``artifacts_dir`` is this
+    machine's cache of bundles, warmed with this one (a cache that cannot be written
+    is only logged: the database holds the bundle).
 
     ``metrics[gate_metric]`` is compared with the active version's (``active_value``
     when the caller measured it on the candidate's holdout, else its recorded metric,
     only when both were measured on the same kind of holdout); the new version is
     activated when ``new >= active * (1 - tolerance)``. ``params`` and ``metrics``
     should record the holdout (``metrics["holdout_kind"]``).
+
+    Raises
+    ------
+    RegistryError
+        If ``bundle`` is not a bundle folder, or ``version`` is already registered.
     """
     checksum = manifest_checksum(bundle)
     version = version or new_version_id(checksum)
-    target = artifacts_dir / version
-    if target.exists():
-        raise RegistryError(f"{target} already exists")
-    artifacts_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(bundle, target)
+    if session.scalar(select(ModelVersion.id).where(ModelVersion.version == version)):
+        raise RegistryError(f"model version '{version}' is already registered")
+    files = read_bundle_files(bundle)
     row = ModelVersion(
         version=version,
         status="candidate",
-        path=str(target.resolve()),
+        path=STORE_PREFIX + version,
         checksum=checksum,
         as_of=as_of,
         horizon_days=horizon_days,
@@ -141,6 +175,23 @@ def register(
     )
     session.add(row)
     session.flush()
+    session.add_all(
+        ModelFile(
+            version=version,
+            name=name,
+            sha256=hashlib.sha256(content).hexdigest(),
+            size=len(content),
+            content=content,
+        )
+        for name, content in files.items()
+    )
+    session.flush()
+    try:
+        _install(artifacts_dir, version, files, checksum)
+    except OSError as exc:
+        log.warning(
+            "model cache not written", extra={"version": version, "error": type(exc).__name__}
+        )
     decision = gate(
         session,
         row,
@@ -236,12 +287,15 @@ def activate(
     return previous if previous is not None and previous.id != row.id else None
 
 
-def activate_version(session: Session, *, version: str, origin: str) -> str | None:
+def activate_version(
+    session: Session, *, version: str, origin: str, cache_dir: Path | None = None
+) -> str | None:
     """Make ``version`` active by hand once its bundle loads; return the version retired.
 
-    The bundle is checked (:func:`load_model`) before anything changes, so a version
-    that no worker could serve never becomes active. Its ``model`` change event tells
-    every other worker to load it.
+    The bundle is checked (:func:`load_model`, materialised into ``cache_dir`` or a
+    temporary folder) before anything changes, so a version that no worker could serve
+    never becomes active. Its ``model`` change event tells every other worker to load
+    it.
 
     Raises
     ------
@@ -255,7 +309,7 @@ def activate_version(session: Session, *, version: str, origin: str) -> str | No
     except RegistryError as exc:
         raise NotFound(str(exc)) from None
     try:
-        load_model(row)
+        load_model(session, row, cache_dir=cache_dir)
     except RegistryError as exc:
         raise Invalid(str(exc)) from None
     previous = activate(session, row, origin=origin)
@@ -286,17 +340,185 @@ def rollback(session: Session) -> tuple[ModelVersion, ModelVersion]:
     return earlier, current
 
 
-def load_model(row: ModelVersion) -> PropensityModel:
+def load_model(
+    bind: Session | Connection, row: ModelVersion, *, cache_dir: Path | None = None
+) -> PropensityModel:
     """Load a registered version's bundle, verified against the registry and its manifest.
+
+    A stored bundle (``path`` ``db:<version>``) is read from ``cache_dir/<version>``
+    when that copy's manifest is the registered one, else materialised there from the
+    database through ``bind`` (see the module docstring); without ``cache_dir`` it is
+    materialised into a temporary folder, removed once loaded. A version registered
+    before bundles were stored loads from its ``path`` folder.
 
     Raises
     ------
     RegistryError
-        If the manifest is not the one registered (the files were replaced) or the
-        bundle fails its own checks (a missing or altered file, feature columns that do
-        not match); the message says which.
+        If a stored file or the manifest is not the one registered (the bundle was
+        changed), nothing is stored for the version, its folder is missing, or the
+        bundle fails its own checks (a missing or altered file, feature columns that
+        do not match); the message says which.
     """
-    path = Path(row.path)
+    if not row.path.startswith(STORE_PREFIX):
+        return _load_folder(row, Path(row.path))
+    if cache_dir is None:
+        try:
+            with tempfile.TemporaryDirectory(prefix="nbo-model-") as tmp:
+                return _load_folder(row, materialise(bind, row, Path(tmp)))
+        except OSError as exc:
+            raise RegistryError(
+                f"model version {row.version}: cannot write a temporary copy ({exc})"
+            ) from None
+    cached = cache_dir / row.version
+    damaged = False
+    if _is_cached(cached, row.checksum):
+        try:
+            return load_bundle(cached)
+        except BundleError as exc:
+            damaged = True
+            log.warning(
+                "cached model bundle damaged; fetched again",
+                extra={"version": row.version, "error": str(exc)},
+            )
+    try:
+        folder = materialise(bind, row, cache_dir, replace=damaged)
+    except OSError as exc:
+        raise RegistryError(
+            f"model version {row.version}: cannot write the model cache {cache_dir} ({exc})"
+        ) from None
+    return _load_folder(row, folder)
+
+
+def materialise(
+    bind: Session | Connection, row: ModelVersion, cache_dir: Path, *, replace: bool = False
+) -> Path:
+    """Write ``row``'s stored bundle to ``cache_dir/<version>`` and return that folder.
+
+    Each file is checked against its stored sha256 and size, and the manifest against
+    the registered checksum, before anything is written. The files go to a temporary
+    folder in ``cache_dir``, renamed into place in one step: a worker that finds the
+    folder already there (another worker materialised it first) keeps it when its
+    manifest is the registered one; otherwise (a stale or damaged copy, or always with
+    ``replace``) the old folder is moved aside and removed.
+
+    Raises
+    ------
+    RegistryError
+        If nothing is stored for the version or a stored file is not the one
+        registered.
+    """
+    rows = bind.execute(
+        select(ModelFile.name, ModelFile.sha256, ModelFile.size, ModelFile.content)
+        .where(ModelFile.version == row.version)
+        .order_by(ModelFile.name)
+    ).all()
+    if not rows:
+        raise RegistryError(
+            f"model version {row.version}: no bundle files stored in the database for it"
+        )
+    files: dict[str, bytes] = {}
+    for name, sha256, size, content in rows:
+        _check_name(row.version, name)
+        data = bytes(content)
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != sha256 or len(data) != size:
+            raise RegistryError(
+                f"model version {row.version}: stored file {name} has sha256 "
+                f"{digest[:12]}... ({len(data)} bytes), registered {sha256[:12]}... "
+                f"({size} bytes); the bundle was changed"
+            )
+        files[name] = data
+    manifest = files.get(MANIFEST)
+    if manifest is None:
+        raise RegistryError(f"model version {row.version}: no {MANIFEST} stored; not a bundle")
+    checksum = hashlib.sha256(manifest).hexdigest()
+    if checksum != row.checksum:
+        raise RegistryError(
+            f"model version {row.version}: stored {MANIFEST} has sha256 {checksum[:12]}..., "
+            f"registered {row.checksum[:12]}...; the bundle was changed"
+        )
+    return _install(cache_dir, row.version, files, row.checksum, replace=replace)
+
+
+def stored_size(session: Session, version: str) -> tuple[int, int]:
+    """How many files of ``version``'s bundle the database holds, and their bytes."""
+    count, size = session.execute(
+        select(func.count(), func.coalesce(func.sum(ModelFile.size), 0)).where(
+            ModelFile.version == version
+        )
+    ).one()
+    return int(count), int(size)
+
+
+def read_bundle_files(bundle: Path) -> dict[str, bytes]:
+    """Every file of a bundle folder by its path inside it (``/``-separated), sorted."""
+    return {
+        file.relative_to(bundle).as_posix(): file.read_bytes()
+        for file in sorted(bundle.rglob("*"))
+        if file.is_file()
+    }
+
+
+def _check_name(version: str, name: str) -> None:
+    """Refuse a stored name that would write outside the bundle folder."""
+    path = PurePosixPath(name)
+    if not name or path.is_absolute() or ".." in path.parts or "\\" in name:
+        raise RegistryError(f"model version {version}: stored file name {name!r} is not safe")
+
+
+def _is_cached(folder: Path, checksum: str) -> bool:
+    try:
+        return hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest() == checksum
+    except OSError:
+        return False
+
+
+def _install(
+    cache_dir: Path, version: str, files: dict[str, bytes], checksum: str, *, replace: bool = False
+) -> Path:
+    """Put ``files`` at ``cache_dir/<version>`` by one rename of a complete folder."""
+    target = cache_dir / version
+    if not replace and _is_cached(target, checksum):
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    temporary = cache_dir / f".{version}.{uuid.uuid4().hex[:12]}.tmp"
+    temporary.mkdir()
+    try:
+        for name, content in files.items():
+            file = temporary / name
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_bytes(content)
+        for _ in range(5):
+            try:
+                os.rename(temporary, target)
+                return target
+            except OSError:
+                if not target.exists():
+                    continue
+                if not replace and _is_cached(target, checksum):
+                    return target  # another worker installed the same bundle first
+            # A stale or damaged copy: move it aside in one step, then remove it.
+            aside = cache_dir / f".{version}.{uuid.uuid4().hex[:12]}.old"
+            try:
+                os.rename(target, aside)
+            except FileNotFoundError:
+                pass
+            else:
+                shutil.rmtree(aside, ignore_errors=True)
+            replace = False
+        raise RegistryError(f"model version {version}: could not write {target}")
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _load_folder(row: ModelVersion, path: Path) -> PropensityModel:
+    """Load the bundle folder ``path`` of ``row``, checked against the registered manifest."""
+    if not path.is_dir():
+        raise RegistryError(
+            f"model version {row.version}: its bundle folder {path} is not on this machine "
+            "and the database holds no copy (it was registered before bundles were stored "
+            "there); restore the folder, or train and register a new version"
+        )
     try:
         checksum = manifest_checksum(path)
     except RegistryError as exc:

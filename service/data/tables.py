@@ -27,6 +27,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     SmallInteger,
     String,
@@ -191,7 +192,7 @@ class Adoption(Base):
 
 
 class ModelVersion(Base):
-    """A trained model bundle; the artifact lives on disk, its metadata here."""
+    """A trained model version's metadata; its bundle's files are in ``model_files``."""
 
     __tablename__ = "model_versions"
 
@@ -220,6 +221,24 @@ class ModelVersion(Base):
             postgresql_where=text("status = 'active'"),
         ),
     )
+
+
+class ModelFile(Base):
+    """One file of a registered model bundle, stored with its version so that every
+    replica that reaches the database can load the version (see
+    :mod:`service.data.registry`). ``name`` is the file's path inside the bundle."""
+
+    __tablename__ = "model_files"
+
+    version: Mapped[str] = mapped_column(
+        String(64),
+        ForeignKey("model_versions.version", ondelete="CASCADE"),
+        primary_key=True,
+    )
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    content: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class Decision(Base):

@@ -416,10 +416,15 @@ def test_an_unloadable_active_model_is_a_load_error(bank: Engine, tmp_path: Path
     with unit_of_work(bank) as session:
         row = registry.active_version(session)
         assert row is not None
-        (Path(row.path) / "manifest.json").write_text("{}")
-    state = ServingState(bank, settings_for(bank, tmp_path))
+        # The stored bundle is the authority (a damaged local copy is fetched again).
+        session.execute(
+            text("UPDATE model_files SET content = :c WHERE version = :v AND name = :n"),
+            {"c": b"{}", "v": row.version, "n": "manifest.json"},
+        )
+    state = ServingState(bank, settings_for(bank, tmp_path / "replica"))
     snapshot = state.load()
     assert snapshot.degraded and state.load_error is not None and "v1" in state.load_error
+    assert "the bundle was changed" in state.load_error
 
 
 def test_a_failed_customer_refresh_never_raises_and_is_retried(

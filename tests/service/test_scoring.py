@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, text
 from typer.testing import CliRunner
 
 from models.synthetic import generate_bank, write_bank
@@ -158,11 +159,24 @@ def test_a_changed_bundle_is_refused(engine: Engine, tmp_path: Path, bank_dir: P
     again = outcome.holdout.model  # a different model (holdout cutoff): only shapes match
     assert again.product_codes == model.product_codes
     scores = model.score(data, as_of="2025-03-01")
-    reloaded = registry.load_model(outcome.version).score(data, as_of="2025-03-01")
+    with engine.connect() as conn:
+        reloaded = registry.load_model(conn, outcome.version).score(data, as_of="2025-03-01")
     pd.testing.assert_frame_equal(scores, reloaded)
-    manifest = Path(outcome.version.path) / "manifest.json"
-    manifest.write_text(manifest.read_text().replace('"horizon_days": 90', '"horizon_days": 91'))
-    with pytest.raises(ScoringError, match="the bundle was changed"):
+    # The stored manifest (and its recorded sha256) changed: the registered checksum refuses it.
+    with engine.begin() as conn:
+        manifest = conn.execute(
+            text("SELECT content FROM model_files WHERE version = :v AND name = 'manifest.json'"),
+            {"v": outcome.version.version},
+        ).scalar_one()
+        changed = bytes(manifest).replace(b'"horizon_days": 90', b'"horizon_days": 91')
+        conn.execute(
+            text(
+                "UPDATE model_files SET content = :c, sha256 = :s "
+                "WHERE version = :v AND name = 'manifest.json'"
+            ),
+            {"c": changed, "s": hashlib.sha256(changed).hexdigest(), "v": outcome.version.version},
+        )
+    with pytest.raises(ScoringError, match="stored manifest.json .* the bundle was changed"):
         load_version(engine, None)
 
 

@@ -58,7 +58,10 @@ def test_train_registers_an_active_version_that_beats_popularity(
         active = registry.active_version(session)
         assert active is not None and active.version == outcome.version.version
         assert active.metrics["map@3"] == table.loc["blend", "MAP@3"]
-        assert (Path(active.path) / "manifest.json").exists()
+        # Stored in the database (not a folder of this machine), cached locally.
+        assert active.path == f"db:{active.version}"
+        assert registry.stored_size(session, active.version)[0] >= 5
+        assert (tmp_path / "models" / active.version / "manifest.json").exists()
 
 
 TINY = TrainConfig(n_cutoffs=2, max_rounds=30, rules=False, num_threads=1)
