@@ -6,10 +6,13 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from types import FrameType
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -23,6 +26,7 @@ from service.auth import KeyStore, ops_access
 from service.data import db
 from service.decision import lane
 from service.decision.audit import AuditWriter, audit_writer
+from service.decision.spool import record_counts
 from service.decision.state import ServingState
 from service.errors import TooLarge, install_error_handlers, render_problem
 from service.metrics import MetricsMiddleware
@@ -57,13 +61,37 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # event loop made each commit wait ~25 ms for it. A short interval lets it in.
         sys.setswitchinterval(0.0002)
     poller = asyncio.create_task(_poll_forever(state, settings.poll_interval_seconds))
+    # When the server was told to stop: uvicorn's own signal handlers, wrapped. The
+    # shutdown below gets what uvicorn's wait for requests in flight left of
+    # shutdown_timeout_seconds, so that the worker exits within it.
+    signalled: list[float] = []
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            handler = signal.getsignal(signum)
+            if callable(handler):
+
+                def noted(sig: int, frame: FrameType | None, handler: Any = handler) -> None:
+                    signalled.append(time.monotonic())
+                    handler(sig, frame)
+
+                signal.signal(signum, noted)
     try:
         yield
     finally:
+        since = signalled[0] if signalled else time.monotonic()
+        # At least a second: enough to spool what the database has not taken.
+        budget = max(1.0, since + settings.shutdown_timeout_seconds - time.monotonic())
         poller.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await poller
-        await audit.close()
+        # close() waits at most three times close_seconds (its commits, their
+        # cancellation, its connections); the timeout bounds it whatever it does.
+        audit.close_seconds = min(audit.close_seconds, budget / 3)
+        try:
+            async with asyncio.timeout(budget):
+                await audit.close()
+        except TimeoutError:
+            log.error("audit writer did not stop in time", extra={"seconds": round(budget, 1)})
         engine.dispose()
         metrics.flush_tallies()  # a worker's counts outlive it in the multiprocess sums
         metrics.mark_worker_dead(os.getpid())
@@ -72,6 +100,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 async def _load(state: ServingState) -> None:
     """Load the snapshot; a worker that cannot (database down, no schema) still starts,
     answers decisions degraded, and retries from the poll loop."""
+    # The folder the lifespan gives the audit writer.
+    spool = record_counts(state.settings.data_dir / "spool")
+    metrics.watch_worker(state.settings, state.engine, spool=spool)
     snapshot = await asyncio.to_thread(state.load)  # never raises: logs and counts its failure
     metrics.MODEL_LOADS.labels("success" if snapshot.model is not None else "failure").inc()
     metrics.set_active_model(snapshot.version)
@@ -101,12 +132,14 @@ class _RepeatedFailure:
 
 async def _poll_forever(state: ServingState, interval: float) -> None:
     poll_failure = _RepeatedFailure("change poll failed")
+    prune_failure = _RepeatedFailure("change log pruning failed")
     every = state.settings.figures_interval_seconds
     figures_due = time.monotonic() + min(every, 10.0)  # not while the worker warms up
     while True:
         await asyncio.sleep(interval)
         try:
             metrics.flush_tallies()
+            metrics.refresh_worker()
         except Exception:  # noqa: BLE001 - metrics must never stop the change poll
             log.warning("metrics flush failed", exc_info=True)
         if every and time.monotonic() >= figures_due:
@@ -126,6 +159,12 @@ async def _poll_forever(state: ServingState, interval: float) -> None:
             poll_failure.failed()
         else:
             poll_failure.succeeded()
+            try:
+                await asyncio.to_thread(state.prune_events)
+            except Exception:  # noqa: BLE001 - an unpruned log only grows; try again later
+                prune_failure.failed()
+            else:
+                prune_failure.succeeded()
 
 
 class NboApp(FastAPI):
@@ -214,7 +253,8 @@ def _content_length(scope: Any) -> int | None:
 
 
 async def _publish_figures(state: ServingState) -> None:
-    """Rolling 7-day conversion by product and channel, NPS by branch, as gauges."""
+    """Rolling 7-day conversion by product and channel, NPS by branch, adoption by arm
+    (treated, control), as gauges."""
     today = state.clock().date()
     try:
         conversion, nps = await asyncio.to_thread(
@@ -226,8 +266,14 @@ async def _publish_figures(state: ServingState) -> None:
         )
     except Exception:  # noqa: BLE001 - a report failing must not stop the poll loop
         log.warning("business figures could not be computed", exc_info=True)
-        return
-    metrics.set_business_figures(conversion, nps)
+    else:
+        metrics.set_business_figures(conversion, nps)
+    try:
+        uplift = await asyncio.to_thread(reports.rolling_uplift, state.engine, today)
+    except Exception:  # noqa: BLE001 - a report failing must not stop the poll loop
+        log.warning("uplift figures could not be computed", exc_info=True)
+    else:
+        metrics.set_uplift_figures(uplift)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -256,6 +302,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Inside the metrics middleware, so that refused bodies are counted too.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware)
+    from service.logs import RequestLogs
+
+    # Outermost: the request id is set for every line logged below it, and echoed.
+    app.add_middleware(RequestLogs)
     app.include_router(health.router)
     app.include_router(metrics.router, dependencies=[Depends(ops_access)], responses=_OPS_RESPONSES)
     app.include_router(_docs_router(app))
@@ -321,6 +371,10 @@ _PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
                         "status": {"type": "integer"},
                         "detail": {"type": "string"},
                         "instance": {"type": "string"},
+                        "request_id": {
+                            "type": "string",
+                            "description": "The request's id (as in X-Request-ID), for logs.",
+                        },
                     },
                 }
             }

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import inspect
 import shutil
+import signal
 import tempfile
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any
 
 import typer
@@ -117,13 +119,27 @@ def uvicorn_options(settings: Settings, *, host: str, port: int, workers: int) -
     otherwise any client could claim to have come over HTTPS. Behind a TLS proxy
     they are what tells nbo the request was https (the dashboard's cookie is then
     ``Secure`` and its Origin check expects ``https://``).
+
+    Logging is :func:`service.logs.log_config` (JSON lines, or text on a terminal, as
+    ``settings.log_format`` says), applied by uvicorn in every worker; its own access
+    log is off (nbo writes access lines by route template). On SIGTERM uvicorn waits
+    ``settings.shutdown_timeout_seconds`` less a second for requests in flight.
     """
+    from service.logs import log_config
+
     options: dict[str, Any] = {
         "host": host,
         "port": port,
         "workers": workers,
-        "log_level": "warning",
+        "log_config": log_config(settings.log_format, settings.log_level),
+        "log_level": settings.log_level,
         "access_log": False,
+        # A second of the deadline is kept for the lifespan's shutdown (the audit flush).
+        "timeout_graceful_shutdown": max(1.0, settings.shutdown_timeout_seconds - 1.0),
+        # A spawned worker imports the app before answering the supervisor's health
+        # check; on a busy machine that took over uvicorn's default 5 s, and the worker
+        # was killed and respawned in a loop.
+        "timeout_worker_healthcheck": 60,
         # uvicorn trusts 127.0.0.1 by default: off unless configured.
         "proxy_headers": False,
     }
@@ -137,12 +153,36 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
+    migrate: Annotated[
+        bool,
+        typer.Option(
+            "--migrate/--no-migrate",
+            help=(
+                "Migrate the database before serving (the default; replicas starting "
+                "together take turns under a lock, and one migrates). --no-migrate when a "
+                "separate step migrates (a Kubernetes Job or init container running "
+                "`nbo db upgrade`): a schema behind this version is then logged as a "
+                "warning, and the service starts anyway, not ready while there is no schema."
+            ),
+        ),
+    ] = True,
 ) -> None:
-    """Run the HTTP service (uvicorn) on the configured database, after migrating it."""
+    """Run the HTTP service (uvicorn) on the configured database, after migrating it.
+
+    SIGTERM (or Ctrl-C) stops it gracefully: it stops accepting connections, answers the
+    requests in flight, then stops the audit writer (every decision answered is in the
+    database, or in the local spool if the database is down) and exits with status 0,
+    within NBO_SHUTDOWN_TIMEOUT_SECONDS: a request still running then is cut off, and
+    the audit writer gets a last second to spool what the database has not taken.
+    With --workers N, SIGTERM to the parent stops every worker so.
+    """
     import uvicorn
 
     settings = load_settings()
-    db.upgrade(settings.resolved_database_url)
+    if migrate:
+        db.upgrade(settings.resolved_database_url)
+    else:
+        db.warn_unless_at_head(settings.resolved_database_url)
     export_workers(workers)
     metrics_dir: Path | None = None
     if workers > 1:  # one worker serves in-process and needs no shared metric files
@@ -150,15 +190,30 @@ def serve(
 
         metrics_dir = Path(tempfile.mkdtemp(prefix="nbo-metrics-"))
         metrics.prepare_multiprocess(metrics_dir)
+    # uvicorn shuts down gracefully on SIGTERM, then raises it again with the handler it
+    # found: exit normally (status 0) rather than be killed by the signal, which would
+    # tell an orchestrator or a supervisor that the service failed.
+    previous = signal.signal(signal.SIGTERM, _exit_normally)
     try:
         uvicorn.run(
             "service.app:create_app",
             factory=True,
             **uvicorn_options(settings, host=host, port=port, workers=workers),
         )
+    except _Stopped:
+        pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+class _Stopped(Exception):
+    """SIGTERM, after uvicorn's graceful shutdown (see :func:`serve`)."""
+
+
+def _exit_normally(signum: int, frame: FrameType | None) -> None:
+    raise _Stopped
 
 
 def openapi(

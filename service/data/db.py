@@ -1,5 +1,8 @@
 """Engines, sessions and migrations.
 
+Migrations run under a lock (:func:`migration_lock`: an advisory lock on PostgreSQL, a
+file lock on SQLite), so replicas that start together apply them once.
+
 SQLite (the zero-setup default) is opened in WAL mode with foreign keys on and
 ``synchronous=FULL``, so a committed write survives a crash as it does on
 PostgreSQL.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,13 +28,16 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from service.settings import Settings
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+
+log = logging.getLogger("nbo.db")
 
 
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 5.0
@@ -167,14 +174,92 @@ def alembic_config(url: str) -> Config:
     return config
 
 
+MIGRATION_LOCK_KEY = 0x6E626F5F6D696772
+"""Key of the PostgreSQL advisory lock migrations run under (``nbo_migr`` in ASCII)."""
+
+
+@contextmanager
+def migration_lock(url: str) -> Iterator[None]:
+    """Hold nbo's migration lock for the database at ``url`` while inside.
+
+    Replicas that start together each migrate before serving: the lock makes them take
+    turns, so one applies the revisions and the others, once it lets go, find the
+    schema at head and have nothing to do. The wait has no limit, as a migration may
+    take long; it is logged. A process that dies holding the lock frees it.
+
+    PostgreSQL: a session-level advisory lock (``pg_advisory_lock``) on a connection of
+    its own. SQLite: an exclusive ``flock`` on ``<database file>.migration-lock``;
+    SQLite's own write lock is not enough, as Alembic reads the schema's revision and
+    applies each migration in separate transactions there (without it, two processes
+    upgrading one file both applied a revision, and one failed).
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "postgresql":
+        with _advisory_lock(url):
+            yield
+    elif parsed.database and parsed.database != ":memory:":
+        with _file_lock(Path(f"{parsed.database}.migration-lock")):
+            yield
+    else:
+        yield
+
+
+@contextmanager
+def _advisory_lock(url: str) -> Iterator[None]:
+    engine = make_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    key = {"key": MIGRATION_LOCK_KEY}
+    try:
+        with engine.connect() as connection:
+            if not connection.execute(text("SELECT pg_try_advisory_lock(:key)"), key).scalar():
+                log.info("waiting for another process's migration to finish")
+                connection.execute(text("SELECT pg_advisory_lock(:key)"), key)
+            try:
+                yield
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), key)
+    finally:
+        engine.dispose()
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    import fcntl  # POSIX; the service runs on Linux
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process's migration to finish")
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield  # closing the descriptor releases the lock
+    finally:
+        os.close(descriptor)
+
+
 def upgrade(url: str, revision: str = "head") -> None:
-    """Apply migrations up to ``revision``."""
-    command.upgrade(alembic_config(url), revision)
+    """Apply migrations up to ``revision``, under :func:`migration_lock`: processes
+    upgrading one database at once apply each revision once."""
+    with migration_lock(url):
+        command.upgrade(alembic_config(url), revision)
 
 
 def downgrade(url: str, revision: str) -> None:
-    """Revert migrations down to ``revision`` (``base`` for an empty schema)."""
-    command.downgrade(alembic_config(url), revision)
+    """Revert migrations down to ``revision`` (``base`` for an empty schema), under
+    :func:`migration_lock`."""
+    with migration_lock(url):
+        command.downgrade(alembic_config(url), revision)
+
+
+def head_revision() -> str:
+    """The revision the code's migrations lead to (the schema this version expects)."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    if head is None:  # pragma: no cover - the repository ships its migrations
+        raise RuntimeError("no migrations found")
+    return head
 
 
 def current_revision(engine: Engine) -> str | None:
@@ -183,6 +268,30 @@ def current_revision(engine: Engine) -> str | None:
 
     with engine.connect() as connection:
         return MigrationContext.configure(connection).get_current_revision()
+
+
+def warn_unless_at_head(url: str) -> None:
+    """Log a warning when the database at ``url`` is not at :func:`head_revision` (or
+    cannot be read): for a service started without migrating, which then serves
+    anyway (not ready while the schema is missing) rather than refuse to start."""
+    engine = make_engine(url, poolclass=NullPool)
+    try:
+        current = current_revision(engine)
+    except Exception as exc:  # noqa: BLE001 - only a warning: the service starts regardless
+        log.warning(
+            "database schema revision could not be read; serving without migrating",
+            extra={"error": type(exc).__name__},
+        )
+        return
+    finally:
+        engine.dispose()
+    head = head_revision()
+    if current != head:
+        log.warning(
+            "database schema is not at this version's revision; serving without migrating "
+            "(run `nbo db upgrade`)",
+            extra={"revision": current, "expected": head},
+        )
 
 
 def has_schema(engine: Engine) -> bool:

@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 from sqlalchemy import Engine, select
 
-from service import metrics
+from service import logs, metrics
 from service.auth import Principal
 from service.data.db import read_only, unit_of_work
 from service.data.tables import Decision, Offer, Product
@@ -297,6 +297,16 @@ async def _respond(
     metrics.tally(metrics.DECISIONS, body.channel, result).inc()
     for offer in answer["offers"]:
         metrics.tally(metrics.OFFERS, offer["product_code"]).inc()
+    if log.isEnabledFor(logging.DEBUG):  # not at INFO: one line a decision is the bulk
+        log.debug(
+            "decision made",
+            extra={
+                "decision_id": answer["decision_id"],
+                "channel": body.channel,
+                "result": result,
+                "offers": len(answer["offers"]),
+            },
+        )
     del answer["result"]
     return answer
 
@@ -315,7 +325,10 @@ def _decide(
     scoped: ScopedKey | None = None,
 ) -> dict[str, Any]:
     decision_id = new_id()
-    announce = settings.workers > 1
+    logs.note_decision(decision_id)  # on any line logged for the rest of the request
+    # Other processes (workers, replicas) learn of this decision's offers only through
+    # change_events: without them their frequency caps would not count it.
+    announce = settings.announce_offers or settings.workers > 1
     base: dict[str, Any] = {
         "decision_id": decision_id,
         "customer_id": customer_id,

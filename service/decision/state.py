@@ -21,7 +21,7 @@ import operator
 import threading
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -282,6 +282,12 @@ class Snapshot:
 GAP_SECONDS = 30.0
 """How long a skipped change-event id is looked for (a transaction's longest commit)."""
 MAX_GAPS = 10_000
+EVENT_RETENTION_SECONDS = 3600.0
+"""How long a change event is kept. A worker needs an event only until its next poll
+(late commits: :data:`GAP_SECONDS`); a worker that (re)loads reads the tables
+themselves, so older events serve no one, and with offers announced there are a few
+per decision."""
+PRUNE_EVERY_SECONDS = 300.0
 GC_YOUNG_THRESHOLD = 20_000
 RETRY_SECONDS = 5.0
 """Wait before a failed snapshot load is tried again; doubles with each failure."""
@@ -308,6 +314,9 @@ class ServingState:
         self.history: dict[str, ContactHistory] = defaultdict(ContactHistory)
         self.last_event = 0
         self._gaps: dict[int, float] = {}  # event id not seen yet -> when first missed
+        # (when, last event id seen then), oldest first: what prune_events may delete.
+        self._marks: deque[tuple[float, int]] = deque()
+        self._pruned_at = time.monotonic()
         self._reload_lock = threading.Lock()
         self.load_error: str | None = None
         """None while the served snapshot is current; else why not: the active model
@@ -334,6 +343,7 @@ class ServingState:
         (not swapped in: the worker keeps answering degraded).
         """
         with self._reload_lock:
+            loading = time.perf_counter()
             try:
                 snapshot = self._build()
             except Exception as exc:  # noqa: BLE001 - anything: keep serving what we have
@@ -358,6 +368,9 @@ class ServingState:
             # up to 6 ms. Measured (bench/serve.py, PostgreSQL): +10% decisions/s and a
             # lower p99 at 20,000.
             gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
+            metrics.SNAPSHOT_LOAD_SECONDS.observe(time.perf_counter() - loading)
+            model = snapshot.model
+            metrics.set_active_model(snapshot.version, None if model is None else model.as_of)
             return snapshot
 
     def _build(self) -> Snapshot:
@@ -579,6 +592,32 @@ class ServingState:
             self.refresh_customers(refresh | self._take_stale())
         return applied
 
+    def prune_events(self, now: float | None = None) -> int:
+        """Delete the change events this worker saw more than
+        :data:`EVENT_RETENTION_SECONDS` ago, at most every :data:`PRUNE_EVERY_SECONDS`;
+        returns how many rows went.
+
+        Every worker prunes (a delete of ids already gone deletes nothing), by id, so the
+        delete walks the primary key rather than the table. Without it ``change_events``
+        grows by a few rows a decision for good.
+        """
+        now = time.monotonic() if now is None else now
+        if self.last_event and (not self._marks or self._marks[-1][1] != self.last_event):
+            self._marks.append((now, self.last_event))
+        if now - self._pruned_at < PRUNE_EVERY_SECONDS:
+            return 0
+        self._pruned_at = now
+        upto = 0
+        while self._marks and now - self._marks[0][0] >= EVENT_RETENTION_SECONDS:
+            upto = self._marks.popleft()[1]
+        if not upto:
+            return 0
+        with unit_of_work(self.engine) as session:
+            result = session.execute(
+                text("DELETE FROM change_events WHERE id <= :upto"), {"upto": upto}
+            )
+        return int(getattr(result, "rowcount", 0) or 0)
+
     def _learns_from_outcomes(self) -> bool:
         """Whether the served model has outcome features (a decline changes scores)."""
         snapshot = self.snapshot
@@ -666,7 +705,8 @@ def build_snapshot(engine: Engine, settings: Settings) -> Snapshot:
         error = NO_ACTIVE_VERSION
     else:
         try:
-            model = registry.load_model(row)
+            with read_only(engine).connect() as conn:
+                model = registry.load_model(conn, row, cache_dir=settings.artifacts_dir)
             version = row.version
         except registry.RegistryError as exc:
             error = str(exc)

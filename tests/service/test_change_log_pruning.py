@@ -1,0 +1,46 @@
+"""The change log does not grow for good: each worker deletes the events it saw more
+than an hour ago (offers are announced, so there are a few events per decision)."""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine, text
+
+from service.data.db import unit_of_work
+from service.data.events import record_event
+from service.decision import state as state_module
+from service.decision.state import ServingState
+from service.settings import Settings
+
+
+def _events(engine: Engine, count: int) -> None:
+    with unit_of_work(engine) as session:
+        for n in range(count):
+            record_event(session.connection(), kind="offer", origin="elsewhere", detail=str(n))
+
+
+def _remaining(engine: Engine) -> list[int]:
+    with engine.connect() as conn:
+        return [int(i) for i in conn.scalars(text("SELECT id FROM change_events ORDER BY id"))]
+
+
+def test_events_seen_over_an_hour_ago_are_deleted_and_newer_ones_kept(engine: Engine) -> None:
+    state = ServingState(engine, Settings())
+    _events(engine, 5)
+    state.last_event = max(_remaining(engine))  # as a poll leaves it
+    old = state.last_event
+    start = state._pruned_at
+    assert state.prune_events(now=start + 1) == 0  # too soon to prune at all
+    _events(engine, 3)
+    state.last_event = max(_remaining(engine))
+    # Ten minutes on: due to prune, but nothing was seen an hour ago yet.
+    assert state.prune_events(now=start + 600) == 0
+    assert len(_remaining(engine)) == 8
+    hour = state_module.EVENT_RETENTION_SECONDS
+    # An hour after the first events were seen, they go; the three seen later stay.
+    assert state.prune_events(now=start + 1 + hour) == 5
+    assert all(i > old for i in _remaining(engine)) and len(_remaining(engine)) == 3
+    # Pruning runs at most every PRUNE_EVERY_SECONDS.
+    assert state.prune_events(now=start + 2 + hour) == 0
+    later = start + 601 + hour + state_module.PRUNE_EVERY_SECONDS
+    assert state.prune_events(now=later) == 3
+    assert _remaining(engine) == []
