@@ -20,7 +20,7 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.types import Receive, Scope, Send
 
-from service import metrics
+from service import metrics, tracing
 from service.api import catalogue, data, decisions, feedback, health
 from service.auth import KeyStore, ops_access
 from service.data import db
@@ -43,6 +43,11 @@ API_VERSION = "0.1.0"
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
+    if settings.otlp_endpoint:
+        try:
+            tracing.start(settings.otlp_endpoint)
+        except Exception:  # noqa: BLE001 - a worker without traces still serves
+            log.warning("tracing could not start; decisions are not traced", exc_info=True)
     engine = db.engine_from_settings(settings, serving=True)
     app.state.engine = engine
     app.state.keys = KeyStore(engine, ttl_seconds=settings.api_key_ttl_seconds)
@@ -92,6 +97,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 await audit.close()
         except TimeoutError:
             log.error("audit writer did not stop in time", extra={"seconds": round(budget, 1)})
+        # After the audit writer: the last decisions' spans are queued by now.
+        await asyncio.to_thread(tracing.shutdown)
         engine.dispose()
         metrics.flush_tallies()  # a worker's counts outlive it in the multiprocess sums
         metrics.mark_worker_dead(os.getpid())

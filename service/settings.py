@@ -340,6 +340,15 @@ class Settings(BaseSettings):
             "keeps its per-worker metric state there. Not to be set by hand."
         ),
     )
+    otlp_endpoint: str | None = Field(
+        default=None,
+        description=(
+            "OTLP/HTTP traces endpoint, e.g. http://collector:4318/v1/traces: each decision "
+            "is then traced (spans decision, key check, ranking, audit commit; no customer "
+            "id, no key). Unset = no tracing, and OpenTelemetry is not loaded. The service "
+            'name is OTEL_SERVICE_NAME, "nbo" by default.'
+        ),
+    )
     announce_offers: bool = Field(
         default=True,
         description=(

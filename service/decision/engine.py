@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 from sqlalchemy import Engine, select
 
-from service import logs, metrics
+from service import logs, metrics, tracing
 from service.auth import Principal
 from service.data.db import read_only, unit_of_work
 from service.data.tables import Decision, Offer, Product
@@ -59,8 +59,10 @@ async def decide(
     serving: ServingState,
     settings: Settings,
     audit: AuditSink,
+    trace: tracing.DecisionTrace | None = None,
 ) -> bytes:
-    """Decide for ``customer_id`` now and record it: the JSON answer.
+    """Decide for ``customer_id`` now and record it: the JSON answer. Its stages and
+    facts go to ``trace``, if it is traced.
 
     Raises
     ------
@@ -70,7 +72,7 @@ async def decide(
         The decision could not be recorded (database and spool both failed): nothing
         is offered.
     """
-    answer = await _respond(serving, settings, audit, customer_id, body, principal, None)
+    answer = await _respond(serving, settings, audit, customer_id, body, principal, None, trace)
     return orjson.dumps(answer)
 
 
@@ -85,6 +87,7 @@ async def decide_once(
     audit: AuditSink,
     database: Engine,
     replays: DecisionReplays,
+    trace: tracing.DecisionTrace | None = None,
 ) -> bytes:
     """:func:`decide` for a request sent with Idempotency-Key ``key``: the decision
     already made with it (by this caller, for this customer and body), else a new one.
@@ -98,6 +101,8 @@ async def decide_once(
     while True:
         kept = replays.get(scoped)
         if kept is not None:
+            if trace is not None:
+                trace.note(channel=body.channel, result="replayed")
             return kept.answer_for(key, customer_id, body)
         deciding = replays.deciding(scoped)
         if deciding is None:
@@ -110,8 +115,12 @@ async def decide_once(
         answer = await _recorded_answer(serving, database, scoped, customer_id, body)
         if answer is None:
             answer = orjson.dumps(
-                await _respond(serving, settings, audit, customer_id, body, principal, scoped)
+                await _respond(
+                    serving, settings, audit, customer_id, body, principal, scoped, trace
+                )
             )
+        elif trace is not None:
+            trace.note(channel=body.channel, result="replayed")
         replays.put(scoped, customer_id, body, answer)
         return answer
     finally:
@@ -248,8 +257,10 @@ async def _respond(
     body: DecisionRequest,
     principal: Principal,
     scoped: ScopedKey | None,
+    trace: tracing.DecisionTrace | None = None,
 ) -> dict[str, Any]:
-    """The answer to one decision, recorded (or spooled) before it is returned."""
+    """The answer to one decision, recorded (or spooled) before it is returned; its
+    ``ranking`` and ``audit commit`` spans and its facts go to ``trace``, if traced."""
     started = time.perf_counter()
     snapshot = state.snapshot
     entry: CustomerEntry | None = None
@@ -263,25 +274,46 @@ async def _respond(
                 lookup_failed = True
     _stage("lookup").observe(time.perf_counter() - started)
     now = state.clock()
-    answer = _decide(
-        state,
-        snapshot,
-        entry,
-        customer_id,
-        body,
-        principal,
-        settings,
-        now,
-        lookup_failed,
-        audit.stamp(now),
-        scoped,
-    )
+    stamp = audit.stamp(now)
+    if trace is None:
+        answer = _decide(
+            state,
+            snapshot,
+            entry,
+            customer_id,
+            body,
+            principal,
+            settings,
+            now,
+            lookup_failed,
+            stamp,
+            scoped,
+        )
+    else:
+        with trace.stage("ranking"):
+            answer = _decide(
+                state,
+                snapshot,
+                entry,
+                customer_id,
+                body,
+                principal,
+                settings,
+                now,
+                lookup_failed,
+                stamp,
+                scoped,
+            )
     record = answer.pop("_record")
     result = answer["result"]
     recorded_at = time.perf_counter()
     if record is not None:
         try:
-            durable = await audit.write(record)
+            if trace is None:
+                durable = await audit.write(record)
+            else:
+                with trace.stage("audit commit"):
+                    durable = await audit.write(record)
         except NotRecorded:
             metrics.tally(metrics.DECISIONS, body.channel, "failed").inc()
             raise Unavailable(
@@ -297,6 +329,14 @@ async def _respond(
     metrics.tally(metrics.DECISIONS, body.channel, result).inc()
     for offer in answer["offers"]:
         metrics.tally(metrics.OFFERS, offer["product_code"]).inc()
+    if trace is not None:
+        trace.note(
+            id=answer["decision_id"],
+            channel=body.channel,
+            result=result,
+            offers=len(answer["offers"]),
+            model_version=answer["model_version"],
+        )
     if log.isEnabledFor(logging.DEBUG):  # not at INFO: one line a decision is the bulk
         log.debug(
             "decision made",

@@ -52,7 +52,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from service import logs, metrics
+from service import logs, metrics, tracing
 from service.decision import engine
 from service.decision.idempotency import replays_of
 from service.errors import (
@@ -137,8 +137,29 @@ async def serve_decision(app: Any, scope: Scope, receive: Receive, customer_id: 
     audit writer and the database) and the request from its ASGI ``scope`` and
     ``receive``, in this order: the key (401, 403), the customer id (422), the body (413
     over :data:`MAX_DECISION_BODY` bytes, 422), the Idempotency-Key (422); failures
-    raise the problem, fields named as FastAPI names them.
+    raise the problem, fields named as FastAPI names them. Traced (the ``decision``
+    span) when :data:`service.tracing.tracer` is set.
     """
+    if tracing.tracer is None:
+        return await _serve_decision(app, scope, receive, customer_id, None)
+    trace = tracing.DecisionTrace(tracing.tracer)
+    try:
+        answer = await _serve_decision(app, scope, receive, customer_id, trace)
+    except BaseException as exc:
+        trace.end(exc)
+        raise
+    trace.end()
+    return answer
+
+
+async def _serve_decision(
+    app: Any,
+    scope: Scope,
+    receive: Receive,
+    customer_id: str,
+    trace: tracing.DecisionTrace | None,
+) -> bytes:
+    """:func:`serve_decision`, its spans added to ``trace`` if there is one."""
     state = app.state
     authorization = api_key = idempotency_key = None
     for name, value in scope["headers"]:
@@ -149,7 +170,11 @@ async def serve_decision(app: Any, scope: Scope, receive: Receive, customer_id: 
         elif name == b"idempotency-key" and idempotency_key is None:
             idempotency_key = value.decode("latin-1")
     # A key in memory is checked right here; a miss reads the database in a thread.
-    principal = await state.keys.authenticate_async(authorization, api_key, "decisions")
+    if trace is None:
+        principal = await state.keys.authenticate_async(authorization, api_key, "decisions")
+    else:
+        with trace.stage("key check"):
+            principal = await state.keys.authenticate_async(authorization, api_key, "decisions")
     try:
         _CUSTOMER_ID.validate_python(customer_id)
     except ValidationError as exc:
@@ -166,6 +191,7 @@ async def serve_decision(app: Any, scope: Scope, receive: Receive, customer_id: 
             serving=state.serving,
             settings=state.settings,
             audit=state.audit,
+            trace=trace,
         )
     try:
         _IDEMPOTENCY_KEY.validate_python(idempotency_key)
@@ -181,6 +207,7 @@ async def serve_decision(app: Any, scope: Scope, receive: Receive, customer_id: 
         audit=state.audit,
         database=state.engine,
         replays=replays_of(app),
+        trace=trace,
     )
 
 
