@@ -401,8 +401,16 @@ def test_unknown_customer_404_or_cold_start(make_service: Any) -> None:
         assert offer["product_code"] not in {"credit_card", "mortgage", "home_insurance"}
 
 
-def test_degraded_without_a_bundle(make_service: Any, tmp_path: Path) -> None:
+def test_degraded_without_a_bundle(make_service: Any, tmp_path: Path, database_url: str) -> None:
+    # The bundle is gone from both places a worker could load it: this machine's cache,
+    # and the database that holds every registered bundle.
     shutil.rmtree(tmp_path / "models" / "v1")
+    engine = create_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM model_files WHERE version = 'v1'"))
+    finally:
+        engine.dispose()
     service = make_service()
     body = service.decide("C0000042").json()
     assert body["degraded"] is True and body["model_version"] is None

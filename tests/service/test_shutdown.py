@@ -307,7 +307,9 @@ def test_a_request_that_never_ends_does_not_hold_the_exit(
     took = gone - signalled
     print(f"held request: exit {status} {took:.2f} s after SIGTERM (timeout {timeout} s)")
     assert status == 0, log[-3000:]
-    assert timeout - 0.5 < took < timeout + MARGIN_SECONDS, log[-3000:]
+    # uvicorn gives up on the request a second before the deadline (kept for the
+    # lifespan's audit flush), then the lifespan exits.
+    assert timeout - 1.5 < took < timeout + MARGIN_SECONDS, log[-3000:]
 
 
 @pytest.mark.postgres
