@@ -349,17 +349,32 @@ class Settings(BaseSettings):
             'name is OTEL_SERVICE_NAME, "nbo" by default.'
         ),
     )
-    announce_offers: bool = Field(
-        default=True,
+    announce_offers: Literal["auto", "always", "never"] = Field(
+        default="auto",
         description=(
-            "Write every offer made to change_events, so that every other process "
-            "serving the database (replicas, and workers of `nbo serve --workers`) counts "
-            "it against the frequency cap within its poll interval. Turn it off only when "
-            "exactly one `nbo serve` process with one worker serves the database: that "
-            "saves one change_events row per offer, and a second process would then offer "
-            "past the cap. Ignored (always on) with more than one worker."
+            "Whether every offer made is written to change_events, so that every other "
+            "process serving the database (replicas, and workers of `nbo serve --workers`) "
+            "counts it against the frequency cap within its poll interval. 'auto' (the "
+            "default): whenever another process serves the database, which each worker "
+            "learns from the others' heartbeat events (one every 15 s) within a poll or "
+            "two; a lone process saves the row per offer (on PostgreSQL it raised the p99 "
+            "of a decision under load). 'always' or 'never' decide it once. With more than "
+            "one worker offers are always announced."
         ),
     )
+
+    @field_validator("announce_offers", mode="before")
+    @classmethod
+    def _announce_flag(cls, value: object) -> object:
+        # NBO_ANNOUNCE_OFFERS=true|false as well as the three words.
+        if isinstance(value, bool):
+            return "always" if value else "never"
+        if isinstance(value, str) and value.strip().lower() in {"true", "1", "yes", "on"}:
+            return "always"
+        if isinstance(value, str) and value.strip().lower() in {"false", "0", "no", "off"}:
+            return "never"
+        return value
+
     workers: int = Field(
         default=1,
         ge=1,

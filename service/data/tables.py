@@ -424,7 +424,8 @@ class ChangeEvent(Base):
 
     __table_args__ = (
         CheckConstraint(
-            "kind IN ('adoption', 'customer', 'offer', 'outcome', 'catalogue', 'model')",
+            "kind IN ('adoption', 'customer', 'offer', 'outcome', 'catalogue', 'model', "
+            "'heartbeat')",
             name="kind",
         ),
     )

@@ -368,7 +368,10 @@ def _decide(
     logs.note_decision(decision_id)  # on any line logged for the rest of the request
     # Other processes (workers, replicas) learn of this decision's offers only through
     # change_events: without them their frequency caps would not count it.
-    announce = settings.announce_offers or settings.workers > 1
+    announce = settings.workers > 1 or (
+        settings.announce_offers == "always"
+        or (settings.announce_offers == "auto" and state.not_alone)
+    )
     base: dict[str, Any] = {
         "decision_id": decision_id,
         "customer_id": customer_id,

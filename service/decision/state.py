@@ -42,6 +42,7 @@ from service.data import registry
 from service.data import rows as bank_rows
 from service.data.bank import default_as_of, load_bank
 from service.data.db import read_only, unit_of_work
+from service.data.events import record_event
 from service.data.rows import RowAudit
 from service.decision.policy import Arbiter, ContactHistory, Policy
 from service.settings import Settings
@@ -288,6 +289,11 @@ EVENT_RETENTION_SECONDS = 3600.0
 themselves, so older events serve no one, and with offers announced there are a few
 per decision."""
 PRUNE_EVERY_SECONDS = 300.0
+HEARTBEAT_SECONDS = 15.0
+"""How often a worker that announces offers only when it is not alone (announce_offers
+'auto') writes a ``heartbeat`` change event, so that the others know it serves."""
+OTHERS_FORGOTTEN_SECONDS = 60.0
+"""How long after another worker's last event a worker still counts it as serving."""
 GC_YOUNG_THRESHOLD = 20_000
 RETRY_SECONDS = 5.0
 """Wait before a failed snapshot load is tried again; doubles with each failure."""
@@ -297,6 +303,8 @@ MAX_REFRESH_ATTEMPTS = 10
 until its next change (a customer that cannot be read must not cost every poll)."""
 MAX_STALE = 100_000
 NO_ACTIVE_VERSION = "no active model version"
+WORKER_ORIGIN = "worker-"
+"""How the origin of a serving worker's change events starts."""
 
 
 def _utcnow() -> dt.datetime:
@@ -309,7 +317,7 @@ class ServingState:
     def __init__(self, engine: Engine, settings: Settings) -> None:
         self.engine = engine
         self.settings = settings
-        self.origin = f"worker-{uuid.uuid4().hex[:12]}"
+        self.origin = f"{WORKER_ORIGIN}{uuid.uuid4().hex[:12]}"
         self.snapshot: Snapshot | None = None
         self.history: dict[str, ContactHistory] = defaultdict(ContactHistory)
         self.last_event = 0
@@ -317,6 +325,9 @@ class ServingState:
         # (when, last event id seen then), oldest first: what prune_events may delete.
         self._marks: deque[tuple[float, int]] = deque()
         self._pruned_at = time.monotonic()
+        self._heartbeat_due = 0.0  # the first poll says this worker is here
+        self._others_until = 0.0  # another worker serves the database until then
+        self._others: set[str] = set()
         self._reload_lock = threading.Lock()
         self.load_error: str | None = None
         """None while the served snapshot is current; else why not: the active model
@@ -552,6 +563,10 @@ class ServingState:
         now = time.monotonic()
         if self._retry_at is not None and now >= self._retry_at:
             self.load()  # a failed load, tried again (it reads every change since)
+        if self._beats() and now >= self._heartbeat_due:
+            self._heartbeat_due = now + HEARTBEAT_SECONDS
+            with unit_of_work(self.engine) as session:
+                record_event(session.connection(), kind="heartbeat", origin=self.origin)
         for gap in [g for g, seen in self._gaps.items() if now - seen > GAP_SECONDS]:
             del self._gaps[gap]
         with read_only(self.engine).connect() as conn:
@@ -583,6 +598,15 @@ class ServingState:
             self._gaps.pop(int(event_id), None)
             if origin is not None and origin == self.origin:
                 continue  # made here, applied when it was made
+            if origin is not None and origin.startswith(WORKER_ORIGIN):
+                # Another worker serves the database; one newly seen hears of this one
+                # at once rather than at the next heartbeat.
+                self._others_until = now + OTHERS_FORGOTTEN_SECONDS
+                if origin not in self._others:
+                    self._others.add(origin)
+                    self._heartbeat_due = 0.0
+            if kind == "heartbeat":
+                continue
             self.apply_event(kind, customer, product, detail, _aware(at), refresh)
             reload |= kind in ("catalogue", "model")
             applied += 1
@@ -591,6 +615,17 @@ class ServingState:
         elif refresh or self._stale:
             self.refresh_customers(refresh | self._take_stale())
         return applied
+
+    @property
+    def not_alone(self) -> bool:
+        """Whether another worker (of this or another ``nbo serve``) has written to the
+        change log in the last :data:`OTHERS_FORGOTTEN_SECONDS`."""
+        return time.monotonic() < self._others_until
+
+    def _beats(self) -> bool:
+        """Whether this worker writes heartbeats: only when others need them to decide
+        whether to announce their offers (announce_offers 'auto', one worker each)."""
+        return self.settings.announce_offers == "auto"
 
     def prune_events(self, now: float | None = None) -> int:
         """Delete the change events this worker saw more than

@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 
 from models.artifacts import save_bundle
 from models.data import BankData
@@ -181,21 +182,27 @@ def _ready(replica: Replica) -> bool:
 
 @pytest.mark.parametrize(
     ("announce_offers", "workers", "counted"),
-    [(True, 1, True), (False, 2, True), (False, 1, False)],
-    ids=["default", "opted-out-but-several-workers", "opted-out-single-process"],
+    [
+        ("auto", 1, True),
+        ("always", 1, True),
+        ("never", 2, True),
+        ("never", 1, False),
+    ],
+    ids=["auto", "always", "never-but-several-workers", "never-single-process"],
 )
 def test_processes_count_each_others_offers_unless_told_they_are_alone(
     database_url: str,
     bank: tuple[Path, Path],
     tmp_path: Path,
-    announce_offers: bool,
+    announce_offers: str,
     workers: int,
     counted: bool,
 ) -> None:
     """Two single-worker processes (replicas) each see the other's offers at the next
-    poll and hold the product back at the cap; only an explicit opt-out for a lone
-    single-worker process stops announcing. Before: offers were announced only with
-    more than one worker, so two replicas each offered up to the cap."""
+    poll and hold the product back at the cap: by default once they have heard each
+    other's heartbeat; only 'never' for a single-worker process stops announcing.
+    Before: offers were announced only with more than one worker, so two replicas each
+    offered up to the cap."""
     folder, bundle = bank
     keys = load_trained_bank(database_url, folder, bundle, tmp_path, keys={"admin": ["admin"]})
     auth = {"Authorization": f"Bearer {keys['admin']}"}
@@ -220,11 +227,51 @@ def test_processes_count_each_others_offers_unless_told_they_are_alone(
         return {o["product_code"] for o in response.json()["offers"]}
 
     with TestClient(create_app(settings("a"))) as a, TestClient(create_app(settings("b"))) as b:
+        first, second = a.app.state.serving, b.app.state.serving
+        # Each poll writes this worker's heartbeat ('auto') and reads the other's.
+        first.poll()
+        second.poll()
+        first.poll()
+        assert first.not_alone is second.not_alone is (announce_offers == "auto")
         offered = decide(a)
         assert offered
-        b.app.state.serving.poll()
+        second.poll()
         again = decide(b)
     assert offered.isdisjoint(again) is counted, (offered, again)
+
+
+def test_a_lone_process_does_not_announce_its_offers(
+    database_url: str, bank: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """'auto': with no other worker's heartbeat in the change log, offers cost no
+    change_events row (on PostgreSQL those rows raised the p99 of a decision under
+    load from 7 to 17 ms); its own heartbeat is the only event it writes."""
+    folder, bundle = bank
+    keys = load_trained_bank(database_url, folder, bundle, tmp_path, keys={"admin": ["admin"]})
+    settings = Settings(
+        database_url=database_url,
+        data_dir=tmp_path / "alone",
+        control_share=0.0,
+        min_propensity=0.0,
+        poll_interval_seconds=60.0,
+    )
+    engine = make_engine(database_url)
+    try:
+        with TestClient(create_app(settings)) as client:
+            client.app.state.serving.poll()
+            assert not client.app.state.serving.not_alone
+            for _ in range(3):
+                response = client.post(
+                    "/v1/customers/C0000042/decisions",
+                    json={"channel": "branch"},
+                    headers={"Authorization": f"Bearer {keys['admin']}"},
+                )
+                assert response.status_code == 200 and response.json()["offers"]
+        with engine.connect() as conn:
+            kinds = [k for (k,) in conn.execute(text("SELECT kind FROM change_events"))]
+    finally:
+        engine.dispose()
+    assert "offer" not in kinds and "heartbeat" in kinds, kinds
 
 
 @pytest.mark.postgres
