@@ -18,7 +18,9 @@ Tracing never breaks a decision: its own failures are swallowed, and logged once
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -159,6 +161,15 @@ class DecisionTrace:
             span.end()
         except Exception:  # noqa: BLE001 - never break a decision
             _failure()
+
+
+_UNTRACED = contextlib.nullcontext()
+
+
+def stage(trace: DecisionTrace | None, name: str) -> AbstractContextManager[object]:
+    """:meth:`DecisionTrace.stage` of ``trace``, or a shared no-op context when the
+    decision is not traced (one object, nothing made per decision)."""
+    return _UNTRACED if trace is None else trace.stage(name)
 
 
 class _Stage:

@@ -275,7 +275,7 @@ async def _respond(
     _stage("lookup").observe(time.perf_counter() - started)
     now = state.clock()
     stamp = audit.stamp(now)
-    if trace is None:
+    with tracing.stage(trace, "ranking"):
         answer = _decide(
             state,
             snapshot,
@@ -289,31 +289,13 @@ async def _respond(
             stamp,
             scoped,
         )
-    else:
-        with trace.stage("ranking"):
-            answer = _decide(
-                state,
-                snapshot,
-                entry,
-                customer_id,
-                body,
-                principal,
-                settings,
-                now,
-                lookup_failed,
-                stamp,
-                scoped,
-            )
     record = answer.pop("_record")
     result = answer["result"]
     recorded_at = time.perf_counter()
     if record is not None:
         try:
-            if trace is None:
+            with tracing.stage(trace, "audit commit"):
                 durable = await audit.write(record)
-            else:
-                with trace.stage("audit commit"):
-                    durable = await audit.write(record)
         except NotRecorded:
             metrics.tally(metrics.DECISIONS, body.channel, "failed").inc()
             raise Unavailable(
