@@ -14,7 +14,7 @@ import hashlib
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -36,6 +36,23 @@ HISTORY_TRIM = 64
 """Offers a history holds before old ones are first trimmed."""
 
 
+class ContactRecord(Protocol):
+    """What the contact policy reads of one customer's history: a
+    :class:`ContactHistory`, or the packed record a
+    :class:`~service.decision.contacts.ContactBook` gives."""
+
+    @property
+    def detractor_at(self) -> dt.datetime | None:
+        """When the customer last answered an offer as a detractor, if ever."""
+
+    def blocked(self, now: dt.datetime, policy: Policy) -> dict[str, str]:
+        """Product code -> why the policy holds it back at ``now``: ``declined_recently``
+        (declined within ``decline_cooldown_days``) before ``frequency_cap`` (offered
+        ``frequency_cap`` times or more within ``frequency_window_days``). Products not
+        named are free; the detractor rule is the caller's (see :attr:`detractor_at`).
+        """
+
+
 @dataclass(slots=True)
 class ContactHistory:
     """One customer's recent offers, declines and detractor answers (kept in memory).
@@ -51,6 +68,10 @@ class ContactHistory:
     tuple is tracked again and a new list is one more object to scan, which under
     load made each young-generation collection a pause of tens of milliseconds.
     Dicts of atomic values and bytearrays are not tracked at all.
+
+    A serving worker holds every customer's history packed in a
+    :class:`~service.decision.contacts.ContactBook` (a sixth of the memory); this
+    plain form is the reference the book is tested against.
     """
 
     offers: dict[str, float] = field(default_factory=dict)
@@ -113,6 +134,21 @@ class ContactHistory:
         if times is None or len(times) < cap * 8:
             return False  # too few offers ever to reach the cap: no need to count
         return self.offers_since(product_code, since) >= cap
+
+    def blocked(self, now: dt.datetime, policy: Policy) -> dict[str, str]:
+        """See :meth:`ContactRecord.blocked`."""
+        blocked: dict[str, str] = {}
+        if self.times:
+            window_since = now - dt.timedelta(days=policy.frequency_window_days)
+            for code in self.times:
+                if self.capped(code, window_since, policy.frequency_cap):
+                    blocked[code] = "frequency_cap"
+        if self.declines:
+            decline_since = now - dt.timedelta(days=policy.decline_cooldown_days)
+            for code, declined in self.declines.items():
+                if declined >= decline_since:
+                    blocked[code] = "declined_recently"
+        return blocked
 
     def forget_before(self, cutoff: dt.datetime) -> None:
         """Drop offers older than any window can look at (bounds memory), and put the
@@ -210,9 +246,9 @@ class Arbiter:
 
     def rank(
         self,
-        propensity: npt.NDArray[np.float64],
+        propensity: npt.NDArray[np.floating[Any]],
         *,
-        history: ContactHistory | None,
+        history: ContactRecord | None,
         now: dt.datetime,
         limit: int,
         explain: bool = True,
@@ -225,7 +261,7 @@ class Arbiter:
             Per product (in ``product_codes`` order); NaN where the product is not a
             candidate (held, or not eligible by age, segment, required/excluded
             products).
-        history : ContactHistory or None
+        history : ContactRecord or None
             The customer's contact history (None: none recorded).
         now : datetime.datetime
             The decision instant (timezone-aware).
@@ -245,8 +281,9 @@ class Arbiter:
         policy = self.policy
         codes = self.product_codes
         suppressed: dict[str, str] = {}
-        if history is not None and history.detractor_at is not None:
-            until = history.detractor_at + dt.timedelta(days=policy.detractor_suppress_days)
+        detractor_at = None if history is None else history.detractor_at
+        if detractor_at is not None:
+            until = detractor_at + dt.timedelta(days=policy.detractor_suppress_days)
             if now < until:
                 return Ranking((), {code: "detractor" for code in codes}, until)
         limit = min(limit, policy.max_offers_per_contact)
@@ -265,16 +302,14 @@ class Arbiter:
         )
         chosen: list[Choice] = []
         if candidates:
-            decline_since = now - dt.timedelta(days=policy.decline_cooldown_days)
-            window_since = now - dt.timedelta(days=policy.frequency_window_days)
+            # What the history holds back, read once (a packed record is decoded once
+            # per decision, not once per candidate).
+            blocked = None if history is None else history.blocked(now, policy)
             for negative_score, code, k in candidates:
-                if history is not None:
-                    declined = history.declines.get(code)
-                    if declined is not None and declined >= decline_since:
-                        suppressed[code] = "declined_recently"
-                        continue
-                    if history.capped(code, window_since, policy.frequency_cap):
-                        suppressed[code] = "frequency_cap"
+                if blocked:
+                    reason = blocked.get(code)
+                    if reason is not None:
+                        suppressed[code] = reason
                         continue
                 if len(chosen) < limit:
                     chosen.append(Choice(k, code, p[k], p[k] * value[k], -negative_score))
