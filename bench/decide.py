@@ -8,7 +8,8 @@ Usage::
 Run it against a prepared bank, e.g. the one ``bench/serve.py --keep DIR`` leaves
 (``NBO_DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1:5432/nbo_bench_serve``,
 ``NBO_DATA_DIR=DIR/postgresql``, and ``NBO_FREQUENCY_CAP=1000000`` as that benchmark
-sets it). It loads the serving state as a worker does, then drives
+sets it). It loads the serving state as a worker does (printing the time and its
+memory), then drives
 :func:`service.decision.lane.serve_decision` (key check, body validation, policy,
 offers, the audit rows, the JSON answer) for random customers on one event loop, with
 the audit write answered at once instead of committed. What is left out is what the
@@ -86,6 +87,26 @@ async def drive(app: Any, customers: list[str], key: str) -> float:
     return time.perf_counter() - started
 
 
+def memory() -> str:
+    """The process's resident memory: all of it, its private part, and its proportional
+    share (PSS: pages mapped by several workers, the serving store's, counted once
+    between them)."""
+    fields: dict[str, int] = {}
+    with open("/proc/self/status") as status:  # Linux only, as the benchmarks are
+        for line in status:
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "RssAnon", "RssFile"):
+                fields[name] = int(value.split()[0]) // 1024
+    with open("/proc/self/smaps_rollup") as rollup:
+        for line in rollup:
+            if line.startswith("Pss:"):
+                fields["Pss"] = int(line.split()[1]) // 1024
+    return (
+        f"RSS {fields.get('VmRSS', 0):,} MiB ({fields.get('RssAnon', 0):,} private, "
+        f"{fields.get('RssFile', 0):,} file-backed), PSS {fields.get('Pss', 0):,} MiB"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--decisions", type=int, default=20_000)
@@ -107,7 +128,7 @@ def main() -> None:
     snapshot = state.load()
     print(
         f"loaded {len(snapshot.customers):,} customers in {time.perf_counter() - loaded:.1f} s "
-        f"(model {snapshot.version})",
+        f"(model {snapshot.version}); {memory()}",
         file=sys.stderr,
     )
     App.state.serving = state

@@ -402,7 +402,7 @@ def _decide(
     if snapshot.degraded:
         # No model: the segment's most adopted eligible products, in popularity order.
         counts: Mapping[str, int] = (
-            snapshot.popularity.get(entry.state.segment) or snapshot.popularity.get(None) or {}
+            snapshot.popularity.get(entry.segment) or snapshot.popularity.get(None) or {}
         )
         total = max(sum(counts.values()), 1)
         propensity = propensity.copy()
@@ -411,7 +411,7 @@ def _decide(
                 propensity[k] = counts.get(code, 0) / total
     explain = principal.allows("models")
     ranking = snapshot.arbiter.rank(
-        propensity,
+        propensity,  # float32 from the store (policy reads .tolist())
         history=state.history.get(customer_id),
         now=now,
         limit=body.max_offers,

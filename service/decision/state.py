@@ -1,10 +1,13 @@
 """What each worker holds in memory so a decision needs no database read.
 
 At start-up (and whenever a model version is activated or the catalogue changes) a
-worker loads the active model, reads the bank once, scores every customer in one batch
-and keeps the propensities in a matrix, with each customer's state for explanations.
-A :class:`Snapshot` is immutable once built and replaced whole (load fully, then swap),
-so a request that started on the old one finishes on it.
+worker loads the active model and maps the serving store of the machine
+(:mod:`service.decision.store`): every customer's propensities and state in columns,
+built once (the bank read and every customer scored in one batch) by the first worker
+that needs it and memory-mapped by all. A :class:`Snapshot` is immutable once built and
+replaced whole (load fully, then swap), so a request that started on the old one
+finishes on it; customers changed since the store was built live in the snapshot's
+small overlay (:class:`Customers`).
 
 Changes to one customer (an adoption, an attribute, an outcome, an offer) are applied
 at once by the worker that made them and, through the ``change_events`` log polled every
@@ -13,23 +16,27 @@ at once by the worker that made them and, through the ``change_events`` log poll
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import datetime as dt
 import gc
-import itertools
 import logging
-import operator
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections import Counter, defaultdict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import orjson
 import pandas as pd
+from pydantic import SecretStr
 from sqlalchemy import Connection, Engine, bindparam, text
 
 from models.data import Adoption, BankData, CustomerState, OfferOutcome, to_ns
@@ -44,30 +51,198 @@ from service.data.bank import default_as_of, load_bank
 from service.data.db import read_only, unit_of_work
 from service.data.events import record_event
 from service.data.rows import RowAudit
-from service.decision.policy import Arbiter, ContactHistory, Policy
+from service.decision import store as columns
+from service.decision.contacts import ContactBook
+from service.decision.policy import Arbiter, Policy
 from service.settings import Settings
 
 log = logging.getLogger("nbo.serving")
 
 
-@dataclass(slots=True)
 class CustomerEntry:
-    """One customer as a worker holds it."""
+    """One customer as a worker holds it: an overlay entry (read from the database), or
+    a view of a row of the serving store, made on each look-up.
 
-    db_id: int
-    state: CustomerState
-    propensity: npt.NDArray[np.float64]
-    as_of: dt.date | pd.Timestamp | None = None
-    """The day the customer was scored as of, when later than the snapshot's."""
-    sequence: tuple[str, ...] | None = None
-    """Products in order of first adoption before the scoring day (made on first use)."""
-    control: bool | None = None
-    """Whether the customer is in the control group (worked out on first use)."""
-    pitches: dict[str, Pitch] | None = None
-    """The snapshot's pitches for the customer's adoption sequence (found on first use)."""
-    bands: tuple[int, ...] | None = None
-    """The customer's profile bands (:meth:`models.reasons.ProfileRates.bands_of`), all a
-    profile reason depends on; made at load, or on first use."""
+    Attributes
+    ----------
+    db_id : int
+    propensity : numpy.ndarray
+        Per catalogue product; NaN where not a candidate. A store row is float32 (a
+        read-only view of the mapped file); a re-read customer's, float64.
+    as_of : date-like or None
+        The day the customer was scored as of, when later than the snapshot's.
+    sequence : tuple of str or None
+        Products in order of first adoption before the scoring day (made on first use).
+    control : bool or None
+        Whether the customer is in the control group (worked out on first use).
+    pitches : dict or None
+        The snapshot's pitches for the customer's adoption sequence (found on first use).
+    bands : tuple of int or None
+        The customer's profile bands (:meth:`models.reasons.ProfileRates.bands_of`), all a
+        profile reason depends on; made at load, or on first use.
+    """
+
+    __slots__ = (
+        "_row",
+        "_state",
+        "_store",
+        "as_of",
+        "bands",
+        "control",
+        "db_id",
+        "pitches",
+        "propensity",
+        "sequence",
+    )
+
+    def __init__(
+        self,
+        db_id: int,
+        state: CustomerState | None,
+        propensity: columns.FloatArray,
+        as_of: dt.date | pd.Timestamp | None = None,
+        sequence: tuple[str, ...] | None = None,
+        control: bool | None = None,
+        pitches: dict[str, Pitch] | None = None,
+        bands: tuple[int, ...] | None = None,
+        *,
+        store: columns.ColumnStore | None = None,
+        row: int = -1,
+    ) -> None:
+        if state is None and store is None:
+            raise ValueError("a customer entry needs a state or a store row")
+        self.db_id = db_id
+        self._state = state
+        self.propensity = propensity
+        self.as_of = as_of
+        self.sequence = sequence
+        self.control = control
+        self.pitches = pitches
+        self.bands = bands
+        self._store = store
+        self._row = row
+
+    @property
+    def state(self) -> CustomerState:
+        """The customer's :class:`~models.data.CustomerState` (rebuilt from the store on
+        first use: ``explain``, and the degraded and test paths, read it)."""
+        state = self._state
+        if state is None:
+            assert self._store is not None  # __init__ has one or the other
+            state = self._state = self._store.state(self._row)
+        return state
+
+    @property
+    def segment(self) -> str | None:
+        """The customer's segment (read without rebuilding the state)."""
+        if self._state is None and self._store is not None:
+            return self._store.segment_of(self._row)
+        return self.state.segment
+
+    def __repr__(self) -> str:
+        return f"CustomerEntry(db_id={self.db_id}, row={self._row})"
+
+
+OVERLAY_LIMIT = 50_000
+"""Customers a snapshot holds as Python objects, over the store: those changed since it
+was built (or not in it). About 2-4 KB each; the oldest is dropped beyond it."""
+
+
+class Customers(Mapping[str, CustomerEntry]):
+    """A snapshot's customers, read-only as a mapping: the overlay of customers re-read
+    since the store was built first, then the store.
+
+    Only :class:`ServingState` adds entries (``customers[id] = entry``: a re-read
+    customer, atomic under the GIL for readers). Beyond ``limit`` entries the oldest
+    is dropped; a dropped store customer is marked stale, so a look-up misses and
+    :meth:`ServingState.lookup` reads it again rather than serving the store's out of
+    date row.
+    """
+
+    def __init__(self, store: columns.ColumnStore | None, limit: int = OVERLAY_LIMIT) -> None:
+        self.store = store
+        self.limit = limit
+        self.overlay: dict[str, CustomerEntry] = {}
+        self.sequence_pitches: list[dict[str, Pitch]] = []
+        """Per distinct adoption sequence of the store, its pitches (filled at load)."""
+        self._stale = np.zeros(0 if store is None else store.n, dtype=bool)
+        self._n_stale = 0
+        self._added = 0  # overlay entries of customers the store does not hold
+        self._lock = threading.Lock()
+
+    def get(  # type: ignore[override]
+        self, key: str, default: CustomerEntry | None = None
+    ) -> CustomerEntry | None:
+        entry = self.overlay.get(key)
+        if entry is not None:
+            return entry
+        store = self.store
+        if store is None:
+            return default
+        row = store.find(key)
+        if row < 0 or self._stale[row]:
+            return default
+        return self._view(store, row)
+
+    def _view(self, store: columns.ColumnStore, row: int) -> CustomerEntry:
+        sequence = int(store.sequence[row])
+        pitches = self.sequence_pitches
+        band = int(store.band[row])
+        return CustomerEntry(
+            int(store.db_ids[row]),
+            None,
+            store.propensities[row],
+            sequence=store.sequences[sequence],
+            pitches=pitches[sequence] if sequence < len(pitches) else None,
+            bands=store.band_table[band] if band >= 0 else None,
+            store=store,
+            row=row,
+        )
+
+    def __getitem__(self, key: str) -> CustomerEntry:
+        entry: CustomerEntry | None = self.get(key)
+        if entry is None:
+            raise KeyError(key)
+        return entry
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.get(key) is not None
+
+    def __len__(self) -> int:
+        held = 0 if self.store is None else self.store.n
+        return held - self._n_stale + self._added
+
+    def __iter__(self) -> Iterator[str]:
+        store = self.store
+        overlay = dict(self.overlay)
+        if store is not None:
+            for row, key in enumerate(store.external_ids()):
+                if key in overlay or not self._stale[row]:
+                    yield key
+        for key in overlay:
+            if store is None or store.find(key) < 0:
+                yield key
+
+    def __setitem__(self, key: str, entry: CustomerEntry) -> None:
+        with self._lock:
+            overlay = self.overlay
+            if overlay.pop(key, None) is None:
+                row = -1 if self.store is None else self.store.find(key)
+                if row < 0:
+                    self._added += 1
+                elif self._stale[row]:
+                    self._stale[row] = False
+                    self._n_stale -= 1
+            overlay[key] = entry  # the newest last: the oldest is dropped first
+            while len(overlay) > self.limit:
+                oldest = next(iter(overlay))
+                del overlay[oldest]
+                row = -1 if self.store is None else self.store.find(oldest)
+                if row < 0:
+                    self._added -= 1
+                else:
+                    self._stale[row] = True
+                    self._n_stale += 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +318,7 @@ class Snapshot:
     as_of: dt.date
     catalogue: Catalogue
     product_ids: dict[str, int]
-    customers: dict[str, CustomerEntry]
+    customers: Customers
     popularity: dict[str | None, Counter[str]]
     arbiter: Arbiter
     load_error: str | None = None
@@ -169,8 +344,13 @@ class Snapshot:
         """Fill the reason caches for every customer held (at load, before anyone asks):
         a decision then never looks for its reasons on the request path. Returns the
         number of distinct adoption sequences."""
+        customers = self.customers
         distinct: set[tuple[int, ...]] = set()
-        for entry in self.customers.values():
+        store = customers.store
+        if store is not None:
+            customers.sequence_pitches = [self._sequence_pitches(s) for s in store.sequences]
+            distinct.update(store.band_table)
+        for entry in list(customers.overlay.values()):
             self.pitches(entry)
             if entry.bands is not None:
                 distinct.add(entry.bands)
@@ -203,21 +383,28 @@ class Snapshot:
                 if to_ns(a.adopted_at) < cutoff
             )
             entry.sequence = tuple(dict.fromkeys(code for _, code in ordered))
-        found = self.rule_cache.get(entry.sequence)
+        found = entry.pitches = self._sequence_pitches(entry.sequence)
+        return found
+
+    def _sequence_pitches(self, sequence: tuple[str, ...]) -> dict[str, Pitch]:
+        """The pitches of customers whose adoption sequence is ``sequence`` (cached)."""
+        model = self.model
+        if model is None or model.rules is None:
+            return {}
+        found = self.rule_cache.get(sequence)
         if found is None:
             if len(self.rule_cache) > 200_000:
                 self.rule_cache.clear()
             pitches = self.rule_pitches
             found = {}
-            for code, rule in model.rules.reasons_for(entry.sequence).items():
+            for code, rule in model.rules.reasons_for(sequence).items():
                 said = pitches.get(rule)
                 if said is None:
                     sentence = model.rule_sentence(rule)
                     name = self.names.get(code, code)
                     said = pitches[rule] = pitch(rule, sentence, talking_point(name, sentence))
                 found[code] = said
-            self.rule_cache[entry.sequence] = found
-        entry.pitches = found
+            self.rule_cache[sequence] = found
         return found
 
     def profile_pitch(self, entry: CustomerEntry, code: str, propensity: float) -> Pitch | None:
@@ -295,6 +482,9 @@ HEARTBEAT_SECONDS = 15.0
 OTHERS_FORGOTTEN_SECONDS = 60.0
 """How long after another worker's last event a worker still counts it as serving."""
 GC_YOUNG_THRESHOLD = 20_000
+HISTORY_SWEEP_BUDGET = 10_000
+"""Customers of the contact history examined per poll (about 1-3 ms; a full pass over a
+million customers takes about 50 s at the default poll interval)."""
 RETRY_SECONDS = 5.0
 """Wait before a failed snapshot load is tried again; doubles with each failure."""
 MAX_RETRY_SECONDS = 300.0
@@ -319,7 +509,7 @@ class ServingState:
         self.settings = settings
         self.origin = f"{WORKER_ORIGIN}{uuid.uuid4().hex[:12]}"
         self.snapshot: Snapshot | None = None
-        self.history: dict[str, ContactHistory] = defaultdict(ContactHistory)
+        self.history = ContactBook()
         self.last_event = 0
         self._gaps: dict[int, float] = {}  # event id not seen yet -> when first missed
         # (when, last event id seen then), oldest first: what prune_events may delete.
@@ -366,10 +556,13 @@ class ServingState:
             )
             self.snapshot = snapshot
             # Long-lived objects out of the collector's way: without this, full
-            # collections over the snapshot's objects dominate the p99 latency. The
-            # previous snapshot was frozen too: unfreeze first, so that its reference
-            # cycles are collected now rather than kept for ever.
-            gc.unfreeze()
+            # collections over the snapshot's objects dominate the p99 latency. Only
+            # what is not frozen yet is collected (the new snapshot's few objects: its
+            # customers are in the mapped store): unfreezing first made this a full
+            # collection of every object of the process, about 0.5 s holding the GIL
+            # while requests waited. The previous snapshot, frozen, is freed by
+            # reference counting; it has next to no reference cycles to leak (12
+            # objects over three reloads at 100k customers).
             gc.collect()
             gc.freeze()
             # A request allocates a few hundred objects, nearly all freed by reference
@@ -423,13 +616,16 @@ class ServingState:
         )
         return served if served is not None else empty_snapshot(self.settings, self.load_error)
 
-    def _load_history(self, snapshot: Snapshot) -> None:
-        days = max(
+    def _history_days(self) -> int:
+        """The longest policy window: what the contact history must remember."""
+        return max(
             self.settings.decline_cooldown_days,
             self.settings.frequency_window_days,
             self.settings.detractor_suppress_days,
         )
-        since = self.clock() - dt.timedelta(days=days)
+
+    def _load_history(self, snapshot: Snapshot) -> None:
+        since = self.clock() - dt.timedelta(days=self._history_days())
         with read_only(self.engine).connect() as conn:
             # Grouped by customer and product in the database, added a group at a time:
             # a busy month is millions of offers, row-at-a-time work took most of a
@@ -449,10 +645,9 @@ class ServingState:
                 ),
                 {"since": since},
             ).all()
-            for (customer, code), group in itertools.groupby(offers, key=_customer_product):
-                self.history[customer].add_offers(
-                    code, [(_posix(at), offer_id) for _, _, offer_id, at in group]
-                )
+            self.history.load_offers(
+                (customer, code, offer_id, _posix(at)) for customer, code, offer_id, at in offers
+            )
             declines = conn.execute(
                 text(
                     "SELECT d.customer_external_id, p.code, oo.created_at FROM offer_outcomes oo "
@@ -483,8 +678,7 @@ class ServingState:
         those older than the frequency window (nothing else reads them)."""
         history = self.history[customer]
         stamp = at.timestamp()
-        for offer in offers:
-            history.add_offer_at(offer["offer_id"], offer["product_code"], stamp)
+        history.add_offers_at([(o["offer_id"], o["product_code"], stamp) for o in offers])
         if len(history.offers) > history.trim_at:
             history.forget_before(at - dt.timedelta(days=self.settings.frequency_window_days))
 
@@ -636,6 +830,11 @@ class ServingState:
         delete walks the primary key rather than the table. Without it ``change_events``
         grows by a few rows a decision for good.
         """
+        # A little of the contact history each poll: customers whose every entry has left
+        # the longest policy window are forgotten, so memory follows the windows.
+        self.history.sweep(
+            self.clock(), self._history_days() * 86400.0, budget=HISTORY_SWEEP_BUDGET
+        )
         now = time.monotonic() if now is None else now
         if self.last_event and (not self._marks or self._marks[-1][1] != self.last_event):
             self._marks.append((now, self.last_event))
@@ -714,7 +913,7 @@ def empty_snapshot(settings: Settings, error: str) -> Snapshot:
         as_of=dt.date.today(),
         catalogue=catalogue,
         product_ids={},
-        customers={},
+        customers=Customers(None),
         popularity={None: Counter()},
         arbiter=Arbiter.for_catalogue(
             product_codes=(),
@@ -727,8 +926,15 @@ def empty_snapshot(settings: Settings, error: str) -> Snapshot:
     )
 
 
+def serving_dir(settings: Settings) -> Path:
+    """Where the machine's serving stores are written (``<data_dir>/serving``)."""
+    return settings.data_dir / "serving"
+
+
 def build_snapshot(engine: Engine, settings: Settings) -> Snapshot:
-    """Load the active model and the bank, and score every customer in one batch."""
+    """Load the active model and map the serving store of the model, catalogue and bank
+    (building it first when there is none, or it cannot be brought up to date); the
+    customers changed since it was built are re-read into the snapshot's overlay."""
     model: PropensityModel | None = None
     version: str | None = None
     error: str | None = None
@@ -746,43 +952,46 @@ def build_snapshot(engine: Engine, settings: Settings) -> Snapshot:
         except registry.RegistryError as exc:
             error = str(exc)
             log.error("model load failed", extra={"version": row.version, "error": error})
-    data = load_bank(engine, reader="snapshot")
-    catalogue = Catalogue.from_data(data)
-    if settings.scoring_date:
-        as_of = dt.date.fromisoformat(settings.scoring_date)
-    else:
-        as_of = default_as_of(data)
-        if model is not None:
-            as_of = max(as_of, model.as_of.date())
     with read_only(engine).connect() as conn:
-        ids: dict[str, int] = dict(
-            conn.execute(text("SELECT external_id, id FROM customers")).all()
+        key = columns.store_key(
+            conn,
+            version=version,
+            checksum=None if model is None or row is None else row.checksum,
+            scoring_date=settings.scoring_date or None,
         )
         product_ids: dict[str, int] = dict(
             conn.execute(text("SELECT code, id FROM products")).all()
         )
-    states = customer_states(data)
-    matrix, index = _score_matrix(model, data, catalogue, as_of)
-    profiles = None
+    changed: set[str] = set()
+
+    def usable(store: columns.ColumnStore) -> bool:
+        with read_only(engine).connect() as conn:
+            found = columns.changes_since(conn, store.fingerprint)
+        if found is None:
+            return False
+        changed.update(found)
+        return True
+
+    store, built = columns.open_or_build(
+        serving_dir(settings),
+        key,
+        build=lambda folder: _build_store(engine, settings, model, version, folder),
+        usable=usable,
+    )
+    if built:
+        _release_memory()
+    catalogue = store.catalogue
     base_rates: dict[str, float] = {}
-    bands: list[tuple[int, ...] | None] = [None] * len(index)
     if model is not None:
-        profiles = ProfileRates.measure(data, as_of=as_of, columns=model.profile_columns())
-        bands = [tuple(row) for row in profiles.bands(data).tolist()]
         base_rates = {p.product_code: p.base_rate for p in model.products}
-    customers = {
-        cid: CustomerEntry(int(ids[cid]), state, matrix[index[cid]], bands=bands[index[cid]])
-        for cid, state in states.items()
-        if cid in ids
-    }
-    return Snapshot(
+    snapshot = Snapshot(
         version=version,
         model=model,
-        as_of=as_of,
+        as_of=store.as_of,
         catalogue=catalogue,
         product_ids={str(k): int(v) for k, v in product_ids.items()},
-        customers=customers,
-        popularity=_popularity(data, as_of),
+        customers=Customers(store),
+        popularity=store.popularity,
         arbiter=Arbiter.for_catalogue(
             product_codes=catalogue.product_codes,
             values=catalogue.values,
@@ -792,9 +1001,138 @@ def build_snapshot(engine: Engine, settings: Settings) -> Snapshot:
         ),
         load_error=error,
         names=dict(zip(catalogue.product_codes, catalogue.names, strict=True)),
-        profiles=profiles,
+        profiles=store.profiles if model is not None else None,
         base_rates=base_rates,
     )
+    ids = sorted(changed)
+    for start in range(0, len(ids), 1000):
+        for external_id, entry in read_customers(
+            engine, snapshot, ids[start : start + 1000]
+        ).items():
+            snapshot.customers[external_id] = entry
+    if ids:
+        log.info("customers changed since the serving store re-read", extra={"customers": len(ids)})
+    return snapshot
+
+
+CHILD_BUILD_CUSTOMERS = 50_000
+"""From this many customers the serving store is built in a child process, so that the
+build's frames (gigabytes at a million customers) leave with it rather than stay in the
+worker's heap; a smaller bank is built in the worker (starting a child costs seconds)."""
+
+
+def _build_store(
+    engine: Engine,
+    settings: Settings,
+    model: PropensityModel | None,
+    version: str | None,
+    folder: Path,
+) -> None:
+    with read_only(engine).connect() as conn:
+        customers = int(conn.execute(text("SELECT count(*) FROM customers")).scalar() or 0)
+    if customers < CHILD_BUILD_CUSTOMERS:
+        write_serving_store(engine, settings, model, folder)
+        return
+    # A fresh interpreter, not multiprocessing: "spawn" runs the parent's __main__
+    # again in the child (a script without a main guard would wait on the store's lock
+    # for ever), and "fork" copies a threaded worker's held locks. The settings travel
+    # on stdin, secrets included, never on the command line.
+    values = settings.model_dump(mode="json")
+    for name, value in settings:
+        if isinstance(value, SecretStr):
+            values[name] = value.get_secret_value()
+    payload = orjson.dumps(
+        {
+            "path": [p for p in sys.path if p],
+            "settings": values,
+            "version": version if model is not None else None,
+            "folder": str(folder),
+        }
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD], input=payload, check=False, timeout=CHILD_TIMEOUT_SECONDS
+    )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"building the serving store in a child process failed (exit code {done.returncode})"
+        )
+
+
+CHILD_TIMEOUT_SECONDS = 3600.0
+_CHILD = (
+    "import sys, json; payload = sys.stdin.buffer.read(); "
+    "sys.path[:0] = json.loads(payload)['path']; "
+    "from service.decision.state import build_in_child; build_in_child(payload)"
+)
+
+
+def build_in_child(payload: bytes) -> None:
+    """The child process of :func:`_build_store`: :func:`write_serving_store` with the
+    settings and model version ``payload`` names (JSON)."""
+    from service.data.db import engine_from_settings
+
+    order = orjson.loads(payload)
+    settings = Settings(**order["settings"])
+    engine = engine_from_settings(settings)
+    try:
+        model = None
+        if order["version"] is not None:
+            with unit_of_work(engine) as session:
+                row = registry.get_version(session, order["version"])
+                session.expunge(row)
+            with read_only(engine).connect() as conn:
+                model = registry.load_model(conn, row, cache_dir=settings.artifacts_dir)
+        write_serving_store(engine, settings, model, Path(order["folder"]))
+    finally:
+        engine.dispose()
+
+
+def write_serving_store(
+    engine: Engine, settings: Settings, model: PropensityModel | None, folder: Path
+) -> None:
+    """Read the bank, score every customer with ``model`` in one batch and write the
+    serving store to ``folder`` (:func:`service.decision.store.write_store`)."""
+    with read_only(engine).connect() as conn:
+        built = columns.fingerprint(conn)
+    data = load_bank(engine, reader="snapshot")
+    catalogue = Catalogue.from_data(data)
+    if settings.scoring_date:
+        as_of = dt.date.fromisoformat(settings.scoring_date)
+    else:
+        as_of = default_as_of(data)
+        if model is not None:
+            as_of = max(as_of, model.as_of.date())
+    with read_only(engine).connect() as conn:
+        ids: dict[str, int] = {
+            str(k): int(v)
+            for k, v in conn.execute(text("SELECT external_id, id FROM customers")).all()
+        }
+    matrix, _ = _score_matrix(model, data, catalogue, as_of)
+    profiles = None
+    bands = None
+    if model is not None:
+        profiles = ProfileRates.measure(data, as_of=as_of, columns=model.profile_columns())
+        bands = profiles.bands(data)
+    columns.write_store(
+        folder,
+        data=data,
+        db_ids=ids,
+        matrix=matrix,
+        as_of=as_of,
+        catalogue=catalogue,
+        popularity=_popularity(data, as_of),
+        profiles=profiles,
+        bands=bands,
+        built=built,
+    )
+
+
+def _release_memory() -> None:
+    """Give the heap a build left free back to the system (glibc keeps it otherwise,
+    and every worker that built would stay gigabytes larger)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _score_matrix(
@@ -995,9 +1333,6 @@ def _max_event(engine: Engine) -> int:
         return int(
             conn.execute(text("SELECT coalesce(max(id), 0) FROM change_events")).scalar() or 0
         )
-
-
-_customer_product = operator.itemgetter(0, 1)
 
 
 def _posix(value: float | dt.datetime | str) -> float:

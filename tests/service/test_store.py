@@ -1,0 +1,362 @@
+"""The serving store: what it holds equals what the batch load read, one process of a
+machine builds it and the others map it, and customers changed since it was built are
+read again rather than served from it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from sqlalchemy import Engine, text
+
+from models.artifacts import save_bundle
+from models.data import BankData, to_ns
+from models.eligibility import Catalogue
+from models.propensity import TrainConfig
+from models.propensity.training import train
+from models.reasons import ProfileRates
+from models.synthetic import generate_bank, write_bank
+from service.decision import state as serving
+from service.decision import store as columns
+from service.decision.state import Customers, ServingState, customer_states
+from service.settings import Settings
+from tests.bank import load_trained_bank
+
+AS_OF = dt.date(2026, 1, 1)
+TINY = TrainConfig(n_cutoffs=2, max_rounds=20, rules=True, num_threads=1)
+FINGERPRINT = columns.Fingerprint(0, 0, None, 0, 0, 0, 0, 0, 0)
+
+
+def _sequence(state: Any, as_of: dt.date) -> tuple[str, ...]:
+    """A customer's adoption sequence as :meth:`Snapshot.pitches` makes it from a state."""
+    cutoff = to_ns(as_of)
+    ordered = sorted(
+        (to_ns(a.adopted_at), a.product_code)
+        for a in state.adoptions
+        if to_ns(a.adopted_at) < cutoff
+    )
+    return tuple(dict.fromkeys(code for _, code in ordered))
+
+
+@pytest.fixture(scope="module")
+def synthetic() -> BankData:
+    bank = generate_bank(300, seed=3, offers_per_month=0.3)
+    return BankData.from_frames(
+        bank.products, bank.customers, bank.adoptions, outcomes=bank.outcomes
+    )
+
+
+def test_the_store_holds_what_the_batch_load_read(synthetic: BankData, tmp_path: Path) -> None:
+    data = synthetic
+    catalogue = Catalogue.from_data(data)
+    cids = data.customers["customer_id"].astype(str).tolist()
+    rng = np.random.default_rng(0)
+    matrix = rng.random((len(cids), len(catalogue.product_codes)))
+    matrix[matrix < 0.3] = np.nan
+    codes = catalogue.product_codes
+    profiles = ProfileRates.measure(
+        data, as_of=AS_OF, columns={c: ("age", "segment", "tenure_days") for c in codes}
+    )
+    bands = profiles.bands(data)
+    db_ids = {cid: 1000 + i for i, cid in enumerate(cids) if i != 5}  # one without an id
+    popularity = serving._popularity(data, AS_OF)
+    columns.write_store(
+        tmp_path / "s",
+        data=data,
+        db_ids=db_ids,
+        matrix=matrix,
+        as_of=AS_OF,
+        catalogue=catalogue,
+        popularity=popularity,
+        profiles=profiles,
+        bands=bands,
+        built=FINGERPRINT,
+    )
+    store = columns.ColumnStore(tmp_path / "s")
+    states = customer_states(data)
+    assert store.n == len(cids) - 1 and store.find(cids[5]) == -1
+    assert store.find("nobody") == -1 and store.find("") == -1 and store.find("C" * 500) == -1
+    assert store.as_of == AS_OF and store.popularity == popularity
+    assert store.catalogue.to_records() == catalogue.to_records()
+    assert any(s.outcomes for s in states.values())  # the outcome columns are exercised
+    for i, cid in enumerate(cids):
+        if i == 5:
+            continue
+        row = store.find(cid)
+        assert row >= 0 and store.external_id(row) == cid
+        assert int(store.db_ids[row]) == db_ids[cid]
+        assert store.state(row) == states[cid], cid
+        np.testing.assert_array_equal(store.propensity(row), matrix[i].astype(np.float32))
+        assert store.propensity(row).dtype == np.float32
+        assert store.sequences[int(store.sequence[row])] == _sequence(states[cid], AS_OF)
+        assert store.band_table[int(store.band[row])] == tuple(bands[i].tolist())
+        assert store.segment_of(row) == states[cid].segment
+    assert list(store.external_ids()) == sorted(c for i, c in enumerate(cids) if i != 5)
+    # The profile claims come back as measured.
+    again = store.profiles
+    assert again is not None and again.columns == profiles.columns
+    for code in codes:
+        for band in store.band_table:
+            key = profiles.key(code, band)
+            assert again.key(code, band) == key
+            if key is not None:
+                assert again.claim(code, key) == profiles.claim(code, key)
+
+
+def test_one_process_builds_and_the_others_wait_for_it(tmp_path: Path) -> None:
+    built: list[int] = []
+    source = tmp_path / "source"
+    data = BankData.from_frames(*_tiny_frames())
+    catalogue = Catalogue.from_data(data)
+
+    def build(folder: Path) -> None:
+        built.append(threading.get_ident())
+        time.sleep(0.3)  # long enough for the others to find the lock held
+        columns.write_store(
+            folder,
+            data=data,
+            db_ids={"A": 1, "B": 2},
+            matrix=np.zeros((2, len(catalogue.product_codes))),
+            as_of=AS_OF,
+            catalogue=catalogue,
+            popularity={None: Counter()},
+            profiles=None,
+            bands=None,
+            built=FINGERPRINT,
+        )
+
+    found: list[columns.ColumnStore] = []
+
+    def open_it() -> None:
+        store, _ = columns.open_or_build(source, "k", build=build, usable=lambda s: True)
+        found.append(store)
+
+    threads = [threading.Thread(target=open_it) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(built) == 1 and len(found) == 4
+    assert all(s.n == 2 and s.find("B") == 1 for s in found)
+    assert [p.name for p in source.iterdir() if p.is_dir()] == ["k"]
+    # A store the caller finds out of date is built again, in place.
+    store, again = columns.open_or_build(source, "k", build=build, usable=lambda s: False)
+    assert again and len(built) == 2 and store.n == 2
+    assert found[0].find("A") == 0  # a store mapped before stays readable
+
+
+def _tiny_frames() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    products = pd.DataFrame(
+        {"product_code": ["p1", "p2"], "name": ["P1", "P2"], "category": ["c", "c"]}
+        | {"value": [1.0, 2.0]}
+    )
+    customers = pd.DataFrame(
+        {
+            "customer_id": ["B", "A"],
+            "segment": ["s", None],
+            "branch_id": [None, "b"],
+            "joined_at": ["2020-01-01", None],
+            "birth_date": [None, "1980-05-05"],
+        }
+    )
+    adoptions = pd.DataFrame(
+        {"customer_id": ["A"], "product_code": ["p1"], "adopted_at": ["2021-01-01"]}
+    )
+    return products, customers, adoptions
+
+
+# --------------------------------------------------------------------------- served
+
+
+@dataclass(frozen=True)
+class Trained:
+    bank: Path
+    bundle: Path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    root = tmp_path_factory.mktemp("store")
+    write_bank(generate_bank(300, seed=5), root / "bank")
+    data = BankData.from_folder(root / "bank")
+    save_bundle(train(data, as_of=AS_OF, config=TINY), root / "bundle", metrics={"map@3": 0.3})
+    return Trained(root / "bank", root / "bundle")
+
+
+@pytest.fixture
+def bank(engine: Engine, trained: Trained, tmp_path: Path) -> Iterator[Engine]:
+    load_trained_bank(engine, trained.bank, trained.bundle, tmp_path)
+    yield engine
+
+
+def settings_for(engine: Engine, data_dir: Path) -> Settings:
+    return Settings(
+        database_url=engine.url.render_as_string(hide_password=False),
+        data_dir=data_dir,
+        min_propensity=0.0,
+        control_share=0.0,
+        announce_offers="never",
+    )
+
+
+def run(engine: Engine, sql: str, **params: Any) -> None:
+    with engine.begin() as conn:
+        conn.execute(text(sql), params)
+
+
+def answers(snapshot: serving.Snapshot, customer: str) -> tuple[Any, ...]:
+    entry = snapshot.customers[customer]
+    ranking = snapshot.arbiter.rank(
+        entry.propensity,  # type: ignore[arg-type]
+        history=None,
+        now=dt.datetime(2026, 1, 2, tzinfo=dt.UTC),
+        limit=3,
+    )
+    codes = tuple(c.product_code for c in ranking.offers)
+    said = snapshot.pitches(entry)
+    return codes, tuple(said[c].reasons_json if c in said else None for c in codes)
+
+
+class Builds:
+    """Counts the serving stores written (each reads the whole bank)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        real = serving.write_serving_store
+
+        def counted(*args: Any, **kwargs: Any) -> None:
+            self.count += 1
+            real(*args, **kwargs)
+
+        monkeypatch.setattr(serving, "write_serving_store", counted)
+
+
+def test_workers_map_the_store_one_built_and_reread_what_changed_since(
+    bank: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    builds = Builds(monkeypatch)
+    settings = settings_for(bank, tmp_path)
+    first = ServingState(bank, settings).load()
+    assert builds.count == 1 and first.version == "v1" and first.customers.store is not None
+    customers = sorted(first.customers)
+    assert len(customers) == len(first.customers) == 300
+    assert not first.customers.overlay
+
+    # Another worker (or this one restarting) maps the store: no bank read, same answers.
+    second = ServingState(bank, settings).load()
+    assert builds.count == 1 and not second.customers.overlay
+    assert all(answers(second, c) == answers(first, c) for c in customers[:60])
+    fresh = serving.read_customers(bank, second, customers[:20])
+    for c in customers[:20]:
+        # The store keeps float32: the one-customer read agrees to its precision.
+        np.testing.assert_allclose(
+            second.customers[c].propensity, fresh[c].propensity, rtol=2e-7, equal_nan=True
+        )
+
+    # Changes made since, with no change event (a bulk import): an adoption added, an
+    # attribute updated; the next load re-reads those customers and only them.
+    changed, updated = customers[3], customers[4]
+    with bank.connect() as conn:
+        held = {
+            code
+            for (code,) in conn.execute(
+                text(
+                    "SELECT p.code FROM adoptions a JOIN products p ON p.id = a.product_id "
+                    "JOIN customers c ON c.id = a.customer_id WHERE c.external_id = :c"
+                ),
+                {"c": changed},
+            )
+        }
+        product, product_id = next(
+            (code, pid)
+            for code, pid in conn.execute(text("SELECT code, id FROM products ORDER BY code"))
+            if code not in held
+        )
+    run(
+        bank,
+        "INSERT INTO adoptions (customer_id, product_id, adopted_at, source) "
+        "SELECT id, :p, :d, 'import' FROM customers WHERE external_id = :c",
+        p=product_id,
+        d=dt.date(2025, 12, 30),
+        c=changed,
+    )
+    run(
+        bank,
+        "UPDATE customers SET segment = 'renamed', updated_at = :t WHERE external_id = :c",
+        t=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=5),
+        c=updated,
+    )
+    third = ServingState(bank, settings).load()
+    assert builds.count == 1
+    assert set(third.customers.overlay) == {changed, updated}
+    assert product in {a.product_code for a in third.customers[changed].state.adoptions}
+    assert np.isnan(third.customers[changed].propensity[third.catalogue.index[product]])
+    assert third.customers[updated].state.segment == "renamed"
+    assert third.customers[customers[0]].state == first.customers[customers[0]].state
+
+    # A customer deleted: the store cannot say who is gone; it is built again.
+    run(
+        bank,
+        "DELETE FROM adoptions WHERE customer_id = (SELECT id FROM customers "
+        "WHERE external_id = :c)",
+        c=customers[-1],
+    )
+    run(bank, "DELETE FROM customers WHERE external_id = :c", c=customers[-1])
+    fourth = ServingState(bank, settings).load()
+    assert builds.count == 2 and customers[-1] not in fourth.customers
+    assert not fourth.customers.overlay and len(fourth.customers) == 299
+    assert fourth.customers[updated].state.segment == "renamed"
+
+
+def test_a_changed_customer_is_read_again_after_the_overlay_drops_it(
+    bank: Engine, tmp_path: Path
+) -> None:
+    state = ServingState(bank, settings_for(bank, tmp_path))
+    snapshot = state.load()
+    store = snapshot.customers.store
+    assert store is not None
+    small = Customers(store, limit=2)
+    snapshot.customers = small
+    ids = sorted(snapshot.customers)[:3]
+    read = serving.read_customers(bank, snapshot, ids)
+    for c in ids:
+        small[c] = read[c]
+    assert list(small.overlay) == ids[1:]
+    # The first was changed (it was in the overlay): the store's row is out of date, so
+    # it is not served; a look-up reads it from the database again.
+    assert ids[0] not in small and small.get(ids[0]) is None
+    assert len(small) == store.n - 1 and ids[0] not in set(small)
+    entry = state.lookup(ids[0])
+    assert entry is not None and small.get(ids[0]) is entry and ids[0] in small
+    assert list(small.overlay) == [ids[2], ids[0]]
+    assert len(small) == store.n - 1  # ids[1] dropped in turn
+
+
+def test_a_large_bank_is_built_in_a_child_process(
+    bank: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    here = ServingState(bank, settings_for(bank, tmp_path / "here")).load()
+
+    def not_here(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the worker built the store itself")
+
+    monkeypatch.setattr(serving, "CHILD_BUILD_CUSTOMERS", 0)
+    monkeypatch.setattr(serving, "write_serving_store", not_here)  # the child has its own
+    state = ServingState(bank, settings_for(bank, tmp_path / "child"))
+    child = state.load()
+    assert state.load_error is None and child.customers.store is not None
+    assert (tmp_path / "child" / "serving").is_dir()
+    customers = sorted(here.customers)
+    assert sorted(child.customers) == customers
+    for c in customers[:80]:
+        assert answers(child, c) == answers(here, c)
+        np.testing.assert_array_equal(child.customers[c].propensity, here.customers[c].propensity)
