@@ -269,12 +269,16 @@ class AdoptionIndex:
     closed: npt.NDArray[np.int64]
     cells: npt.NDArray[np.intp] = field(init=False, repr=False)
     days: npt.NDArray[np.int32] = field(init=False, repr=False)
+    _last: list[tuple[int, Snapshot]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         # Flat customers x products cell and adoption day of every row, used at every
         # instant.
         object.__setattr__(self, "cells", self.rows * self.n_products + self.cols)
         object.__setattr__(self, "days", (self.adopted // NS_PER_DAY).astype(np.int32))
+        # The latest snapshot: training asks for the same instant several times in a row
+        # (rules, eligibility, features).
+        object.__setattr__(self, "_last", [])
 
     @classmethod
     def from_frame(
@@ -370,8 +374,19 @@ class AdoptionIndex:
         Snapshot
             ``held`` (customers x products, as :meth:`held`), ``first_days`` (as
             :meth:`first_days`), ``last_col`` and ``last_day`` (as
-            :meth:`last_adoption`).
+            :meth:`last_adoption`); read-only arrays, shared by the calls at the same
+            instant in a row.
         """
+        last = self._last
+        if last and last[0][0] == at_ns:
+            return last[0][1]
+        snapshot = self._snapshot(at_ns)
+        for array in snapshot:
+            array.flags.writeable = False
+        self._last[:] = [(at_ns, snapshot)]
+        return snapshot
+
+    def _snapshot(self, at_ns: int) -> Snapshot:
         n, p = self.n_customers, self.n_products
         before = self.adopted < at_ns
         held = np.zeros(n * p, dtype=bool)

@@ -75,7 +75,9 @@ __all__ = [
     "RuleTable",
     "build_features",
     "features_for_customer",
+    "joined_before",
     "mine_rules",
+    "static_at",
 ]
 
 SPEC_FORMAT: Final[str] = "nbo.features"
@@ -811,7 +813,13 @@ class FeatureBuilder:
             raw=raw[order],
         )
 
-    def build(self, data: BankData | PreparedBank, *, as_of: DateInput) -> FeatureFrame:
+    def build(
+        self,
+        data: BankData | PreparedBank,
+        *,
+        as_of: DateInput,
+        rows: npt.ArrayLike | None = None,
+    ) -> FeatureFrame:
         """Features of every customer who joined before ``as_of`` (or whose joining
         date is unknown), in ``data.customers`` order.
 
@@ -821,6 +829,11 @@ class FeatureBuilder:
             The bank (prepare it once with :meth:`prepare` to build at many instants).
         as_of : date-like
             The instant: only what happened strictly before it is read.
+        rows : array-like of int, optional
+            Only these customers (positions in ``data.customers``, in this order), for
+            example a training sample: each row equals its row in the full build.
+            Default: every customer who joined before ``as_of``
+            (:func:`joined_before`).
 
         Returns
         -------
@@ -828,9 +841,13 @@ class FeatureBuilder:
         """
         prepared = data if isinstance(data, PreparedBank) else self.prepare(data)
         as_of_ns = instant(as_of)
-        rows = np.flatnonzero(
-            (prepared.joined_ns == NAT_NS) | (prepared.joined_ns < as_of_ns)
-        ).astype(np.intp)
+        if rows is None:
+            rows = joined_before(prepared, as_of_ns)
+        else:
+            rows = np.asarray(rows, dtype=np.intp)
+            n = len(prepared.customer_ids)
+            if rows.ndim != 1 or (rows.size and (rows.min() < 0 or rows.max() >= n)):
+                raise ValueError(f"rows must be positions of the bank's {n} customers")
         index = prepared.index
         snapshot = index.snapshot(as_of_ns)
         counts = None
@@ -950,6 +967,22 @@ class FeatureBuilder:
         return np.asarray(values[0], dtype=np.float32)
 
 
+def joined_before(prepared: PreparedBank, as_of_ns: int) -> npt.NDArray[np.intp]:
+    """Positions of the customers :meth:`FeatureBuilder.build` builds by default: those
+    who joined before ``as_of`` or whose joining date is unknown."""
+    return np.flatnonzero((prepared.joined_ns == NAT_NS) | (prepared.joined_ns < as_of_ns)).astype(
+        np.intp
+    )
+
+
+def static_at(
+    prepared: PreparedBank, as_of_ns: int
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.object_]]:
+    """Every customer's static columns and raw segment as they were at an instant (the
+    values :meth:`FeatureBuilder.build` reads)."""
+    return _static_at(prepared, as_of_ns)
+
+
 def _assemble(
     builder: FeatureBuilder, inputs: _Inputs, as_of_ns: int
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float64], npt.NDArray[np.float64] | None]:
@@ -1044,9 +1077,12 @@ def _outcome_counts(
 def _encode(
     mapping: Mapping[str, float], values: npt.NDArray[np.object_]
 ) -> npt.NDArray[np.float64]:
-    return np.fromiter(
-        (_encode_one(mapping, v) for v in values), dtype=np.float64, count=len(values)
+    """:func:`_encode_one` of every value, looked up once per distinct value."""
+    codes, uniques = pd.factorize(np.asarray(values, dtype=object), use_na_sentinel=True)
+    lookup = np.fromiter(
+        (_encode_one(mapping, v) for v in uniques), dtype=np.float64, count=len(uniques)
     )
+    return np.asarray(np.append(lookup, np.nan)[codes], dtype=np.float64)
 
 
 def _encode_one(mapping: Mapping[str, float], value: object) -> float:

@@ -50,6 +50,7 @@ __all__ = [
     "Rule",
     "RuleSet",
     "best_rule_confidence",
+    "frequent_itemsets",
     "mine_basket_rules",
     "mine_coholding_rules",
     "mine_coholding_rules_from_matrix",
@@ -857,6 +858,67 @@ def _fpgrowth(onehot: npt.NDArray[np.bool_], min_count: int, max_len: int | None
     return frequent
 
 
+def frequent_itemsets(
+    onehot: npt.NDArray[np.bool_], min_count: int, max_len: int | None
+) -> dict[frozenset[int], int]:
+    """Itemsets (frozensets of column positions) in at least ``min_count`` rows, with
+    their exact counts; the same itemsets as :func:`_fpgrowth`.
+
+    Counted level by level (apriori) over the distinct rows, each weighted by how often
+    it occurs: a bank of a million customers over twenty products has a few thousand
+    distinct sets of adopted products, so this is fast where an FP-tree built row by row
+    in Python is not.
+    """
+    n, m = onehot.shape
+    if n == 0 or m == 0 or min_count > n:
+        return {}
+    onehot = np.asarray(onehot, dtype=bool)
+    if m <= 62:
+        keys = onehot.astype(np.int64) @ (np.int64(1) << np.arange(m, dtype=np.int64))
+        unique, counts = np.unique(keys, return_counts=True)
+        rows = ((unique[:, None] >> np.arange(m, dtype=np.int64)) & 1).astype(bool)
+    else:
+        packed, counts = np.unique(np.packbits(onehot, axis=1), axis=0, return_counts=True)
+        rows = np.unpackbits(packed, axis=1, count=m).astype(bool)
+    weights = counts.astype(np.float64)
+    columns = rows.astype(np.float64)
+    # Exact: counts are integers far below 2**53.
+    item_counts = np.rint(weights @ columns).astype(np.int64)
+    found: dict[frozenset[int], int] = {
+        frozenset([i]): int(item_counts[i]) for i in range(m) if item_counts[i] >= min_count
+    }
+    level: list[tuple[int, ...]] = [(i,) for i in range(m) if item_counts[i] >= min_count]
+    size = 1
+    while level and (max_len is None or size < max_len):
+        frequent_now = set(level)
+        # Extend each frequent itemset by a later item; every subset must be frequent.
+        candidates: list[tuple[int, ...]] = []
+        for itemset in level:
+            for j in range(itemset[-1] + 1, m):
+                if item_counts[j] < min_count:
+                    continue
+                candidate = (*itemset, j)
+                if all(candidate[:k] + candidate[k + 1 :] in frequent_now for k in range(size)):
+                    candidates.append(candidate)
+        if not candidates:
+            break
+        # Rows holding each prefix, times the row weights, against every item at once.
+        prefixes = sorted({c[:-1] for c in candidates})
+        prefix_at = {prefix: k for k, prefix in enumerate(prefixes)}
+        holding = np.ones((len(prefixes), rows.shape[0]), dtype=np.float64)
+        for k, prefix in enumerate(prefixes):
+            holding[k] = weights * rows[:, list(prefix)].all(axis=1)
+        together = np.rint(holding @ columns).astype(np.int64)
+        level = []
+        for candidate in candidates:
+            count = int(together[prefix_at[candidate[:-1]], candidate[-1]])
+            if count >= min_count:
+                found[frozenset(candidate)] = count
+                level.append(candidate)
+        size += 1
+    return found
+
+
 # --------------------------------------------------------------------------- adoptions
 
 
@@ -946,7 +1008,7 @@ def mine_sequence_rules_from_matrix(
     A rule is kept when ``hits >= max(ceil(min_support * N), min_customers, 1)``,
     ``confidence >= min_confidence`` and, if given, ``lift >= min_lift``, all compared
     exactly. Since every hit holds X and c, only X and c with X + {c} frequent among
-    ever-adopted products are candidates: mlxtend's fpgrowth finds those, and the
+    ever-adopted products are candidates: :func:`frequent_itemsets` finds those, and the
     order-aware counts are vectorised over customers.
 
     Parameters
@@ -1004,16 +1066,29 @@ def mine_sequence_rules_from_matrix(
 
     adopted = matrix.adopted
     base_counts = adopted.sum(axis=0)
-    frequent = _fpgrowth(adopted, needed, max_antecedent + 1)
+    last_start = None if within_days is None else matrix.horizon_day - within_days - 1
+    if max_antecedent <= 2 and (ordered or max_antecedent == 1):
+        fast = _mine_by_completion(
+            matrix,
+            needed=needed,
+            confidence=confidence,
+            lift=lift,
+            base_counts=base_counts,
+            max_antecedent=max_antecedent,
+            ordered=ordered,
+            within_days=within_days,
+            last_start=last_start,
+        )
+        fast.sort(key=lambda r: (_rank_key(r), len(r.antecedent), r.antecedent, r.consequent))
+        return RuleSet(rules=fast, mode="sequence", params=params)
     consequents: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    for itemset in frequent["itemsets"]:
+    for itemset in frequent_itemsets(adopted, needed, max_antecedent + 1):
         if len(itemset) >= 2:
             for c in itemset:
                 consequents[tuple(sorted(itemset - {c}))].append(c)
 
     # Products as rows: each product's days are contiguous, so per-product reads are fast.
     days_t = np.ascontiguousarray(matrix.first_days.T)
-    last_start = None if within_days is None else matrix.horizon_day - within_days - 1
     rules: list[Rule] = []
     for antecedent_set in sorted(consequents):
         targets = np.array(sorted(consequents[antecedent_set]), dtype=np.intp)
@@ -1032,14 +1107,18 @@ def mine_sequence_rules_from_matrix(
             customers = np.flatnonzero(done)
             if customers.size < needed:
                 continue
-            start = completed_at[customers].astype(np.int64)
+            # int32 throughout (no upcast of the targets x completers block): a
+            # completer's day is below NEVER, and with a window at most last_start, so
+            # start + within_days cannot overflow.
+            start = completed_at[customers]
             later = days_t[np.ix_(targets, customers)]  # targets x completers
-            at_risk = later > start
-            hit = at_risk & (later != NEVER)
+            hit = later > start
+            n_at_risk = customers.size - np.count_nonzero(~hit, axis=1)
             if within_days is not None:
-                hit &= later <= start + within_days
-            n_at_risk = at_risk.sum(axis=1)
-            n_hits = hit.sum(axis=1)
+                hit &= later <= start + np.int32(within_days)
+            else:
+                hit &= later != NEVER
+            n_hits = np.count_nonzero(hit, axis=1)
             for k in np.flatnonzero(n_hits >= needed):
                 hits, risk, c = int(n_hits[k]), int(n_at_risk[k]), int(targets[k])
                 base = int(base_counts[c])
@@ -1047,7 +1126,7 @@ def mine_sequence_rules_from_matrix(
                     continue
                 if lift is not None and not _at_least(hits * n, risk * base, lift):
                     continue
-                waits = later[k][hit[k]] - start[hit[k]]
+                waits = later[k][hit[k]].astype(np.int64) - start[hit[k]]
                 rules.append(
                     Rule(
                         antecedent=tuple(codes[i] for i in antecedent),
@@ -1066,6 +1145,100 @@ def mine_sequence_rules_from_matrix(
                 )
     rules.sort(key=lambda r: (_rank_key(r), len(r.antecedent), r.antecedent, r.consequent))
     return RuleSet(rules=rules, mode="sequence", params=params)
+
+
+def _mine_by_completion(
+    matrix: AdoptionMatrix,
+    *,
+    needed: int,
+    confidence: Fraction,
+    lift: Fraction | None,
+    base_counts: npt.NDArray[np.int64],
+    max_antecedent: int,
+    ordered: bool,
+    within_days: int | None,
+    last_start: int | None,
+) -> list[Rule]:
+    """The rules of :func:`mine_sequence_rules_from_matrix` for antecedents of one
+    product, or ordered pairs, counted for all antecedents and consequents at once.
+
+    Every such antecedent is completed on the first day of its last product ``b``. Over
+    the customers who adopted ``b`` (by ``last_start``), with ``start = first(b)``:
+    ``R[i, c]`` (at risk for ``c``: ``first(c) > start``), ``H[i, c]`` (a hit) and
+    ``A[i, a]`` (``first(a) < start``: completed ``(a, b)``) are bool matrices, and the
+    counts of every pair ``(a, b) -> c`` are the matrix products ``A.T @ R`` and
+    ``A.T @ H``; the single ``b -> c`` sums ``R`` and ``H``. A rule with enough hits has
+    a frequent itemset ``X + {c}`` (every hit holds it), so no itemset mining is needed.
+    The counts are the same as the loop's; so are the rules.
+    """
+    codes = matrix.product_codes
+    n = matrix.n_customers
+    p = len(codes)
+    # Products as rows: each product's days, and each consequent's hits, contiguous.
+    days_t = np.ascontiguousarray(matrix.first_days.T)
+    rules: list[Rule] = []
+    for b in range(p):
+        done = days_t[b] != NEVER
+        if last_start is not None:
+            done &= days_t[b] <= last_start
+        customers = np.flatnonzero(done)
+        if customers.size < needed:
+            continue
+        days = days_t[:, customers]  # products x completers
+        start = days[b]
+        at_risk = days > start
+        hit = at_risk.copy()
+        if within_days is not None:
+            hit &= days <= start + np.int32(within_days)
+        else:
+            hit &= days != NEVER
+        candidates: list[tuple[tuple[int, ...], npt.NDArray[np.bool_] | None, int, int, int]] = []
+        singles_hits = np.count_nonzero(hit, axis=1)
+        singles_risk = np.count_nonzero(at_risk, axis=1)
+        for c in np.flatnonzero(singles_hits >= needed).tolist():
+            candidates.append(((b,), None, c, int(singles_hits[c]), int(singles_risk[c])))
+        if max_antecedent >= 2:
+            before = days < start  # completed (a, b): first(a) < first(b)
+            completers = np.count_nonzero(before, axis=1)
+            if (completers >= needed).any():
+                # Counts are exact in floating point below the mantissa's integers.
+                kind = np.float32 if customers.size < 2**24 else np.float64
+                before_f = before.astype(kind)
+                pair_hits = np.rint(before_f @ hit.T.astype(kind)).astype(np.int64)
+                pair_risk = np.rint(before_f @ at_risk.T.astype(kind)).astype(np.int64)
+                del before_f
+                for a, c in zip(*np.nonzero(pair_hits >= needed), strict=True):
+                    a, c = int(a), int(c)
+                    if completers[a] < needed or a == b or c in (a, b):
+                        continue
+                    candidates.append(
+                        ((a, b), before[a], c, int(pair_hits[a, c]), int(pair_risk[a, c]))
+                    )
+        for antecedent, rows, c, hits, risk in candidates:
+            base = int(base_counts[c])
+            if not _at_least(hits, risk, confidence):
+                continue
+            if lift is not None and not _at_least(hits * n, risk * base, lift):
+                continue
+            chosen = hit[c] if rows is None else hit[c] & rows
+            waits = days[c][chosen].astype(np.int64) - start[chosen]
+            rules.append(
+                Rule(
+                    antecedent=tuple(codes[i] for i in antecedent),
+                    consequent=codes[c],
+                    support=hits / n,
+                    confidence=hits / risk,
+                    lift=(hits * n) / (risk * base),
+                    conviction=(
+                        math.inf if hits == risk else ((n - base) * risk) / (n * (risk - hits))
+                    ),
+                    n_customers=hits,
+                    n_at_risk=risk,
+                    median_days=float(np.median(waits)),
+                    ordered=ordered,
+                )
+            )
+    return rules
 
 
 def mine_coholding_rules(

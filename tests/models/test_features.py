@@ -11,6 +11,8 @@ from models.features import (
     FeatureBuilder,
     FeatureSpec,
     RuleTable,
+    _encode,
+    _encode_one,
     build_features,
     features_for_customer,
     mine_rules,
@@ -280,3 +282,34 @@ def test_labels_are_readable(data: BankData) -> None:
     assert spec.label("declined_recently_mortgage", names) == "declined Mortgage offers recently"
     assert spec.label("attr_marital_status") == "marital status"
     assert spec.label("tenure_days") == "days as a customer"
+
+
+def test_building_chosen_rows_equals_their_rows_of_the_full_build(data: BankData) -> None:
+    """Training builds features only for its sampled rows: each equals the full row."""
+    spec = FeatureSpec.fit(data)
+    builder = FeatureBuilder(spec, _rules(data, AS_OF))
+    prepared = builder.prepare(data)
+    full = builder.build(prepared, as_of=AS_OF)
+    rng = np.random.default_rng(5)
+    chosen = rng.choice(len(full), size=300, replace=False)  # any order
+    part = builder.build(prepared, as_of=AS_OF, rows=full.rows[chosen])
+    np.testing.assert_array_equal(part.rows, full.rows[chosen])
+    np.testing.assert_array_equal(part.customer_ids, full.customer_ids[chosen])
+    np.testing.assert_array_equal(part.values, full.values[chosen])
+    assert part.rule_confidence is not None and full.rule_confidence is not None
+    np.testing.assert_array_equal(part.rule_confidence, full.rule_confidence[chosen])
+    np.testing.assert_array_equal(part.held, full.held[chosen])
+    np.testing.assert_array_equal(part.ages, full.ages[chosen])
+    np.testing.assert_array_equal(part.segments, full.segments[chosen])
+    with pytest.raises(ValueError, match="positions of the bank"):
+        builder.build(prepared, as_of=AS_OF, rows=[len(data.customers)])
+
+
+def test_encoding_looks_up_each_distinct_value_once_with_the_same_result() -> None:
+    mapping = {"a": 0.0, "1": 1.0, "2": 2.0}
+    values = np.array(
+        ["a", None, 1.0, np.nan, pd.NA, "1", 2, "zz", 1.5, np.float64(2.0), "a"], dtype=object
+    )
+    expected = [_encode_one(mapping, v) for v in values]
+    np.testing.assert_array_equal(_encode(mapping, values), np.asarray(expected))
+    assert _encode(mapping, np.array([], dtype=object)).shape == (0,)

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -18,14 +19,17 @@ from models.rules import (
     BASKET_COLUMNS,
     Rule,
     RuleSet,
+    _fpgrowth,
     best_rule_confidence,
+    frequent_itemsets,
     mine_basket_rules,
     mine_coholding_rules,
     mine_sequence_rules,
+    mine_sequence_rules_from_matrix,
     read_baskets,
     rule_sentence,
 )
-from models.sequences import NEVER, adoption_sequences, first_adoption_matrix
+from models.sequences import NEVER, AdoptionMatrix, adoption_sequences, first_adoption_matrix
 
 GROCERIES = Path(__file__).resolve().parents[3] / "shared" / "data" / "groceries"
 
@@ -656,3 +660,67 @@ def test_rule_sentence_ordered_and_long_antecedents() -> None:
     assert rule_sentence(_rule((), 0.3, None), NAMES) == "3 in 10 customers take home insurance"
     with pytest.raises(KeyError, match="MORTGAGE"):
         rule_sentence(_rule(("MORTGAGE",), 0.5, None), NAMES)
+
+
+# --------------------------------------------------------------------------- fast counting
+
+
+def _random_matrix(rng: np.random.Generator) -> AdoptionMatrix:
+    n, p = int(rng.integers(20, 400)), int(rng.integers(2, 7))
+    days = rng.integers(0, 60, size=(n, p)).astype(np.int32)
+    days[rng.random((n, p)) < rng.uniform(0.2, 0.7)] = NEVER
+    return AdoptionMatrix(
+        customer_ids=np.arange(n),
+        product_codes=tuple(f"p{i}" for i in range(p)),
+        first_days=days,
+        as_of=pd.Timestamp("2020-03-01"),
+        horizon_day=int(rng.integers(30, 80)),
+    )
+
+
+def test_frequent_itemsets_equal_fpgrowth() -> None:
+    """The exact counter over distinct rows finds mlxtend's itemsets and counts."""
+    rng = np.random.default_rng(3)
+    for trial in range(25):
+        n, m = int(rng.integers(1, 2_000)), int(rng.integers(1, 10))
+        onehot = rng.random((n, m)) < rng.random(m) * 0.6
+        min_count, max_len = int(rng.integers(1, 30)), [None, 1, 2, 3][trial % 4]
+        found = frequent_itemsets(onehot, min_count, max_len)
+        if min_count > n:
+            assert found == {}
+            continue
+        expected = _fpgrowth(onehot, min_count, max_len)
+        assert found == dict(zip(expected["itemsets"], expected["count"].tolist(), strict=True))
+    wide = rng.random((200, 70)) < 0.3  # more columns than one int64 key holds
+    expected = _fpgrowth(wide, 8, 3)
+    assert frequent_itemsets(wide, 8, 3) == dict(
+        zip(expected["itemsets"], expected["count"].tolist(), strict=True)
+    )
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+@pytest.mark.parametrize("within_days", [None, 10, 30])
+def test_counting_by_completion_equals_the_general_loop(
+    ordered: bool, within_days: int | None
+) -> None:
+    """Antecedents of one product or ordered pairs are counted for all consequents at
+    once; the rules equal those the general loop (longer antecedents) mines."""
+    rng = np.random.default_rng(11 + (within_days or 0) + ordered)
+    mined = 0
+    for _ in range(12):
+        matrix = _random_matrix(rng)
+        settings: dict[str, Any] = {
+            "min_support": float(rng.choice([0.0, 0.01, 0.05])),
+            "min_confidence": float(rng.choice([0.0, 0.1, 0.3])),
+            "min_customers": int(rng.integers(0, 5)),
+            "min_lift": [None, 1.0][int(rng.integers(0, 2))],
+            "ordered": ordered,
+            "within_days": within_days,
+        }
+        for longest in (1, 2) if ordered else (1,):
+            fast = mine_sequence_rules_from_matrix(matrix, max_antecedent=longest, **settings)
+            loop = mine_sequence_rules_from_matrix(matrix, max_antecedent=3, **settings)
+            expected = [r for r in loop.rules if len(r.antecedent) <= longest]
+            assert fast.rules == expected
+            mined += len(expected)
+    assert mined >= 10
