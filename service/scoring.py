@@ -11,11 +11,12 @@ business weight, ties by product code; or, when asked, by propensity alone.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -27,6 +28,9 @@ from models.rules import RuleSet, rules_for_display
 from service.data import registry
 from service.data.bank import default_as_of, load_bank
 from service.data.db import read_only, unit_of_work
+
+if TYPE_CHECKING:
+    from service.distributed import ClusterBank
 
 
 class ScoringError(Exception):
@@ -128,6 +132,7 @@ def score_bank(
     as_of: dt.date | None = None,
     rank_by: RankBy = "expected-value",
     progress: Callable[[str, float], None] | None = None,
+    cluster_bank: ClusterBank | None = None,
 ) -> ScoreResult:
     """Score every customer with ``version`` and write the ranked pairs to ``out``.
 
@@ -135,6 +140,10 @@ def score_bank(
     last recorded adoption, so that recent adoptions are seen and held products are
     never offered. Eligibility, values and business weights are the catalogue's now,
     as in serving.
+
+    With ``cluster_bank`` (:func:`service.distributed.open_bank`) the partitions are
+    scored on the Dask cluster and gathered here to be ranked and written: the same
+    file as without it.
     """
     if rank_by not in RANK_BY:
         raise UnknownName(f"--rank-by {rank_by!r}: choose {' or '.join(RANK_BY)}")
@@ -152,14 +161,30 @@ def score_bank(
             f"--product {product!r}: model version {version_id} does not score it "
             f"(it scores {', '.join(model.product_codes)})"
         )
-    if progress:
-        progress("loading the bank", 0.2)
-    data = load_bank(engine, reader="scoring")
-    day = as_of or max(model.as_of.date(), default_as_of(data))
-    if progress:
-        progress("scoring", 0.5)
-    catalogue = Catalogue.from_data(data)
-    scores = with_values(model.score(data, as_of=day, catalogue=catalogue), catalogue)
+    if cluster_bank is not None:
+        from service.distributed import default_as_of as cluster_as_of
+        from service.distributed import scores_on_cluster
+
+        day = as_of or max(model.as_of.date(), cluster_as_of(cluster_bank))
+        if progress:
+            progress("scoring on the Dask cluster", 0.3)
+        catalogue = cluster_bank.catalogue
+        scores = scores_on_cluster(
+            cluster_bank,
+            model,
+            as_of=day,
+            catalogue=catalogue,
+            apply=functools.partial(with_values, catalogue=catalogue),
+        )
+    else:
+        if progress:
+            progress("loading the bank", 0.2)
+        data = load_bank(engine, reader="scoring")
+        day = as_of or max(model.as_of.date(), default_as_of(data))
+        if progress:
+            progress("scoring", 0.5)
+        catalogue = Catalogue.from_data(data)
+        scores = with_values(model.score(data, as_of=day, catalogue=catalogue), catalogue)
     ranked = rank_offers(scores, top_k=top_k, product=product, rank_by=rank_by)
     if progress:
         progress("writing", 0.9)

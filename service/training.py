@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from sqlalchemy import Engine
 
 from models.artifacts import save_bundle
@@ -24,7 +25,7 @@ from models.evaluation import (
 from models.evaluation_report import write_report
 from models.metrics import compare
 from models.model_card import build_card
-from models.propensity import TrainConfig
+from models.propensity import PropensityModel, TrainConfig
 from models.propensity.training import train
 from service.data import registry
 from service.data.bank import default_as_of, load_bank
@@ -144,7 +145,12 @@ def write_evaluation_report(
 
 
 def active_on_holdout(
-    engine: Engine, holdout: HoldoutResult, data: BankData, *, cache_dir: Path | None = None
+    engine: Engine,
+    holdout: HoldoutResult,
+    data: BankData | None,
+    *,
+    cache_dir: Path | None = None,
+    score: Callable[[PropensityModel, dt.date], pd.DataFrame] | None = None,
 ) -> tuple[float | None, str]:
     """The active version's gate metric measured on ``holdout``, when that is fair.
 
@@ -158,7 +164,11 @@ def active_on_holdout(
     compared instead (by the gate, and only for the same kind of holdout), and the note
     says so. The active bundle is loaded through ``cache_dir`` (the local cache of
     :func:`service.data.registry.load_model`; a temporary folder without it).
+    ``score(model, day)`` scores the bank with the active model (default: ``model.score``
+    on ``data``; the Dask path scores its partitions on the cluster).
     """
+    if score is None and data is None:
+        raise ValueError("give the bank (data) or a score function")
     with unit_of_work(engine) as session:
         current = registry.active_version(session)
         if current is None:
@@ -177,8 +187,13 @@ def active_on_holdout(
     except registry.RegistryError as exc:
         return None, f"active {version} could not be loaded ({exc}); recorded metrics compared"
     measured = holdout.ranked["blend"][["customer_id", "product_code"]]
+    if score is not None:
+        active_scores = score(active, holdout.cutoff)
+    else:
+        assert data is not None  # checked above
+        active_scores = active.score(data, as_of=holdout.cutoff)
     scores = measured.merge(
-        active.score(data, as_of=holdout.cutoff)[["customer_id", "product_code", "propensity"]],
+        active_scores[["customer_id", "product_code", "propensity"]],
         on=["customer_id", "product_code"],
         how="left",
     )
@@ -235,6 +250,39 @@ def train_and_register(
     if progress:
         progress("model card", 1.0)
     card = build_card(model, holdout, data)
+    return register_model(
+        engine,
+        model,
+        holdout,
+        card,
+        metrics=metrics,
+        artifacts_dir=artifacts_dir,
+        as_of=as_of,
+        horizon_days=horizon_days,
+        tolerance=tolerance,
+        config=config,
+        active_value=active_value,
+        active_note=active_note,
+    )
+
+
+def register_model(
+    engine: Engine,
+    model: PropensityModel,
+    holdout: HoldoutResult,
+    card: dict[str, Any],
+    *,
+    metrics: dict[str, Any],
+    artifacts_dir: Path,
+    as_of: dt.date,
+    horizon_days: int,
+    tolerance: float,
+    config: TrainConfig | None,
+    active_value: float | None,
+    active_note: str,
+) -> TrainOutcome:
+    """Save ``model``'s bundle and register it through the promotion gate: the one
+    registration of both the single-machine and the Dask path."""
     with tempfile.TemporaryDirectory(prefix="nbo-bundle-") as tmp:
         bundle = Path(tmp) / "bundle"
         save_bundle(model, bundle, metrics=metrics)

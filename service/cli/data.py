@@ -349,3 +349,51 @@ def generate(
     for name, path in written.items():
         table.add_row(name, str(path))
     console.print(table)
+
+
+def export(
+    directory: Annotated[
+        Path, typer.Argument(file_okay=False, help="Folder to write (new, or empty).")
+    ],
+    fmt: Annotated[str, typer.Option("--format", help="parquet (the only format).")] = "parquet",
+    partitions: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=100_000,
+            help="Parts per table (customers hashed by id, each with all of its rows): "
+            "a Dask worker reads one part at a time, so a large bank wants parts of a few "
+            "hundred thousand customers.",
+        ),
+    ] = 8,
+) -> None:
+    """Write the bank (products, customers, adoptions, outcomes, attribute history and
+    kinds) as a Parquet export, for `nbo train --dask ADDRESS --parquet DIR`.
+
+    The export is written beside DIR and moved into place whole. Every Dask worker must
+    see DIR at the same path (a shared file system or mount).
+    """
+    from service.distributed import DaskError, export_parquet
+
+    if fmt != "parquet":
+        raise UserError(f"--format {fmt!r}: nbo export writes parquet", hint="--format parquet")
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise UserError(
+            f"{directory}: exists and is not an empty folder",
+            hint="give a new folder, or remove the old export first",
+        )
+    settings = load_settings()
+    engine = ready_engine(settings)
+    with progress(counted=False) as bar:
+        bar.add_task("reading and writing the bank", total=None)
+        try:
+            manifest = export_parquet(engine, directory, partitions=partitions)
+        except DaskError as exc:
+            raise UserError(str(exc), code=1) from exc
+    table = Table(title=f"bank exported to {directory}", show_header=False)
+    table.add_row("format", f"{manifest['format']} v{manifest['version']}")
+    table.add_row("partitions", f"{manifest['partitions']:,}")
+    table.add_row("products", f"{manifest['products']:,}")
+    for name, rows in manifest["rows"].items():
+        table.add_row(name.replace("_", " "), f"{rows:,}")
+    console.print(table)

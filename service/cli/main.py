@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import typer
 
 from service.cli.context import check_output, console, load_settings, open_session
-from service.cli.data import db_app, db_upgrade, generate, import_app, import_bank_cmd
+from service.cli.data import db_app, db_upgrade, export, generate, import_app, import_bank_cmd
 from service.cli.errors import NboGroup
 from service.cli.keys import keys_app
 from service.cli.models import evaluate, models_app, rules_app, score, train
@@ -229,7 +229,7 @@ def openapi(
 
 
 # Registered in this order, which is the order `nbo --help` lists them in.
-for command in (generate, demo, train, evaluate, score, serve, openapi):
+for command in (generate, export, demo, train, evaluate, score, serve, openapi):
     app.command()(command)
 
 

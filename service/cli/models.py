@@ -20,6 +20,7 @@ from service.cli.context import (
     console,
     err_console,
     load_settings,
+    open_engine,
     open_session,
     progress,
     ready_engine,
@@ -49,6 +50,36 @@ TruthOption = Annotated[
     ),
 ]
 ReportHelp = "An existing file is replaced, and the command says so."
+DaskOption = Annotated[
+    str | None,
+    typer.Option(
+        "--dask",
+        metavar="ADDRESS",
+        help=(
+            "Run on the Dask cluster whose scheduler is at ADDRESS (tcp://HOST:8786): "
+            "features per partition and LightGBM on the workers, which need this nbo "
+            "version installed."
+        ),
+    ),
+]
+PartitionsOption = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        max=100_000,
+        help="With --dask and the database: how many partitions the bank is sent in "
+        "(customers hashed by id); a Parquet export keeps its own.",
+    ),
+]
+ParquetOption = Annotated[
+    Path | None,
+    typer.Option(
+        exists=True,
+        file_okay=False,
+        help="With --dask: read the bank from this Parquet export (nbo export) instead of "
+        "the database; every worker must see the folder at this path.",
+    ),
+]
 
 MIN_HOLDOUT_CUSTOMERS = 100
 """Below this many customers with an adoption in the holdout window, the comparison is
@@ -219,6 +250,9 @@ def train(
         Path | None, typer.Option(help=f"Also write the holdout's HTML report here. {ReportHelp}")
     ] = None,
     forced_sales: ForcedSalesOption = None,
+    dask: DaskOption = None,
+    partitions: PartitionsOption = 8,
+    parquet: ParquetOption = None,
 ) -> None:
     """Evaluate on a holdout, train on all history, register a model version (activated if not worse).
 
@@ -228,6 +262,9 @@ def train(
 
     A holdout with fewer than 100 customers adopting in its window, or products with
     fewer than 20 adopters there, is reported with a warning: its figures are noise.
+
+    With --dask ADDRESS the same is done on a Dask cluster (from the database, or from
+    a Parquet export with --parquet), and the same kind of version is registered.
     """
     from service.data.bank import load_bank
     from service.training import train_and_register, write_evaluation_report
@@ -238,9 +275,28 @@ def train(
     _check_truth(truth)
     if report is not None:
         check_output(report, "--report")
+    if dask is None and parquet is not None:
+        raise UserError("--parquet reads an export on a Dask cluster", hint="add --dask ADDRESS")
+    if dask is not None and truth is not None:
+        raise UserError("--truth is not available with --dask", hint="leave --truth out")
     engine = ready_engine(settings)
-    _require_history(engine)
+    if parquet is None:
+        _require_history(engine)
     replaced = None
+    if dask is not None:
+        outcome, replaced = _train_on_dask(
+            engine,
+            settings,
+            address=dask,
+            partitions=partitions,
+            parquet=parquet,
+            day=day,
+            horizon_days=horizon_days,
+            config=config,
+            report=report,
+        )
+        _said_training(outcome, report, replaced)
+        return
     with _stage_progress() as advance:
         try:
             outcome = train_and_register(
@@ -261,12 +317,76 @@ def train(
             write_evaluation_report(
                 outcome.holdout, report, data=load_bank(engine), card=outcome.card
             )
+    _said_training(outcome, report, replaced)
+
+
+def _said_training(outcome: Any, report: Path | None, replaced: str | None) -> None:
     console.print(_comparison_table(outcome.holdout))
     _warn(outcome.holdout)
     state = "active" if outcome.activated else outcome.version.status
     console.print(f"model version {outcome.version.version}: {state} ({outcome.reason})")
     if report is not None:
         _say_report(report, replaced)
+
+
+@contextmanager
+def _dask_errors() -> Iterator[None]:
+    """Dask failures as one or two lines: a usage error (exit 2) for a malformed
+    address, else exit 1."""
+    from service.distributed import BadAddress, DaskError
+
+    try:
+        yield
+    except BadAddress as exc:
+        raise UserError(str(exc)) from exc
+    except DaskError as exc:
+        raise UserError(
+            str(exc),
+            hint="check the scheduler address and that its workers run this nbo version "
+            "(see the README: training on a Dask cluster)",
+            code=1,
+        ) from exc
+
+
+def _train_on_dask(
+    engine: Engine,
+    settings: Settings,
+    *,
+    address: str,
+    partitions: int,
+    parquet: Path | None,
+    day: dt.date | None,
+    horizon_days: int,
+    config: Any,
+    report: Path | None,
+) -> tuple[Any, str | None]:
+    from service.distributed import card_bank, cluster, open_bank, train_and_register_dask
+    from service.training import write_evaluation_report
+
+    replaced = None
+    with _dask_errors(), cluster(address) as client, _stage_progress() as advance:
+        advance("reading the bank", 0.0)
+        bank = open_bank(client, engine=engine, parquet=parquet, partitions=partitions)
+        try:
+            outcome = train_and_register_dask(
+                engine,
+                bank,
+                artifacts_dir=settings.artifacts_dir,
+                as_of=day,
+                horizon_days=horizon_days,
+                tolerance=settings.promotion_tolerance,
+                config=config,
+                progress=advance,
+            )
+        except ValueError as exc:
+            raise _too_little(exc) from exc
+        if report is not None:
+            advance("writing the report", 1.0)
+            replaced = replacing(report)
+            write_evaluation_report(
+                outcome.holdout, report, data=card_bank(bank), card=outcome.card
+            )
+    return outcome, replaced
 
 
 def evaluate(
@@ -368,6 +488,9 @@ def score(
             "the decision API ranks offers; or propensity."
         ),
     ] = "expected-value",
+    dask: DaskOption = None,
+    partitions: PartitionsOption = 8,
+    parquet: ParquetOption = None,
 ) -> None:
     """Score every customer with a model version and write the ranked offers.
 
@@ -379,21 +502,42 @@ def score(
 
     day = _parse_day(as_of, "--as-of")
     check_output(out, "--out")
+    if dask is None and parquet is not None:
+        raise UserError("--parquet reads an export on a Dask cluster", hint="add --dask ADDRESS")
     replaced = replacing(out)
     settings = load_settings()
     engine = ready_engine(settings)
     try:
         with _stage_progress() as advance:
-            result = score_bank(
-                engine,
-                out=out,
-                version=version,
-                product=product,
-                top_k=top_k,
-                as_of=day,
-                rank_by=rank_by,
-                progress=advance,
-            )
+            if dask is None:
+                result = score_bank(
+                    engine,
+                    out=out,
+                    version=version,
+                    product=product,
+                    top_k=top_k,
+                    as_of=day,
+                    rank_by=rank_by,
+                    progress=advance,
+                )
+            else:
+                from service.distributed import cluster, open_bank
+
+                with _dask_errors(), cluster(dask) as client:
+                    advance("reading the bank", 0.1)
+                    result = score_bank(
+                        engine,
+                        out=out,
+                        version=version,
+                        product=product,
+                        top_k=top_k,
+                        as_of=day,
+                        rank_by=rank_by,
+                        progress=advance,
+                        cluster_bank=open_bank(
+                            client, engine=engine, parquet=parquet, partitions=partitions
+                        ),
+                    )
     except ScoringError as exc:
         raise UserError(str(exc), code=2 if isinstance(exc, UnknownName) else 1) from exc
     table = Table(title=f"scored with model version {result.version} as of {result.as_of}")
@@ -704,3 +848,27 @@ def models_rollback() -> None:
                 str(exc), hint="`nbo models promote V` activates any version", code=1
             ) from exc
         console.print(f"{now_active.version} is active again ({retired.version} retired)")
+
+
+@models_app.command("prepare")
+def models_prepare() -> None:
+    """Build this machine's serving store for the active version now, so that `nbo serve`
+    (every worker) maps it and is ready in seconds instead of building it at start-up.
+
+    Run it on each serving machine after an activation (`nbo train`, `promote`,
+    `rollback`), with the same NBO_DATABASE_URL and NBO_DATA_DIR as `nbo serve`. Without
+    it the first worker to start builds the store and the others wait for it.
+    """
+    import time
+
+    from service.decision.state import build_snapshot, serving_dir
+
+    settings = load_settings()
+    started = time.perf_counter()
+    with open_engine() as engine, err_console.status("building the serving store"):
+        snapshot = build_snapshot(engine, settings)
+    served = snapshot.version or "no model (degraded: popularity)"
+    console.print(
+        f"serving store ready in {serving_dir(settings)}: {len(snapshot.customers):,} customers, "
+        f"{served}, {time.perf_counter() - started:.1f} s"
+    )
