@@ -1,14 +1,30 @@
-"""Time to ready: how long ``nbo serve`` takes to answer ``/health/ready``, and its RSS then.
+"""Time to ready: how long ``nbo serve`` takes to answer ``/health/ready``, and its memory then.
 
 Usage::
 
     NBO_DATABASE_URL=... NBO_DATA_DIR=... .venv/bin/python bench/startup.py [--runs 3]
+        [--workers 1] [--cold] [--timeout 600]
 
 Run it against a prepared bank, e.g. the one ``bench/serve.py --keep DIR`` leaves
 (``NBO_DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1:5432/nbo_bench_serve``,
-``NBO_DATA_DIR=DIR/postgresql``). A worker reads the bank, scores every customer and
-reads the contact history of the policy windows before it is ready, so the figures grow
-with customers and with recent offers; the report says how many offers the window held.
+``NBO_DATA_DIR=DIR/postgresql``). A worker reads the bank and the contact history of the
+policy windows before it is ready (today it also scores every customer), so the figures
+grow with customers and with recent offers; the report says how many offers the window
+held.
+
+Each run starts ``nbo serve --workers N`` in its own session, waits until
+``/health/ready`` answers 200 and, with several workers, until every worker has logged
+uvicorn's "Application startup complete" (a worker accepts connections only once it is
+ready, so the first 200 says only that one is), then measures the RSS and PSS
+(``/proc/PID/smaps_rollup``: shared pages split between the processes mapping them) of
+every process, and stops the server. ``--cold`` removes ``NBO_DATA_DIR/serving/`` (what
+the service keeps on disk between starts) before the first run, so the first run is cold
+and the others warm; without it every run finds whatever an earlier start left. The
+page cache is not dropped: a cold run still reads a warm page cache.
+
+The report prints each run and the median (of the warm runs when ``--cold``) beside the
+targets of issue 17 (ready in <= 20 s; 2 workers <= 2 GB together) and today's figures.
+Server logs go to ``NBO_DATA_DIR/startup-server.log``.
 """
 
 from __future__ import annotations
@@ -16,81 +32,148 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import create_engine, text
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+import serve as bench  # noqa: E402 - bench/serve.py: the server harness and memory readers
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def one_start(nbo: str, timeout: float) -> tuple[float, float]:
-    port = free_port()
-    started = time.perf_counter()
-    server = subprocess.Popen(
-        [nbo, "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+def one_start(nbo: str, folder: Path, workers: int, timeout: float) -> dict[str, Any]:
+    """Start, wait for every worker, read memory, stop; the figures of this start."""
+    port = bench.free_port()
+    argv = [nbo, "serve", "--host", bench.HOST, "--port", str(port), "--workers", str(workers)]
+    server = bench.Server(
+        "nbo serve",
+        argv,
+        dict(os.environ),
+        folder,
+        folder / "startup-server.log",
+        port,
+        ready_path="/health/ready",
+        workers=workers,
     )
     try:
-        while time.perf_counter() - started < timeout:
-            if server.poll() is not None:
-                sys.exit(f"nbo serve exited with {server.returncode}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=1):
-                    return time.perf_counter() - started, rss_mb(server.pid)
-            except OSError:
-                time.sleep(0.1)
-        sys.exit(f"not ready after {timeout:.0f} s")
+        server.start()
+        server.wait_ready(timeout)
+        memory = server.memory()
     finally:
-        server.terminate()
-        server.wait(30)
+        server.stop()
+    return {
+        "ready_s": server.ready_seconds,
+        "all_ready_s": server.all_ready_seconds,
+        "memory": memory,
+    }
+
+
+def describe(run: str, result: dict[str, Any], customers: int, workers: int) -> str:
+    memory = result["memory"]
+    every = result["all_ready_s"]
+    ready = f"ready after {result['ready_s']:.1f} s"
+    if workers > 1:
+        ready += f", all {workers} workers after " + ("?" if every is None else f"{every:.1f} s")
+    per_worker = ", ".join(
+        f"{p.get('rss_mb', 0):,.0f}/{p.get('pss_mb', 0):,.0f}"
+        for p in memory["processes"]
+        if p["role"] == "worker"
+    )
+    bytes_each = memory["workers_pss_mb"] * 2**20 / max(customers, 1)
+    return (
+        f"{run}: {ready}; workers RSS {memory['workers_rss_mb']:,.0f} MiB, "
+        f"PSS {memory['workers_pss_mb']:,.0f} MiB (each RSS/PSS: {per_worker}; "
+        f"{bytes_each:,.0f} bytes a customer); whole server PSS {memory['total_pss_mb']:,.0f} MiB"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--runs", type=int, default=3, help="Starts measured.")
+    parser.add_argument("--workers", type=int, default=1, help="Workers of `nbo serve`.")
+    parser.add_argument("--timeout", type=float, default=600.0, help="Seconds to wait a start.")
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="Remove NBO_DATA_DIR/serving/ before the first run (cold start; later runs warm).",
+    )
     args = parser.parse_args()
+    if min(args.runs, args.workers) < 1 or args.timeout <= 0:
+        parser.error("--runs and --workers must be >= 1, --timeout > 0")
     url = os.environ.get("NBO_DATABASE_URL")
-    if not url:
-        sys.exit("set NBO_DATABASE_URL (and NBO_DATA_DIR) to a prepared bank")
-    nbo = shutil.which("nbo") or str(Path(sys.executable).with_name("nbo"))
+    data_dir = os.environ.get("NBO_DATA_DIR")
+    if not url or not data_dir:
+        sys.exit("set NBO_DATABASE_URL and NBO_DATA_DIR to a prepared bank")
+    folder = Path(data_dir).resolve()
+    if not folder.is_dir():
+        sys.exit(f"NBO_DATA_DIR {folder}: not a folder")
+    nbo = bench.nbo_command()
     engine = create_engine(url)
-    with engine.connect() as conn:
-        customers = conn.execute(text("SELECT count(*) FROM customers")).scalar_one()
-        offers = conn.execute(
-            text("SELECT count(*) FROM offers WHERE created_at >= :since"),
-            {"since": time.strftime("%Y-%m-%d", time.gmtime(time.time() - 30 * 86400))},
-        ).scalar_one()
-    engine.dispose()
-    print(f"{customers:,} customers, {offers:,} offers in the last 30 days", flush=True)
+    try:
+        with engine.connect() as conn:
+            customers = int(conn.execute(text("SELECT count(*) FROM customers")).scalar_one())
+            offers = conn.execute(
+                text("SELECT count(*) FROM offers WHERE created_at >= :since"),
+                {"since": time.strftime("%Y-%m-%d", time.gmtime(time.time() - 30 * 86400))},
+            ).scalar_one()
+    finally:
+        engine.dispose()
+    print(
+        f"{customers:,} customers, {offers:,} offers in the last 30 days; "
+        f"{args.workers} worker(s); load average {bench.load_average()}",
+        flush=True,
+    )
     results = []
     for run in range(1, args.runs + 1):
-        seconds, rss = one_start(nbo, args.timeout)
-        results.append((seconds, rss))
-        print(f"run {run}: ready after {seconds:.1f} s, RSS {rss:,.0f} MB", flush=True)
+        state = folder / "serving"
+        if run == 1 and args.cold and state.exists():
+            shutil.rmtree(state)
+        kept = bench.folder_mb(state)
+        kind = "cold" if kept is None else f"warm, serving/ {kept:,.0f} MiB"
+        result = one_start(nbo, folder, args.workers, args.timeout) | {"cold": kept is None}
+        results.append(result)
+        print(describe(f"run {run} ({kind})", result, customers, args.workers), flush=True)
+
+    def ready(result: dict[str, Any]) -> float:
+        return float(result["all_ready_s"] or result["ready_s"])
+
+    warm = [r for r in results if not r["cold"]]
+    cold = [r for r in results if r["cold"]]
+    chosen = warm or results
+    pss = statistics.median(r["memory"]["workers_pss_mb"] for r in chosen)
+    rss = statistics.median(r["memory"]["workers_rss_mb"] for r in chosen)
     print(
-        f"median: ready after {statistics.median(r[0] for r in results):.1f} s, "
-        f"RSS {statistics.median(r[1] for r in results):,.0f} MB"
+        f"median of {len(chosen)} {'warm ' if warm and cold else ''}run(s): "
+        f"ready after {statistics.median(ready(r) for r in chosen):.1f} s, "
+        f"workers RSS {rss:,.0f} MiB, PSS {pss:,.0f} MiB "
+        f"({pss * 2**20 / max(customers, 1):,.0f} bytes a customer)"
+    )
+    scale = customers / 100_000
+    print(f"issue 17 targets, {customers:,} customers, {args.workers} worker(s):")
+    for name, runs in (("cold (first start)", cold[:1]), ("warm (median)", warm)):
+        if runs:
+            seconds = statistics.median(ready(r) for r in runs)
+            print(
+                f"  ready, {name}: {seconds:.1f} s; target <= {bench.TARGET_READY_S:.0f} s "
+                f"{'met' if seconds <= bench.TARGET_READY_S else 'NOT met'}; "
+                f"today {bench.TODAY_READY}"
+            )
+    target = ""
+    if args.workers == 2:
+        target = f"; target 2 workers <= 2 GB {'met' if pss <= bench.TARGET_TWO_WORKERS_MB else 'NOT met'}"
+    print(
+        f"  memory at ready: PSS {pss:,.0f} MiB for {args.workers} worker(s){target}; today "
+        f"about {bench.TODAY_MB_PER_100K_PER_WORKER * scale * args.workers:,.0f} MiB "
+        "(1.0 GB per 100k customers per worker)"
     )
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except RuntimeError as exc:
+        sys.exit(f"error: {exc}")
