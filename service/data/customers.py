@@ -162,6 +162,9 @@ def put_customer(
         else:
             merged[name] = now
     row.attributes = merged
+    # A serving store built before this change finds the customer by it, even once the
+    # change log that also says so has been pruned (service.decision.store.changes_since).
+    row.updated_at = dt.datetime.now(dt.UTC)
     session.flush()
     writes.write(session.connection())
     holdings = [
