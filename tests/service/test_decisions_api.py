@@ -826,3 +826,19 @@ def test_detractor_after_an_offer_suppresses_offers_and_says_why(make_service: A
     later = dt.datetime.now(dt.UTC) + dt.timedelta(days=31)
     state.clock = lambda: later
     assert worker.decide(unhappy).json()["offers"]
+
+
+def test_a_restarted_worker_reads_the_offers_of_the_window(make_service: Any) -> None:
+    """A worker started after offers were made reads them (streamed from the offers
+    table) into its contact history: the frequency cap holds across a restart."""
+    service = make_service(frequency_cap=1, max_offers_per_contact=2)
+    customers = customers_with_offers(service, 3)
+    offered = {
+        c: {o["product_code"] for o in service.decide(c).json()["offers"]} for c in customers
+    }
+    restarted = make_service(frequency_cap=1, max_offers_per_contact=2)
+    for customer, codes in offered.items():
+        assert codes
+        answer = restarted.decide(customer, key="admin").json()
+        assert codes.isdisjoint(o["product_code"] for o in answer["offers"]), answer
+        assert all(answer["suppressed"][code] == "frequency_cap" for code in codes)
