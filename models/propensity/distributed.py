@@ -67,10 +67,6 @@ from models.evaluation import HoldoutResult, holdout_comparison
 from models.features import FeatureBuilder, FeatureSpec
 from models.propensity.calibration import (
     Calibrator,
-    fit_blend,
-    fit_calibrator,
-    log_loss,
-    sigmoid,
 )
 from models.propensity.config import TrainConfig
 from models.propensity.model import ProductModel, PropensityModel
@@ -78,6 +74,7 @@ from models.propensity.training import (
     BURST_RATIO,
     CutoffPlan,
     ProgressFn,
+    calibrate_product,
     plan_cutoffs,
 )
 from models.propensity.training import (
@@ -85,12 +82,6 @@ from models.propensity.training import (
 )
 from models.propensity.training import (
     _booster_params as booster_params,
-)
-from models.propensity.training import (
-    _clearly_better as clearly_better,
-)
-from models.propensity.training import (
-    _keeps_order as keeps_order,
 )
 from models.propensity.training import (
     _metrics as validation_metrics,
@@ -805,7 +796,7 @@ def _fit_product(
         joined = client.submit(_concat, block, sent, pure=False, **place)
         refit_parts = [(joined, n + int(keep.sum()), worker), *parts[1:]]
         text = str(_dask_fit(client, refit_parts, spec, sized, best).model_to_string())
-    product, fitted = _calibrate(
+    product, fitted = calibrate_product(
         code, text, raw, y_valid, w_valid, folds, rules_valid, rule_column, config, base_rate
     )
     metrics.update(
@@ -823,73 +814,6 @@ def _fit_product(
     )
     metrics.update(fitted)
     return product, metrics
-
-
-def _calibrate(
-    code: str,
-    text: str,
-    raw: npt.NDArray[np.float64],
-    y_valid: npt.NDArray[np.bool_],
-    w_valid: npt.NDArray[np.float64],
-    folds: npt.NDArray[np.int8],
-    rules_valid: npt.NDArray[np.float64],
-    rule_column: int,
-    config: TrainConfig,
-    base_rate: float,
-) -> tuple[ProductModel, dict[str, Any]]:
-    """The calibration and blend of :func:`models.propensity.training.train`'s
-    ``_fit_product`` (kept in step with it: a shared hook there would remove this copy)."""
-    fits = []
-    for fold in (0, 1):
-        fit, apply = folds != fold, folds == fold
-        if not y_valid[fit].any() or y_valid[fit].all():
-            fit = np.ones(y_valid.size, dtype=bool)
-        fits.append((fit, apply))
-    if config.calibration == "auto":
-        methods = ["identity", "platt"]
-        if y_valid.sum() >= config.isotonic_min_positives:
-            methods.append("isotonic")
-    else:
-        methods = [config.calibration]
-    method, lgbm_oof, chosen = "identity", sigmoid(raw), False
-    for candidate in methods:
-        oof = np.empty(y_valid.size)
-        monotone = True
-        for fit, apply in fits:
-            fold_calibrator = fit_calibrator(candidate, raw[fit], y_valid[fit], w_valid[fit])
-            monotone &= keeps_order(fold_calibrator)
-            oof[apply] = fold_calibrator.apply(raw[apply])
-        if not monotone:
-            continue
-        if not chosen or clearly_better(y_valid, w_valid, oof, lgbm_oof):
-            method, lgbm_oof, chosen = candidate, oof, True
-    blend_oof = lgbm_oof.copy()
-    if config.blend and rule_column >= 0:
-        for fit, apply in fits:
-            calibrated = fit_calibrator(method, raw[fit], y_valid[fit], w_valid[fit]).apply(
-                raw[fit]
-            )
-            blend = fit_blend(calibrated, rules_valid[fit], y_valid[fit], w_valid[fit])
-            if blend is not None and blend.coef_lgbm > 0:
-                blend_oof[apply] = blend.apply(lgbm_oof[apply], rules_valid[apply])
-    use_blend = (
-        config.blend
-        and rule_column >= 0
-        and log_loss(y_valid, w_valid, blend_oof)
-        < log_loss(y_valid, w_valid, lgbm_oof) * (1 - 1e-3)
-    )
-    calibrator = fit_calibrator(method, raw, y_valid, w_valid)
-    if not keeps_order(calibrator):
-        method, calibrator = "identity", fit_calibrator("identity", raw, y_valid, w_valid)
-    blend = fit_blend(calibrator.apply(raw), rules_valid, y_valid, w_valid) if use_blend else None
-    if blend is not None and blend.coef_lgbm <= 0:
-        blend, use_blend = None, False
-    propensity_oof = blend_oof if use_blend else lgbm_oof
-    fitted: dict[str, Any] = {"calibration": method, "blend": bool(use_blend)}
-    fitted.update(
-        validation_metrics(y_valid, w_valid, sigmoid(raw), lgbm_oof, rules_valid, propensity_oof)
-    )
-    return ProductModel(code, text, calibrator, blend, base_rate), fitted
 
 
 # --------------------------------------------------------------------------- training

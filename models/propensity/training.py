@@ -743,6 +743,37 @@ def _fit_product(
         )
     del x_train
 
+    product, fitted = calibrate_product(
+        code, text, raw, y_valid, w_valid, folds, rules_valid, rule_column, config, base_rate
+    )
+    metrics.update(
+        kind="lightgbm",
+        n_trees=int(best),
+        calibration=fitted.pop("calibration"),
+        blend=fitted.pop("blend"),
+        refit=config.refit,
+        lightgbm={**{k: params[k] for k in _SIZED}, "early_stopping_rounds": patience},
+    )
+    metrics.update(fitted)
+    return product, metrics
+
+
+def calibrate_product(
+    code: str,
+    text: str,
+    raw: npt.NDArray[np.float64],
+    y_valid: npt.NDArray[np.bool_],
+    w_valid: npt.NDArray[np.float64],
+    folds: npt.NDArray[np.int8],
+    rules_valid: npt.NDArray[np.float64],
+    rule_column: int,
+    config: TrainConfig,
+    base_rate: float,
+) -> tuple[ProductModel, dict[str, Any]]:
+    """The product's model from its booster ``text`` and the booster's raw validation
+    scores: the calibration and the blend with the rules chosen out of sample, with
+    ``calibration``, ``blend`` and the validation metrics they give. Shared by the
+    single-machine and the Dask training (:mod:`models.propensity.distributed`)."""
     # Cross-fitted: each half of the validation customers is calibrated (and blended)
     # by a fit on the other half, so choices and metrics are out of sample.
     fits = []
@@ -797,16 +828,9 @@ def _fit_product(
         # The stack may add the rules' view, never reverse the booster's ranking.
         blend, use_blend = None, False
     propensity_oof = blend_oof if use_blend else lgbm_oof
-    metrics.update(
-        kind="lightgbm",
-        n_trees=int(best),
-        calibration=method,
-        blend=bool(use_blend),
-        refit=config.refit,
-        lightgbm={**{k: params[k] for k in _SIZED}, "early_stopping_rounds": patience},
-    )
-    metrics.update(_metrics(y_valid, w_valid, sigmoid(raw), lgbm_oof, rules_valid, propensity_oof))
-    return ProductModel(code, text, calibrator, blend, base_rate), metrics
+    fitted: dict[str, Any] = {"calibration": method, "blend": bool(use_blend)}
+    fitted.update(_metrics(y_valid, w_valid, sigmoid(raw), lgbm_oof, rules_valid, propensity_oof))
+    return ProductModel(code, text, calibrator, blend, base_rate), fitted
 
 
 def _clearly_better(
