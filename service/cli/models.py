@@ -851,21 +851,46 @@ def models_rollback() -> None:
 
 
 @models_app.command("prepare")
-def models_prepare() -> None:
+def models_prepare(
+    version: Annotated[
+        str | None,
+        typer.Option(
+            help="Build the store of this version instead of the active one, ahead of "
+            "`nbo models promote` (the API's activation does this itself)."
+        ),
+    ] = None,
+) -> None:
     """Build this machine's serving store for the active version now, so that `nbo serve`
     (every worker) maps it and is ready in seconds instead of building it at start-up.
 
     Run it on each serving machine after an activation (`nbo train`, `promote`,
-    `rollback`), with the same NBO_DATABASE_URL and NBO_DATA_DIR as `nbo serve`. Without
-    it the first worker to start builds the store and the others wait for it.
+    `rollback`), or with --version before one, with the same NBO_DATABASE_URL and
+    NBO_DATA_DIR as `nbo serve`. Without it the first worker to start builds the store
+    and the others wait for it.
     """
     import time
 
-    from service.decision.state import build_snapshot, serving_dir
+    from service.data import registry
+    from service.decision.state import build_snapshot, prepare_store, serving_dir
 
     settings = load_settings()
     started = time.perf_counter()
     with open_engine() as engine, err_console.status("building the serving store"):
+        if version is not None:
+            with open_session() as session:
+                try:
+                    registry.get_version(session, version)
+                except registry.RegistryError as exc:
+                    raise _unknown_version(exc) from exc
+            try:
+                built = prepare_store(engine, settings, version)
+            except registry.RegistryError as exc:
+                raise UserError(f"{version}: {exc}", code=1) from exc
+            console.print(
+                f"serving store of {version} {'built' if built else 'already current'} in "
+                f"{serving_dir(settings)}, {time.perf_counter() - started:.1f} s"
+            )
+            return
         snapshot = build_snapshot(engine, settings)
     served = snapshot.version or "no model (degraded: popularity)"
     console.print(

@@ -956,33 +956,18 @@ def build_snapshot(engine: Engine, settings: Settings) -> Snapshot:
             error = str(exc)
             log.error("model load failed", extra={"version": row.version, "error": error})
     with read_only(engine).connect() as conn:
-        key = columns.store_key(
-            conn,
-            version=version,
-            checksum=None if model is None or row is None else row.checksum,
-            scoring_date=settings.scoring_date or None,
-        )
         product_ids: dict[str, int] = dict(
             conn.execute(text("SELECT code, id FROM products")).all()
         )
     changed: set[str] = set()
-
-    def usable(store: columns.ColumnStore) -> bool:
-        with read_only(engine).connect() as conn:
-            found = columns.changes_since(conn, store.fingerprint)
-        if found is None:
-            return False
-        changed.update(found)
-        return True
-
-    store, built = columns.open_or_build(
-        serving_dir(settings),
-        key,
-        build=lambda folder: _build_store(engine, settings, model, version, folder),
-        usable=usable,
+    store, _ = _serving_store(
+        engine,
+        settings,
+        model,
+        version,
+        None if model is None or row is None else row.checksum,
+        changed,
     )
-    if built:
-        _release_memory()
     catalogue = store.catalogue
     base_rates: dict[str, float] = {}
     if model is not None:
@@ -1016,6 +1001,66 @@ def build_snapshot(engine: Engine, settings: Settings) -> Snapshot:
     if ids:
         log.info("customers changed since the serving store re-read", extra={"customers": len(ids)})
     return snapshot
+
+
+def _serving_store(
+    engine: Engine,
+    settings: Settings,
+    model: PropensityModel | None,
+    version: str | None,
+    checksum: str | None,
+    changed: set[str],
+) -> tuple[columns.ColumnStore, bool]:
+    """The serving store of ``model`` (``version`` with its bundle ``checksum``) over
+    the bank as it is now: mapped when this machine has a current one, else built;
+    whether it was built. Customers changed since it was built are added to
+    ``changed``."""
+    with read_only(engine).connect() as conn:
+        key = columns.store_key(
+            conn, version=version, checksum=checksum, scoring_date=settings.scoring_date or None
+        )
+
+    def usable(store: columns.ColumnStore) -> bool:
+        with read_only(engine).connect() as conn:
+            found = columns.changes_since(conn, store.fingerprint)
+        if found is None:
+            return False
+        changed.update(found)
+        return True
+
+    store, built = columns.open_or_build(
+        serving_dir(settings),
+        key,
+        build=lambda folder: _build_store(engine, settings, model, version, folder),
+        usable=usable,
+    )
+    if built:
+        _release_memory()
+    return store, built
+
+
+def prepare_store(engine: Engine, settings: Settings, version: str) -> bool:
+    """Build this machine's serving store of model ``version`` as it would be served if
+    it were active, unless a current one is here already; whether it was built.
+
+    An activation calls it before the version becomes active: the minutes a large bank's
+    store takes are spent while the old version serves (the build runs in a child
+    process at low priority, see :func:`_build_store`), and every worker then maps the
+    new store in a second instead of waiting for it.
+
+    Raises
+    ------
+    registry.RegistryError
+        If there is no such version, or its bundle fails its checks.
+    """
+    with unit_of_work(engine) as session:
+        row = registry.get_version(session, version)
+        session.expunge(row)
+    with read_only(engine).connect() as conn:
+        model = registry.load_model(conn, row, cache_dir=settings.artifacts_dir)
+    store, built = _serving_store(engine, settings, model, row.version, row.checksum, set())
+    del store  # unmapped: the workers map it when they load the version
+    return built
 
 
 CHILD_BUILD_CUSTOMERS = 50_000
@@ -1062,8 +1107,12 @@ def _build_store(
 
 
 CHILD_TIMEOUT_SECONDS = 3600.0
+BUILD_NICENESS = 10
+"""How much lower the build child's CPU priority is than the worker's: a store build
+takes a core for minutes at a million customers, and on a machine that serves it must
+not take it from the workers answering decisions (it gets what they leave)."""
 _CHILD = (
-    "import sys, json; payload = sys.stdin.buffer.read(); "
+    f"import os, sys, json; os.nice({BUILD_NICENESS}); payload = sys.stdin.buffer.read(); "
     "sys.path[:0] = json.loads(payload)['path']; "
     "from service.decision.state import build_in_child; build_in_child(payload)"
 )

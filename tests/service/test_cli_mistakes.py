@@ -114,7 +114,7 @@ MISTAKES: list[Mistake] = [
     m("models", "show", "v9", says="no model version 'v9'", trained=True),
     m("models", "promote", "v9", says="no model version 'v9'", trained=True),
     m("models", "rollback", says="no active version", code=1),
-    m("models", "prepare", "--version", "v9", says="no such option"),
+    m("models", "prepare", "--version", "v9", says="no model version"),
     m("export", "{root}/out", "--format", "csv", says="writes parquet"),
     m("export", "{root}/a-file.txt", says="is a file"),
     m("rules", "--version", "v9", says="no model version 'v9'", trained=True),

@@ -511,6 +511,40 @@ def test_activation_under_load_fails_no_request(
     )
 
 
+def test_an_activation_whose_store_cannot_be_built_changes_nothing(
+    make_service: Any, trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new version's serving store is built before the version becomes active: when
+    the build fails the answer is a 503 and the old version stays active and serving."""
+    from service.decision import state as serving_state
+
+    service = make_service()
+    engine = make_engine(service.url)
+    with unit_of_work(engine) as session:
+        register_bundle(session, trained.bundle_b, tmp_path, version="v2", map3=0.1)
+    engine.dispose()
+    built: list[str | None] = []
+
+    def broken(engine: Any, settings: Any, model: Any, version: str | None, folder: Path) -> None:
+        built.append(version)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(serving_state, "_build_store", broken)
+    failed = service.client.post("/v1/models/v2/activate", headers=service.auth("analyst"))
+    assert failed.status_code == 503, failed.text
+    assert failed.headers["content-type"] == "application/problem+json"
+    assert "could not be built" in failed.json()["detail"]
+    assert "retry-after" in failed.headers
+    assert built == ["v2"]
+    listed = service.client.get("/v1/models", headers=service.auth("analyst")).json()
+    assert {v["version"]: v["status"] for v in listed}["v1"] == "active"
+    assert service.decide("C0000042").json()["model_version"] == "v1"
+    monkeypatch.undo()
+    activated = service.client.post("/v1/models/v2/activate", headers=service.auth("analyst"))
+    assert activated.status_code == 200, activated.text
+    assert service.decide("C0000042").json()["model_version"] == "v2"
+
+
 def test_keys_scopes_and_problem_details(make_service: Any) -> None:
     service = make_service()
     url = "/v1/customers/C0000042/decisions"

@@ -25,11 +25,13 @@ from models.propensity import TrainConfig
 from models.propensity.training import train
 from models.reasons import ProfileRates
 from models.synthetic import generate_bank, write_bank
+from service.data import registry
+from service.data.db import unit_of_work
 from service.decision import state as serving
 from service.decision import store as columns
 from service.decision.state import Customers, ServingState, customer_states
 from service.settings import Settings
-from tests.bank import load_trained_bank
+from tests.bank import load_trained_bank, register_bundle
 
 AS_OF = dt.date(2026, 1, 1)
 TINY = TrainConfig(n_cutoffs=2, max_rounds=20, rules=True, num_threads=1)
@@ -315,6 +317,29 @@ def test_workers_map_the_store_one_built_and_reread_what_changed_since(
     assert builds.count == 2 and customers[-1] not in fourth.customers
     assert not fourth.customers.overlay and len(fourth.customers) == 299
     assert fourth.customers[updated].state.segment == "renamed"
+
+
+def test_a_version_store_is_prepared_before_it_is_activated(
+    bank: Engine, trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``prepare_store`` builds the store a version would be served from while another
+    serves; once the version is active, loading it maps that store (no second build)."""
+    builds = Builds(monkeypatch)
+    settings = settings_for(bank, tmp_path)
+    state = ServingState(bank, settings)
+    assert state.load().version == "v1" and builds.count == 1
+    with unit_of_work(bank) as session:
+        register_bundle(session, trained.bundle, tmp_path, version="v2", map3=0.1)  # rejected
+    assert serving.prepare_store(bank, settings, "v2") is True
+    assert builds.count == 2
+    assert serving.prepare_store(bank, settings, "v2") is False  # current: not built again
+    with pytest.raises(registry.RegistryError, match="no model version 'v9'"):
+        serving.prepare_store(bank, settings, "v9")
+    assert builds.count == 2
+    with unit_of_work(bank) as session:
+        registry.activate_version(session, version="v2", origin="test")
+    assert state.load().version == "v2"
+    assert builds.count == 2  # mapped what prepare_store built
 
 
 def test_a_changed_customer_is_read_again_after_the_overlay_drops_it(
