@@ -109,7 +109,7 @@ async def _load(state: ServingState) -> None:
     answers decisions degraded, and retries from the poll loop."""
     # The folder the lifespan gives the audit writer.
     spool = record_counts(state.settings.data_dir / "spool")
-    metrics.watch_worker(state.settings, state.engine, spool=spool)
+    metrics.watch_worker(state.settings, state.engine, spool=spool, held=state.held)
     snapshot = await asyncio.to_thread(state.load)  # never raises: logs and counts its failure
     metrics.MODEL_LOADS.labels("success" if snapshot.model is not None else "failure").inc()
     metrics.set_active_model(snapshot.version)

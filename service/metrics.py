@@ -290,6 +290,8 @@ class _Worker:
     """The multiprocess folder its state file goes to (multiprocess mode only)."""
     engine: weakref.ref[Engine] | None = None
     spool: Callable[[], tuple[int, int]] | None = None
+    held: Callable[[], tuple[int, int]] | None = None
+    """(customers in the contact history, customers in the snapshot's overlay)."""
     build_commit: str | None = None
     stopped: bool = False
     """Marked dead: its state file is not written again."""
@@ -324,18 +326,22 @@ def watch_worker(
     engine: Engine | None = None,
     *,
     spool: Callable[[], tuple[int, int]] | None = None,
+    held: Callable[[], tuple[int, int]] | None = None,
 ) -> None:
     """Tell the metrics which serving worker this process is.
 
     ``engine``'s pool is counted by ``nbo_worker_db_connections`` (held weakly);
     ``spool`` gives ``(records waiting, dead letters)`` of the audit spool at each
-    scrape (see :func:`service.decision.spool.record_counts`); ``settings`` give the
+    scrape (see :func:`service.decision.spool.record_counts`); ``held`` gives the
+    customers the worker holds in memory beside its mapped serving store (its contact
+    history, its snapshot's overlay); ``settings`` give the
     build commit for ``nbo_build_info`` and, in multiprocess mode, the folder this
     worker's state file goes to (written at once). Idempotent: the app calls it at
     each start-up load.
     """
     with _worker_lock:
         _worker.spool = spool
+        _worker.held = held
         _worker.engine = None if engine is None else weakref.ref(engine)
         _worker.build_commit = settings.build_commit
         _worker.folder = settings.prometheus_multiproc_dir
@@ -366,6 +372,7 @@ def _publish_worker() -> None:
         "version": _worker.version,
         "as_of": _worker.as_of,
         "db_connections": _db_connections(),
+        "held": _held(),
     }
     content = json.dumps(state, sort_keys=True).encode()
     if content == _worker.written:
@@ -391,6 +398,19 @@ def _db_connections() -> int | None:
         return int(pool.checkedin()) + int(pool.checkedout())
     except AttributeError:  # NullPool, StaticPool: nothing to count
         return None
+
+
+def _held() -> tuple[int, int] | None:
+    """What the watched worker holds in memory (None: nothing watched, or unreadable)."""
+    held = _worker.held
+    if held is None:
+        return None
+    try:
+        contacts, overlay = held()
+    except Exception:  # noqa: BLE001 - a gauge must never fail the poll or the scrape
+        log.warning("held customers could not be counted", exc_info=True)
+        return None
+    return int(contacts), int(overlay)
 
 
 def _posix_day(day: dt.date) -> float:
@@ -476,6 +496,7 @@ class _WorkerFacts:
     db_connections: float | None
     resident_bytes: float | None
     open_fds: float | None
+    held: tuple[int, int] | None = None
 
 
 def _build_version() -> str:
@@ -519,12 +540,13 @@ class _StateCollector(Collector):
                         None if held is None else float(held),
                         _resident_bytes(pid),
                         _open_fds(pid),
+                        _held(),
                     )
                 )
         if multiproc and folder is not None:
             workers = _read_workers(folder)
         families = self._families(pid_label=multiproc)
-        build, info, as_of, age, rss, fds, connections, backlog, dead = families
+        build, info, as_of, age, rss, fds, connections, contacts, overlay, backlog, dead = families
         build.add_metric([self._version, commit, platform.python_version()], 1.0)
         now = time.time()
         for worker in workers:
@@ -541,6 +563,9 @@ class _StateCollector(Collector):
             ):
                 if value is not None:
                     family.add_metric(labels, value)
+            if worker.held is not None:
+                contacts.add_metric(labels, float(worker.held[0]))
+                overlay.add_metric(labels, float(worker.held[1]))
         if spool is not None:
             try:
                 waiting, dead_letters = spool()
@@ -596,6 +621,20 @@ class _StateCollector(Collector):
                 labels=pid,
             ),
             GaugeMetricFamily(
+                "nbo_worker_contact_history_customers",
+                "Customers each worker holds a contact history of (offers, declines and "
+                "detractor answers inside the longest contact-policy window): what its "
+                "memory grows with under load, a few hundred bytes a customer.",
+                labels=pid,
+            ),
+            GaugeMetricFamily(
+                "nbo_worker_overlay_customers",
+                "Customers each worker has re-read since its serving store was built "
+                "(changed since, or new), held as objects over the mapped store; at most "
+                "50,000.",
+                labels=pid,
+            ),
+            GaugeMetricFamily(
                 "nbo_audit_spool_backlog_records",
                 "Acknowledged decisions waiting in the local audit spool (of every worker) "
                 "for the database; 0 when the database keeps up.",
@@ -623,6 +662,7 @@ def _read_workers(folder: Path) -> list[_WorkerFacts]:
                 path.unlink()
             continue
         connections = state.get("db_connections")
+        held = state.get("held")
         found.append(
             _WorkerFacts(
                 str(pid),
@@ -631,9 +671,17 @@ def _read_workers(folder: Path) -> list[_WorkerFacts]:
                 None if connections is None else float(connections),
                 _resident_bytes(pid),
                 _open_fds(pid),
+                _pair(held),
             )
         )
     return found
+
+
+def _pair(value: Any) -> tuple[int, int] | None:
+    """Two counts as a state file stores them, None when it holds anything else."""
+    if isinstance(value, list) and len(value) == 2 and all(type(v) is int for v in value):
+        return value[0], value[1]
+    return None
 
 
 _STATE_COLLECTOR: Final = _StateCollector()

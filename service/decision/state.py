@@ -531,6 +531,11 @@ class ServingState:
         # a simulated one (``nbo simulate`` replays days in minutes).
         self.clock: Callable[[], dt.datetime] = _utcnow
 
+    def held(self) -> tuple[int, int]:
+        """Customers held in memory: in the contact history, in the snapshot's overlay."""
+        snapshot = self.snapshot
+        return len(self.history), 0 if snapshot is None else len(snapshot.customers.overlay)
+
     # ------------------------------------------------------------------ loading
 
     def load(self) -> Snapshot:

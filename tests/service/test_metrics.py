@@ -220,7 +220,8 @@ from service import metrics
 from service.settings import Settings
 assert metrics.is_multiprocess()
 engine = create_engine("sqlite:///" + sys.argv[1] + f"/worker-{os.getpid()}.sqlite3")
-metrics.watch_worker(Settings(data_dir=sys.argv[1]), engine)
+held = int(sys.argv[2])
+metrics.watch_worker(Settings(data_dir=sys.argv[1]), engine, held=lambda: (held * 100, held))
 metrics.DECISIONS.labels("web", "normal").inc(int(sys.argv[2]))
 for version in sys.argv[3].split(","):
     metrics.set_active_model(version, dt.date(2026, 1, 1))
@@ -318,6 +319,12 @@ def test_multiprocess_sums_the_workers_and_reports_each_live_one(
             assert all(value > 0 for value in found.values()), name
         assert min(_by_pid(samples, "nbo_worker_resident_memory_bytes").values()) > 10e6
         assert _by_pid(samples, "nbo_worker_db_connections") == {first: 1.0, second: 1.0}
+        # What each holds in memory, from its state file (the scraper watches none).
+        assert _by_pid(samples, "nbo_worker_contact_history_customers") == {
+            first: 200.0,
+            second: 300.0,
+        }
+        assert _by_pid(samples, "nbo_worker_overlay_customers") == {first: 2.0, second: 3.0}
         assert [v for n, _, v in samples if n == "nbo_build_info"] == [1.0]
 
         # The first is marked dead (as its lifespan's exit does) though its process lives.

@@ -41,6 +41,8 @@ PER_WORKER = (
     "nbo_worker_resident_memory_bytes",
     "nbo_worker_open_fds",
     "nbo_worker_db_connections",
+    "nbo_worker_contact_history_customers",
+    "nbo_worker_overlay_customers",
 )
 
 
@@ -117,6 +119,8 @@ def test_a_loaded_worker_reports_its_model_build_and_resources(
     loads = _loads()
     with running_app(database_url, bank, tmp_path, build_commit="0123abc") as app:
         app.decide("C0000001")  # a connection back in the pool
+        app.decide("C0000002")
+        app.decide("C0000001")
         samples = app.samples()
         scraped = time.time()
 
@@ -138,6 +142,10 @@ def test_a_loaded_worker_reports_its_model_build_and_resources(
     assert found["nbo_worker_resident_memory_bytes"][1] > 50e6  # a Python with pandas
     assert 3 <= found["nbo_worker_open_fds"][1] < 10_000
     assert found["nbo_worker_db_connections"][1] >= 1
+    # Two customers were offered something: their contact histories are held; none was
+    # re-read since the store was built.
+    assert found["nbo_worker_contact_history_customers"][1] == 2
+    assert found["nbo_worker_overlay_customers"][1] == 0
     for name in PER_WORKER:
         assert found[name][0] == {}, name  # one process: no pid label
     assert found["nbo_audit_spool_backlog_records"] == ({}, 0.0)
