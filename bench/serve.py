@@ -972,13 +972,40 @@ def slope_per_minute(points: list[tuple[float, float]]) -> float | None:
     )
 
 
+def held_customers(url: str, key: str | None) -> float | None:
+    """Customers in the workers' contact histories, summed over the workers (the
+    ``nbo_worker_contact_history_customers`` gauge of ``/metrics``, which needs a key
+    with the ops scope); None when it cannot be read."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        with urllib.request.urlopen(
+            urllib.request.Request(f"{url}/metrics", headers=headers), timeout=30
+        ) as response:
+            body = response.read().decode()
+    except (OSError, urllib.error.URLError):
+        return None
+    values = [
+        float(line.rsplit(" ", 1)[1])
+        for line in body.splitlines()
+        if line.startswith("nbo_worker_contact_history_customers")
+    ]
+    return sum(values) if values else None
+
+
 def measure_soak(
-    decision: Server, ids: Path, key: str | None, args: argparse.Namespace
+    decision: Server,
+    ids: Path,
+    key: str | None,
+    args: argparse.Namespace,
+    metrics_key: str | None = None,
 ) -> dict[str, Any]:
     """Load for ``--soak`` seconds as consecutive wrk runs of ``--sample-every`` seconds;
     after each, the memory of every process of the decision server (so every sample is
-    taken under load: wrk starts again at once)."""
+    taken under load: wrk starts again at once). Before and after, the customers the
+    workers hold a contact history of (``metrics_key``: a key that may read
+    ``/metrics``), to tell memory that follows the policy windows from other growth."""
     say(f"soak: {args.soak} s of load, memory sampled every {args.sample_every} s")
+    held_before = held_customers(decision.url, metrics_key)
     origin = time.monotonic()
     samples = [{"t_s": 0.0} | decision.memory()]
     intervals = []
@@ -1017,7 +1044,15 @@ def measure_soak(
 
     decisions = sum(i["ok"] for i in intervals)
     together = trend(series["workers together"])
+    held_after = held_customers(decision.url, metrics_key)
+    added = held_after - held_before if held_before is not None and held_after is not None else None
     return {
+        "contact_history_customers": [held_before, held_after],
+        "pss_bytes_per_customer_added": (
+            (together["pss"]["end_mb"] - together["pss"]["start_mb"]) * 2**20 / added
+            if added
+            else None
+        ),
         "seconds": samples[-1]["t_s"],
         "samples": samples,
         "intervals": intervals,
@@ -1097,7 +1132,9 @@ def measure(
             section.activation = measure_activation(decision, ids, key, database, args)
             answered += section.activation["answered_2xx"]
     if decision is not None and args.soak:
-        section.soak = measure_soak(decision, ids, key, args)
+        section.soak = measure_soak(
+            decision, ids, key, args, None if database is None else database.admin_key
+        )
         answered += section.soak["answered_2xx"]
     if database and rows_before is not None:
         if args.sigkill and decision:
@@ -1259,6 +1296,15 @@ def report_soak(section: Section) -> None:
         print(
             f"  workers' PSS growth: {soak['growth_kb_per_1k_decisions']:,.1f} KiB per 1,000 "
             "decisions (target: flat, no growth beyond the policy windows)"
+        )
+    before, after = soak.get("contact_history_customers") or (None, None)
+    if before is not None and after is not None:
+        per = soak["pss_bytes_per_customer_added"]
+        print(
+            f"  contact histories held (summed over workers): {before:,.0f} -> {after:,.0f} "
+            "customers"
+            + ("" if per is None else f", {per:,.0f} B of PSS growth per customer added")
+            + " (what the policy windows keep: every customer offered something in them)"
         )
 
 
@@ -1597,6 +1643,8 @@ def main() -> None:
                 if args.activation:
                     versions = ensure_second_version(database, args.second_version)
                     say(f"{database.kind}: model versions {versions}")
+                if args.activation or args.soak:
+                    # Activates a version; reads /metrics (the soak's contact histories).
                     database.admin_key = api_key(database, role="admin")
             if args.prepare_only:
                 for database in databases:
