@@ -42,10 +42,10 @@ class Settings(BaseSettings):
         default=200_000,
         ge=0,
         description=(
-            "Adoption files of at least this many rows are loaded on PostgreSQL with the "
-            "foreign keys checked once after the insert instead of per row (about twice as "
-            "fast; the adoptions table is locked against readers until the import commits). "
-            "0 turns it off."
+            "Adoption and customer files of at least this many rows are loaded on "
+            "PostgreSQL with the keys checked once after the insert instead of per row "
+            "(about twice as fast; the table is locked against readers until the import "
+            "commits). 0 turns it off."
         ),
     )
     import_max_errors: int = Field(

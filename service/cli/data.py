@@ -168,6 +168,7 @@ def import_customers_cmd(
             numeric=numeric or (),
             max_attributes=settings.max_attributes,
             valid_from=valid_from.date() if valid_from is not None else None,
+            bulk_rows=settings.import_bulk_rows,
             progress=advance,
         ),
     )

@@ -7,13 +7,15 @@ an empty adoptions table through the direct load (COPY into ``adoptions``), and
 
 from __future__ import annotations
 
+import datetime as dt
 import gzip
+import json
 import math
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, select, text
 
 from service.data import importing
 from service.data.importing import (
@@ -24,12 +26,14 @@ from service.data.importing import (
     read_chunks,
     read_text_chunks,
 )
+from service.data.tables import Customer
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 CODES = ("current_account", "credit_card", "home_insurance", "student_account")
 CUSTOMERS = 400
 ROWS = 3000
 PATHS = pytest.mark.parametrize("bulk_rows", [0, 1], ids=["staged", "direct"])
+TODAY = dt.date(2025, 6, 1)
 
 
 def bank(engine: Engine, tmp_path: Path) -> None:
@@ -225,3 +229,245 @@ def test_unreadable_csv_is_a_clear_error(tmp_path: Path) -> None:
     _, chunks = read_text_chunks(path, 10)
     with pytest.raises(ImportFailed, match="not a readable CSV file"):
         list(chunks)
+
+
+# ------------------------------------------------------------------ customers
+
+CUSTOMER_PATHS = pytest.mark.parametrize(
+    ("direct", "bulk_rows"),
+    [(False, 0), (True, 0), (True, 1)],
+    ids=["staged", "direct", "direct-bulk"],
+)
+"""``direct=False``: the staging table and merge; ``direct=True``: on PostgreSQL a first load
+COPies straight into ``customers``, with its unique key kept (``bulk_rows=0``) or set aside
+and built again (``bulk_rows=1``)."""
+CUSTOMER_HEADER = "customer_id,segment,branch_id,joined_at,birth_date,valid_from,income,region"
+
+
+def customer_lines(rows: int = ROWS) -> list[str]:
+    """``rows`` customers with every kind of cell: empty and missing-token cells, numbers
+    written in several ways, texts needing JSON escapes, dates in more than one form."""
+    regions = ['north', '"quoted, with comma"', "back\\slash", '"two\nlines"', "tab\there",
+               "é ü", "NA", ""]  # fmt: skip
+    incomes = ["1200", "3.5", "1e3", "-0", "", "0.1", "+7", "null", "12345678.25"]
+    lines = []
+    for i in range(rows):
+        segment = ["mass", "", "affluent"][i % 3]
+        joined = ["2020-01-05", "", "2019-12-31T00:00:00", "2021-03-04"][i % 4]
+        born = "1980-02-29" if i % 5 == 0 else ""
+        since = "2024-01-01" if i % 7 == 0 else ""
+        lines.append(
+            f"K{i:05d},{segment},B{i % 13},{joined},{born},{since},"
+            f"{incomes[i % len(incomes)]},{regions[i % len(regions)]}"
+        )
+    return lines
+
+
+def write_customers(tmp_path: Path, lines: list[str], name: str = "customers.csv") -> Path:
+    path = tmp_path / name
+    path.write_text(CUSTOMER_HEADER + "\n" + "\n".join(lines) + "\n")
+    return path
+
+
+def customer_rows(engine: Engine) -> list[tuple[Any, ...]]:
+    """Every stored customer (but its generated id and time stamp), then the attribute
+    definitions and the number of attribute changes."""
+    with engine.connect() as conn:
+        rows: list[tuple[Any, ...]] = [
+            (ext, seg, branch, str(joined), str(born), json.dumps(attributes, sort_keys=True))
+            for ext, seg, branch, joined, born, attributes in conn.execute(
+                select(
+                    Customer.external_id,
+                    Customer.segment,
+                    Customer.branch_id,
+                    Customer.joined_at,
+                    Customer.birth_date,
+                    Customer.attributes,
+                ).order_by(Customer.external_id)
+            )
+        ]
+        rows += [
+            tuple(row)
+            for row in conn.execute(
+                text("SELECT name, kind FROM attribute_definitions ORDER BY name")
+            )
+        ]
+        rows.append((conn.execute(text("SELECT COUNT(*) FROM attribute_changes")).scalar_one(),))
+    return rows
+
+
+def customer_constraints(engine: Engine) -> list[str]:
+    if engine.dialect.name != "postgresql":
+        return []
+    with engine.connect() as conn:
+        return sorted(
+            conn.execute(
+                text("SELECT conname FROM pg_constraint WHERE conrelid = 'customers'::regclass")
+            ).scalars()
+        )
+
+
+def empty_customers(engine: Engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM customers"))
+        conn.execute(text("DELETE FROM attribute_definitions"))
+
+
+def test_direct_customers_load_what_the_staged_path_loads(engine: Engine, tmp_path: Path) -> None:
+    path = write_customers(tmp_path, customer_lines())
+    loaded = {}
+    for label, direct, bulk_rows in [("staged", False, 0), ("direct", True, 0), ("bulk", True, 1)]:
+        empty_customers(engine)
+        summary = import_customers(
+            engine, path, chunk_rows=250, direct=direct, bulk_rows=bulk_rows, today=TODAY
+        )
+        assert (summary.rows_read, summary.added, summary.updated) == (ROWS, ROWS, 0)
+        loaded[label] = customer_rows(engine)
+    assert len(loaded["staged"]) == ROWS + 3
+    assert loaded["direct"] == loaded["staged"]
+    assert loaded["bulk"] == loaded["staged"]
+    # The cells came through: escapes, numbers, missing tokens, dates in other forms.
+    by_id = {row[0]: row for row in loaded["staged"][:ROWS]}
+    assert json.loads(by_id["K00001"][5]) == {"income": 3.5, "region": "quoted, with comma"}
+    assert json.loads(by_id["K00003"][5]) == {"income": 0.0, "region": "two\nlines"}
+    assert json.loads(by_id["K00004"][5]) == {"region": "tab\there"}
+    assert json.loads(by_id["K00006"][5]) == {"income": 7.0}  # "NA" is no value
+    assert json.loads(by_id["K00007"][5]) == {}
+    assert by_id["K00002"][1:5] == ("affluent", "B2", "2019-12-31", "None")
+    assert by_id["K00001"][1] is None  # an empty segment is no segment
+    assert loaded["staged"][ROWS:] == [("income", "numeric"), ("region", "categorical"), (0,)]
+
+
+@CUSTOMER_PATHS
+def test_bad_customer_deep_in_a_big_file_writes_nothing(
+    engine: Engine, tmp_path: Path, direct: bool, bulk_rows: int
+) -> None:
+    lines = customer_lines()
+    lines[2716] = lines[2716].replace(",B", ",B" + "x" * 70, 1)
+    lines[2980] = "K99999,mass,B1,2020-02-30,,,12,north"
+    path = write_customers(tmp_path, lines)
+    before = customer_constraints(engine)
+    with pytest.raises(ImportFailed) as info:
+        import_customers(engine, path, chunk_rows=250, direct=direct, bulk_rows=bulk_rows)
+    assert "row 2717, column 'branch_id': longer than 64 characters" in str(info.value)
+    assert "row 2981, column 'joined_at': unparsable date '2020-02-30'" in str(info.value)
+    assert customer_rows(engine) == [(0,)]
+    assert customer_constraints(engine) == before
+
+
+@CUSTOMER_PATHS
+def test_repeated_customer_far_apart_is_reported_with_both_rows(
+    engine: Engine, tmp_path: Path, direct: bool, bulk_rows: int
+) -> None:
+    lines = customer_lines()
+    lines[2500] = "K00009" + lines[2500][6:]
+    path = write_customers(tmp_path, lines)
+    before = customer_constraints(engine)
+    with pytest.raises(ImportFailed) as info:
+        import_customers(engine, path, chunk_rows=250, direct=direct, bulk_rows=bulk_rows)
+    assert "row 2501, column 'customer_id': duplicate key 'K00009' (also on row 10)" in str(
+        info.value
+    )
+    assert customer_rows(engine) == [(0,)]
+    assert customer_constraints(engine) == before
+
+
+@CUSTOMER_PATHS
+def test_customer_reimport_adds_nothing(
+    engine: Engine, tmp_path: Path, direct: bool, bulk_rows: int
+) -> None:
+    path = write_customers(tmp_path, customer_lines())
+    first = import_customers(
+        engine, path, chunk_rows=250, direct=direct, bulk_rows=bulk_rows, today=TODAY
+    )
+    assert (first.rows_read, first.added, first.updated) == (ROWS, ROWS, 0)
+    loaded = customer_rows(engine)
+    again = import_customers(
+        engine, path, chunk_rows=250, direct=direct, bulk_rows=bulk_rows, today=TODAY
+    )
+    assert (again.added, again.updated, again.unchanged) == (0, 0, ROWS)
+    assert customer_rows(engine) == loaded
+
+
+@pytest.mark.parametrize("bulk_rows", [0, 1], ids=["direct", "direct-bulk"])
+def test_direct_customer_load_is_taken_on_a_first_load_only(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bulk_rows: int
+) -> None:
+    taken: list[bool] = []
+    original = importing._load_customers_directly
+
+    def spy(*args: Any, **kwargs: Any) -> bool:
+        taken.append(original(*args, **kwargs))
+        return taken[-1]
+
+    monkeypatch.setattr(importing, "_load_customers_directly", spy)
+    path = write_customers(tmp_path, customer_lines(500))
+    before = customer_constraints(engine)
+    chunks: list[int] = []
+    import_customers(engine, path, chunk_rows=97, bulk_rows=bulk_rows, progress=chunks.append)
+    assert sum(chunks) == 500 and max(chunks) == 97
+    import_customers(engine, path, bulk_rows=bulk_rows)  # customers stored now: staged
+    assert taken == ([True, False] if engine.dialect.name == "postgresql" else [False, False])
+    assert customer_constraints(engine) == before
+
+
+@pytest.mark.parametrize("bulk_rows", [0, 1], ids=["direct", "direct-bulk"])
+def test_customer_stored_by_someone_else_during_a_first_load_is_merged(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bulk_rows: int
+) -> None:
+    """A customer of the file stored by another writer after the import found the table
+    empty breaks the unique key: the import merges through the staging table instead."""
+    path = write_customers(tmp_path, customer_lines(500))
+    import_customers(engine, path, direct=False, today=TODAY)
+    expected = customer_rows(engine)
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM customers WHERE external_id <> 'K00042'"))
+        conn.execute(
+            text(
+                "UPDATE customers SET segment = NULL, attributes = '{}' WHERE external_id = 'K00042'"
+            )
+        )
+    monkeypatch.setattr(importing, "_customers_stored", lambda conn: False)
+    summary = import_customers(engine, path, bulk_rows=bulk_rows, today=TODAY)
+    assert (summary.added, summary.updated) == (499, 1)
+    stored = customer_rows(engine)
+    assert stored[:500] == expected[:500]
+
+
+@pytest.mark.parametrize("bulk_rows", [0, 1], ids=["direct", "direct-bulk"])
+def test_customer_id_taken_by_someone_else_during_a_first_load(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bulk_rows: int
+) -> None:
+    """The direct load numbers its rows from a block of ids it takes from the sequence; a
+    customer stored meanwhile with an id of that block breaks the primary key, and the
+    import gives way to the staged path, which adds every row of the file."""
+    path = write_customers(tmp_path, customer_lines(500))
+    import_customers(engine, path, direct=False, today=TODAY)
+    expected = customer_rows(engine)
+    empty_customers(engine)
+    if engine.dialect.name == "postgresql":
+        with engine.begin() as conn:
+            taken = conn.execute(text("SELECT last_value + 7 FROM customers_id_seq")).scalar_one()
+            conn.execute(
+                text(
+                    "INSERT INTO customers (id, external_id, attributes) "
+                    "VALUES (:id, 'ZZ-OTHER', '{}')"
+                ),
+                {"id": taken},
+            )
+        monkeypatch.setattr(importing, "_customers_stored", lambda conn: False)
+    tried: list[bool] = []
+    original = importing._load_customers_directly
+
+    def spy(*args: Any, **kwargs: Any) -> bool:
+        tried.append(original(*args, **kwargs))
+        return tried[-1]
+
+    monkeypatch.setattr(importing, "_load_customers_directly", spy)
+    summary = import_customers(engine, path, bulk_rows=bulk_rows, today=TODAY)
+    assert tried == [False]  # on PostgreSQL: tried, and gave way
+    assert (summary.added, summary.updated) == (500, 0)
+    stored = customer_rows(engine)
+    assert stored[:500] == expected[:500]
+    if engine.dialect.name == "postgresql":
+        assert stored[500][0] == "ZZ-OTHER"
