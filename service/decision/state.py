@@ -497,6 +497,30 @@ WORKER_ORIGIN = "worker-"
 """How the origin of a serving worker's change events starts."""
 
 
+RELOAD_SWITCH_SECONDS = 0.0005
+"""The interpreter's thread switch interval while a serving worker builds its next
+snapshot. The build's Python work (the pitches of every distinct adoption sequence,
+about 3 s at a million customers; re-reading changed customers) runs in a thread beside
+the requests: at the default 5 ms a request waiting for the interpreter waited up to
+5 ms at each of its turns, so its latency grew by tens of milliseconds for as long as
+the build ran."""
+
+
+@contextlib.contextmanager
+def _sharing_the_interpreter(serving: bool) -> Iterator[None]:
+    """While inside, with ``serving``, threads take turns every
+    :data:`RELOAD_SWITCH_SECONDS`; the interval before is restored after."""
+    if not serving:
+        yield
+        return
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(min(before, RELOAD_SWITCH_SECONDS))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
+
+
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -551,7 +575,8 @@ class ServingState:
         with self._reload_lock:
             loading = time.perf_counter()
             try:
-                snapshot = self._build()
+                with _sharing_the_interpreter(self.snapshot is not None):
+                    snapshot = self._build()
             except Exception as exc:  # noqa: BLE001 - anything: keep serving what we have
                 return self._load_failed(exc)
             self._failures = 0

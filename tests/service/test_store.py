@@ -5,6 +5,7 @@ read again rather than served from it."""
 from __future__ import annotations
 
 import datetime as dt
+import sys
 import threading
 import time
 from collections import Counter
@@ -340,6 +341,28 @@ def test_a_version_store_is_prepared_before_it_is_activated(
         registry.activate_version(session, version="v2", origin="test")
     assert state.load().version == "v2"
     assert builds.count == 2  # mapped what prepare_store built
+
+
+def test_a_reload_while_serving_shares_the_interpreter_with_requests(
+    bank: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that serves builds its next snapshot with a short thread switch interval
+    (requests wait less for the interpreter); start-up keeps the default, and the
+    interval is restored after."""
+    state = ServingState(bank, settings_for(bank, tmp_path))
+    seen: list[float] = []
+    real = state._build
+
+    def build() -> serving.Snapshot:
+        seen.append(sys.getswitchinterval())
+        return real()
+
+    monkeypatch.setattr(state, "_build", build)
+    before = sys.getswitchinterval()
+    state.load()
+    state.load()
+    assert seen == [before, serving.RELOAD_SWITCH_SECONDS]
+    assert sys.getswitchinterval() == before
 
 
 def test_a_changed_customer_is_read_again_after_the_overlay_drops_it(
