@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -27,7 +28,7 @@ from service.data import db
 from service.decision import lane
 from service.decision.audit import AuditWriter, audit_writer
 from service.decision.spool import record_counts
-from service.decision.state import ServingState
+from service.decision.state import ServingState, release_memory, sharing_the_interpreter
 from service.errors import TooLarge, install_error_handlers, render_problem
 from service.metrics import MetricsMiddleware
 from service.reports import api as report_routes
@@ -259,28 +260,86 @@ def _content_length(scope: Any) -> int | None:
     return None
 
 
+_T = TypeVar("_T")
+FIGURES_LOCK = "figures.lock"
+"""The file in the data folder whose lock says which worker of a machine computes the
+business figures, and whose time says when one last did."""
+
+
+@contextlib.contextmanager
+def _figures_turn(state: ServingState) -> Iterator[bool]:
+    """Whether this worker computes the business figures now (held while inside).
+
+    One worker of a machine does, under a lock in the data folder, and none again
+    before half the interval has passed since one did: each computation reads a week of
+    contacts and their customers' adoptions (about a gigabyte of frames at a million
+    customers), so every worker doing it every interval cost each worker that much
+    memory and paused its requests. The gauges are shared by the workers of a machine
+    (multiprocess mode keeps the most recent value), so one computation serves all.
+    When the lock cannot be opened, the worker computes them itself.
+    """
+    path = state.settings.data_dir / FIGURES_LOCK
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = path.open("a+b")
+    except OSError:
+        yield True
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False  # another worker is computing them
+            return
+        try:
+            every = state.settings.figures_interval_seconds
+            last = os.fstat(handle.fileno()).st_mtime if os.fstat(handle.fileno()).st_size else 0.0
+            if every and time.time() - last < every / 2:
+                yield False  # another worker computed them a moment ago
+                return
+            handle.truncate(0)
+            handle.write(str(time.time()).encode())
+            handle.flush()
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _figures(function: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """``function(*args, **kwargs)`` sharing the interpreter with the requests."""
+    with sharing_the_interpreter():
+        return function(*args, **kwargs)
+
+
 async def _publish_figures(state: ServingState) -> None:
     """Rolling 7-day conversion by product and channel, NPS by branch, adoption by arm
-    (treated, control), as gauges."""
+    (treated, control), as gauges; by one worker of a machine at a time (see
+    :func:`_figures_turn`)."""
     today = state.clock().date()
-    try:
-        conversion, nps = await asyncio.to_thread(
-            reports.rolling_figures,
-            state.engine,
-            today,
-            branches=state.settings.known_branches,
-            branch_limit=state.settings.metric_branch_limit,
-        )
-    except Exception:  # noqa: BLE001 - a report failing must not stop the poll loop
-        log.warning("business figures could not be computed", exc_info=True)
-    else:
-        metrics.set_business_figures(conversion, nps)
-    try:
-        uplift = await asyncio.to_thread(reports.rolling_uplift, state.engine, today)
-    except Exception:  # noqa: BLE001 - a report failing must not stop the poll loop
-        log.warning("uplift figures could not be computed", exc_info=True)
-    else:
-        metrics.set_uplift_figures(uplift)
+    with _figures_turn(state) as mine:
+        if not mine:
+            return
+        try:
+            conversion, nps = await asyncio.to_thread(
+                _figures,
+                reports.rolling_figures,
+                state.engine,
+                today,
+                branches=state.settings.known_branches,
+                branch_limit=state.settings.metric_branch_limit,
+            )
+        except Exception:  # noqa: BLE001 - a report failing must not stop the poll loop
+            log.warning("business figures could not be computed", exc_info=True)
+        else:
+            metrics.set_business_figures(conversion, nps)
+        try:
+            uplift = await asyncio.to_thread(_figures, reports.rolling_uplift, state.engine, today)
+        except Exception:  # noqa: BLE001 - a report failing must not stop the poll loop
+            log.warning("uplift figures could not be computed", exc_info=True)
+        else:
+            metrics.set_uplift_figures(uplift)
+    # The frames' memory back to the system: glibc kept it, a gigabyte a worker at 1M.
+    await asyncio.to_thread(release_memory)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

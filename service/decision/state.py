@@ -507,9 +507,10 @@ the build ran."""
 
 
 @contextlib.contextmanager
-def _sharing_the_interpreter(serving: bool) -> Iterator[None]:
+def sharing_the_interpreter(serving: bool = True) -> Iterator[None]:
     """While inside, with ``serving``, threads take turns every
-    :data:`RELOAD_SWITCH_SECONDS`; the interval before is restored after."""
+    :data:`RELOAD_SWITCH_SECONDS`: for long Python work in a worker that serves (a
+    snapshot build, the business figures). The interval before is restored after."""
     if not serving:
         yield
         return
@@ -575,7 +576,7 @@ class ServingState:
         with self._reload_lock:
             loading = time.perf_counter()
             try:
-                with _sharing_the_interpreter(self.snapshot is not None):
+                with sharing_the_interpreter(self.snapshot is not None):
                     snapshot = self._build()
             except Exception as exc:  # noqa: BLE001 - anything: keep serving what we have
                 return self._load_failed(exc)
@@ -1065,7 +1066,7 @@ def _serving_store(
         usable=usable,
     )
     if built:
-        _release_memory()
+        release_memory()
     return store, built
 
 
@@ -1209,7 +1210,7 @@ def write_serving_store(
     )
 
 
-def _release_memory() -> None:
+def release_memory() -> None:
     """Give the heap a build left free back to the system (glibc keeps it otherwise,
     and every worker that built would stay gigabytes larger)."""
     gc.collect()

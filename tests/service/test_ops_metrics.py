@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import importlib.metadata
+import os
 import platform
 import time
 from collections.abc import Iterator
@@ -278,3 +279,36 @@ def test_uplift_gauge_gives_adoption_by_arm(
             labels["arm"]: value for labels, value in app.values("nbo_uplift_conversion_ratio")
         }
     assert rates == pytest.approx({"treated": 3 / len(treated), "control": 1 / len(control)})
+
+
+def test_one_worker_of_a_machine_computes_the_business_figures(tmp_path: Path) -> None:
+    """The figures read a week of contacts and adoptions: of the workers sharing a data
+    folder one computes them (the gauges are shared), none while another is at it, and
+    none again before half the interval has passed."""
+    import fcntl
+    from types import SimpleNamespace
+
+    from service.app import FIGURES_LOCK, _figures_turn
+
+    def worker(every: float) -> Any:
+        return SimpleNamespace(
+            settings=SimpleNamespace(data_dir=tmp_path / "data", figures_interval_seconds=every)
+        )
+
+    with _figures_turn(worker(300.0)) as first:
+        assert first
+        with _figures_turn(worker(300.0)) as meanwhile:
+            assert not meanwhile  # the first holds the lock
+    with _figures_turn(worker(300.0)) as soon_after:
+        assert not soon_after  # computed a moment ago
+    lock = tmp_path / "data" / FIGURES_LOCK
+    old = time.time() - 200.0
+    os.utime(lock, (old, old))
+    with _figures_turn(worker(300.0)) as later:
+        assert later  # over half the interval since
+    with _figures_turn(worker(0.0)) as unscheduled:
+        assert unscheduled  # no interval (figures asked for directly): no wait
+    with lock.open("a+b") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with _figures_turn(worker(0.0)) as blocked:
+            assert not blocked
