@@ -141,8 +141,9 @@ class Settings(BaseSettings):
         default=300.0,
         ge=0.0,
         description=(
-            "How often each worker recomputes the rolling 7-day conversion and NPS gauges "
-            "from the database (a query over a week of offers); 0 turns them off."
+            "How often one worker of each machine recomputes the rolling 7-day conversion, "
+            "NPS and uplift gauges from the database (queries over a week of contacts); 0 "
+            "turns them off."
         ),
     )
     audit_commit_lanes: int = Field(

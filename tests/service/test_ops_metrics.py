@@ -33,6 +33,7 @@ from models.propensity.training import train
 from models.synthetic import generate_bank, write_bank
 from service.app import _publish_figures, create_app
 from service.data.db import unit_of_work
+from service.reports import measures as reports
 from service.settings import Settings
 from tests.bank import AS_OF, load_trained_bank, register_bundle
 
@@ -279,6 +280,26 @@ def test_uplift_gauge_gives_adoption_by_arm(
             labels["arm"]: value for labels, value in app.values("nbo_uplift_conversion_ratio")
         }
     assert rates == pytest.approx({"treated": 3 / len(treated), "control": 1 / len(control)})
+    # Read a few customer ids at a time (memory bounded at any bank size): the same rates.
+    engine = create_engine(database_url)
+    try:
+        today = dt.datetime.now(dt.UTC).date()
+        for chunk in (1, 7, 1000):
+            assert reports.rolling_uplift(engine, today, chunk_customers=chunk) == pytest.approx(
+                rates
+            )
+        # The ranges split the contacts and their adoptions, each counted once.
+        period = reports.Period(today - dt.timedelta(days=6), today)
+        with engine.connect() as conn:
+            contacts = reports._first_contacts(conn, period)
+            adopted = reports._contacted_adoptions(conn, period, 7)
+            ranges = [(start, start + 7) for start in range(0, 400, 7)]
+            parts = [reports._first_contacts(conn, period, r) for r in ranges]
+            adoption_parts = [reports._contacted_adoptions(conn, period, 7, r) for r in ranges]
+        assert len(contacts) == 24 and sum(len(part) for part in parts) == 24
+        assert sum(len(part) for part in adoption_parts) == len(adopted) > 0
+    finally:
+        engine.dispose()
 
 
 def test_one_worker_of_a_machine_computes_the_business_figures(tmp_path: Path) -> None:
