@@ -56,8 +56,13 @@ class TrainConfig:
         least ``leaf_positives / rate`` rows (and at most half its share of the rows);
         a category group of a native categorical split needs as many. Rare products get
         large leaves, so no leaf's rate rests on one or two responders.
-    feature_fraction, bagging_fraction, lambda_l2, max_bin, num_threads
-        LightGBM settings (``num_threads=0``: LightGBM's default, all cores).
+    feature_fraction, bagging_fraction, lambda_l2, max_bin
+        LightGBM settings.
+    num_threads : int
+        Threads training may use (0: every core the process may use). Products are
+        boosted in parallel, one thread each while there are products enough: a
+        booster of a few hundred thousand rows gains little from more threads, which
+        wait on each other (and, on a busy machine, spin) at every histogram.
     refit : bool
         After early stopping, train the served booster again for the same rounds on the
         training and validation rows together: a third more customers in the

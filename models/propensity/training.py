@@ -32,9 +32,11 @@ trained again on training and validation rows together (``TrainConfig.refit``).
 from __future__ import annotations
 
 import math
+import os
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,8 +47,15 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from models.data import NS_PER_DAY, BankData, DateInput, instant
-from models.eligibility import Catalogue, combine, rule_failures
-from models.features import FeatureBuilder, FeatureFrame, FeatureSpec, PreparedBank, mine_rules
+from models.eligibility import Catalogue, ages_at, combine, rule_failures
+from models.features import (
+    FeatureBuilder,
+    FeatureSpec,
+    PreparedBank,
+    joined_before,
+    mine_rules,
+    static_at,
+)
 from models.propensity.calibration import Calibrator, fit_blend, fit_calibrator, log_loss, sigmoid
 from models.propensity.config import TrainConfig
 from models.propensity.model import ProductModel, PropensityModel
@@ -297,9 +306,14 @@ def _month_floor(stamp: pd.Timestamp) -> pd.Timestamp:
 
 @dataclass
 class _Rows:
-    """Sampled rows of one product, accumulated over cutoffs."""
+    """Sampled rows of one product, accumulated over cutoffs.
 
-    values: list[npt.NDArray[np.float32]] = field(default_factory=list)
+    The features are not copied per product: each cutoff's rows are built once, for the
+    union of every product's sample (a block shared by the products), and a product
+    keeps its rows' positions in the block.
+    """
+
+    blocks: list[tuple[npt.NDArray[np.float32], npt.NDArray[np.intp]]] = field(default_factory=list)
     labels: list[npt.NDArray[np.bool_]] = field(default_factory=list)
     weights: list[npt.NDArray[np.float64]] = field(default_factory=list)
     folds: list[npt.NDArray[np.int8]] = field(default_factory=list)
@@ -310,13 +324,14 @@ class _Rows:
 
     def add(
         self,
-        values: npt.NDArray[np.float32],
+        block: npt.NDArray[np.float32],
+        positions: npt.NDArray[np.intp],
         labels: npt.NDArray[np.bool_],
         weights: npt.NDArray[np.float64],
         folds: npt.NDArray[np.int8],
         rules: npt.NDArray[np.float64],
     ) -> None:
-        self.values.append(values)
+        self.blocks.append((block, positions))
         self.labels.append(labels)
         self.weights.append(weights)
         self.folds.append(folds)
@@ -334,9 +349,9 @@ class _Rows:
         npt.NDArray[np.int8],
         npt.NDArray[np.float64],
     ]:
-        """Values, labels, weights, folds and exact rule confidences (the values are
+        """Values, labels, weights, folds and exact rule confidences (the blocks are
         released: call once)."""
-        if not self.values:
+        if not self.blocks:
             return (
                 np.empty((0, n_features), dtype=np.float32),
                 np.empty(0, dtype=bool),
@@ -344,14 +359,20 @@ class _Rows:
                 np.empty(0, dtype=np.int8),
                 np.empty(0),
             )
+        # Gathered straight into one array: no per-cutoff copies to concatenate.
+        values = np.empty((sum(p.size for _, p in self.blocks), n_features), dtype=np.float32)
+        start = 0
+        for block, positions in self.blocks:
+            np.take(block, positions, axis=0, out=values[start : start + positions.size])
+            start += positions.size
         out = (
-            np.concatenate(self.values),
+            values,
             np.concatenate(self.labels),
             np.concatenate(self.weights),
             np.concatenate(self.folds),
             np.concatenate(self.rules),
         )
-        self.values.clear()
+        self.blocks.clear()
         return out
 
 
@@ -413,7 +434,7 @@ def train(
     )
     before = prepared.index.adopted < as_of_ns
     first_adoption = pd.Timestamp(int(prepared.index.adopted[before].min()), unit="ns")
-    rng = np.random.default_rng(config.seed)
+    rng = _negatives_stream(config.seed)
     hashes = (pd.util.hash_array(prepared.customer_ids) % np.uint64(10_000)).astype(np.int64)
     if plan.split_customers:
         # Seeded, stratified by response in the window: validation and both calibration
@@ -448,43 +469,58 @@ def train(
     for i, cutoff in enumerate(cutoffs):
         report_progress(f"features at {cutoff.date()}", 0.05 + 0.4 * i / len(cutoffs))
         is_validation = plan.split_customers or cutoff == plan.validation
-        frame, labels, eligible = _cutoff(prepared, spec, catalogue, config, cutoff, horizon_days)
+        builder, population, labels, eligible = _cutoff(
+            prepared, spec, catalogue, config, cutoff, horizon_days
+        )
         if forced is not None:
-            sold = forced.within(frame.rows, int(cutoff.value), horizon_days * NS_PER_DAY)
+            sold = forced.within(population, int(cutoff.value), horizon_days * NS_PER_DAY)
             dropped_forced += int((sold & eligible).sum())
             eligible &= ~sold
         if plan.split_customers:
-            held_out = held_out_customers[frame.rows]
-            folds = fold_customers[frame.rows]
+            held_out = held_out_customers[population]
+            folds = fold_customers[population]
             splits = [
                 (~held_out, train_rows, per_cutoff_cap, False),
                 (held_out, valid_rows, config.max_validation_rows, True),
             ]
         else:
-            folds = (hashes[frame.rows] % 2).astype(np.int8)
-            everyone = np.ones(len(frame), dtype=bool)
+            folds = (hashes[population] % 2).astype(np.int8)
+            everyone = np.ones(population.size, dtype=bool)
             splits = [
                 (everyone, valid_rows, config.max_validation_rows, True)
                 if is_validation
                 else (everyone, train_rows, per_cutoff_cap, False)
             ]
+        # One uniform draw per customer chooses the negatives of every product (see
+        # _sample), so the products' samples overlap and the cutoff's features are
+        # built once, for their union only.
+        draws = rng.random(population.size)
+        samples = []
         for mask, sink, cap, validation in splits:
             for code in targets:
                 j = catalogue.index[code]
                 candidates = np.flatnonzero(eligible[:, j] & mask)
                 rows, weights = _sample(
-                    candidates, labels[candidates, j], config, cap, rng, validation=validation
+                    candidates, labels[candidates, j], config, cap, draws, validation=validation
                 )
-                sink[code].add(
-                    frame.values[rows],
-                    labels[rows, j],
-                    weights,
-                    folds[rows],
-                    np.zeros(rows.size)
-                    if frame.rule_confidence is None
-                    else frame.rule_confidence[rows, spec_index[code]],
-                )
-        del frame, labels, eligible
+                samples.append((sink[code], code, j, rows, weights))
+        union = np.unique(
+            np.concatenate([np.empty(0, np.intp)] + [rows for *_, rows, _ in samples])
+        )
+        frame = builder.build(prepared, as_of=cutoff, rows=population[union])
+        for rows_of, code, j, rows, weights in samples:
+            positions = np.searchsorted(union, rows)
+            rows_of.add(
+                frame.values,
+                positions,
+                labels[rows, j],
+                weights,
+                folds[rows],
+                np.zeros(rows.size)
+                if frame.rule_confidence is None
+                else frame.rule_confidence[positions, spec_index[code]],
+            )
+        del frame, samples, labels, eligible
 
     report_progress("final rules", 0.45)
     rules = None
@@ -497,14 +533,23 @@ def train(
         )
     products: list[ProductModel] = []
     report: dict[str, Any] = {"products": {}}
-    params = config.lightgbm_params()
-    for n, code in enumerate(targets):
-        report_progress(f"training {code}", 0.5 + 0.5 * n / max(len(targets), 1))
-        product, metrics = _fit_product(
-            code, spec, train_rows.pop(code), valid_rows.pop(code), params, config
-        )
-        products.append(product)
-        report["products"][code] = metrics
+    workers, threads = _parallelism(config, len(targets))
+    params = {**config.lightgbm_params(), "num_threads": threads}
+    # Products are independent: several boosters train at once, each on its own
+    # threads (LightGBM releases the GIL), rather than one booster on every core, whose
+    # threads wait on each other at every histogram of a few hundred thousand rows.
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        fits = [
+            pool.submit(
+                _fit_product, code, spec, train_rows.pop(code), valid_rows.pop(code), params, config
+            )
+            for code in targets
+        ]
+        for n, (code, fit) in enumerate(zip(targets, fits, strict=True)):
+            report_progress(f"training {code}", 0.5 + 0.5 * n / max(len(targets), 1))
+            product, metrics = fit.result()
+            products.append(product)
+            report["products"][code] = metrics
     report["seconds"] = round(time.perf_counter() - started, 3)
     report["summary"] = _summary(report["products"])
     if forced is not None:
@@ -589,6 +634,32 @@ class _AcceptedOffers:
         return out
 
 
+def _negatives_stream(seed: int) -> np.random.Generator:
+    """The random stream that samples negatives: one draw per customer of a cutoff.
+
+    Its own stream of the seed: a bank made by a generator seeded alike (the synthetic
+    one, ``default_rng(seed)``) would otherwise meet its own draws again, customer by
+    customer, and the negatives kept would be chosen by the customers' attributes.
+    """
+    return np.random.default_rng([seed, zlib.crc32(b"negatives")])
+
+
+def _parallelism(config: TrainConfig, products: int) -> tuple[int, int]:
+    """Boosters trained at once, and LightGBM threads of each: ``config.num_threads``
+    (0: every core this process may use) shared out, one booster per thread while
+    there are products enough."""
+    threads = config.num_threads if config.num_threads > 0 else _cores()
+    workers = max(1, min(threads, products))
+    return workers, max(1, threads // workers)
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _targets(catalogue: Catalogue, config: TrainConfig) -> list[str]:
     if config.products is None:
         return [c for j, c in enumerate(catalogue.product_codes) if catalogue.active[j]]
@@ -616,23 +687,32 @@ def _cutoff(
     config: TrainConfig,
     cutoff: pd.Timestamp,
     horizon_days: int,
-) -> tuple[FeatureFrame, npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
-    """Features, labels and eligibility (catalogue columns) at one cutoff."""
+) -> tuple[FeatureBuilder, npt.NDArray[np.intp], npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+    """The builder of one cutoff (its rules mined before it), the customers it builds
+    (positions in the bank), their labels and eligibility (catalogue columns).
+
+    Labels and eligibility read only holdings, ages and segments, the cheap part of the
+    features: the feature rows are built afterwards for the sampled customers alone
+    (:meth:`FeatureBuilder.build` with ``rows``, each row as in the full build).
+    """
     t_ns = int(cutoff.value)
     rules = None
     if config.rules:
         rules = mine_rules(
             prepared.index, spec.product_codes, as_of=cutoff, **_rule_settings(config, horizon_days)
         )
-    frame = FeatureBuilder(spec, rules).build(prepared, as_of=cutoff)
-    labels = prepared.index.adopted_between(t_ns, t_ns + horizon_days * NS_PER_DAY)[frame.rows]
+    builder = FeatureBuilder(spec, rules)
+    population = joined_before(prepared, t_ns)
+    held = prepared.index.snapshot(t_ns).held[population]
+    labels = prepared.index.adopted_between(t_ns, t_ns + horizon_days * NS_PER_DAY)[population]
+    _, segments = static_at(prepared, t_ns)
     failures = rule_failures(
         catalogue,
-        held=frame.held,
-        ages=frame.ages,
-        segment_codes=catalogue.segment_codes(frame.segments),
+        held=held,
+        ages=ages_at(prepared.birth_ns[population], t_ns),
+        segment_codes=catalogue.segment_codes(segments[population]),
     )
-    return frame, labels, combine(failures)
+    return builder, population, labels, combine(failures)
 
 
 def _sample(
@@ -640,7 +720,7 @@ def _sample(
     labels: npt.NDArray[np.bool_],
     config: TrainConfig,
     cap: int,
-    rng: np.random.Generator,
+    draws: npt.NDArray[np.float64],
     *,
     validation: bool,
 ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.float64]]:
@@ -651,6 +731,10 @@ def _sample(
     negatives per positive (at least ``min_negatives``); validation keeps as many as the
     cap allows, since calibration and early stopping need the negatives' score
     distribution more than speed.
+
+    A negative is kept when its customer's uniform draw (``draws``, one per customer of
+    the cutoff, shared by every product) is below the share: each product's negatives
+    are still a uniform sample, and the products' samples nest inside one another.
     """
     positives = candidates[labels]
     negatives = candidates[~labels]
@@ -662,7 +746,7 @@ def _sample(
             wanted, max(config.negatives_per_positive * positives.size, config.min_negatives)
         )
     share = min(1.0, wanted / negatives.size)
-    kept = negatives[rng.random(negatives.size) < share] if share < 1 else negatives
+    kept = negatives[draws[negatives] < share] if share < 1 else negatives
     rows = np.concatenate([positives, kept])
     weights = np.concatenate([np.ones(positives.size), np.full(kept.size, 1.0 / share)])
     return rows, weights

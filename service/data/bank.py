@@ -87,9 +87,14 @@ def _read_customers(conn: Connection, kinds: Mapping[str, str], audit: RowAudit)
     return pd.concat([fixed, attributes], axis=1)
 
 
+ADOPTION_CHUNK_ROWS = 250_000
+"""Adoptions read and parsed per chunk: millions of rows as Python strings at once
+would hold gigabytes before they are parsed into compact columns."""
+
+
 def _read_adoptions(conn: Connection, audit: RowAudit) -> pd.DataFrame:
     dialect = conn.dialect.name
-    frame = pd.read_sql(
+    chunks = pd.read_sql(
         text(
             "SELECT c.external_id AS customer_id, p.code AS product_code, "
             f"{bank_rows.date_text('a.adopted_at', dialect)} AS adopted_at, "
@@ -98,8 +103,22 @@ def _read_adoptions(conn: Connection, audit: RowAudit) -> pd.DataFrame:
         ),
         conn,
         dtype=object,
+        chunksize=ADOPTION_CHUNK_ROWS,
     )
-    raw = frame
+    frames = [_parse_adoptions(raw, audit) for raw in chunks]
+    if not frames:
+        empty = pd.DataFrame(
+            {name: pd.Series(dtype=object) for name in _ADOPTION_COLUMNS}, columns=_ADOPTION_COLUMNS
+        )
+        return _parse_adoptions(empty, audit)
+    return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+
+
+_ADOPTION_COLUMNS = ["customer_id", "product_code", "adopted_at", "closed_at"]
+
+
+def _parse_adoptions(raw: pd.DataFrame, audit: RowAudit) -> pd.DataFrame:
+    """One chunk of adoption rows (texts) with parsed dates; keys as compact strings."""
     adopted = bank_rows.parse_dates(raw["adopted_at"])
     closed = bank_rows.parse_dates(raw["closed_at"])
     # Hundreds of thousands of rows: parsed as columns; the few that are not plain
@@ -118,7 +137,7 @@ def _read_adoptions(conn: Connection, audit: RowAudit) -> pd.DataFrame:
                 frame.iloc[i, 2] = pd.Timestamp(dates[0])
                 frame.iloc[i, 3] = pd.NaT if dates[1] is None else pd.Timestamp(dates[1])
         frame = frame.loc[keep].reset_index(drop=True)
-    return frame
+    return frame.astype({"customer_id": "str", "product_code": "str"})
 
 
 def _read_attribute_history(

@@ -15,7 +15,7 @@ from sklearn.metrics import roc_auc_score
 
 from models.data import BankData, CustomerState
 from models.eligibility import Catalogue, eligible_matrix
-from models.propensity import ProductScore, PropensityModel, TrainConfig
+from models.propensity import ProductScore, PropensityModel, TrainConfig, training
 from models.propensity.training import plan_cutoffs, train
 from models.synthetic import SyntheticBank, generate_bank, true_propensities
 
@@ -546,3 +546,80 @@ def test_accepted_offers_are_positives_unless_forced_sales_are_dropped(
     assert 0 < lost <= len(window)
     with pytest.raises(ValueError, match="forced_sales"):
         TrainConfig(forced_sales="maybe")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- one machine
+
+
+def test_products_boosted_in_parallel_give_the_one_thread_model(planted: BankData) -> None:
+    """Two threads train two boosters at once, one thread each: the same model."""
+    config = TrainConfig(n_cutoffs=3, max_rounds=80)
+    one = train(planted, as_of=AS_OF, config=replace(config, num_threads=1))
+    two = train(planted, as_of=AS_OF, config=replace(config, num_threads=2))
+    assert len(one.products) >= 2
+    assert [p.model_text is None for p in one.products] == [
+        p.model_text is None for p in two.products
+    ]
+    pd.testing.assert_frame_equal(one.score(planted, as_of=AS_OF), two.score(planted, as_of=AS_OF))
+
+
+def test_products_sample_negatives_with_one_draw_per_customer() -> None:
+    """Each product's negatives are a uniform share, reweighted; a smaller share keeps
+    a subset of a larger one's, so a cutoff's features are built for few customers."""
+    rng = np.random.default_rng(0)
+    n = 50_000
+    draws = rng.random(n)
+    config = TrainConfig(negatives_per_positive=10, min_negatives=100)
+    samples = []
+    for rate in (0.01, 0.05):
+        labels = rng.random(n) < rate
+        candidates = np.arange(n)
+        rows, weights = training._sample(
+            candidates, labels, config, 40_000, draws, validation=False
+        )
+        negatives = rows[~labels[rows]]
+        positives = int(labels.sum())
+        assert np.array_equal(rows[labels[rows]], np.flatnonzero(labels))
+        share = 1 / weights[~labels[rows]][0]
+        assert negatives.size == pytest.approx(10 * positives, rel=0.1)
+        assert np.all(draws[negatives] < share)
+        assert (weights[~labels[rows]].sum() + positives) == pytest.approx(n, rel=0.05)
+        samples.append(set(negatives.tolist()))
+    rare, common = samples
+    # The rarer product's negatives (a smaller share) mostly nest in the other's;
+    # only customers who are positives of the other product are outside it.
+    assert len(rare - common) <= 0.1 * len(rare)
+
+
+def test_sampled_rows_are_gathered_from_shared_blocks() -> None:
+    rows = training._Rows()
+    first = np.arange(12, dtype=np.float32).reshape(4, 3)
+    second = -np.arange(6, dtype=np.float32).reshape(2, 3)
+    rows.add(
+        first,
+        np.array([3, 0]),
+        np.array([True, False]),
+        np.ones(2),
+        np.zeros(2, np.int8),
+        np.zeros(2),
+    )
+    rows.add(
+        second, np.array([1]), np.array([False]), np.full(1, 4.0), np.ones(1, np.int8), np.ones(1)
+    )
+    values, labels, weights, folds, rules = rows.arrays(3)
+    assert np.array_equal(values, np.vstack([first[[3, 0]], second[[1]]]))
+    assert labels.tolist() == [True, False, False]
+    assert weights.tolist() == [1.0, 1.0, 4.0] and folds.tolist() == [0, 0, 1]
+    assert rows.weighted_rows == 6.0 and rows.weighted_positives == 1.0
+    assert not rows.blocks
+
+
+def test_negatives_are_drawn_apart_from_a_generator_seeded_alike() -> None:
+    """A synthetic bank generated with ``default_rng(seed)`` draws its customers from
+    that stream: one draw per customer from the same stream would pick the negatives
+    by the customers' attributes. The sampling stream is the seed's own."""
+    n = 100_000
+    generator = np.random.default_rng(0).random(n)
+    draws = training._negatives_stream(0).random(n)
+    assert abs(np.corrcoef(generator, draws)[0, 1]) < 0.02
+    assert np.array_equal(draws, training._negatives_stream(0).random(n))
