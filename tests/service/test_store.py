@@ -365,6 +365,22 @@ def test_a_reload_while_serving_shares_the_interpreter_with_requests(
     assert sys.getswitchinterval() == before
 
 
+def test_a_replaced_snapshot_gives_its_caches_back(bank: Engine, tmp_path: Path) -> None:
+    """The snapshot a reload replaces has its pitch caches emptied (a slice at a time),
+    and one still held by a request goes on answering."""
+    state = ServingState(bank, settings_for(bank, tmp_path))
+    first = state.load()
+    customers = sorted(first.customers)[:40]
+    before = [answers(first, c) for c in customers]
+    assert first.rule_cache and first.customers.sequence_pitches
+    second = state.load()
+    assert second is not first and second.rule_cache
+    assert not first.rule_cache and not first.customers.sequence_pitches
+    assert not first.rule_pitches
+    assert [answers(first, c) for c in customers] == before  # made again as needed
+    assert [answers(second, c) for c in customers] == before
+
+
 def test_a_changed_customer_is_read_again_after_the_overlay_drops_it(
     bank: Engine, tmp_path: Path
 ) -> None:
