@@ -1,0 +1,110 @@
+"""How long a reload holds up the other threads of a serving worker.
+
+Usage::
+
+    NBO_DATABASE_URL=... NBO_DATA_DIR=... .venv/bin/python bench/reload.py [--reloads 2]
+
+Loads the active version as a worker does (its serving store must be built: `nbo
+models prepare`; the contact history is skipped), then reloads it while a thread that
+stands for the requests wakes every millisecond. A request waits at least as long as
+the gaps between that thread's wake-ups: the longest ones are printed with what the
+reload was doing then (build, rule warm-up, swap, freeing the old snapshot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from service.data.db import engine_from_settings  # noqa: E402
+from service.decision import state as serving  # noqa: E402
+from service.settings import Settings  # noqa: E402
+
+GAP_MS = 20.0
+"""Wake-up gaps longer than this are listed."""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reloads", type=int, default=2, help="Reloads measured.")
+    args = parser.parse_args()
+    if args.reloads < 1:
+        parser.error("--reloads must be at least 1")
+    settings = Settings()
+    engine = engine_from_settings(settings)
+    state = serving.ServingState(engine, settings)
+    state.last_event = 1  # no contact history: only the snapshot is measured
+    started = time.perf_counter()
+    state.load()
+    print(
+        f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
+    print(
+        f"first load {time.perf_counter() - started:.1f} s, {len(state.snapshot.customers):,} customers"
+    )  # type: ignore[union-attr]
+    marks: list[tuple[float, str]] = []
+
+    def marked(owner: Any, name: str) -> None:
+        real: Callable[..., Any] = getattr(owner, name)
+
+        def wrapper(*a: Any, **k: Any) -> Any:
+            marks.append((time.perf_counter(), f"{name} starts"))
+            try:
+                return real(*a, **k)
+            finally:
+                marks.append((time.perf_counter(), f"{name} ends"))
+
+        setattr(owner, name, wrapper)
+
+    for name in ("build_snapshot", "_retire"):
+        marked(serving, name)
+    marked(serving.Snapshot, "warm_rules")
+    for reload in range(1, args.reloads + 1):
+        marks.clear()
+        gaps: list[tuple[float, float]] = []
+        stop = threading.Event()
+
+        def ping(stop: threading.Event = stop, gaps: list[tuple[float, float]] = gaps) -> None:
+            last = time.perf_counter()
+            while not stop.is_set():
+                time.sleep(0.001)
+                now = time.perf_counter()
+                gaps.append((last, now))
+                last = now
+
+        thread = threading.Thread(target=ping)
+        thread.start()
+        time.sleep(0.3)
+        origin = time.perf_counter()
+        state.load()
+        took = time.perf_counter() - origin
+        time.sleep(0.3)
+        stop.set()
+        thread.join()
+        lengths = sorted((b - a) * 1000 for a, b in gaps)
+        print(
+            f"reload {reload}: {took:.2f} s; wake-up gaps: median {lengths[len(lengths) // 2]:.2f} ms, "
+            f"p99.9 {lengths[int(len(lengths) * 0.999)]:.1f} ms, max {lengths[-1]:.0f} ms"
+        )
+        for a, b in gaps:
+            if (b - a) * 1000 > GAP_MS:
+                doing = [n for t, n in marks if t <= a]
+                print(
+                    f"  {1000 * (b - a):6.0f} ms at {a - origin:6.3f} s "
+                    f"(after: {doing[-1] if doing else 'before the reload'})"
+                )
+    engine.dispose()
+
+
+if __name__ == "__main__":
+    main()
