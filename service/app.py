@@ -293,7 +293,8 @@ def _figures_turn(state: ServingState) -> Iterator[bool]:
             return
         try:
             every = state.settings.figures_interval_seconds
-            last = os.fstat(handle.fileno()).st_mtime if os.fstat(handle.fileno()).st_size else 0.0
+            held = os.fstat(handle.fileno())
+            last = held.st_mtime if held.st_size else 0.0
             if every and time.time() - last < every / 2:
                 yield False  # another worker computed them a moment ago
                 return

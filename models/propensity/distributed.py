@@ -75,6 +75,7 @@ from models.propensity.training import (
     CutoffPlan,
     ProgressFn,
     calibrate_product,
+    lightgbm_metrics,
     plan_cutoffs,
 )
 from models.propensity.training import (
@@ -800,19 +801,15 @@ def _fit_product(
         code, text, raw, y_valid, w_valid, folds, rules_valid, rule_column, config, base_rate
     )
     metrics.update(
-        kind="lightgbm",
-        n_trees=int(best),
-        calibration=fitted.pop("calibration"),
-        blend=fitted.pop("blend"),
-        refit=config.refit,
-        lightgbm={
-            **{k: sized[k] for k in ("num_leaves", "min_data_in_leaf", "min_data_per_group")},
-            "learning_rate": sized["learning_rate"],
-            "early_stopping_rounds": patience,
-            "early_stopping": "replayed on the client over lightgbm.dask rounds",
-        },
+        lightgbm_metrics(
+            fitted,
+            n_trees=int(best),
+            refit=config.refit,
+            sized=sized,
+            early_stopping_rounds=patience,
+            early_stopping="replayed on the client over lightgbm.dask rounds",
+        )
     )
-    metrics.update(fitted)
     return product, metrics
 
 

@@ -831,15 +831,38 @@ def _fit_product(
         code, text, raw, y_valid, w_valid, folds, rules_valid, rule_column, config, base_rate
     )
     metrics.update(
-        kind="lightgbm",
-        n_trees=int(best),
-        calibration=fitted.pop("calibration"),
-        blend=fitted.pop("blend"),
-        refit=config.refit,
-        lightgbm={**{k: params[k] for k in _SIZED}, "early_stopping_rounds": patience},
+        lightgbm_metrics(
+            fitted,
+            n_trees=int(best),
+            refit=config.refit,
+            sized=params,
+            early_stopping_rounds=patience,
+        )
     )
-    metrics.update(fitted)
     return product, metrics
+
+
+def lightgbm_metrics(
+    fitted: dict[str, Any],
+    *,
+    n_trees: int,
+    refit: bool,
+    sized: Mapping[str, Any],
+    **lightgbm: Any,
+) -> dict[str, Any]:
+    """A LightGBM product's metrics, in the order the registry keeps them: the booster's
+    (trees, the calibration and blend :func:`calibrate_product` chose, refit, the
+    settings sized for the product out of ``sized`` and the entries of ``lightgbm``),
+    then the rest of ``fitted``. Shared by the single-machine and the Dask training."""
+    return {
+        "kind": "lightgbm",
+        "n_trees": n_trees,
+        "calibration": fitted.pop("calibration"),
+        "blend": fitted.pop("blend"),
+        "refit": refit,
+        "lightgbm": {**{k: sized[k] for k in _SIZED}, **lightgbm},
+        **fitted,
+    }
 
 
 def calibrate_product(
