@@ -25,6 +25,12 @@ page cache is not dropped: a cold run still reads a warm page cache.
 The report prints each run and the median (of the warm runs when ``--cold``) beside the
 targets of issue 17 (ready in <= 20 s; 2 workers <= 2 GB together) and today's figures.
 Server logs go to ``NBO_DATA_DIR/startup-server.log``.
+
+``--busy-offers N`` measures a start with busy policy windows without touching the
+prepared bank: it copies the PostgreSQL database (``CREATE DATABASE <name>_busy
+TEMPLATE <name>``) and ``NBO_DATA_DIR`` (hard links, as ``<dir>-busy``), adds decisions
+holding N offers spread over the last 25 days to the copy (1-3 offers a decision, random
+customers and products, a tenth of them declined), and starts the server on the copy.
 """
 
 from __future__ import annotations
@@ -43,6 +49,68 @@ from sqlalchemy import create_engine, text
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import serve as bench  # noqa: E402 - bench/serve.py: the server harness and memory readers
+
+BUSY_DAYS = 25
+"""``--busy-offers`` spreads its offers over this many days (inside the policy windows)."""
+
+FILL = (
+    # One row per decision: a random customer, an instant in the window, 1-3 offers.
+    """CREATE TABLE bench_fill AS
+    SELECT gen_random_uuid()::text AS did, c.id AS cid, c.external_id AS xid,
+           now() - random() * make_interval(days => :days) AS at,
+           1 + floor(random() * 3)::int AS k
+    FROM generate_series(1, :decisions) g
+    JOIN customers c ON c.id = (SELECT min(id) FROM customers)
+        + floor(random() * (SELECT count(*) FROM customers))::bigint""",
+    """INSERT INTO decisions (id, customer_id, customer_external_id, channel, control,
+        degraded, cold_start, created_at)
+    SELECT did, cid, xid, 'branch', false, false, false, at FROM bench_fill""",
+    """INSERT INTO offers (id, decision_id, customer_id, product_id, rank, propensity,
+        expected_value, score, created_at)
+    SELECT gen_random_uuid()::text, f.did, f.cid, p.ids[1 + floor(random() * p.n)::int],
+        r, 0.1, 1.0, 0.1, f.at
+    FROM bench_fill f CROSS JOIN generate_series(1, 3) r
+    CROSS JOIN (SELECT array_agg(id) AS ids, count(*) AS n FROM products) p
+    WHERE r <= f.k""",
+    """INSERT INTO offer_outcomes (offer_id, outcome, created_at)
+    SELECT id, 'declined', created_at + interval '1 minute' FROM offers
+    WHERE created_at >= now() - make_interval(days => :days) AND random() < 0.1""",
+    "DROP TABLE bench_fill",
+)
+
+
+def busy_copy(url: str, folder: Path, offers: int) -> tuple[str, Path]:
+    """A copy of the bank (database and data folder) with ``offers`` more offers in the
+    policy windows; returns its database URL and data folder."""
+    from sqlalchemy.engine import make_url
+
+    source = make_url(url)
+    if source.get_backend_name() != "postgresql" or not source.database:
+        sys.exit("--busy-offers needs NBO_DATABASE_URL on PostgreSQL")
+    name = f"{source.database}_busy"
+    admin = create_engine(source.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    started = time.perf_counter()
+    try:
+        with admin.connect() as conn:
+            # Names from the operator's own URL, quoted as identifiers.
+            quote = admin.dialect.identifier_preparer.quote
+            conn.execute(text(f"DROP DATABASE IF EXISTS {quote(name)} WITH (FORCE)"))
+            conn.execute(text(f"CREATE DATABASE {quote(name)} TEMPLATE {quote(source.database)}"))
+    finally:
+        admin.dispose()
+    busy_url = source.set(database=name).render_as_string(hide_password=False)
+    engine = create_engine(busy_url)
+    try:
+        with engine.begin() as conn:
+            for statement in FILL:
+                conn.execute(text(statement), {"days": BUSY_DAYS, "decisions": max(1, offers // 2)})
+    finally:
+        engine.dispose()
+    copy = folder.with_name(folder.name + "-busy")
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(folder, copy, copy_function=os.link)
+    print(f"busy copy {name} ready in {time.perf_counter() - started:.0f} s", flush=True)
+    return busy_url, copy
 
 
 def one_start(nbo: str, folder: Path, workers: int, timeout: float) -> dict[str, Any]:
@@ -101,6 +169,13 @@ def main() -> None:
         action="store_true",
         help="Remove NBO_DATA_DIR/serving/ before the first run (cold start; later runs warm).",
     )
+    parser.add_argument(
+        "--busy-offers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="Start on a copy of the bank with about N more offers in the policy windows.",
+    )
     args = parser.parse_args()
     if min(args.runs, args.workers) < 1 or args.timeout <= 0:
         parser.error("--runs and --workers must be >= 1, --timeout > 0")
@@ -112,6 +187,9 @@ def main() -> None:
     if not folder.is_dir():
         sys.exit(f"NBO_DATA_DIR {folder}: not a folder")
     nbo = bench.nbo_command()
+    if args.busy_offers > 0:
+        url, folder = busy_copy(url, folder, args.busy_offers)
+        os.environ["NBO_DATABASE_URL"], os.environ["NBO_DATA_DIR"] = url, str(folder)
     engine = create_engine(url)
     try:
         with engine.connect() as conn:

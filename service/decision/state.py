@@ -52,6 +52,7 @@ from service.data.db import read_only, unit_of_work
 from service.data.events import record_event
 from service.data.rows import RowAudit
 from service.decision import store as columns
+from service.decision import window
 from service.decision.contacts import ContactBook
 from service.decision.policy import Arbiter, Policy
 from service.settings import Settings
@@ -697,11 +698,21 @@ class ServingState:
             # a busy month is millions of offers, row-at-a-time work took most of a
             # start-up.
             # PostgreSQL gives the instant as POSIX seconds, sparing a datetime per row.
-            at = (
-                "EXTRACT(EPOCH FROM o.created_at)::float8"
-                if self.engine.dialect.name == "postgresql"
-                else "o.created_at"
-            )
+            postgresql = self.engine.dialect.name == "postgresql"
+            at = "EXTRACT(EPOCH FROM o.created_at)::float8" if postgresql else "o.created_at"
+            rest = ""
+            params: dict[str, Any] = {"since": since}
+            if postgresql:
+                try:
+                    unnamed = window.read_offers(
+                        conn, since, self.history, snapshot.customers.store
+                    )
+                except Exception:  # noqa: BLE001 - the row reader below reads them all
+                    log.warning("bulk read of the offer history failed", exc_info=True)
+                    conn.rollback()
+                else:
+                    rest = f"AND {window.REST} "
+                    params |= {"uuid": window.UUID_PATTERN, "unnamed": unnamed}
             # Streamed in batches (a server-side cursor on PostgreSQL): millions of offers
             # read as one list of rows took ~0.7 KB an offer at start-up, memory the
             # worker's heap then kept (1.6 GB a worker for 1.6M offers at 1M customers).
@@ -709,10 +720,10 @@ class ServingState:
                 text(
                     f"SELECT d.customer_external_id, p.code, o.id, {at} FROM offers o "
                     "JOIN decisions d ON d.id = o.decision_id JOIN products p ON p.id = o.product_id "
-                    "WHERE o.created_at >= :since "
+                    f"WHERE o.created_at >= :since {rest}"
                     "ORDER BY d.customer_external_id, p.code, o.created_at"
                 ),
-                {"since": since},
+                params,
             )
             self.history.load_offers(
                 (customer, code, offer_id, _posix(at)) for customer, code, offer_id, at in offers

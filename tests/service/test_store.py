@@ -5,9 +5,11 @@ read again rather than served from it."""
 from __future__ import annotations
 
 import datetime as dt
+import random
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +32,8 @@ from service.data import registry
 from service.data.db import unit_of_work
 from service.decision import state as serving
 from service.decision import store as columns
+from service.decision import window
+from service.decision.contacts import ContactBook
 from service.decision.state import Customers, ServingState, customer_states
 from service.settings import Settings
 from tests.bank import load_trained_bank, register_bundle
@@ -428,3 +432,114 @@ def test_a_large_bank_is_built_in_a_child_process(
     for c in customers[:80]:
         assert answers(child, c) == answers(here, c)
         np.testing.assert_array_equal(child.customers[c].propensity, here.customers[c].propensity)
+
+
+# --------------------------------------------------------------------------- windows
+
+
+def test_a_start_reads_the_windows_offers_as_the_row_reader_does(
+    bank: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL most offers are read in bulk (service.decision.window); what that
+    path cannot name goes to the row reader. The history is the row reader's either way."""
+    now = dt.datetime.now(dt.UTC)
+    with bank.connect() as conn:
+        customers = conn.execute(text("SELECT id, external_id FROM customers ORDER BY id")).all()
+        products = [row[0] for row in conn.execute(text("SELECT id FROM products ORDER BY id"))]
+    rng = random.Random(7)
+    decisions: list[dict[str, Any]] = []
+    offers: list[dict[str, Any]] = []
+
+    def offer(external_id: str, db_id: int | None, offer_id: str, hours: float) -> str:
+        at = now - dt.timedelta(hours=hours)
+        decision = str(uuid.uuid4())
+        decisions.append({"id": decision, "cid": db_id, "xid": external_id, "at": at})
+        product = rng.choice(products)
+        offers.append({"id": offer_id, "did": decision, "cid": db_id, "pid": product, "at": at})
+        return offer_id
+
+    for i, (db_id, external_id) in enumerate(customers[:60]):
+        for _ in range(i % 4):  # none to three offers each, some of one product twice
+            offer(external_id, db_id, str(uuid.uuid4()), rng.uniform(1, 600))
+    (first, one), (second, two), (third, three) = customers[:3]
+    offer(one, first, str(uuid.uuid4()).upper(), 5)  # an upper-case UUID: held as text
+    offer(two, second, "legacy-offer-1", 6)  # not a UUID
+    offer("walk-in-7", None, str(uuid.uuid4()), 7)  # unknown, served cold
+    offer("gone-1", 10**9, str(uuid.uuid4()), 8)  # a customer deleted since
+    offer(three, third, str(uuid.uuid4()), 24 * 40)  # older than every window
+    declined = offer(three, third, str(uuid.uuid4()), 30)
+    with bank.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO decisions (id, customer_id, customer_external_id, channel, "
+                "control, degraded, cold_start, created_at) "
+                "VALUES (:id, :cid, :xid, 'branch', false, false, false, :at)"
+            ),
+            decisions,
+        )
+        conn.execute(
+            text(
+                "INSERT INTO offers (id, decision_id, customer_id, product_id, rank, "
+                "propensity, expected_value, score, created_at) "
+                "VALUES (:id, :did, :cid, :pid, 1, 0.5, 1.0, 0.5, :at)"
+            ),
+            offers,
+        )
+        conn.execute(
+            text(
+                "INSERT INTO offer_outcomes (offer_id, outcome, created_at) "
+                "VALUES (:id, 'declined', :at)"
+            ),
+            {"id": declined, "at": now - dt.timedelta(hours=29)},
+        )
+
+    # What the row reader alone makes of every offer in the windows.
+    since = now - dt.timedelta(days=30)
+    with bank.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT d.customer_external_id, p.code, o.id, o.created_at FROM offers o "
+                "JOIN decisions d ON d.id = o.decision_id "
+                "JOIN products p ON p.id = o.product_id WHERE o.created_at >= :since"
+            ),
+            {"since": since},
+        ).all()
+    expected = ContactBook()
+    expected.load_offers(
+        (c, code, i, serving._posix(at)) for c, code, i, at in sorted(rows, key=lambda r: r[0])
+    )
+    assert len(expected) > 40
+
+    unnamed: list[list[int]] = []
+    real = window.read_offers
+
+    def spied(*args: Any) -> list[int]:
+        unnamed.append(real(*args))
+        return unnamed[-1]
+
+    monkeypatch.setattr(window, "read_offers", spied)
+
+    def read() -> ContactBook:
+        state = ServingState(bank, settings_for(bank, tmp_path))
+        state.load()
+        return state.history
+
+    def same(held: ContactBook) -> None:
+        assert sorted(held) == sorted(expected)
+        codes = sorted({code for _, code, _, _ in rows})
+        for customer in expected:
+            got, want = held[customer], expected[customer]
+            assert sorted(got.offers) == sorted(want.offers), customer
+            assert got.trim_at == want.trim_at
+            for code in codes:
+                assert got.offers_since(code, since) == want.offers_since(code, since)
+        assert held[three].declines.keys() == {r[1] for r in rows if r[2] == declined}
+
+    same(read())
+    if bank.dialect.name == "postgresql":
+        assert unnamed == [[10**9]]  # the deleted customer's offer went to the row reader
+        # A bulk read that fails leaves every offer to the row reader.
+        monkeypatch.setattr(window, "_copy", lambda *_: (_ for _ in ()).throw(ValueError("x")))
+        same(read())
+    else:
+        assert unnamed == []
