@@ -343,13 +343,19 @@ class Snapshot:
 
     def warm_rules(self) -> int:
         """Fill the reason caches for every customer held (at load, before anyone asks):
-        a decision then never looks for its reasons on the request path. Returns the
-        number of distinct adoption sequences."""
+        a decision then never looks for its reasons on the request path. The store's
+        customers take their sequences' reason rules from the store when it holds
+        them. Returns the number of distinct rules said."""
         customers = self.customers
         distinct: set[tuple[int, ...]] = set()
         store = customers.store
         if store is not None:
-            customers.sequence_pitches = [self._sequence_pitches(s) for s in store.sequences]
+            stored = self._stored_pitches(store)
+            customers.sequence_pitches = (
+                stored
+                if stored is not None
+                else [self._sequence_pitches(s) for s in store.sequences]
+            )
             distinct.update(store.band_table)
         for entry in list(customers.overlay.values()):
             self.pitches(entry)
@@ -361,7 +367,7 @@ class Snapshot:
                 for key in {profiles.key(code, bands) for bands in distinct}:
                     if key is not None:
                         self._profile_pitch(profiles, code, key)
-        return len(self.rule_cache)
+        return len(self.rule_pitches)
 
     def pitches(self, entry: CustomerEntry) -> dict[str, Pitch]:
         """The pitch of the rule worth saying for every product the customer may take
@@ -396,16 +402,44 @@ class Snapshot:
         if found is None:
             if len(self.rule_cache) > 200_000:
                 self.rule_cache.clear()
-            pitches = self.rule_pitches
-            found = {}
-            for code, rule in model.rules.reasons_for(sequence).items():
-                said = pitches.get(rule)
-                if said is None:
-                    sentence = model.rule_sentence(rule)
-                    name = self.names.get(code, code)
-                    said = pitches[rule] = pitch(rule, sentence, talking_point(name, sentence))
-                found[code] = said
+            found = {
+                code: self._rule_pitch(model, rule)
+                for code, rule in model.rules.reasons_for(sequence).items()
+            }
             self.rule_cache[sequence] = found
+        return found
+
+    def _rule_pitch(self, model: PropensityModel, rule: Rule) -> Pitch:
+        """The one pitch of ``rule``, shared by every sequence it is said for."""
+        said = self.rule_pitches.get(rule)
+        if said is None:
+            sentence = model.rule_sentence(rule)
+            name = self.names.get(rule.consequent, rule.consequent)
+            said = self.rule_pitches[rule] = pitch(rule, sentence, talking_point(name, sentence))
+        return said
+
+    def _stored_pitches(self, store: columns.ColumnStore) -> list[dict[str, Pitch]] | None:
+        """The pitches of the store's distinct sequences, from the reason rules it holds
+        (found when it was built); None when it holds none for this model's rules."""
+        model = self.model
+        if model is None or model.rules is None or store.reasons is None:
+            return None
+        rules = model.rules.rules
+        if store.reasons != columns.reason_terms(model.rules):
+            return None
+        empty: dict[str, Pitch] = {}
+        found: list[dict[str, Pitch]] = []
+        bounds = store.reason_start.tolist()
+        chosen = store.reason_rule.tolist()
+        for start, end in zip(bounds, bounds[1:], strict=False):
+            if start == end:
+                found.append(empty)  # read-only, as every pitches dict
+                continue
+            said: dict[str, Pitch] = {}
+            for index in chosen[start:end]:
+                rule = rules[index]
+                said[rule.consequent] = self._rule_pitch(model, rule)
+            found.append(said)
         return found
 
     def profile_pitch(self, entry: CustomerEntry, code: str, propensity: float) -> Pitch | None:
@@ -1254,6 +1288,7 @@ def write_serving_store(
         profiles=profiles,
         bands=bands,
         built=built,
+        rules=None if model is None else model.rules,
     )
 
 

@@ -217,3 +217,28 @@ def test_every_reason_shown_is_true_and_replays_the_same(
         again = _decide(other, auth, customer)
         assert again["decision_id"] == answers[customer]["decision_id"]
         assert again["offers"] == answers[customer]["offers"]
+
+
+def test_the_reason_rules_the_store_holds_are_the_ones_found_from_the_sequence(
+    start: Any,
+) -> None:
+    """The serving store keeps each distinct adoption sequence's reason rules (found when
+    it was built, in the child process): the pitches a worker makes from them are those
+    found from the sequence, in the same order; a store whose terms differ is not used."""
+    client, _ = start()
+    snapshot = client.app.state.serving.snapshot  # type: ignore[attr-defined]
+    store = snapshot.customers.store
+    assert store is not None and store.reasons is not None
+    stored = snapshot._stored_pitches(store)
+    assert stored is not None and len(stored) == len(store.sequences) > 50
+    assert [list(d.items()) for d in snapshot.customers.sequence_pitches] == [
+        list(d.items()) for d in stored
+    ]
+    said = 0
+    for i, sequence in enumerate(store.sequences):
+        found = snapshot._sequence_pitches(sequence)
+        assert list(stored[i].items()) == list(found.items()), sequence
+        said += len(found)
+    assert said > 20
+    store.reasons = {**store.reasons, "min_lift": -1.0}
+    assert snapshot._stored_pitches(store) is None
