@@ -188,13 +188,15 @@ class Customers(Mapping[str, CustomerEntry]):
     def _view(self, store: columns.ColumnStore, row: int) -> CustomerEntry:
         sequence = int(store.sequence[row])
         pitches = self.sequence_pitches
+        said = pitches[sequence] if sequence < len(pitches) else None
         band = int(store.band[row])
         return CustomerEntry(
             int(store.db_ids[row]),
             None,
             store.propensities[row],
-            sequence=store.sequences[sequence],
-            pitches=pitches[sequence] if sequence < len(pitches) else None,
+            # Only read to find the pitches (Snapshot.pitches) when there are none here.
+            sequence=store.sequences[sequence] if said is None else None,
+            pitches=said,
             bands=store.band_table[band] if band >= 0 else None,
             store=store,
             row=row,
@@ -431,14 +433,20 @@ class Snapshot:
         found: list[dict[str, Pitch]] = []
         bounds = store.reason_start.tolist()
         chosen = store.reason_rule.tolist()
+        # By rule index: hashing a Rule (a dataclass) for each of the 100k sequence
+        # reasons at 1M customers took half of this.
+        made: dict[int, tuple[str, Pitch]] = {}
         for start, end in zip(bounds, bounds[1:], strict=False):
             if start == end:
                 found.append(empty)  # read-only, as every pitches dict
                 continue
             said: dict[str, Pitch] = {}
             for index in chosen[start:end]:
-                rule = rules[index]
-                said[rule.consequent] = self._rule_pitch(model, rule)
+                pair = made.get(index)
+                if pair is None:
+                    rule = rules[index]
+                    pair = made[index] = (rule.consequent, self._rule_pitch(model, rule))
+                said[pair[0]] = pair[1]
             found.append(said)
         return found
 

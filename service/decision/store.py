@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -275,11 +276,6 @@ class ColumnStore:
         }
         self.profiles = None if meta["profiles"] is None else profiles_from_json(meta["profiles"])
         self.adoption_codes: list[str] = meta["adoption_codes"]
-        # Made in Python loops over the arrays, not in one call: a serving worker that
-        # maps a new store keeps answering in between (see FORMAT).
-        self.sequences = _tuples(
-            self._load("sequence_start"), self._load("sequence_codes"), self.adoption_codes
-        )
         self.band_table: list[tuple[int, ...]] = [
             tuple(b) for b in self._load("band_table").tolist()
         ]
@@ -314,6 +310,16 @@ class ColumnStore:
         self.outcome_kind = self._load("outcome_kind")
         self.outcome_at = self._load("outcome_at")
         self._width = self.ids.dtype.itemsize
+
+    @functools.cached_property
+    def sequences(self) -> list[tuple[str, ...]]:
+        """The distinct adoption sequences, made on first use: a worker whose store holds
+        the reason rules never needs them (and an activation only checking the store is
+        there spares 0.2 s at 1M customers). Made in a Python loop over the arrays, not
+        in one call, so a serving worker goes on answering meanwhile (see FORMAT)."""
+        return _tuples(
+            self._load("sequence_start"), self._load("sequence_codes"), self.adoption_codes
+        )
 
     def _load(self, name: str) -> np.ndarray[Any, Any]:
         mapped = np.load(self.folder / f"{name}.npy", mmap_mode="r", allow_pickle=False)
