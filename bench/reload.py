@@ -9,6 +9,11 @@ models prepare`; the contact history is skipped), then reloads it while a thread
 stands for the requests wakes every millisecond. A request waits at least as long as
 the gaps between that thread's wake-ups: the longest ones are printed with what the
 reload was doing then (build, rule warm-up, swap, freeing the old snapshot).
+
+``--activate`` switches between the two newest model versions instead, as
+``POST /v1/models/{version}/activate`` does (the version's store prepared, the
+activation recorded, the reload): both versions' stores must be built (``nbo models
+prepare --version V``). It changes the active version of the database.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.data.db import engine_from_settings  # noqa: E402
+from service.data import registry  # noqa: E402
+from service.data.db import engine_from_settings, unit_of_work  # noqa: E402
 from service.decision import state as serving  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
@@ -36,6 +42,9 @@ GAP_MS = 20.0
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reloads", type=int, default=2, help="Reloads measured.")
+    parser.add_argument(
+        "--activate", action="store_true", help="Activate the other of the two newest versions."
+    )
     args = parser.parse_args()
     if args.reloads < 1:
         parser.error("--reloads must be at least 1")
@@ -66,8 +75,11 @@ def main() -> None:
 
         setattr(owner, name, wrapper)
 
-    for name in ("build_snapshot", "_retire"):
+    for name in ("build_snapshot", "_retire", "prepare_store"):
         marked(serving, name)
+    marked(registry, "activate_version")
+    with unit_of_work(engine) as session:
+        versions = [row.version for row in registry.list_versions(session)][:2]
     marked(serving.Snapshot, "warm_rules")
     for reload in range(1, args.reloads + 1):
         marks.clear()
@@ -86,6 +98,14 @@ def main() -> None:
         thread.start()
         time.sleep(0.3)
         origin = time.perf_counter()
+        if args.activate:
+            serving_now = state.snapshot.version  # type: ignore[union-attr]
+            other = next(v for v in versions if v != serving_now)
+            serving.prepare_store(engine, settings, other)
+            with unit_of_work(engine) as session:
+                registry.activate_version(
+                    session, version=other, origin=state.origin, cache_dir=settings.artifacts_dir
+                )
         state.load()
         took = time.perf_counter() - origin
         time.sleep(0.3)
