@@ -54,14 +54,17 @@ BUSY_DAYS = 25
 """``--busy-offers`` spreads its offers over this many days (inside the policy windows)."""
 
 FILL = (
-    # One row per decision: a random customer, an instant in the window, 1-3 offers.
+    # One row per decision: a random customer (drawn per row, then joined), an instant
+    # in the window, 1-3 offers.
     """CREATE TABLE bench_fill AS
-    SELECT gen_random_uuid()::text AS did, c.id AS cid, c.external_id AS xid,
-           now() - random() * make_interval(days => :days) AS at,
-           1 + floor(random() * 3)::int AS k
-    FROM generate_series(1, :decisions) g
-    JOIN customers c ON c.id = (SELECT min(id) FROM customers)
-        + floor(random() * (SELECT count(*) FROM customers))::bigint""",
+    SELECT f.did, c.id AS cid, c.external_id AS xid, f.at, f.k FROM (
+        SELECT gen_random_uuid()::text AS did,
+               b.low + floor(random() * b.n)::bigint AS cid,
+               now() - random() * make_interval(days => :days) AS at,
+               1 + floor(random() * 3)::int AS k
+        FROM generate_series(1, :decisions) g
+        CROSS JOIN (SELECT min(id) AS low, count(*) AS n FROM customers) b
+    ) f JOIN customers c ON c.id = f.cid""",
     """INSERT INTO decisions (id, customer_id, customer_external_id, channel, control,
         degraded, cold_start, created_at)
     SELECT did, cid, xid, 'branch', false, false, false, at FROM bench_fill""",

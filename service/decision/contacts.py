@@ -419,6 +419,18 @@ class ContactBook:
                 loaded=True,
             )
 
+    def load_marks(self, rows: Iterable[tuple[str, str | None, float]]) -> None:
+        """Add declines read at start-up, ``(customer, product code, POSIX seconds)``
+        rows (product None: a detractor answer), each customer's together: one record
+        change per customer, where :meth:`Contacts.add_decline` makes one per row (and
+        copies the customer's record each time)."""
+        for customer, group in itertools.groupby(rows, key=_customer):
+            latest: dict[str | None, float] = {}
+            for _, code, stamp in group:
+                if stamp > latest.get(code, -float("inf")):
+                    latest[code] = stamp
+            self._marks(customer, latest)
+
     def load_packed(
         self,
         customers: Sequence[str],
@@ -641,6 +653,26 @@ class ContactBook:
                 held.marks = marks + _MARK.pack(stamp, code)
                 held.oldest = min(held.oldest, stamp)
             held.newest = max(held.newest, stamp)
+            self._records[customer] = held.pack()
+
+    def _marks(self, customer: str, latest: dict[str | None, float]) -> None:
+        """:meth:`_mark` of every ``product code -> stamp`` of ``latest`` at once."""
+        with self._lock:
+            wanted = {
+                _DETRACTOR if code is None else self._code_id(code): stamp
+                for code, stamp in latest.items()
+            }
+            held = _Record(self._records.get(customer, _EMPTY))
+            marks = {code: stamp for stamp, code in _MARK.iter_unpack(held.marks)}
+            for code, stamp in wanted.items():
+                previous = marks.get(code)
+                if previous is None:
+                    held.oldest = min(held.oldest, stamp)
+                elif stamp <= previous:
+                    continue
+                marks[code] = stamp
+                held.newest = max(held.newest, stamp)
+            held.marks = b"".join(_MARK.pack(stamp, code) for code, stamp in marks.items())
             self._records[customer] = held.pack()
 
     def _forget(self, customer: str, cutoff: float, *, marks: bool, retrim: bool) -> None:

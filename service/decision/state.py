@@ -770,28 +770,35 @@ class ServingState:
             self.history.load_offers(
                 (customer, code, offer_id, _posix(at)) for customer, code, offer_id, at in offers
             )
-            declines = conn.execute(
+            # Each customer's declines and detractor answers together, added one
+            # customer at a time (a busy month has hundreds of thousands of declines).
+            stream = conn.execution_options(stream_results=True, yield_per=20_000)
+            declined = (
+                "EXTRACT(EPOCH FROM oo.created_at)::float8" if postgresql else "oo.created_at"
+            )
+            declines = stream.execute(
                 text(
-                    "SELECT d.customer_external_id, p.code, oo.created_at FROM offer_outcomes oo "
+                    f"SELECT d.customer_external_id, p.code, {declined} FROM offer_outcomes oo "
                     "JOIN offers o ON o.id = oo.offer_id JOIN decisions d ON d.id = o.decision_id "
                     "JOIN products p ON p.id = o.product_id "
-                    "WHERE oo.outcome = 'declined' AND oo.created_at >= :since"
+                    "WHERE oo.outcome = 'declined' AND oo.created_at >= :since "
+                    "ORDER BY d.customer_external_id"
                 ),
                 {"since": since},
-            ).all()
-            detractors = conn.execute(
+            )
+            self.history.load_marks((c, code, _posix(at)) for c, code, at in declines)
+            answered = "EXTRACT(EPOCH FROM f.created_at)::float8" if postgresql else "f.created_at"
+            detractors = stream.execute(
                 text(
-                    "SELECT c.external_id, f.created_at FROM feedback f "
+                    f"SELECT c.external_id, {answered} FROM feedback f "
                     "JOIN customers c ON c.id = f.customer_id "
                     "WHERE f.kind = 'nps' AND f.score <= 6 AND f.created_at >= :since "
-                    "AND EXISTS (SELECT 1 FROM offers o WHERE o.decision_id = f.decision_id)"
+                    "AND EXISTS (SELECT 1 FROM offers o WHERE o.decision_id = f.decision_id) "
+                    "ORDER BY c.external_id"
                 ),
                 {"since": since},
-            ).all()
-        for customer, code, at in declines:
-            self.history[customer].add_decline(code, _aware(at))
-        for customer, at in detractors:
-            self.history[customer].add_detractor(_aware(at))
+            )
+            self.history.load_marks((c, None, _posix(at)) for c, at in detractors)
 
     def remember_offers(
         self, customer: str, offers: Iterable[dict[str, Any]], at: dt.datetime

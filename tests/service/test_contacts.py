@@ -129,6 +129,33 @@ def test_loading_at_start_up_builds_what_adding_a_product_at_a_time_does() -> No
     assert loaded._records == added._records
 
 
+def test_declines_loaded_at_start_up_are_those_added_one_at_a_time() -> None:
+    rng = np.random.default_rng(3)
+    rows: list[tuple[str, str | None, float]] = []
+    for customer in ("C1", "C2", "C3", "C4"):
+        for _ in range(int(rng.integers(1, 12))):
+            code = None if rng.random() < 0.2 else str(rng.choice(CODES))
+            rows.append((customer, code, (NOW - float(rng.integers(0, 90)) * DAY).timestamp()))
+    loaded, added = ContactBook(), ContactBook()
+    for book in (loaded, added):  # two customers hold offers and a decline already
+        book["C2"].add_offer(UUIDS[0], "card", NOW - 2 * DAY)
+        book["C3"].add_decline("loan", NOW - 40 * DAY)
+    loaded.load_marks(rows)
+    for customer, code, stamp in rows:
+        at = dt.datetime.fromtimestamp(stamp, dt.UTC)
+        if code is None:
+            added[customer].add_detractor(at)
+        else:
+            added[customer].add_decline(code, at)
+    assert sorted(loaded) == sorted(added) == ["C1", "C2", "C3", "C4"]
+    for customer in added:
+        assert loaded[customer].declines == added[customer].declines
+        assert loaded[customer].detractor_at == added[customer].detractor_at
+        assert list(loaded[customer].offers) == list(added[customer].offers)
+    assert loaded["C2"].declines or loaded["C2"].detractor_at  # something was marked
+    assert loaded["C3"].declines["loan"] >= NOW - 40 * DAY
+
+
 # --------------------------------------------------------------------------- de-duplication
 
 
