@@ -753,8 +753,8 @@ class ServingState:
                     log.warning("bulk read of the offer history failed", exc_info=True)
                     conn.rollback()
                 else:
-                    rest = f"AND {window.REST} "
-                    params |= {"uuid": window.UUID_PATTERN, "unnamed": unnamed}
+                    rest = f"AND {window.REST_OFFERS} "
+                    params |= {"unnamed": unnamed}
             # Streamed in batches (a server-side cursor on PostgreSQL): millions of offers
             # read as one list of rows took ~0.7 KB an offer at start-up, memory the
             # worker's heap then kept (1.6 GB a worker for 1.6M offers at 1M customers).
@@ -776,15 +776,28 @@ class ServingState:
             declined = (
                 "EXTRACT(EPOCH FROM oo.created_at)::float8" if postgresql else "oo.created_at"
             )
+            rest = ""
+            params = {"since": since}
+            if postgresql:
+                try:
+                    unnamed = window.read_declines(
+                        conn, since, self.history, snapshot.customers.store
+                    )
+                except Exception:  # noqa: BLE001 - the row reader below reads them all
+                    log.warning("bulk read of the declines failed", exc_info=True)
+                    conn.rollback()
+                else:
+                    rest = f"AND {window.REST_DECLINES} "
+                    params |= {"unnamed": unnamed}
             declines = stream.execute(
                 text(
                     f"SELECT d.customer_external_id, p.code, {declined} FROM offer_outcomes oo "
                     "JOIN offers o ON o.id = oo.offer_id JOIN decisions d ON d.id = o.decision_id "
                     "JOIN products p ON p.id = o.product_id "
-                    "WHERE oo.outcome = 'declined' AND oo.created_at >= :since "
+                    f"WHERE oo.outcome = 'declined' AND oo.created_at >= :since {rest}"
                     "ORDER BY d.customer_external_id"
                 ),
-                {"since": since},
+                params,
             )
             self.history.load_marks((c, code, _posix(at)) for c, code, at in declines)
             answered = "EXTRACT(EPOCH FROM f.created_at)::float8" if postgresql else "f.created_at"
