@@ -402,7 +402,10 @@ def _answered(outcome: str | None = None) -> ColumnElement[Any]:
 
 def _frame(connection: Connection, query: Any) -> pd.DataFrame:
     result = connection.execute(query)
-    return pd.DataFrame(result.all(), columns=list(result.keys()))
+    # Tuples, not Rows: pandas asks each row for a ``dtype`` attribute, which a Row
+    # answers by raising an exception; 8x slower (1.6 s for 200k rows against 0.2 s),
+    # and the figures run in a serving worker.
+    return pd.DataFrame([tuple(row) for row in result], columns=list(result.keys()))
 
 
 def _offer_counts(
@@ -582,6 +585,8 @@ def _feedback_counts(
 
 
 def _dates(values: pd.Series) -> pd.Series:
+    if pd.api.types.is_datetime64_dtype(values):
+        return values.dt.normalize()  # already parsed (_clean_adoptions)
     return pd.to_datetime(values.map(_as_date))
 
 
@@ -871,25 +876,39 @@ def _clean_adoptions(frame: pd.DataFrame, *, key: str) -> pd.DataFrame:
     """Adoption rows with their dates cleaned as every reader cleans them
     (:func:`service.data.rows.adoption_dates`): a row without a usable ``adopted_at``
     is dropped, an unusable ``closed_at`` is unknown. ``key`` names the column that
-    identifies a row in the log."""
+    identifies a row in the log. The dates come out as datetime64 (NaT: unknown).
+
+    Parsed as columns (the figures read hundreds of thousands of adoptions in a serving
+    worker); the few rows that are not plain go through the one-row judge."""
     if frame.empty:
         return frame
-    closed = frame["closed_at"] if "closed_at" in frame.columns else [None] * len(frame)
+    raw_closed = (
+        frame["closed_at"]
+        if "closed_at" in frame.columns
+        else pd.Series([None] * len(frame), index=frame.index, dtype=object)
+    )
+    adopted = bank_rows.parse_dates(frame["adopted_at"])
+    closed = bank_rows.parse_dates(raw_closed)
+    suspect = (
+        adopted.isna() | (closed.isna() & raw_closed.notna()) | (closed < adopted)
+    ).to_numpy()
+    keep = ~suspect
     audit = RowAudit("report")
-    keep, adopted_at, closed_at = [], [], []
     try:
-        for row_key, adopted, ended in zip(frame[key], frame["adopted_at"], closed, strict=True):
-            dates = bank_rows.adoption_dates(adopted, ended, audit, key=str(row_key))
-            keep.append(dates is not None)
+        for i in suspect.nonzero()[0]:
+            dates = bank_rows.adoption_dates(
+                frame["adopted_at"].iloc[i], raw_closed.iloc[i], audit, key=str(frame[key].iloc[i])
+            )
             if dates is not None:
-                adopted_at.append(dates[0])
-                closed_at.append(dates[1])
+                keep[i] = True
+                adopted.iloc[i] = pd.Timestamp(dates[0])
+                closed.iloc[i] = pd.NaT if dates[1] is None else pd.Timestamp(dates[1])
     finally:
         audit.close()
-    cleaned = frame.loc[keep].assign(adopted_at=adopted_at)
+    cleaned = frame.assign(adopted_at=adopted)
     if "closed_at" in frame.columns:
-        cleaned = cleaned.assign(closed_at=closed_at)
-    return cleaned.reset_index(drop=True)
+        cleaned = cleaned.assign(closed_at=closed)
+    return cleaned.loc[keep].reset_index(drop=True)
 
 
 def _percent(rate: float) -> str:
@@ -1004,8 +1023,12 @@ def uplift_table(
     n_control = len(contacts) - n_treated
     merged = adoptions.merge(contacts, on="customer_id")
     adopted_at = _dates(merged["adopted_at"]) if len(merged) else pd.Series(dtype="datetime64[ns]")
-    closed_at = pd.to_datetime(
-        merged["closed_at"].map(lambda value: None if pd.isna(value) else _as_date(value))
+    closed_at = (
+        _dates(merged["closed_at"])
+        if pd.api.types.is_datetime64_dtype(merged["closed_at"])
+        else pd.to_datetime(
+            merged["closed_at"].map(lambda value: None if pd.isna(value) else _as_date(value))
+        )
     )
     day = merged["day"]
     # Held at contact: adopted on an earlier day and not closed before the contact day.
