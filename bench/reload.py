@@ -14,6 +14,11 @@ reload was doing then (build, rule warm-up, swap, freeing the old snapshot).
 ``POST /v1/models/{version}/activate`` does (the version's store prepared, the
 activation recorded, the reload): both versions' stores must be built (``nbo models
 prepare --version V``). It changes the active version of the database.
+
+``--figures`` measures the business figures instead (the rolling conversion and the
+uplift gauge, as one worker of each machine computes them every
+``NBO_FIGURES_INTERVAL_SECONDS``), and first the gaps of the same thread with nothing
+else to do: the machine's own noise.
 """
 
 from __future__ import annotations
@@ -45,7 +50,13 @@ def main() -> None:
     parser.add_argument(
         "--activate", action="store_true", help="Activate the other of the two newest versions."
     )
+    parser.add_argument(
+        "--figures", action="store_true", help="Measure the business figures, not a reload."
+    )
     args = parser.parse_args()
+    if args.figures:
+        figures()
+        return
     if args.reloads < 1:
         parser.error("--reloads must be at least 1")
     settings = Settings()
@@ -123,6 +134,63 @@ def main() -> None:
                     f"  {1000 * (b - a):6.0f} ms at {a - origin:6.3f} s "
                     f"(after: {doing[-1] if doing else 'before the reload'})"
                 )
+    engine.dispose()
+
+
+def gaps_during(work: Callable[[], Any]) -> tuple[float, list[float]]:
+    """Seconds ``work`` took, and the wake-up gaps (ms) of a thread waking every ms."""
+    gaps: list[float] = []
+    stop = threading.Event()
+
+    def ping() -> None:
+        last = time.perf_counter()
+        while not stop.is_set():
+            time.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append((now - last) * 1000)
+            last = now
+
+    thread = threading.Thread(target=ping)
+    thread.start()
+    started = time.perf_counter()
+    try:
+        work()
+    finally:
+        took = time.perf_counter() - started
+        stop.set()
+        thread.join()
+    return took, sorted(gaps)
+
+
+def figures() -> None:
+    import datetime as dt
+
+    from service.reports import measures as reports
+
+    settings = Settings()
+    engine = engine_from_settings(settings)
+    today = dt.date.today()
+    print(
+        f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
+
+    def idle() -> None:
+        time.sleep(10)
+
+    def both() -> None:
+        with serving.sharing_the_interpreter():  # as service/app.py computes them
+            reports.rolling_figures(engine, today)
+            reports.rolling_uplift(engine, today)
+
+    for label, work in (("nothing (10 s)", idle), ("business figures", both)):
+        took, gaps = gaps_during(work)
+        over = sum(g > GAP_MS for g in gaps)
+        print(
+            f"{label}: {took:.1f} s; wake-up gaps: median {gaps[len(gaps) // 2]:.2f} ms, "
+            f"p99.9 {gaps[int(len(gaps) * 0.999)]:.1f} ms, max {gaps[-1]:.0f} ms, "
+            f"{over} over {GAP_MS:.0f} ms"
+        )
     engine.dispose()
 
 
