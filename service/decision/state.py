@@ -742,19 +742,9 @@ class ServingState:
             # PostgreSQL gives the instant as POSIX seconds, sparing a datetime per row.
             postgresql = self.engine.dialect.name == "postgresql"
             at = "EXTRACT(EPOCH FROM o.created_at)::float8" if postgresql else "o.created_at"
-            rest = ""
-            params: dict[str, Any] = {"since": since}
-            if postgresql:
-                try:
-                    unnamed = window.read_offers(
-                        conn, since, self.history, snapshot.customers.store
-                    )
-                except Exception:  # noqa: BLE001 - the row reader below reads them all
-                    log.warning("bulk read of the offer history failed", exc_info=True)
-                    conn.rollback()
-                else:
-                    rest = f"AND {window.REST_OFFERS} "
-                    params |= {"unnamed": unnamed}
+            rest, params = self._bulk(
+                conn, window.read_offers, window.REST_OFFERS, since, snapshot, "offers"
+            )
             # Streamed in batches (a server-side cursor on PostgreSQL): millions of offers
             # read as one list of rows took ~0.7 KB an offer at start-up, memory the
             # worker's heap then kept (1.6 GB a worker for 1.6M offers at 1M customers).
@@ -776,19 +766,9 @@ class ServingState:
             declined = (
                 "EXTRACT(EPOCH FROM oo.created_at)::float8" if postgresql else "oo.created_at"
             )
-            rest = ""
-            params = {"since": since}
-            if postgresql:
-                try:
-                    unnamed = window.read_declines(
-                        conn, since, self.history, snapshot.customers.store
-                    )
-                except Exception:  # noqa: BLE001 - the row reader below reads them all
-                    log.warning("bulk read of the declines failed", exc_info=True)
-                    conn.rollback()
-                else:
-                    rest = f"AND {window.REST_DECLINES} "
-                    params |= {"unnamed": unnamed}
+            rest, params = self._bulk(
+                conn, window.read_declines, window.REST_DECLINES, since, snapshot, "declines"
+            )
             declines = stream.execute(
                 text(
                     f"SELECT d.customer_external_id, p.code, {declined} FROM offer_outcomes oo "
@@ -812,6 +792,29 @@ class ServingState:
                 {"since": since},
             )
             self.history.load_marks((c, None, _posix(at)) for c, at in detractors)
+
+    def _bulk(
+        self,
+        conn: Connection,
+        read: Callable[..., list[int]],
+        rest: str,
+        since: dt.datetime,
+        snapshot: Snapshot,
+        what: str,
+    ) -> tuple[str, dict[str, Any]]:
+        """On PostgreSQL, ``read`` (:mod:`service.decision.window`) what it can in bulk
+        into the history; the condition and parameters of what the row reader still has
+        to read (everything when not on PostgreSQL, or when the bulk read failed)."""
+        params: dict[str, Any] = {"since": since}
+        if self.engine.dialect.name != "postgresql":
+            return "", params
+        try:
+            unnamed = read(conn, since, self.history, snapshot.customers.store)
+        except Exception:  # noqa: BLE001 - the row reader reads them all
+            log.warning("bulk read of the windows' %s failed", what, exc_info=True)
+            conn.rollback()
+            return "", params
+        return f"AND {rest} ", params | {"unnamed": unnamed}
 
     def remember_offers(
         self, customer: str, offers: Iterable[dict[str, Any]], at: dt.datetime

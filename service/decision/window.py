@@ -206,21 +206,44 @@ def _coded(product: npt.NDArray[np.int32], lookup: npt.NDArray[np.int32]) -> npt
     return np.where(inside, lookup[np.where(inside, product, 0)], -1).astype(np.int32)
 
 
+class _Read:
+    """One bulk query's rows, named: ``who`` indexes ``names`` (-1: not named),
+    ``product`` indexes ``codes`` (-1: no such product), ``keep`` the rows with both."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        query: str,
+        since: dt.datetime,
+        row: tuple[np.dtype[Any], dict[str, int]],
+        store: ColumnStore | None,
+    ) -> None:
+        self.codes, lookup = _products(conn)
+        self.columns = _copy(conn, query, since, row)
+        customer = self.columns["customer"]
+        self.names, self.who = _names(conn, customer, store)
+        self.unnamed = [int(i) for i in np.unique(customer[self.who < 0]).tolist()]
+        self.product = _coded(self.columns["product"], lookup)
+        self.keep = np.flatnonzero((self.who >= 0) & (self.product >= 0))
+
+
 def read_offers(
     conn: Connection, since: dt.datetime, book: ContactBook, store: ColumnStore | None
 ) -> list[int]:
     """Add the offers made since ``since`` that the bulk path can read to ``book``;
     returns the database ids of customers it could not name (read them with
     :data:`REST_OFFERS`)."""
-    codes, lookup = _products(conn)
-    columns = _copy(conn, _OFFERS, since, _OFFER_ROW)
-    names, who = _names(conn, columns["customer"], store)
-    unnamed = np.unique(columns["customer"][who < 0]).tolist()
-    product = _coded(columns["product"], lookup)
+    read = _Read(conn, _OFFERS, since, _OFFER_ROW, store)
+    columns, names, codes, product, keep = (
+        read.columns,
+        read.names,
+        read.codes,
+        read.product,
+        read.keep,
+    )
     at = columns["at"]
-    keep = np.flatnonzero((who >= 0) & (product >= 0))
-    order = keep[np.lexsort((at[keep], who[keep]))]
-    who = who[order]
+    order = keep[np.lexsort((at[keep], read.who[keep]))]
+    who = read.who[order]
     present, starts = np.unique(who, return_index=True)
     book.load_packed(
         [names[i] for i in present.tolist()],
@@ -230,7 +253,7 @@ def read_offers(
         product[order].astype(np.uint16).tobytes(),
         columns["key"][order].tobytes(),
     )
-    return [int(i) for i in unnamed]
+    return read.unnamed
 
 
 def read_declines(
@@ -239,17 +262,16 @@ def read_declines(
     """Add the declines made since ``since`` of offers the bulk path can name to
     ``book``; returns the database ids of customers it could not name (read them with
     :data:`REST_DECLINES`)."""
-    codes, lookup = _products(conn)
-    columns = _copy(conn, _DECLINES, since, _DECLINE_ROW)
-    names, who = _names(conn, columns["customer"], store)
-    unnamed = np.unique(columns["customer"][who < 0]).tolist()
-    product = _coded(columns["product"], lookup)
-    keep = np.flatnonzero((who >= 0) & (product >= 0))
-    order = keep[np.argsort(who[keep], kind="stable")]
+    read = _Read(conn, _DECLINES, since, _DECLINE_ROW, store)
+    order = read.keep[np.argsort(read.who[read.keep], kind="stable")]
+    names, codes = read.names, read.codes
     book.load_marks(
         (names[w], codes[p], stamp)
         for w, p, stamp in zip(
-            who[order].tolist(), product[order].tolist(), columns["at"][order].tolist(), strict=True
+            read.who[order].tolist(),
+            read.product[order].tolist(),
+            read.columns["at"][order].tolist(),
+            strict=True,
         )
     )
-    return [int(i) for i in unnamed]
+    return read.unnamed
