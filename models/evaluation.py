@@ -33,16 +33,21 @@ from pathlib import Path
 from typing import Any, Final, Literal, TypeAlias
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from models.data import BankData
 from models.metrics import (
+    CandidatePairs,
     calibration_table,
     compare,
     gains_table,
     label_pairs,
     popularity_scores,
     product_metrics,
+    roc_auc,
 )
 from models.propensity import PropensityModel, TrainConfig
 from models.propensity.training import (
@@ -198,7 +203,8 @@ def campaign_metrics(
     scores : pandas.DataFrame
         Scores frame (``customer_id, product_code, score``), the candidate pairs.
     actual : pandas.DataFrame
-        Adopted pairs (``customer_id, product_code``); others are negatives.
+        Adopted pairs (``customer_id, product_code``); others are negatives. With a
+        ``label`` column (0/1), only its rows labelled 1 are adopted.
     shares : sequence of float
         Tops of the ranking, as shares of the product's candidates (rounded to the
         nearest candidate, at least one).
@@ -214,17 +220,35 @@ def campaign_metrics(
         count by expectation under random tie-breaking (a constant score finds ``s``
         of the responders), so hits may be fractional.
     """
-    labelled = label_pairs(scores, actual)
-    per_product = product_metrics(scores, actual).set_index("product_code")
+    if "label" in actual.columns:
+        actual = actual.loc[actual["label"].astype(float).to_numpy() == 1.0]
+    pairs = CandidatePairs.of([scores], actual, names=["scores"])
+    score, scored = pairs.scores(scores, "scores")
+    return _campaign_table(pairs, score, scored, shares)
+
+
+def _campaign_table(
+    pairs: CandidatePairs,
+    score: npt.NDArray[np.float64],
+    scored: npt.NDArray[np.bool_],
+    shares: Sequence[float],
+) -> pd.DataFrame:
+    """:func:`campaign_metrics` of one model's scores on ``pairs.universe`` (only the
+    pairs it ``scored``)."""
     records = []
-    for code, part in labelled.groupby(labelled["product_code"].astype(str), sort=True):
-        s = part["score"].to_numpy(dtype=np.float64)
-        y = part["label"].to_numpy(dtype=bool)
+    everything = bool(scored.all())
+    for code, rows in pairs.products():
+        if not everything:
+            rows = rows[scored[rows]]
+            if rows.size == 0:
+                continue
+        s = score[rows]
+        y = pairs.relevant[rows]
         record: dict[str, Any] = {
-            "product_code": str(code),
+            "product_code": code,
             "n_candidates": int(s.size),
             "n_positive": int(y.sum()),
-            "auc": float(per_product.loc[str(code), "auc"]),
+            "auc": roc_auc(s, y),
         }
         ordered = np.sort(s)[::-1]
         for share in shares:
@@ -263,11 +287,26 @@ def holdout_comparison(
         found in the top ``p``% of each product's ranking, summed over products, and
         ``top<p>% share`` their share of all responders; then every model's
         :func:`campaign_metrics` with a ``model`` column first.
+
+    Notes
+    -----
+    The frames' pairs are read once (:class:`models.metrics.CandidatePairs`) and each
+    model's scores are held as one array while its ranking (per customer, a chunk of
+    customers at a time) and per-product metrics are measured: the memory is that of a
+    few arrays over the pairs, not of a frame of labelled pairs per model.
     """
+    pairs = CandidatePairs.of(list(models.values()), actual, names=list(models))
+    campaigns: dict[str, pd.DataFrame] = {}
+
+    def per_product(
+        name: str, score: npt.NDArray[np.float64], scored: npt.NDArray[np.bool_]
+    ) -> None:
+        campaigns[name] = _campaign_table(pairs, score, scored, TOP_SHARES)
+
+    table = compare(models, actual, ks=(1, 3, 5), pairs=pairs, visit=per_product)
     tables = []
-    table = compare(models, actual, ks=(1, 3, 5))
-    for name, scores in models.items():
-        metrics = campaign_metrics(scores, actual)
+    for name in models:
+        metrics = campaigns[name]
         tables.append(metrics.assign(model=name))
         responders = float(metrics["n_positive"].sum())
         aucs = metrics["auc"].dropna()
@@ -486,12 +525,79 @@ def _references(
     out = {}
     for name, scorer in (references or {}).items():
         reference = scorer(cutoff, horizon_days, candidates)
-        out[name] = candidates.merge(
-            reference[["customer_id", "product_code", "score"]],
-            on=["customer_id", "product_code"],
-            how="left",
-        ).fillna({"score": 0.0})
+        out[name] = candidates.assign(score=_aligned_scores(candidates, reference, name))
     return out
+
+
+def _aligned_scores(
+    candidates: pd.DataFrame, reference: pd.DataFrame, name: str
+) -> npt.NDArray[np.float64]:
+    """The reference's score of each candidate pair, in the candidates' row order, 0
+    where it scored none (or NaN): the left join and fill it replaces, done on integer
+    codes so that the candidates' columns are shared rather than copied (their text ids
+    are most of a frame of millions of pairs) and the comparison reads them once for
+    every model."""
+    rows, customers = pd.factorize(candidates["customer_id"])
+    if (rows < 0).any():
+        raise ValueError("candidates have missing customer ids")
+    products = pd.Index(sorted({str(code) for code in pd.unique(candidates["product_code"])}))
+    n_products = len(products)
+    # Cell (customer, product) of every reference row, -1 for pairs of no candidate.
+    theirs = _positions_in(reference["customer_id"], customers)
+    column = _product_columns(reference["product_code"], products)
+    known = (theirs >= 0) & (column >= 0)
+    theirs *= n_products
+    theirs += column
+    del column
+    theirs = theirs[known]
+    values = reference["score"].to_numpy(dtype=np.float64)[known]
+    del known
+    cells = len(customers) * n_products
+    if cells > 4 * (len(candidates) + len(theirs)):
+        # Sparse pairs: look the cells up in the sorted reference instead of a table.
+        order = np.argsort(theirs, kind="stable")
+        theirs, values = theirs[order], values[order]
+        if theirs.size > 1 and (theirs[1:] == theirs[:-1]).any():
+            raise ValueError(f"reference {name!r} scores a pair more than once")
+        ours = rows.astype(np.int64) * n_products + _product_columns(
+            candidates["product_code"], products
+        )
+        score = np.zeros(ours.size, dtype=np.float64)
+        if theirs.size:
+            at = np.minimum(np.searchsorted(theirs, ours), theirs.size - 1)
+            matched = theirs[at] == ours
+            score[matched] = values[at[matched]]
+        return np.where(np.isnan(score), 0.0, score)
+    # A table of every (customer, product) cell: no sorting, a few bytes a cell.
+    seen = np.zeros(cells, dtype=bool)
+    seen[theirs] = True
+    if int(np.count_nonzero(seen)) != theirs.size:
+        raise ValueError(f"reference {name!r} scores a pair more than once")
+    del seen
+    table = np.zeros(cells, dtype=np.float64)
+    table[theirs] = np.where(np.isnan(values), 0.0, values)
+    del theirs, values
+    ours = rows.astype(np.int64)
+    del rows
+    ours *= n_products
+    ours += _product_columns(candidates["product_code"], products)
+    return np.asarray(table[ours], dtype=np.float64)
+
+
+def _product_columns(codes: pd.Series, products: pd.Index) -> npt.NDArray[np.int64]:
+    """Position of each code (as text) among ``products``, -1 if absent; each distinct
+    code is looked up once."""
+    found, uniques = pd.factorize(codes)
+    column = products.get_indexer([str(code) for code in uniques]).astype(np.int64)
+    return np.asarray(np.append(column, -1)[found], dtype=np.int64)
+
+
+def _positions_in(values: pd.Series, uniques: pd.Index) -> npt.NDArray[np.int64]:
+    """Position of each value among ``uniques`` (-1 if absent), through Arrow's hash
+    lookup: pandas' would first turn millions of text ids into Python strings."""
+    value_set = pa.array(uniques)
+    found = pc.index_in(pa.array(values).cast(value_set.type), value_set=value_set)
+    return np.asarray(found.fill_null(-1).to_numpy(zero_copy_only=False), dtype=np.int64)
 
 
 def truth_reference(bank_dir: str | Path) -> ReferenceScorer:
@@ -500,8 +606,8 @@ def truth_reference(bank_dir: str | Path) -> ReferenceScorer:
     Parameters
     ----------
     bank_dir : str or pathlib.Path
-        A folder written by :func:`models.synthetic.write_bank` (its ``truth/``,
-        ``customers`` and ``adoptions`` files are read once, here).
+        A folder written by :func:`models.synthetic.write_bank` (its ``truth/`` is
+        read here, its ``customers`` and ``adoptions`` files at each score).
 
     Returns
     -------
@@ -514,18 +620,22 @@ def truth_reference(bank_dir: str | Path) -> ReferenceScorer:
     Raises
     ------
     FileNotFoundError
-        If the folder holds no ground truth.
+        If the folder holds no ground truth, customers or adoptions.
     """
     folder = Path(bank_dir)
     truth, personas = read_truth(folder)
-    customers = _read_table(folder, "customers")
-    adoptions = _read_table(folder, "adoptions")
-    try:
-        outcomes: pd.DataFrame | None = _read_table(folder, "outcomes")
-    except FileNotFoundError:
-        outcomes = None
+    for name in ("customers", "adoptions"):
+        _table_path(folder, name)  # missing files are an error now, not after training
 
     def score(cutoff: dt.date, horizon_days: int, candidates: pd.DataFrame) -> pd.DataFrame:
+        # The bank's tables are read at each score, not here and not kept: a holdout
+        # trains its model before it scores, and a large bank's copy held meanwhile
+        # (or afterwards, with the holdout's frames) would add to the peak memory.
+        customers, adoptions = _read_table(folder, "customers"), _read_table(folder, "adoptions")
+        try:
+            outcomes: pd.DataFrame | None = _read_table(folder, "outcomes")
+        except FileNotFoundError:
+            outcomes = None
         probabilities = true_propensities(
             truth,
             customers,
@@ -535,20 +645,24 @@ def truth_reference(bank_dir: str | Path) -> ReferenceScorer:
             horizon_days=horizon_days,
             outcomes=outcomes,
         )
-        frame = probabilities.rename(columns={"probability": "score"})
-        frame["product_code"] = frame["product_code"].astype(str)
-        return frame
+        # Product codes stay categorical: the reference is joined on its pairs' codes.
+        return probabilities.rename(columns={"probability": "score"})
 
     return score
 
 
 def _read_table(folder: Path, name: str) -> pd.DataFrame:
+    path = _table_path(folder, name)
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path)
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def _table_path(folder: Path, name: str) -> Path:
     for suffix in (".parquet", ".csv", ".csv.gz"):
         path = folder / f"{name}{suffix}"
         if path.exists():
-            if suffix == ".parquet":
-                return pd.read_parquet(path)
-            return pd.read_csv(path, dtype=str, keep_default_na=False)
+            return path
     raise FileNotFoundError(f"{folder}: no {name}.parquet, {name}.csv or {name}.csv.gz")
 
 

@@ -31,8 +31,9 @@ Evaluated customers
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Final, Literal
 
 import numpy as np
@@ -42,6 +43,7 @@ import pandas as pd
 from models.sequences import DateLike, to_timestamp
 
 __all__ = [
+    "CandidatePairs",
     "GAINS_COLUMNS",
     "PRODUCT_COLUMNS",
     "RANKING_COLUMNS",
@@ -54,6 +56,7 @@ __all__ = [
     "popularity_scores",
     "product_metrics",
     "ranking_metrics",
+    "roc_auc",
 ]
 
 RANKING_COLUMNS: Final[tuple[str, ...]] = (
@@ -190,6 +193,8 @@ def compare(
     *,
     ks: Sequence[int] = (1, 3, 5),
     baseline: str = "popularity",
+    pairs: CandidatePairs | None = None,
+    visit: Callable[[str, FloatArray, BoolArray], None] | None = None,
 ) -> pd.DataFrame:
     """Compare several models' rankings on the same customers, one row per model.
 
@@ -208,6 +213,14 @@ def compare(
         Cut-offs.
     baseline : str, default "popularity"
         The model the ratio column compares against.
+    pairs : CandidatePairs, optional
+        ``CandidatePairs.of(list(models.values()), actual)``, when the caller has it
+        already (default: built here).
+    visit : callable, optional
+        ``visit(name, score, scored)``, called for each model in turn with its scores
+        on ``pairs.universe`` (``-inf`` where unscored) and which of them it scored:
+        for other metrics of the same arrays (per product, say) while they are at
+        hand, so no frame is read twice.
 
     Returns
     -------
@@ -227,23 +240,22 @@ def compare(
     if not models:
         raise ValueError("models is empty: nothing to compare")
     cutoffs = _validated_ks(ks)
-    space = _PairSpace.of(list(models.values()))
-    per_model_keys = {
-        name: space.keys(frame, f"models[{name!r}]") for name, frame in models.items()
-    }
-    universe = _sorted_unique(np.concatenate(list(per_model_keys.values())))
-    relevant = _relevant_on(universe, space, actual)
+    if pairs is None:
+        pairs = CandidatePairs.of(list(models.values()), actual, names=list(models))
 
     rows: dict[str, dict[str, float]] = {}
     for name, frame in models.items():
-        score = _scores_on(universe, space, frame, f"models[{name!r}]")
-        table = _ranking(universe, space.n_products, score, relevant, cutoffs)
+        score, scored = pairs.scores(frame, f"models[{name!r}]")
+        table = pairs.ranking(score, cutoffs)
+        if visit is not None:
+            visit(name, score, scored)
+        del score, scored
         row: dict[str, float] = {}
         for column, label in _COMPARE_METRICS:
             for k, value in zip(table["k"], table[column], strict=True):
                 row[f"{label}@{k}"] = float(value)
         row["n_customers"] = int(table["n_customers"].iloc[0])
-        row["coverage"] = len(frame) / len(universe)
+        row["coverage"] = len(frame) / len(pairs.universe)
         rows[name] = row
     result = pd.DataFrame.from_dict(rows, orient="index")
     result.index.name = "model"
@@ -257,6 +269,12 @@ def compare(
     return result
 
 
+_CHUNK_PAIRS: Final[int] = 1_000_000
+"""Pairs the ranking metrics work on at once: a chunk of whole customers (the metrics
+are per customer, then averaged), so their working arrays stay a few tens of MB
+whatever the number of candidates."""
+
+
 def _ranking(
     universe: IntArray,
     n_products: int,
@@ -264,7 +282,64 @@ def _ranking(
     relevant: BoolArray,
     ks: tuple[int, ...],
 ) -> pd.DataFrame:
-    """Ranking metrics of pairs ``universe`` (sorted keys) scored ``score``."""
+    """Ranking metrics of pairs ``universe`` (sorted keys) scored ``score``.
+
+    Computed for whole customers at a time (:data:`_CHUNK_PAIRS`): every metric is a
+    mean over customers, and the per-customer values are gathered in customer order and
+    averaged once, so the result is the same, to the bit, as in one pass.
+    """
+    parts = [
+        _per_customer(universe[a:b], n_products, score[a:b], relevant[a:b], ks)
+        for a, b in _customer_chunks(universe, n_products)
+    ]
+    size = np.concatenate([part[1] for part in parts]) if parts else np.empty(0, np.int64)
+    n_evaluated = int(size.size)
+    if n_evaluated == 0:
+        raise ValueError(
+            "no customer adopted any of their candidate products in actual: "
+            "ranking metrics are undefined"
+        )
+    records = []
+    for i, k in enumerate(ks):
+        hits, average_precision, ndcg = (
+            np.concatenate([part[2][i][m] for part in parts]) for m in range(3)
+        )
+        records.append(
+            {
+                "k": k,
+                "map": float(average_precision.mean()),
+                "precision": float((hits / k).mean()),
+                "recall": float((hits / size).mean()),
+                "ndcg": float(ndcg.mean()),
+                "hit_rate": float((hits > 0).mean()),
+                "n_customers": n_evaluated,
+            }
+        )
+    return pd.DataFrame.from_records(records, columns=list(RANKING_COLUMNS))
+
+
+def _customer_chunks(universe: IntArray, n_products: int) -> list[tuple[int, int]]:
+    """``[a, b)`` slices of the sorted ``universe``, each whole customers, at most
+    :data:`_CHUNK_PAIRS` pairs (a customer has at most ``n_products``)."""
+    if universe.size == 0:
+        return []
+    step = max(1, _CHUNK_PAIRS // max(n_products, 1))
+    last = int(universe[-1]) // n_products
+    starts = np.arange(0, last + step + 1, step, dtype=np.int64) * n_products
+    bounds = np.unique(np.searchsorted(universe, starts))
+    return [(int(a), int(b)) for a, b in itertools.pairwise(bounds.tolist()) if b > a]
+
+
+def _per_customer(
+    universe: IntArray,
+    n_products: int,
+    score: FloatArray,
+    relevant: BoolArray,
+    ks: tuple[int, ...],
+) -> tuple[IntArray, IntArray, list[tuple[FloatArray, FloatArray, FloatArray]]]:
+    """For the evaluated customers of ``universe`` (whole customers, sorted keys), in
+    customer order: their positions, their numbers of relevant pairs, and per ``k`` the
+    hits, average precision and NDCG at ``k``."""
     customer = universe // n_products
     # The universe is sorted by customer, then product position (= product code order),
     # and lexsort is stable, so equal scores stay in product code order.
@@ -279,12 +354,6 @@ def _ranking(
 
     n_relevant = np.bincount(group, weights=rel, minlength=len(starts))
     evaluated = n_relevant > 0
-    n_evaluated = int(evaluated.sum())
-    if n_evaluated == 0:
-        raise ValueError(
-            "no customer adopted any of their candidate products in actual: "
-            "ranking metrics are undefined"
-        )
     cum_relevant = np.cumsum(rel)
     hits_so_far: IntArray = cum_relevant - np.repeat(cum_relevant[starts] - rel[starts], sizes)
     precision_at_i = hits_so_far / (rank + 1)
@@ -297,24 +366,14 @@ def _ranking(
         summed = np.bincount(group, weights=np.where(mask, values, 0.0), minlength=len(starts))
         return np.asarray(summed[evaluated], dtype=np.float64)
 
-    records = []
+    out = []
     for k in ks:
         top = rel & (rank < k)
         hits = per_customer(np.ones(n), top)
         average_precision = per_customer(precision_at_i, top) / np.minimum(k, size)
         ndcg = per_customer(discount, top) / ideal[np.minimum(k, size) - 1]
-        records.append(
-            {
-                "k": k,
-                "map": float(average_precision.mean()),
-                "precision": float((hits / k).mean()),
-                "recall": float((hits / size).mean()),
-                "ndcg": float(ndcg.mean()),
-                "hit_rate": float((hits > 0).mean()),
-                "n_customers": n_evaluated,
-            }
-        )
-    return pd.DataFrame.from_records(records, columns=list(RANKING_COLUMNS))
+        out.append((hits, average_precision, ndcg))
+    return customer[starts][evaluated], size, out
 
 
 # --------------------------------------------------------------------------- per product
@@ -370,7 +429,7 @@ def product_metrics(scores: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
                 "n_candidates": len(rows),
                 "n_positive": positives,
                 "base_rate": positives / len(rows),
-                "auc": _auc(s, y),
+                "auc": roc_auc(s, y),
                 "pr_auc": _average_precision(s, y),
                 "brier": float(np.mean((s - y) ** 2)) if probabilities else np.nan,
                 "mean_predicted": float(s.mean()),
@@ -425,8 +484,23 @@ def oracle_scores(candidates: pd.DataFrame, actual: pd.DataFrame) -> pd.DataFram
     return frame
 
 
-def _auc(score: FloatArray, label: BoolArray) -> float:
-    """ROC AUC by the rank-sum (Mann-Whitney) formula, average ranks for ties."""
+def roc_auc(score: FloatArray, label: BoolArray) -> float:
+    """ROC AUC by the rank-sum (Mann-Whitney) formula, average ranks for ties.
+
+    Parameters
+    ----------
+    score : numpy.ndarray
+        float64 scores.
+    label : numpy.ndarray
+        bool outcomes, aligned with ``score``.
+
+    Returns
+    -------
+    float
+        The probability that a random positive outscores a random negative (ties count
+        one half); NaN without positives or without negatives. The row order does not
+        matter: ranks are half-integers and their sum is exact.
+    """
     positives = int(label.sum())
     negatives = len(label) - positives
     if positives == 0 or negatives == 0:
@@ -700,8 +774,21 @@ def popularity_scores(
     before = first.loc[~in_window].groupby("product_code").size()
     at_risk = (population - before.reindex(adopters.index, fill_value=0)).astype(np.float64)
     rate = (adopters / at_risk).astype(np.float64)
-    frame["score"] = frame["product_code"].astype(str).map(rate).fillna(0.0).to_numpy(np.float64)
+    frame["score"] = _by_product(frame["product_code"], rate)
     return frame
+
+
+def _by_product(codes: pd.Series, values: pd.Series) -> FloatArray:
+    """``values[str(code)]`` for each code (0 where absent), looked up once per distinct
+    code: a column of millions of candidate pairs names a few dozen products."""
+    found, uniques = pd.factorize(codes)
+    lookup = (
+        pd.Series([str(code) for code in uniques], dtype=object)
+        .map(values)
+        .fillna(0.0)
+        .to_numpy(np.float64)
+    )
+    return np.asarray(np.append(lookup, 0.0)[found], dtype=np.float64)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -721,8 +808,11 @@ class _PairSpace:
     @classmethod
     def of(cls, frames: Sequence[pd.DataFrame]) -> _PairSpace:
         """The space spanned by the customers and products of ``frames``."""
-        customers = [pd.unique(_required(f, _PAIR, "frame")["customer_id"]) for f in frames]
-        products = {str(code) for f in frames for code in pd.unique(f["product_code"])}
+        for frame in frames:
+            _required(frame, _PAIR, "frame")
+        distinct = [frames[i] for i in _distinct_pairs(frames)]
+        customers = [pd.unique(f["customer_id"]) for f in distinct]
+        products = {str(code) for f in distinct for code in pd.unique(f["product_code"])}
         return cls(
             customers=pd.Index(pd.unique(np.concatenate([np.asarray(c) for c in customers]))),
             products=pd.Index(sorted(products), dtype=object),
@@ -773,11 +863,190 @@ def _scores_on(
     )
     if not inside.all():
         raise ValueError(f"{name} scores {int((~inside).sum())} pair(s) that are not candidates")
-    if pd.Series(keys).duplicated().any():
-        raise ValueError(f"{name} has repeated (customer_id, product_code) pairs")
+    _check_once(position, len(universe), name)
     score = np.full(len(universe), -np.inf)
     score[position] = frame["score"].to_numpy(dtype=np.float64)
     return score
+
+
+def _check_once(position: IntArray, n: int, name: str) -> None:
+    """Error if two rows sit on the same pair (positions in a universe of ``n``)."""
+    taken = np.zeros(n, dtype=bool)
+    taken[position] = True
+    if int(np.count_nonzero(taken)) != len(position):
+        raise ValueError(f"{name} has repeated (customer_id, product_code) pairs")
+
+
+def _same_pairs(frame: pd.DataFrame, other: pd.DataFrame) -> bool:
+    """Whether two frames hold the same pairs in the same rows (e.g. models scored on
+    one candidate frame): a comparison of the columns, far cheaper than reading their
+    text ids again, and nearly free when they share their arrays."""
+    if frame is other:
+        return True
+    if len(frame) != len(other):
+        return False
+    return all(frame[column].array.equals(other[column].array) for column in _PAIR)
+
+
+def _distinct_pairs(frames: Sequence[pd.DataFrame]) -> list[int]:
+    """Positions of the frames whose pairs differ from every earlier frame's."""
+    distinct: list[int] = []
+    for i, frame in enumerate(frames):
+        if not any(_same_pairs(frame, frames[j]) for j in distinct):
+            distinct.append(i)
+    return distinct
+
+
+@dataclass(frozen=True, eq=False)
+class CandidatePairs:
+    """The candidate pairs of several scores frames, as sorted integer keys.
+
+    Built once for a comparison of models: each frame's text ids are read once (frames
+    that hold the same pairs, as models scored on one candidate frame do, only once in
+    all), and every model's scores, the relevant pairs and the per-product rows are
+    arrays over the same sorted pairs.
+
+    Attributes
+    ----------
+    space : _PairSpace
+        Customer and product positions of the pairs.
+    universe : numpy.ndarray
+        int64 sorted keys ``customer * n_products + product``: the union of the
+        frames' pairs.
+    relevant : numpy.ndarray
+        bool per pair of ``universe``: adopted in the window (in ``actual``).
+    """
+
+    space: _PairSpace
+    universe: IntArray
+    relevant: BoolArray
+    _positions: list[tuple[pd.DataFrame, IntArray]] = field(repr=False)
+
+    @classmethod
+    def of(
+        cls,
+        frames: Sequence[pd.DataFrame],
+        actual: pd.DataFrame,
+        *,
+        names: Sequence[str] | None = None,
+    ) -> CandidatePairs:
+        """The union of the pairs of ``frames`` (each with ``customer_id`` and
+        ``product_code``) and which of them ``actual`` holds.
+
+        Parameters
+        ----------
+        frames : sequence of pandas.DataFrame
+            Scores or candidate frames.
+        actual : pandas.DataFrame
+            Actual frame (module contract).
+        names : sequence of str, optional
+            The frames' names, for error messages (default ``frames[i]``).
+        """
+        labels = list(names) if names is not None else [f"frames[{i}]" for i in range(len(frames))]
+        space = _PairSpace.of(frames)
+        distinct = _distinct_pairs(frames)
+        keys = [space.keys(frames[i], labels[i]) for i in distinct]
+        universe = _sorted_unique(np.concatenate(keys)) if keys else np.empty(0, np.int64)
+        positions = [
+            (frames[i], np.searchsorted(universe, k)) for i, k in zip(distinct, keys, strict=True)
+        ]
+        del keys
+        return cls(space, universe, _relevant_on(universe, space, actual), positions)
+
+    def positions(self, frame: pd.DataFrame, name: str) -> IntArray:
+        """Position in :attr:`universe` of each row of ``frame``.
+
+        Raises
+        ------
+        ValueError
+            If a row's pair is not in the universe.
+        """
+        for known, position in self._positions:
+            if _same_pairs(frame, known):
+                return position
+        keys = self.space.keys(frame, name)
+        universe = self.universe
+        position = np.searchsorted(universe, keys)
+        inside = (position < len(universe)) & (
+            universe[np.minimum(position, len(universe) - 1)] == keys
+        )
+        if not inside.all():
+            raise ValueError(
+                f"{name} scores {int((~inside).sum())} pair(s) that are not candidates"
+            )
+        return position
+
+    def scores(self, frame: pd.DataFrame, name: str) -> tuple[FloatArray, BoolArray]:
+        """A scores frame's scores on :attr:`universe` (``-inf`` where it scored
+        nothing) and which pairs it scored.
+
+        Raises
+        ------
+        ValueError
+            As :func:`ranking_metrics`: missing columns or scores, pairs outside the
+            universe, repeated pairs.
+        """
+        frame = _scores_frame(frame, name)
+        position = self.positions(frame, name)
+        _check_once(position, len(self.universe), name)
+        score = np.full(len(self.universe), -np.inf)
+        score[position] = frame["score"].to_numpy(dtype=np.float64)
+        scored = np.zeros(len(self.universe), dtype=bool)
+        scored[position] = True
+        return score, scored
+
+    def ranking(self, score: FloatArray, ks: Sequence[int] = (1, 3, 5)) -> pd.DataFrame:
+        """:func:`ranking_metrics` of ``score`` (on :attr:`universe`), columns
+        :data:`RANKING_COLUMNS`."""
+        return _ranking(
+            self.universe, self.space.n_products, score, self.relevant, _validated_ks(ks)
+        )
+
+    def per_customer(self, score: FloatArray, k: int) -> tuple[IntArray, FloatArray, FloatArray]:
+        """The ranking of ``score`` (on :attr:`universe`) customer by customer.
+
+        Returns
+        -------
+        tuple of numpy.ndarray
+            The evaluated customers (positions in ``space.customers``, ascending) and
+            each one's hits at ``k`` and average precision at ``k``: the mean of the
+            latter over any subset of them, in this order, is the MAP@k
+            :func:`ranking_metrics` gives for that subset's pairs, to the bit.
+        """
+        ks = _validated_ks((k,))
+        parts = [
+            _per_customer(
+                self.universe[a:b], self.space.n_products, score[a:b], self.relevant[a:b], ks
+            )
+            for a, b in _customer_chunks(self.universe, self.space.n_products)
+        ]
+        if not parts:
+            return np.empty(0, np.int64), np.empty(0), np.empty(0)
+        return (
+            np.concatenate([part[0] for part in parts]),
+            np.concatenate([part[2][0][0] for part in parts]),
+            np.concatenate([part[2][0][1] for part in parts]),
+        )
+
+    def known_positions(self, frame: pd.DataFrame) -> IntArray | None:
+        """:meth:`positions` of a frame holding the same pairs as one of the frames the
+        pairs were made of, without reading it; None for another frame."""
+        for known, position in self._positions:
+            if _same_pairs(frame, known):
+                return position
+        return None
+
+    def products(self) -> list[tuple[str, IntArray]]:
+        """Each product present (in product code order) with its pairs' positions in
+        :attr:`universe`, in universe order."""
+        product = self.universe % max(self.space.n_products, 1)
+        order = np.argsort(product, kind="stable")
+        bounds = np.searchsorted(product[order], np.arange(self.space.n_products + 1))
+        return [
+            (str(code), order[bounds[j] : bounds[j + 1]])
+            for j, code in enumerate(self.space.products)
+            if bounds[j + 1] > bounds[j]
+        ]
 
 
 def _relevant_on(universe: IntArray, space: _PairSpace, actual: pd.DataFrame) -> BoolArray:
@@ -794,10 +1063,16 @@ def _labels_for(pairs: pd.DataFrame, labels: pd.DataFrame) -> BoolArray:
         positives = positives.loc[flag]
     space = _PairSpace.of([pairs])
     keys = space.keys(pairs, "pairs")
-    if pd.Series(keys).duplicated().any():
+    # Keys index a table of every customer x product: membership without sorting.
+    n_keys = len(space.customers) * space.n_products
+    taken = np.zeros(n_keys, dtype=bool)
+    taken[keys] = True
+    if int(np.count_nonzero(taken)) != len(keys):
         raise ValueError("repeated (customer_id, product_code) pairs")
     wanted = space.keys(positives, "labels")
-    return np.isin(keys, wanted[wanted >= 0])
+    table = np.zeros(n_keys, dtype=bool)
+    table[wanted[wanted >= 0]] = True
+    return table[keys]
 
 
 def _scores_frame(scores: pd.DataFrame, name: str) -> pd.DataFrame:
