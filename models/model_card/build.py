@@ -12,16 +12,18 @@ from importlib import metadata
 from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from models.data import BankData, to_ns
 from models.eligibility import ages_at
 from models.metrics import (
+    CandidatePairs,
     calibration_table,
     expected_calibration_error,
     label_pairs,
     product_metrics,
-    ranking_metrics,
+    roc_auc,
 )
 
 if TYPE_CHECKING:
@@ -441,19 +443,10 @@ def _groups(
             out[name] = {"available": False, "reason": "no holdout", "overall": None, "groups": []}
         return out
     customers = data.customers.set_index("customer_id")
-    baseline = holdout.ranked.get(config.baseline)
-    if baseline is not None:
-        # The baseline scored the same candidate pairs (the holdout compares models on
-        # one candidate set): align it with the served score row by row.
-        baseline = labelled[["customer_id", "product_code"]].merge(
-            baseline[["customer_id", "product_code", "score"]],
-            on=["customer_id", "product_code"],
-            how="left",
-        )
-        baseline["score"] = baseline["score"].fillna(-np.inf)
+    measured = _Measured.of(labelled, holdout.ranked.get(config.baseline), config.k)
     codes = _product_order(labelled["product_code"])
-    everyone = np.ones(len(labelled), dtype=bool)
-    overall = _group_row("all", everyone, labelled, baseline, codes, config)
+    everyone = np.ones(measured.n_customers, dtype=bool)
+    overall = _group_row("all", everyone, measured, codes, config)
     dimensions = {
         "segment": _segments(customers, config.max_segments),
         "age_band": _age_bands(customers, holdout.cutoff, config),
@@ -462,10 +455,13 @@ def _groups(
         if isinstance(labels, str):
             out[name] = {"available": False, "reason": labels, "overall": None, "groups": []}
             continue
-        group = labelled["customer_id"].map(labels).fillna(_UNKNOWN).astype(str).to_numpy()
+        of_customer = (
+            labels.reindex(measured.pairs.space.customers).fillna(_UNKNOWN).astype(str).to_numpy()
+        )
         rows = [
-            _group_row(g, group == g, labelled, baseline, codes, config)
-            for g in _group_order(group, name, config)
+            _group_row(g, of_customer == g, measured, codes, config)
+            # Ordered by their pairs (the groups of the customers of every pair).
+            for g in _group_order(of_customer[measured.customer_of_pair], name, config)
         ]
         skipped = [row["group"] for row in rows if row["skipped"]]
         if skipped:
@@ -524,23 +520,97 @@ def _group_order(group: np.ndarray[Any, Any], dimension: str, config: CardConfig
     return [str(name) for name in ordered]
 
 
+@dataclass(frozen=True, eq=False)
+class _Measured:
+    """The served scores and the baseline's, measured once for every group: per pair
+    (on the sorted pairs of :class:`models.metrics.CandidatePairs`) and per evaluated
+    customer, so that a group's figures are the same as measuring its pairs alone
+    (:func:`models.metrics.ranking_metrics`, :func:`models.metrics.product_metrics`)
+    without reading millions of pairs again for each group."""
+
+    pairs: CandidatePairs
+    customer_of_pair: npt.NDArray[np.int64]
+    score: npt.NDArray[np.float64]
+    adoptions: npt.NDArray[np.int64]
+    evaluated: npt.NDArray[np.int64]
+    hits: npt.NDArray[np.float64]
+    average_precision: npt.NDArray[np.float64]
+    baseline_precision: npt.NDArray[np.float64] | None
+    products: list[tuple[str, npt.NDArray[np.intp]]]
+
+    @property
+    def n_customers(self) -> int:
+        return len(self.pairs.space.customers)
+
+    @classmethod
+    def of(cls, labelled: pd.DataFrame, baseline: pd.DataFrame | None, k: int) -> _Measured:
+        """``labelled``: the served scores with their 0/1 labels
+        (:func:`models.metrics.label_pairs`); ``baseline``: another model's scores,
+        read on the served pairs only (``-inf`` where it has none)."""
+        served = labelled[["customer_id", "product_code", "score"]]
+        positives = labelled.loc[labelled["label"].to_numpy() == 1, ["customer_id", "product_code"]]
+        pairs = CandidatePairs.of([served], positives, names=["served"])
+        score, _ = pairs.scores(served, "served")
+        n_products = max(pairs.space.n_products, 1)
+        customer_of_pair = pairs.universe // n_products
+        adoptions = np.bincount(
+            customer_of_pair, weights=pairs.relevant, minlength=len(pairs.space.customers)
+        ).astype(np.int64)
+        evaluated, hits, average_precision = pairs.per_customer(score, k)
+        baseline_precision = None
+        if baseline is not None:
+            on_served = _on_pairs(pairs, baseline)
+            _, _, baseline_precision = pairs.per_customer(on_served, k)
+        return cls(
+            pairs,
+            customer_of_pair,
+            score,
+            adoptions,
+            evaluated,
+            hits,
+            average_precision,
+            baseline_precision,
+            pairs.products(),
+        )
+
+
+def _on_pairs(pairs: CandidatePairs, scores: pd.DataFrame) -> npt.NDArray[np.float64]:
+    """``scores`` on ``pairs.universe``: its pairs outside are ignored, and pairs it has
+    not scored (or scored NaN) get ``-inf``, as a left join of the served pairs with it
+    would leave them."""
+    universe = pairs.universe
+    values = scores["score"].to_numpy(dtype=np.float64)
+    at = pairs.known_positions(scores)  # the holdout scores every model on one frame
+    if at is None:
+        keys = pairs.space.keys(scores, "baseline")
+        at = np.minimum(np.searchsorted(universe, keys), max(len(universe) - 1, 0))
+        inside = (keys >= 0) & (universe[at] == keys) if len(universe) else keys < -1
+        at, values = at[inside], values[inside]
+        taken = np.zeros(len(universe), dtype=bool)
+        taken[at] = True
+        if int(np.count_nonzero(taken)) != len(at):
+            raise ValueError("baseline has repeated (customer_id, product_code) pairs")
+    out = np.full(len(universe), -np.inf)
+    out[at] = np.where(np.isnan(values), -np.inf, values)
+    return out
+
+
 def _group_row(
     name: str,
-    mask: np.ndarray[Any, Any],
-    served: pd.DataFrame,
-    baseline: pd.DataFrame | None,
+    members: npt.NDArray[np.bool_],
+    measured: _Measured,
     codes: Sequence[str],
     config: CardConfig,
 ) -> dict[str, Any]:
+    """A group's row; ``members``: which customers (``measured.pairs.space``) are in it."""
     k = config.k
-    pairs = served.loc[mask]
-    positives = pairs.loc[pairs["label"] == 1]
-    adopters = int(positives["customer_id"].nunique())
+    adoptions = measured.adoptions[members]
+    adopters = int(np.count_nonzero(adoptions))
     row: dict[str, Any] = {
         "group": name,
-        "customers": int(pairs["customer_id"].nunique()),
+        "customers": int(members.sum()),
         "adopters": adopters,
-        "adoptions": int(len(positives)),
+        "adoptions": int(adoptions.sum()),
         f"hit@{k}": None,
         f"map@{k}": None,
         f"baseline_map@{k}": None,
@@ -552,18 +622,20 @@ def _group_row(
             f"{adopters} customers adopted a candidate product; {config.min_adopters} are needed"
         )
         return row
-    actual = positives[["customer_id", "product_code"]]
-    ranking = ranking_metrics(pairs[["customer_id", "product_code", "score"]], actual, ks=(k,))
-    row[f"hit@{k}"] = float(ranking["hit_rate"].iloc[0])
-    row[f"map@{k}"] = float(ranking["map"].iloc[0])
-    if baseline is not None:
-        base = ranking_metrics(baseline.loc[mask], actual, ks=(k,))
-        row[f"baseline_map@{k}"] = float(base["map"].iloc[0])
-    per_product = product_metrics(pairs[["customer_id", "product_code", "score"]], actual)
-    for r in per_product.to_dict("records"):
-        negatives = int(r["n_candidates"]) - int(r["n_positive"])
-        if min(int(r["n_positive"]), negatives) >= config.min_auc_cases:
-            row["auc"][str(r["product_code"])] = float(r["auc"])
+    chosen = members[measured.evaluated]
+    row[f"hit@{k}"] = float((measured.hits[chosen] > 0).mean())
+    row[f"map@{k}"] = float(measured.average_precision[chosen].mean())
+    if measured.baseline_precision is not None:
+        row[f"baseline_map@{k}"] = float(measured.baseline_precision[chosen].mean())
+    in_group = members[measured.customer_of_pair]
+    for code, rows in measured.products:
+        inside = rows[in_group[rows]]
+        if inside.size == 0:
+            continue
+        labels = measured.pairs.relevant[inside]
+        positives = int(labels.sum())
+        if min(positives, inside.size - positives) >= config.min_auc_cases:
+            row["auc"][code] = roc_auc(measured.score[inside], labels)
     return row
 
 

@@ -43,9 +43,9 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from models.data import AdoptionIndex, BankData, CustomerState, DateInput, instant, to_ns
+from models.data import AdoptionIndex, BankData, CustomerState, DateInput, instant
 from models.eligibility import Catalogue, combine, rule_failures, state_arrays
-from models.features import FeatureBuilder, FeatureFrame, FeatureSpec
+from models.features import FeatureBuilder, FeatureFrame, FeatureSpec, joined_before
 from models.propensity.calibration import Blend, Calibrator, logit, sigmoid
 from models.propensity.config import TrainConfig
 from models.propensity.predictor import FastPredictor
@@ -62,6 +62,8 @@ __all__ = [
 ]
 
 _PREDICT_CHUNK: Final[int] = 200_000
+_SCORE_CUSTOMERS: Final[int] = 200_000
+"""Customers :meth:`PropensityModel.score` builds features for at once."""
 
 
 @dataclass(frozen=True)
@@ -253,9 +255,56 @@ class PropensityModel:
             ``data.customers``) then product (as in :attr:`products`).
         """
         runtime = self._runtime
-        frame = runtime.builder.build(data, as_of=as_of)
         catalogue = catalogue if catalogue is not None else Catalogue.from_data(data)
-        eligible = _eligible_for(self, catalogue, frame, data, to_ns(as_of))
+        as_of_ns = instant(as_of)
+        prepared = runtime.builder.prepare(data)
+        population = joined_before(prepared, as_of_ns)
+        held = None
+        if catalogue.product_codes != self.spec.product_codes:
+            held = AdoptionIndex.from_frame(
+                data.adoptions,
+                customer_ids=prepared.customer_ids,
+                product_codes=catalogue.product_codes,
+            ).held(as_of_ns)[population]
+        # A chunk of customers at a time: the features of a whole bank (a row of every
+        # column per customer) would be held at once for nothing, since each chunk's
+        # pairs come out in customer order, as the whole bank's would.
+        parts = []
+        for start in range(0, population.size, _SCORE_CUSTOMERS):
+            rows = population[start : start + _SCORE_CUSTOMERS]
+            frame = runtime.builder.build(prepared, as_of=as_of_ns, rows=rows)
+            part = self._score_rows(
+                frame,
+                catalogue,
+                None if held is None else held[start : start + rows.size],
+                uncalibrated=uncalibrated,
+            )
+            if part is not None:
+                parts.append(part)
+        if not parts:
+            empty = _score_frame(
+                np.array([], dtype=object),
+                np.array([], dtype=np.intp),
+                self.product_codes,
+                *(np.array([]),) * 3,
+            )
+            if uncalibrated:
+                empty["lgbm_uncalibrated"] = np.array([])
+            return empty
+        return parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
+
+    def _score_rows(
+        self,
+        frame: FeatureFrame,
+        catalogue: Catalogue,
+        held: npt.NDArray[np.bool_] | None,
+        *,
+        uncalibrated: bool,
+    ) -> pd.DataFrame | None:
+        """:meth:`score` of the customers of ``frame`` (``held``: their holdings in
+        ``catalogue``'s columns, when it is not the spec's); None if none is eligible."""
+        runtime = self._runtime
+        eligible = _eligible_for(self, catalogue, frame, held)
         pieces_rows: list[npt.NDArray[np.intp]] = []
         pieces_product: list[npt.NDArray[np.intp]] = []
         pieces: list[tuple[npt.NDArray[np.float64], ...]] = []
@@ -275,15 +324,7 @@ class PropensityModel:
             own = lgbm if runtime.boosters[k] is None else sigmoid(raw)
             pieces.append((propensity, lgbm, rules, own))
         if not pieces:
-            empty = _score_frame(
-                np.array([], dtype=object),
-                np.array([], dtype=np.intp),
-                self.product_codes,
-                *(np.array([]),) * 3,
-            )
-            if uncalibrated:
-                empty["lgbm_uncalibrated"] = np.array([])
-            return empty
+            return None
         rows = np.concatenate(pieces_rows)
         products = np.concatenate(pieces_product)
         order = np.lexsort((products, rows))
@@ -695,23 +736,15 @@ def _eligible_for(
     model: PropensityModel,
     catalogue: Catalogue,
     frame: FeatureFrame,
-    data: BankData,
-    as_of_ns: int,
+    held: npt.NDArray[np.bool_] | None,
 ) -> npt.NDArray[np.bool_]:
-    """Rows of ``frame`` x the model's products: eligible under ``catalogue``."""
-    if catalogue.product_codes == model.spec.product_codes:
-        held = frame.held
-    else:
-        index = AdoptionIndex.from_frame(
-            data.adoptions,
-            customer_ids=frame.customer_ids,
-            product_codes=catalogue.product_codes,
-        )
-        held = index.held(as_of_ns)
+    """Rows of ``frame`` x the model's products: eligible under ``catalogue``
+    (``held``: the rows' holdings in the catalogue's columns; None when they are the
+    spec's, as ``frame.held``)."""
     eligible = combine(
         rule_failures(
             catalogue,
-            held=held,
+            held=frame.held if held is None else held,
             ages=frame.ages,
             segment_codes=catalogue.segment_codes(frame.segments),
         )
