@@ -377,9 +377,10 @@ class AdoptionIndex:
             :meth:`last_adoption`); read-only arrays, shared by the calls at the same
             instant in a row.
         """
-        last = self._last
-        if last and last[0][0] == at_ns:
-            return last[0][1]
+        # One read of the entry: another thread may replace it meanwhile.
+        entry = self._last[0] if self._last else None
+        if entry is not None and entry[0] == at_ns:
+            return entry[1]
         snapshot = self._snapshot(at_ns)
         for array in snapshot:
             array.flags.writeable = False
@@ -412,11 +413,15 @@ class AdoptionIndex:
         """
         return self.snapshot(at_ns).held
 
-    def first_days(self, as_of_ns: int) -> npt.NDArray[np.int32]:
+    def first_days(self, as_of_ns: int, *, keep: bool = True) -> npt.NDArray[np.int32]:
         """Customers x products: day of the first adoption before the instant, else NEVER.
 
         Equals :attr:`models.sequences.AdoptionMatrix.first_days` on the same labels.
+        ``keep=False`` leaves the latest snapshot (:meth:`snapshot`) as it was: for a
+        caller on another thread than the one reading snapshots instant after instant.
         """
+        if not keep:
+            return self._snapshot(as_of_ns).first_days
         return self.snapshot(as_of_ns).first_days
 
     def last_adoption(self, as_of_ns: int) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.int64]]:

@@ -63,6 +63,8 @@ RULES: Final[tuple[str, ...]] = (
 
 _ORDINAL_EPOCH: Final[int] = dt.date(1970, 1, 1).toordinal()
 _RULE_INDEX: Final[dict[str, int]] = {name: i for i, name in enumerate(RULES)}
+_LOOKUP_ONE_BY_ONE: Final[int] = 1_000
+"""Up to this many customers, segments are looked up one by one (serving asks for one)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -234,10 +236,15 @@ class Catalogue:
         """Row of :attr:`segment_allowed` for each customer's segment (unknown: last)."""
         other = len(self.segment_levels)
         levels = self.segment_levels
-        return np.array(
-            [levels.get(s, other) if isinstance(s, str) else other for s in segments],
-            dtype=np.intp,
-        )
+        if len(segments) < _LOOKUP_ONE_BY_ONE:
+            return np.array(
+                [levels.get(s, other) if isinstance(s, str) else other for s in segments],
+                dtype=np.intp,
+            )
+        # A bank's customers: each distinct segment looked up once.
+        codes, uniques = pd.factorize(np.asarray(segments, dtype=object), use_na_sentinel=True)
+        lookup = [levels.get(s, other) if isinstance(s, str) else other for s in uniques]
+        return np.asarray(np.array([*lookup, other], dtype=np.intp)[codes], dtype=np.intp)
 
 
 # --------------------------------------------------------------------------- the rules

@@ -538,7 +538,9 @@ def mine_rules(
     RuleSet
     """
     as_of_ns = to_ns(as_of)
-    first = index.first_days(as_of_ns)
+    # Not kept as the index's latest snapshot: training mines on a thread of its own,
+    # while the features of the cutoff before read theirs.
+    first = index.first_days(as_of_ns, keep=False)
     seen = (first != NEVER).any(axis=1)
     matrix = AdoptionMatrix(
         customer_ids=np.flatnonzero(seen),

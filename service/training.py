@@ -220,7 +220,7 @@ def train_and_register(
     truth_dir: Path | None = None,
     progress: Callable[[str, float], None] | None = None,
 ) -> TrainOutcome:
-    """Holdout-evaluate, train on all history to ``as_of``, save the bundle, register it.
+    """Train on all history to ``as_of``, holdout-evaluate, save the bundle, register it.
 
     The promotion gate compares the candidate's holdout metric (MAP@3 on a temporal
     holdout, mean AUC on a random split of customers) with the active version's measured
@@ -230,6 +230,16 @@ def train_and_register(
     """
     data = load_bank(engine)
     as_of = as_of or default_as_of(data)
+    # The final model first: it is small once trained, while the holdout's scored pairs
+    # (several frames of every candidate pair) are kept for the card, so training after
+    # them would add its working memory to theirs.
+    model = train(
+        data,
+        as_of=as_of,
+        horizon_days=horizon_days,
+        config=config,
+        progress=(lambda stage, f: progress(f"final: {stage}", f)) if progress else None,
+    )
     holdout = evaluate(
         data,
         as_of=as_of,
@@ -240,13 +250,6 @@ def train_and_register(
     )
     metrics = holdout.summary_metrics()
     active_value, active_note = active_on_holdout(engine, holdout, data, cache_dir=artifacts_dir)
-    model = train(
-        data,
-        as_of=as_of,
-        horizon_days=horizon_days,
-        config=config,
-        progress=(lambda stage, f: progress(f"final: {stage}", f)) if progress else None,
-    )
     if progress:
         progress("model card", 1.0)
     card = build_card(model, holdout, data)

@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
+import weakref
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -319,6 +321,7 @@ class _Rows:
     folds: list[npt.NDArray[np.int8]] = field(default_factory=list)
     rules: list[npt.NDArray[np.float64]] = field(default_factory=list)
     positives: int = 0
+    n_rows: int = 0
     weighted_rows: float = 0.0
     weighted_positives: float = 0.0
 
@@ -332,6 +335,7 @@ class _Rows:
         rules: npt.NDArray[np.float64],
     ) -> None:
         self.blocks.append((block, positions))
+        self.n_rows += int(positions.size)
         self.labels.append(labels)
         self.weights.append(weights)
         self.folds.append(folds)
@@ -466,71 +470,80 @@ def train(
     dropped_forced = 0
     cutoffs = [*plan.train] if plan.split_customers else [*plan.train, plan.validation]
     per_cutoff_cap = max(1, config.max_rows_per_product // len(plan.train))
-    for i, cutoff in enumerate(cutoffs):
-        report_progress(f"features at {cutoff.date()}", 0.05 + 0.4 * i / len(cutoffs))
-        is_validation = plan.split_customers or cutoff == plan.validation
-        builder, population, labels, eligible = _cutoff(
-            prepared, spec, catalogue, config, cutoff, horizon_days
-        )
-        if forced is not None:
-            sold = forced.within(population, int(cutoff.value), horizon_days * NS_PER_DAY)
-            dropped_forced += int((sold & eligible).sum())
-            eligible &= ~sold
-        if plan.split_customers:
-            held_out = held_out_customers[population]
-            folds = fold_customers[population]
-            splits = [
-                (~held_out, train_rows, per_cutoff_cap, False),
-                (held_out, valid_rows, config.max_validation_rows, True),
-            ]
-        else:
-            folds = (hashes[population] % 2).astype(np.int8)
-            everyone = np.ones(population.size, dtype=bool)
-            splits = [
-                (everyone, valid_rows, config.max_validation_rows, True)
-                if is_validation
-                else (everyone, train_rows, per_cutoff_cap, False)
-            ]
-        # One uniform draw per customer chooses the negatives of every product (see
-        # _sample), so the products' samples overlap and the cutoff's features are
-        # built once, for their union only.
-        draws = rng.random(population.size)
-        samples = []
-        for mask, sink, cap, validation in splits:
-            for code in targets:
-                j = catalogue.index[code]
-                candidates = np.flatnonzero(eligible[:, j] & mask)
-                rows, weights = _sample(
-                    candidates, labels[candidates, j], config, cap, draws, validation=validation
-                )
-                samples.append((sink[code], code, j, rows, weights))
-        union = np.unique(
-            np.concatenate([np.empty(0, np.intp)] + [rows for *_, rows, _ in samples])
-        )
-        frame = builder.build(prepared, as_of=cutoff, rows=population[union])
-        for rows_of, code, j, rows, weights in samples:
-            positions = np.searchsorted(union, rows)
-            rows_of.add(
-                frame.values,
-                positions,
-                labels[rows, j],
-                weights,
-                folds[rows],
-                np.zeros(rows.size)
-                if frame.rule_confidence is None
-                else frame.rule_confidence[positions, spec_index[code]],
+    # Rules are mined on a thread of their own, ahead of the cutoff whose features read
+    # them: mining is most of a cutoff's work outside LightGBM, and numpy lets the two
+    # threads run at once. A cutoff's rules are the same whichever thread mines them.
+    miner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbo-rules")
+    mined = {
+        when: miner.submit(_mined_rules, data, prepared, spec, config, when, horizon_days)
+        for when in ([*cutoffs, as_of_ts] if config.rules else [])
+    }
+    try:
+        for i, cutoff in enumerate(cutoffs):
+            report_progress(f"features at {cutoff.date()}", 0.05 + 0.4 * i / len(cutoffs))
+            is_validation = plan.split_customers or cutoff == plan.validation
+            builder, population, labels, eligible = _cutoff(
+                prepared,
+                spec,
+                catalogue,
+                cutoff,
+                horizon_days,
+                mined[cutoff].result() if config.rules else None,
             )
-        del frame, samples, labels, eligible
+            if forced is not None:
+                sold = forced.within(population, int(cutoff.value), horizon_days * NS_PER_DAY)
+                dropped_forced += int((sold & eligible).sum())
+                eligible &= ~sold
+            if plan.split_customers:
+                held_out = held_out_customers[population]
+                folds = fold_customers[population]
+                splits = [
+                    (~held_out, train_rows, per_cutoff_cap, False),
+                    (held_out, valid_rows, config.max_validation_rows, True),
+                ]
+            else:
+                folds = (hashes[population] % 2).astype(np.int8)
+                everyone = np.ones(population.size, dtype=bool)
+                splits = [
+                    (everyone, valid_rows, config.max_validation_rows, True)
+                    if is_validation
+                    else (everyone, train_rows, per_cutoff_cap, False)
+                ]
+            # One uniform draw per customer chooses the negatives of every product (see
+            # _sample), so the products' samples overlap and the cutoff's features are
+            # built once, for their union only.
+            draws = rng.random(population.size)
+            samples = []
+            for mask, sink, cap, validation in splits:
+                for code in targets:
+                    j = catalogue.index[code]
+                    candidates = np.flatnonzero(eligible[:, j] & mask)
+                    rows, weights = _sample(
+                        candidates, labels[candidates, j], config, cap, draws, validation=validation
+                    )
+                    samples.append((sink[code], code, j, rows, weights))
+            union = np.unique(
+                np.concatenate([np.empty(0, np.intp)] + [rows for *_, rows, _ in samples])
+            )
+            frame = builder.build(prepared, as_of=cutoff, rows=population[union])
+            for rows_of, code, j, rows, weights in samples:
+                positions = np.searchsorted(union, rows)
+                rows_of.add(
+                    frame.values,
+                    positions,
+                    labels[rows, j],
+                    weights,
+                    folds[rows],
+                    np.zeros(rows.size)
+                    if frame.rule_confidence is None
+                    else frame.rule_confidence[positions, spec_index[code]],
+                )
+            del frame, samples, labels, eligible
 
-    report_progress("final rules", 0.45)
-    rules = None
-    if config.rules:
-        rules = mine_rules(
-            prepared.index,
-            spec.product_codes,
-            as_of=as_of_ts,
-            **_rule_settings(config, horizon_days),
-        )
+        report_progress("final rules", 0.45)
+        rules = mined[as_of_ts].result() if config.rules else None
+    finally:
+        miner.shutdown(wait=True, cancel_futures=True)
     products: list[ProductModel] = []
     report: dict[str, Any] = {"products": {}}
     workers, threads = _parallelism(config, len(targets))
@@ -538,13 +551,17 @@ def train(
     # Products are independent: several boosters train at once, each on its own
     # threads (LightGBM releases the GIL), rather than one booster on every core, whose
     # threads wait on each other at every histogram of a few hundred thousand rows.
+    # The largest products start first, so that a large one does not start last and
+    # train alone while the other threads are idle; the results keep the target order.
+    size = {code: train_rows[code].n_rows + valid_rows[code].n_rows for code in targets}
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        fits = [
-            pool.submit(
+        submitted = {
+            code: pool.submit(
                 _fit_product, code, spec, train_rows.pop(code), valid_rows.pop(code), params, config
             )
-            for code in targets
-        ]
+            for code in sorted(targets, key=lambda code: -size[code])
+        }
+        fits = [submitted.pop(code) for code in targets]
         for n, (code, fit) in enumerate(zip(targets, fits, strict=True)):
             report_progress(f"training {code}", 0.5 + 0.5 * n / max(len(targets), 1))
             product, metrics = fit.result()
@@ -680,27 +697,55 @@ def _rule_settings(config: TrainConfig, horizon_days: int) -> dict[str, Any]:
     }
 
 
+_MINED: weakref.WeakKeyDictionary[BankData, dict[tuple[Any, ...], RuleSet]] = (
+    weakref.WeakKeyDictionary()
+)
+"""Rules mined from a bank, by products, settings and cutoff, for as long as the bank
+object lives: the holdout's training and the final one mine at most of the same monthly
+cutoffs (the holdout's are the final's shifted by the horizon), and rules mined before
+a cutoff read nothing but the bank's adoptions before it, so the same bank, products,
+settings and cutoff always give the same rules. Banks are read-only (see
+:class:`models.data.BankData`)."""
+_MINED_LOCK = threading.Lock()
+
+
+def _mined_rules(
+    data: BankData,
+    prepared: PreparedBank,
+    spec: FeatureSpec,
+    config: TrainConfig,
+    cutoff: pd.Timestamp,
+    horizon_days: int,
+) -> RuleSet:
+    """:func:`models.features.mine_rules` of ``prepared`` (prepared from ``data`` for
+    ``spec``) at ``cutoff``, mined once per bank object (:data:`_MINED`)."""
+    settings = _rule_settings(config, horizon_days)
+    key = (spec.product_codes, tuple(sorted(settings.items())), int(cutoff.value))
+    with _MINED_LOCK:
+        found = _MINED.setdefault(data, {}).get(key)
+    if found is None:
+        found = mine_rules(prepared.index, spec.product_codes, as_of=cutoff, **settings)
+        with _MINED_LOCK:
+            _MINED.setdefault(data, {})[key] = found
+    return found
+
+
 def _cutoff(
     prepared: PreparedBank,
     spec: FeatureSpec,
     catalogue: Catalogue,
-    config: TrainConfig,
     cutoff: pd.Timestamp,
     horizon_days: int,
+    rules: RuleSet | None,
 ) -> tuple[FeatureBuilder, npt.NDArray[np.intp], npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
-    """The builder of one cutoff (its rules mined before it), the customers it builds
-    (positions in the bank), their labels and eligibility (catalogue columns).
+    """The builder of one cutoff (with ``rules``, mined before it), the customers it
+    builds (positions in the bank), their labels and eligibility (catalogue columns).
 
     Labels and eligibility read only holdings, ages and segments, the cheap part of the
     features: the feature rows are built afterwards for the sampled customers alone
     (:meth:`FeatureBuilder.build` with ``rows``, each row as in the full build).
     """
     t_ns = int(cutoff.value)
-    rules = None
-    if config.rules:
-        rules = mine_rules(
-            prepared.index, spec.product_codes, as_of=cutoff, **_rule_settings(config, horizon_days)
-        )
     builder = FeatureBuilder(spec, rules)
     population = joined_before(prepared, t_ns)
     held = prepared.index.snapshot(t_ns).held[population]
@@ -817,7 +862,9 @@ def _fit_product(
     text = booster.model_to_string(num_iteration=best)
     del booster, train_set, valid_set
     model = lgb.Booster(model_str=text)
-    raw = np.asarray(model.predict(x_valid, raw_score=True), dtype=np.float64)
+    raw = np.asarray(
+        model.predict(x_valid, raw_score=True, num_threads=params["num_threads"]), dtype=np.float64
+    )
     if config.refit:
         # Served: the same rounds on training and validation rows together. Calibration
         # and the blend are still fitted on the early-stopped booster's out-of-sample
@@ -1025,12 +1072,17 @@ def _booster_params(
 
 def _dataset_params(params: Mapping[str, Any], config: TrainConfig) -> dict[str, Any]:
     """Binning settings; LightGBM drops features no leaf of ``min_data_in_leaf`` rows
-    can split while binning, so the sized value goes there too."""
-    return {
+    can split while binning, so the sized value goes there too. Binning runs on the
+    booster's threads: left to OpenMP it would take every core for each of the boosters
+    built at once (the bins are the same on any number of threads)."""
+    out = {
         "max_bin": config.max_bin,
         "min_data_in_leaf": params["min_data_in_leaf"],
         "verbosity": -1,
     }
+    if params.get("num_threads"):
+        out["num_threads"] = params["num_threads"]
+    return out
 
 
 def _refit(

@@ -7,6 +7,7 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -16,7 +17,9 @@ from sklearn.metrics import roc_auc_score
 from models.data import BankData, CustomerState
 from models.eligibility import Catalogue, eligible_matrix
 from models.propensity import ProductScore, PropensityModel, TrainConfig, training
+from models.propensity import model as propensity_model
 from models.propensity.training import plan_cutoffs, train
+from models.rules import RuleSet
 from models.synthetic import SyntheticBank, generate_bank, true_propensities
 
 REPO = Path(__file__).resolve().parents[2]
@@ -203,6 +206,39 @@ def test_training_is_deterministic(planted: BankData, planted_model: PropensityM
     )
 
 
+def test_rules_are_mined_once_per_bank_and_cutoff(
+    planted: BankData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A holdout's training and the final one share most monthly cutoffs: the rules of
+    a cutoff already mined from the same bank are not mined again, and are the rules a
+    fresh mining finds."""
+    mined: list[pd.Timestamp] = []
+    real = training.mine_rules
+
+    def counting(*args: object, **kwargs: Any) -> RuleSet:
+        mined.append(pd.Timestamp(kwargs["as_of"]))
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(training, "mine_rules", counting)
+    config = TrainConfig(n_cutoffs=3, products=("insurance",))
+    bank = BankData.from_frames(planted.products, planted.customers, planted.adoptions)
+    earlier = AS_OF - pd.DateOffset(months=2)
+    train(bank, as_of=earlier, config=config)
+    first = set(mined)
+    mined.clear()
+    model = train(bank, as_of=AS_OF, config=config)
+    plan = training.training_plan(bank, as_of=AS_OF, horizon_days=90, config=config)
+    instants = {*plan.train, plan.validation, AS_OF}
+    assert instants & first  # the two trainings share cutoffs...
+    assert sorted(mined) == sorted(instants - first)  # ...mined the first time only
+    fresh = BankData.from_frames(planted.products, planted.customers, planted.adoptions)
+    again = train(fresh, as_of=AS_OF, config=config)
+    assert sorted(mined[-len(instants) :]) == sorted(instants)  # a new bank mines afresh
+    assert again.rules is not None and model.rules is not None
+    assert again.rules.to_json() == model.rules.to_json()
+    assert [p.model_text for p in again.products] == [p.model_text for p in model.products]
+
+
 def test_progress_is_reported_to_the_end(planted: BankData) -> None:
     seen: list[tuple[str, float]] = []
     train(
@@ -311,6 +347,24 @@ def test_only_eligible_pairs_are_scored(
     joined = (data.customers["joined_at"] < SYNTHETIC_AS_OF).to_numpy()
     modelled = np.isin(Catalogue.from_data(data).product_codes, model.product_codes)
     assert len(scores) == int(eligible[joined][:, modelled].sum())
+
+
+def test_scoring_a_chunk_of_customers_at_a_time_changes_nothing(
+    data: BankData, model: PropensityModel, scores: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch builds a chunk of customers' features at a time; the pairs, their order
+    and their scores are those of one pass, with the model's catalogue or another."""
+    products = data.products.loc[data.products["product_code"] != "mobile_banking"]
+    other = Catalogue.from_products(products)
+    assert other.product_codes != model.spec.product_codes
+    whole = model.score(data, as_of=SYNTHETIC_AS_OF, catalogue=other, uncalibrated=True)
+    assert len(data.customers) <= propensity_model._SCORE_CUSTOMERS  # one pass by default
+    monkeypatch.setattr(propensity_model, "_SCORE_CUSTOMERS", 1_000)
+    chunked = model.score(data, as_of=SYNTHETIC_AS_OF, uncalibrated=True)
+    pd.testing.assert_frame_equal(chunked, scores.drop(columns="adopted"), check_exact=True)
+    narrowed = model.score(data, as_of=SYNTHETIC_AS_OF, catalogue=other, uncalibrated=True)
+    pd.testing.assert_frame_equal(narrowed, whole, check_exact=True)
+    assert "mobile_banking" not in set(narrowed["product_code"].astype(str))
 
 
 def test_one_customer_path_equals_the_batch(
