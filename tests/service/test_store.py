@@ -495,19 +495,24 @@ def test_a_start_reads_the_windows_offers_as_the_row_reader_does(
 
     # What the row reader alone makes of every offer in the windows.
     since = now - dt.timedelta(days=30)
-    with bank.connect() as conn:
-        rows = conn.execute(
-            text(
-                "SELECT d.customer_external_id, p.code, o.id, o.created_at FROM offers o "
-                "JOIN decisions d ON d.id = o.decision_id "
-                "JOIN products p ON p.id = o.product_id WHERE o.created_at >= :since"
-            ),
-            {"since": since},
-        ).all()
-    expected = ContactBook()
-    expected.load_offers(
-        (c, code, i, serving._posix(at)) for c, code, i, at in sorted(rows, key=lambda r: r[0])
-    )
+
+    def expect() -> tuple[list[Any], ContactBook]:
+        with bank.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT d.customer_external_id, p.code, o.id, o.created_at FROM offers o "
+                    "JOIN decisions d ON d.id = o.decision_id "
+                    "JOIN products p ON p.id = o.product_id WHERE o.created_at >= :since"
+                ),
+                {"since": since},
+            ).all()
+        book = ContactBook()
+        book.load_offers(
+            (c, code, i, serving._posix(at)) for c, code, i, at in sorted(rows, key=lambda r: r[0])
+        )
+        return list(rows), book
+
+    rows, expected = expect()
     assert len(expected) > 40
 
     unnamed: list[list[int]] = []
@@ -545,6 +550,32 @@ def test_a_start_reads_the_windows_offers_as_the_row_reader_does(
     if bank.dialect.name == "postgresql":
         # The deleted customer's offer and decline went to the row reader.
         assert unnamed == [[10**9], [10**9]]
+        # A stored id of a UUID's shape that is not one fails the bulk read of the
+        # offers: the row reader reads them all, the bad one as text.
+        decisions.clear()
+        offers.clear()
+        offer(one, first, "zzzzzzzz-zzzz-zzzz-zzzz-zzzzzzzzzzzz", 3)
+        with bank.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO decisions (id, customer_id, customer_external_id, channel, "
+                    "control, degraded, cold_start, created_at) "
+                    "VALUES (:id, :cid, :xid, 'branch', false, false, false, :at)"
+                ),
+                decisions,
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO offers (id, decision_id, customer_id, product_id, rank, "
+                    "propensity, expected_value, score, created_at) "
+                    "VALUES (:id, :did, :cid, :pid, 1, 0.5, 1.0, 0.5, :at)"
+                ),
+                offers,
+            )
+        rows, expected = expect()
+        same(read())
+        assert unnamed == [[10**9], [10**9], [10**9]]  # the declines' bulk read only
+        assert "zzzzzzzz-zzzz-zzzz-zzzz-zzzzzzzzzzzz" in read()[one].offers
         # A bulk read that fails leaves every offer to the row reader.
         monkeypatch.setattr(window, "_copy", lambda *_: (_ for _ in ()).throw(ValueError("x")))
         same(read())
