@@ -575,7 +575,7 @@ def _retire(snapshot: Snapshot) -> None:
     (50k dicts at 1M customers) took 0.1 s of the GIL. A request still holding the
     snapshot finds the caches empty and makes what it needs again."""
     sequences = snapshot.customers.sequence_pitches
-    while sequences:  # references only: the dicts are held by rule_cache too
+    while sequences:  # the dicts made from the store's reasons are held here alone
         del sequences[-RETIRE_SLICE:]
         time.sleep(0)
     caches: list[dict[Any, Any]] = [
@@ -736,21 +736,26 @@ class ServingState:
     def _load_history(self, snapshot: Snapshot) -> None:
         since = self.clock() - dt.timedelta(days=self._history_days())
         with read_only(self.engine).connect() as conn:
-            # Grouped by customer and product in the database, added a group at a time:
-            # a busy month is millions of offers, row-at-a-time work took most of a
-            # start-up.
-            # PostgreSQL gives the instant as POSIX seconds, sparing a datetime per row.
+            # On PostgreSQL most offers and declines come in bulk (_bulk); the rows left
+            # are grouped by customer in the database and added a customer at a time: a
+            # busy month is millions of offers, row-at-a-time work took most of a start-up.
+            # PostgreSQL gives instants as POSIX seconds, sparing a datetime per row.
             postgresql = self.engine.dialect.name == "postgresql"
-            at = "EXTRACT(EPOCH FROM o.created_at)::float8" if postgresql else "o.created_at"
-            rest, params = self._bulk(
-                conn, window.read_offers, window.REST_OFFERS, since, snapshot, "offers"
-            )
+
+            def seconds(column: str) -> str:
+                return f"EXTRACT(EPOCH FROM {column})::float8" if postgresql else column
+
             # Streamed in batches (a server-side cursor on PostgreSQL): millions of offers
             # read as one list of rows took ~0.7 KB an offer at start-up, memory the
             # worker's heap then kept (1.6 GB a worker for 1.6M offers at 1M customers).
-            offers = conn.execution_options(stream_results=True, yield_per=20_000).execute(
+            stream = conn.execution_options(stream_results=True, yield_per=20_000)
+            rest, params = self._bulk(
+                conn, window.read_offers, window.REST_OFFERS, since, snapshot, "offers"
+            )
+            offers = stream.execute(
                 text(
-                    f"SELECT d.customer_external_id, p.code, o.id, {at} FROM offers o "
+                    f"SELECT d.customer_external_id, p.code, o.id, {seconds('o.created_at')} "
+                    "FROM offers o "
                     "JOIN decisions d ON d.id = o.decision_id JOIN products p ON p.id = o.product_id "
                     f"WHERE o.created_at >= :since {rest}"
                     "ORDER BY d.customer_external_id, p.code, o.created_at"
@@ -762,16 +767,13 @@ class ServingState:
             )
             # Each customer's declines and detractor answers together, added one
             # customer at a time (a busy month has hundreds of thousands of declines).
-            stream = conn.execution_options(stream_results=True, yield_per=20_000)
-            declined = (
-                "EXTRACT(EPOCH FROM oo.created_at)::float8" if postgresql else "oo.created_at"
-            )
             rest, params = self._bulk(
                 conn, window.read_declines, window.REST_DECLINES, since, snapshot, "declines"
             )
             declines = stream.execute(
                 text(
-                    f"SELECT d.customer_external_id, p.code, {declined} FROM offer_outcomes oo "
+                    f"SELECT d.customer_external_id, p.code, {seconds('oo.created_at')} "
+                    "FROM offer_outcomes oo "
                     "JOIN offers o ON o.id = oo.offer_id JOIN decisions d ON d.id = o.decision_id "
                     "JOIN products p ON p.id = o.product_id "
                     f"WHERE oo.outcome = 'declined' AND oo.created_at >= :since {rest}"
@@ -780,10 +782,9 @@ class ServingState:
                 params,
             )
             self.history.load_marks((c, code, _posix(at)) for c, code, at in declines)
-            answered = "EXTRACT(EPOCH FROM f.created_at)::float8" if postgresql else "f.created_at"
             detractors = stream.execute(
                 text(
-                    f"SELECT c.external_id, {answered} FROM feedback f "
+                    f"SELECT c.external_id, {seconds('f.created_at')} FROM feedback f "
                     "JOIN customers c ON c.id = f.customer_id "
                     "WHERE f.kind = 'nps' AND f.score <= 6 AND f.created_at >= :since "
                     "AND EXISTS (SELECT 1 FROM offers o WHERE o.decision_id = f.decision_id) "

@@ -468,23 +468,29 @@ def test_a_start_reads_the_windows_offers_as_the_row_reader_does(
     gone = offer("gone-1", 10**9, str(uuid.uuid4()), 8)  # a customer deleted since
     offer(three, third, str(uuid.uuid4()), 24 * 40)  # older than every window
     declined = [offer(three, third, str(uuid.uuid4()), 30), cold, gone, offers[0]["id"]]
+
+    def insert() -> None:
+        """Store the decisions and offers made by offer() so far."""
+        with bank.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO decisions (id, customer_id, customer_external_id, channel, "
+                    "control, degraded, cold_start, created_at) "
+                    "VALUES (:id, :cid, :xid, 'branch', false, false, false, :at)"
+                ),
+                decisions,
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO offers (id, decision_id, customer_id, product_id, rank, "
+                    "propensity, expected_value, score, created_at) "
+                    "VALUES (:id, :did, :cid, :pid, 1, 0.5, 1.0, 0.5, :at)"
+                ),
+                offers,
+            )
+
+    insert()
     with bank.begin() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO decisions (id, customer_id, customer_external_id, channel, "
-                "control, degraded, cold_start, created_at) "
-                "VALUES (:id, :cid, :xid, 'branch', false, false, false, :at)"
-            ),
-            decisions,
-        )
-        conn.execute(
-            text(
-                "INSERT INTO offers (id, decision_id, customer_id, product_id, rank, "
-                "propensity, expected_value, score, created_at) "
-                "VALUES (:id, :did, :cid, :pid, 1, 0.5, 1.0, 0.5, :at)"
-            ),
-            offers,
-        )
         conn.execute(
             text(
                 "INSERT INTO offer_outcomes (offer_id, outcome, created_at) "
@@ -555,23 +561,7 @@ def test_a_start_reads_the_windows_offers_as_the_row_reader_does(
         decisions.clear()
         offers.clear()
         offer(one, first, "zzzzzzzz-zzzz-zzzz-zzzz-zzzzzzzzzzzz", 3)
-        with bank.begin() as conn:
-            conn.execute(
-                text(
-                    "INSERT INTO decisions (id, customer_id, customer_external_id, channel, "
-                    "control, degraded, cold_start, created_at) "
-                    "VALUES (:id, :cid, :xid, 'branch', false, false, false, :at)"
-                ),
-                decisions,
-            )
-            conn.execute(
-                text(
-                    "INSERT INTO offers (id, decision_id, customer_id, product_id, rank, "
-                    "propensity, expected_value, score, created_at) "
-                    "VALUES (:id, :did, :cid, :pid, 1, 0.5, 1.0, 0.5, :at)"
-                ),
-                offers,
-            )
+        insert()
         rows, expected = expect()
         same(read())
         assert unnamed == [[10**9], [10**9], [10**9]]  # the declines' bulk read only
