@@ -28,7 +28,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
@@ -131,6 +131,19 @@ def _sqlite_on_begin(connection: Any) -> None:
 def read_only(engine: Engine) -> Engine:
     """The same engine for reads: on SQLite its transactions do not take the write lock."""
     return engine.execution_options(nbo_begin="DEFERRED")
+
+
+def one_core(conn: Connection) -> None:
+    """Keep the rest of ``conn``'s transaction on one core (PostgreSQL; nothing on SQLite).
+
+    For background reads in a worker that serves (a store's fingerprint, the business
+    figures): PostgreSQL ran a count of a large table on three processes (two parallel
+    workers beside the backend, at full priority), so at a million customers such a read
+    took both cores of a machine serving at full load for a moment, and requests queued
+    behind it (the p99 around an activation, ``bench/serve.py --activation``).
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SET LOCAL max_parallel_workers_per_gather = 0"))
 
 
 def engine_from_settings(settings: Settings, *, serving: bool = False) -> Engine:

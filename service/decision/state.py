@@ -1164,10 +1164,13 @@ def _serving_store(
         )
 
     def usable(store: columns.ColumnStore) -> bool:
+        counted = not columns.checked_recently(store)
         with read_only(engine).connect() as conn:
-            found = columns.changes_since(conn, store.fingerprint)
+            found = columns.changes_since(conn, store.fingerprint, counted=counted)
         if found is None:
             return False
+        if counted:
+            columns.mark_checked(store)
         changed.update(found)
         return True
 

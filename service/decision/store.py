@@ -54,6 +54,7 @@ from models.data import NAT_NS, Adoption, BankData, CustomerState, OfferOutcome
 from models.eligibility import Catalogue
 from models.reasons import ProfileClaim, ProfileColumn, ProfileRates
 from models.rules import REASON_MIN_CUSTOMERS, REASON_MIN_LIFT, RuleSet
+from service.data.db import one_core
 
 log = logging.getLogger("nbo.serving")
 
@@ -96,7 +97,9 @@ class Fingerprint:
 
 
 def fingerprint(conn: Connection) -> Fingerprint:
-    """The bank's :class:`Fingerprint` now (four aggregate queries)."""
+    """The bank's :class:`Fingerprint` now (four aggregate queries, on one core: see
+    :func:`~service.data.db.one_core`)."""
+    one_core(conn)
     customers, max_customer, updated = conn.execute(
         text("SELECT count(*), coalesce(max(id), 0), max(updated_at) FROM customers")
     ).one()
@@ -149,7 +152,7 @@ def store_key(
 
 
 def changes_since(
-    conn: Connection, built: Fingerprint, *, limit: int = MAX_REREAD
+    conn: Connection, built: Fingerprint, *, limit: int = MAX_REREAD, counted: bool = True
 ) -> set[str] | None:
     """The external ids of customers changed since a store with fingerprint ``built``
     was read; None when the store cannot be brought up to date that way and must be
@@ -162,26 +165,19 @@ def changes_since(
     since pruned (nothing says whose), or more than ``limit`` customers changed.
     Customers added since are not listed: a worker reads an unknown customer on first
     use.
+
+    Without ``counted``, the whole-table counts that find deleted rows and closings
+    are skipped: for a store whose counts were checked moments ago (see
+    :func:`checked_recently`); every other change is still found.
     """
-    now = fingerprint(conn)
-    new_customers = conn.execute(
-        text("SELECT count(*) FROM customers WHERE id > :m"), {"m": built.max_customer}
-    ).scalar()
-    if now.customers != built.customers + int(new_customers or 0):
-        return None
-    added, added_closed = conn.execute(
-        text("SELECT count(*), count(closed_at) FROM adoptions WHERE id > :m"),
-        {"m": built.max_adoption},
-    ).one()
-    if now.adoptions != built.adoptions + int(added):
-        return None
+    one_core(conn)
     oldest = conn.execute(
         text("SELECT min(id) FROM change_events WHERE id > :w"), {"w": built.watermark}
     ).scalar()
     # Ids come from a sequence: the first one after the watermark is watermark + 1,
     # unless pruned (or rolled back, which reads as pruned: built again, to be safe).
     complete = oldest is None or int(oldest) == built.watermark + 1
-    if now.closed != built.closed + int(added_closed) and not complete:
+    if counted and not _counts_agree(conn, built, complete=complete):
         return None
     queries: list[tuple[str, dict[str, Any]]] = [
         (
@@ -225,6 +221,61 @@ def changes_since(
         if len(changed) > limit:
             return None
     return changed
+
+
+def _counts_agree(conn: Connection, built: Fingerprint, *, complete: bool) -> bool:
+    """Whether the bank's counts now are those at ``built`` plus the rows added since:
+    no customer or adoption deleted, and no old adoption closed unless the change log
+    since (``complete``) says whose."""
+    now = fingerprint(conn)
+    new_customers = conn.execute(
+        text("SELECT count(*) FROM customers WHERE id > :m"), {"m": built.max_customer}
+    ).scalar()
+    if now.customers != built.customers + int(new_customers or 0):
+        return False
+    added, added_closed = conn.execute(
+        text("SELECT count(*), count(closed_at) FROM adoptions WHERE id > :m"),
+        {"m": built.max_adoption},
+    ).one()
+    if now.adoptions != built.adoptions + int(added):
+        return False
+    return now.closed == built.closed + int(added_closed) or complete
+
+
+CHECKED = "checked"
+"""The file in a store's folder whose time says when a worker of this machine last
+found the bank's counts agreeing with the store (:func:`changes_since`)."""
+CHECK_REUSE_SECONDS = 60.0
+"""How long one worker's count check of a store serves the others of its machine.
+
+An activation checks the new version's store when it prepares it, and then every
+worker checks it again as it loads the version, a second later: at a million
+customers each check counted the customers and adoptions tables (a few hundred
+milliseconds of a core each time) while the machine served at full load. The counts
+find rows deleted or closed behind the service's back since the store was built; what
+changes after a check is not found until the next build anyway, so a check a minute
+old is as good as one made now. Changes the service makes itself, and added rows, are
+found by every worker as before."""
+
+
+def checked_recently(store: ColumnStore, now: float | None = None) -> bool:
+    """Whether a worker of this machine checked ``store``'s counts in the last
+    :data:`CHECK_REUSE_SECONDS`."""
+    try:
+        at = (store.folder / CHECKED).stat().st_mtime
+    except OSError:
+        return False
+    return 0.0 <= (time.time() if now is None else now) - at <= CHECK_REUSE_SECONDS
+
+
+def mark_checked(store: ColumnStore) -> None:
+    """Record that ``store``'s counts were found agreeing with the bank now (best
+    effort: a worker that cannot write it only makes the others count again)."""
+    try:
+        (store.folder / CHECKED).write_bytes(b"")
+        os.utime(store.folder / CHECKED)
+    except OSError:
+        log.warning("could not record the serving store's check", exc_info=True)
 
 
 def _stamp_text(value: Any) -> str:

@@ -5,6 +5,7 @@ read again rather than served from it."""
 from __future__ import annotations
 
 import datetime as dt
+import os
 import random
 import sys
 import threading
@@ -310,7 +311,9 @@ def test_workers_map_the_store_one_built_and_reread_what_changed_since(
     assert third.customers[updated].state.segment == "renamed"
     assert third.customers[customers[0]].state == first.customers[customers[0]].state
 
-    # A customer deleted: the store cannot say who is gone; it is built again.
+    # A customer deleted: the store cannot say who is gone; it is built again (once the
+    # last count check is too old to stand for one made now).
+    age_check(third)
     run(
         bank,
         "DELETE FROM adoptions WHERE customer_id = (SELECT id FROM customers "
@@ -322,6 +325,67 @@ def test_workers_map_the_store_one_built_and_reread_what_changed_since(
     assert builds.count == 2 and customers[-1] not in fourth.customers
     assert not fourth.customers.overlay and len(fourth.customers) == 299
     assert fourth.customers[updated].state.segment == "renamed"
+
+
+def age_check(snapshot: serving.Snapshot) -> None:
+    """Make the last count check of ``snapshot``'s store older than a check may be reused."""
+    store = snapshot.customers.store
+    assert store is not None
+    old = time.time() - columns.CHECK_REUSE_SECONDS - 1
+    (store.folder / columns.CHECKED).touch()
+    os.utime(store.folder / columns.CHECKED, (old, old))
+
+
+def test_a_count_check_serves_the_workers_of_a_machine_for_a_minute(
+    bank: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker loading a store another checked moments ago does not count the bank's
+    tables again, yet finds every change found by ids; once the check is older than
+    :data:`~service.decision.store.CHECK_REUSE_SECONDS`, the counts are made again and a
+    deleted customer gets the store built again."""
+    counts = []
+    real = columns._counts_agree
+
+    def counting(*args: Any, **kwargs: Any) -> bool:
+        counts.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(columns, "_counts_agree", counting)
+    builds = Builds(monkeypatch)
+    settings = settings_for(bank, tmp_path)
+    first = ServingState(bank, settings).load()
+    assert builds.count == 1 and not counts  # built now: nothing to check
+    second = ServingState(bank, settings).load()
+    assert builds.count == 1 and len(counts) == 1
+    customers = sorted(second.customers)
+
+    # Deleted behind the service's back, and an adoption added: within the minute the
+    # next worker finds the adoption (by id) but does not count, so the deletion waits.
+    gone, changed = customers[-1], customers[3]
+    run(
+        bank,
+        "INSERT INTO adoptions (customer_id, product_id, adopted_at, source) "
+        "SELECT c.id, p.id, :d, 'import' FROM customers c, products p "
+        "WHERE c.external_id = :c AND p.id = (SELECT max(id) FROM products)",
+        d=dt.date(2025, 12, 30),
+        c=changed,
+    )
+    # (Deleted after the insert: SQLite gives a deleted largest id to the next row.)
+    run(
+        bank,
+        "DELETE FROM adoptions WHERE customer_id = (SELECT id FROM customers "
+        "WHERE external_id = :c)",
+        c=gone,
+    )
+    run(bank, "DELETE FROM customers WHERE external_id = :c", c=gone)
+    third = ServingState(bank, settings).load()
+    assert builds.count == 1 and len(counts) == 1
+    assert set(third.customers.overlay) == {changed}
+
+    age_check(third)
+    fourth = ServingState(bank, settings).load()
+    assert len(counts) == 2 and builds.count == 2
+    assert gone not in fourth.customers and len(fourth.customers) == len(first.customers) - 1
 
 
 def test_a_version_store_is_prepared_before_it_is_activated(
@@ -424,14 +488,14 @@ def test_a_large_bank_is_built_in_a_child_process(
     monkeypatch.setattr(serving, "CHILD_BUILD_CUSTOMERS", 0)
     monkeypatch.setattr(serving, "write_serving_store", not_here)  # the child has its own
     state = ServingState(bank, settings_for(bank, tmp_path / "child"))
-    child = state.load()
-    assert state.load_error is None and child.customers.store is not None
+    built = state.load()
+    assert state.load_error is None and built.customers.store is not None
     assert (tmp_path / "child" / "serving").is_dir()
     customers = sorted(here.customers)
-    assert sorted(child.customers) == customers
+    assert sorted(built.customers) == customers
     for c in customers[:80]:
-        assert answers(child, c) == answers(here, c)
-        np.testing.assert_array_equal(child.customers[c].propensity, here.customers[c].propensity)
+        assert answers(built, c) == answers(here, c)
+        np.testing.assert_array_equal(built.customers[c].propensity, here.customers[c].propensity)
 
 
 # --------------------------------------------------------------------------- windows
