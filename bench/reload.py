@@ -15,10 +15,20 @@ reload was doing then (build, rule warm-up, swap, freeing the old snapshot).
 activation recorded, the reload): both versions' stores must be built (``nbo models
 prepare --version V``). It changes the active version of the database.
 
+With ``--activate``, activations alternate between the way they are made now and the
+way they were made before the count check was shared and kept on one core (each
+worker counted the bank's tables again, and PostgreSQL counted on three processes).
+
 ``--figures`` measures the business figures instead (the rolling conversion and the
 uplift gauge, as one worker of each machine computes them every
-``NBO_FIGURES_INTERVAL_SECONDS``), and first the gaps of the same thread with nothing
+``NBO_FIGURES_INTERVAL_SECONDS``), on a thread of this process (as a worker did before,
+and still does for a bank under 50,000 customers) and in a child process at low
+priority (as a worker does now), and first the gaps of the same thread with nothing
 else to do: the machine's own noise.
+
+Every line gives the CPU the work took from the whole machine (``/proc/stat``, so run
+it on an otherwise quiet machine) beside this process's own: the difference is mostly
+PostgreSQL's.
 """
 
 from __future__ import annotations
@@ -35,13 +45,27 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from service import child  # noqa: E402
 from service.data import registry  # noqa: E402
 from service.data.db import engine_from_settings, unit_of_work  # noqa: E402
 from service.decision import state as serving  # noqa: E402
+from service.decision import store as columns  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 GAP_MS = 20.0
 """Wake-up gaps longer than this are listed."""
+
+
+def machine_cpu() -> float:
+    """CPU seconds the whole machine has spent busy since boot."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    busy = sum(int(v) for i, v in enumerate(fields[:8]) if i not in (3, 4))  # not idle, iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu() -> float:
+    times = os.times()
+    return times.user + times.system
 
 
 def main() -> None:
@@ -108,6 +132,12 @@ def main() -> None:
         thread = threading.Thread(target=ping)
         thread.start()
         time.sleep(0.3)
+        before = reload % 2 == 0 and args.activate
+        if before:  # as activations were made before: every worker counts, on 3 processes
+            checks = columns.CHECK_REUSE_SECONDS, columns.one_core
+            columns.CHECK_REUSE_SECONDS = -1.0
+            columns.one_core = lambda conn: None  # type: ignore[assignment]
+        cpu, mine = machine_cpu(), own_cpu()
         origin = time.perf_counter()
         if args.activate:
             serving_now = state.snapshot.version  # type: ignore[union-attr]
@@ -119,12 +149,18 @@ def main() -> None:
                 )
         state.load()
         took = time.perf_counter() - origin
+        cpu, mine = machine_cpu() - cpu, own_cpu() - mine
+        if before:
+            columns.CHECK_REUSE_SECONDS, columns.one_core = checks  # type: ignore[assignment]
         time.sleep(0.3)
         stop.set()
         thread.join()
         lengths = sorted((b - a) * 1000 for a, b in gaps)
+        how = " (as before)" if before else " (now)" if args.activate else ""
         print(
-            f"reload {reload}: {took:.2f} s; wake-up gaps: median {lengths[len(lengths) // 2]:.2f} ms, "
+            f"{'activation' if args.activate else 'reload'} {reload}{how}: {took:.2f} s; "
+            f"CPU: machine {cpu:.2f} s, this process {mine:.2f} s; "
+            f"wake-up gaps: median {lengths[len(lengths) // 2]:.2f} ms, "
             f"p99.9 {lengths[int(len(lengths) * 0.999)]:.1f} ms, max {lengths[-1]:.0f} ms"
         )
         for a, b in gaps:
@@ -137,8 +173,9 @@ def main() -> None:
     engine.dispose()
 
 
-def gaps_during(work: Callable[[], Any]) -> tuple[float, list[float]]:
-    """Seconds ``work`` took, and the wake-up gaps (ms) of a thread waking every ms."""
+def gaps_during(work: Callable[[], Any]) -> tuple[float, list[float], float, float]:
+    """Seconds ``work`` took, the wake-up gaps (ms) of a thread waking every ms, and the
+    CPU seconds of the machine and of this process meanwhile (the thread's included)."""
     gaps: list[float] = []
     stop = threading.Event()
 
@@ -152,14 +189,15 @@ def gaps_during(work: Callable[[], Any]) -> tuple[float, list[float]]:
 
     thread = threading.Thread(target=ping)
     thread.start()
-    started = time.perf_counter()
+    started, cpu, mine = time.perf_counter(), machine_cpu(), own_cpu()
     try:
         work()
     finally:
         took = time.perf_counter() - started
+        cpu, mine = machine_cpu() - cpu, own_cpu() - mine
         stop.set()
         thread.join()
-    return took, sorted(gaps)
+    return took, sorted(gaps), cpu, mine
 
 
 def figures() -> None:
@@ -178,16 +216,25 @@ def figures() -> None:
     def idle() -> None:
         time.sleep(10)
 
-    def both() -> None:
+    def here() -> None:
         with serving.sharing_the_interpreter():  # as service/app.py computes them
-            reports.rolling_figures(engine, today)
-            reports.rolling_uplift(engine, today)
+            reports.rolling_gauges(engine, today)
 
-    for label, work in (("nothing (10 s)", idle), ("business figures", both)):
-        took, gaps = gaps_during(work)
+    def in_child() -> None:
+        child.run(
+            settings, "service.reports.measures:rolling_gauges_in_child", today=today.isoformat()
+        )
+
+    for label, work in (
+        ("nothing (10 s)", idle),
+        ("business figures on a thread (before)", here),
+        ("business figures in a child (now)", in_child),
+    ):
+        took, gaps, cpu, mine = gaps_during(work)
         over = sum(g > GAP_MS for g in gaps)
         print(
-            f"{label}: {took:.1f} s; wake-up gaps: median {gaps[len(gaps) // 2]:.2f} ms, "
+            f"{label}: {took:.1f} s; CPU: machine {cpu:.1f} s, this process {mine:.1f} s; "
+            f"wake-up gaps: median {gaps[len(gaps) // 2]:.2f} ms, "
             f"p99.9 {gaps[int(len(gaps) * 0.999)]:.1f} ms, max {gaps[-1]:.0f} ms, "
             f"{over} over {GAP_MS:.0f} ms"
         )

@@ -21,7 +21,6 @@ import ctypes
 import datetime as dt
 import gc
 import logging
-import subprocess
 import sys
 import threading
 import time
@@ -36,7 +35,6 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 import pandas as pd
-from pydantic import SecretStr
 from sqlalchemy import Connection, Engine, bindparam, text
 
 from models.data import Adoption, BankData, CustomerState, OfferOutcome, to_ns
@@ -44,7 +42,7 @@ from models.eligibility import Catalogue
 from models.propensity import PropensityModel
 from models.reasons import ProfileRates, profile_sentence
 from models.rules import Rule
-from service import metrics
+from service import child, metrics
 from service.data import registry
 from service.data import rows as bank_rows
 from service.data.bank import default_as_of, load_bank
@@ -1206,12 +1204,6 @@ def prepare_store(engine: Engine, settings: Settings, version: str) -> bool:
     return built
 
 
-CHILD_BUILD_CUSTOMERS = 50_000
-"""From this many customers the serving store is built in a child process, so that the
-build's frames (gigabytes at a million customers) leave with it rather than stay in the
-worker's heap; a smaller bank is built in the worker (starting a child costs seconds)."""
-
-
 def _build_store(
     engine: Engine,
     settings: Settings,
@@ -1221,67 +1213,41 @@ def _build_store(
 ) -> None:
     with read_only(engine).connect() as conn:
         customers = int(conn.execute(text("SELECT count(*) FROM customers")).scalar() or 0)
-    if customers < CHILD_BUILD_CUSTOMERS:
+    if customers < child.CHILD_CUSTOMERS:
         write_serving_store(engine, settings, model, folder)
         # Only a build made here left its frames' memory in this heap. Trimming it holds
         # the allocator's lock: after a build in the child it stalled every request of
         # a 1M-customer worker for 0.7 s, for nothing to give back.
         release_memory()
         return
-    # A fresh interpreter, not multiprocessing: "spawn" runs the parent's __main__
-    # again in the child (a script without a main guard would wait on the store's lock
-    # for ever), and "fork" copies a threaded worker's held locks. The settings travel
-    # on stdin, secrets included, never on the command line.
-    values = settings.model_dump(mode="json")
-    for name, value in settings:
-        if isinstance(value, SecretStr):
-            values[name] = value.get_secret_value()
-    payload = orjson.dumps(
-        {
-            "path": [p for p in sys.path if p],
-            "settings": values,
-            "version": version if model is not None else None,
-            "folder": str(folder),
-        }
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", _CHILD], input=payload, check=False, timeout=CHILD_TIMEOUT_SECONDS
-    )
-    if done.returncode != 0:
-        raise RuntimeError(
-            f"building the serving store in a child process failed (exit code {done.returncode})"
+    # In a child process at low priority (service.child), so that the build's frames
+    # leave with it and it takes only the CPU the workers leave.
+    try:
+        child.run(
+            settings,
+            "service.decision.state:build_in_child",
+            version=version if model is not None else None,
+            folder=str(folder),
         )
+    except child.ChildFailed as exc:
+        raise RuntimeError(f"building the serving store in a child process failed: {exc}") from None
 
 
-CHILD_TIMEOUT_SECONDS = 3600.0
-BUILD_NICENESS = 10
-"""How much lower the build child's CPU priority is than the worker's: a store build
-takes a core for minutes at a million customers, and on a machine that serves it must
-not take it from the workers answering decisions (it gets what they leave)."""
-_CHILD = (
-    f"import os, sys, json; os.nice({BUILD_NICENESS}); payload = sys.stdin.buffer.read(); "
-    "sys.path[:0] = json.loads(payload)['path']; "
-    "from service.decision.state import build_in_child; build_in_child(payload)"
-)
-
-
-def build_in_child(payload: bytes) -> None:
-    """The child process of :func:`_build_store`: :func:`write_serving_store` with the
-    settings and model version ``payload`` names (JSON)."""
+def build_in_child(settings: Settings, *, version: str | None, folder: str) -> None:
+    """The child process of :func:`_build_store`: :func:`write_serving_store` of model
+    ``version`` (None: no model) into ``folder``."""
     from service.data.db import engine_from_settings
 
-    order = orjson.loads(payload)
-    settings = Settings(**order["settings"])
     engine = engine_from_settings(settings)
     try:
         model = None
-        if order["version"] is not None:
+        if version is not None:
             with unit_of_work(engine) as session:
-                row = registry.get_version(session, order["version"])
+                row = registry.get_version(session, version)
                 session.expunge(row)
             with read_only(engine).connect() as conn:
                 model = registry.load_model(conn, row, cache_dir=settings.artifacts_dir)
-        write_serving_store(engine, settings, model, Path(order["folder"]))
+        write_serving_store(engine, settings, model, Path(folder))
     finally:
         engine.dispose()
 

@@ -23,11 +23,12 @@ Definitions shared by every report:
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import pandas as pd
 from sqlalchemy import (
@@ -47,9 +48,14 @@ from sqlalchemy import (
 from sqlalchemy.sql.elements import ColumnElement
 
 from service.data import rows as bank_rows
-from service.data.db import read_only
+from service.data.db import one_core, read_only
 from service.data.rows import RowAudit
 from service.data.tables import Base
+
+if TYPE_CHECKING:
+    from service.settings import Settings
+
+log = logging.getLogger("nbo.reports")
 
 DECISIONS = Base.metadata.tables["decisions"]
 OFFERS = Base.metadata.tables["offers"]
@@ -335,14 +341,17 @@ def _check_days(name: str, value: int, minimum: int = 0) -> None:
 
 
 @contextmanager
-def _reading(engine: Engine) -> Iterator[Connection]:
-    """One read-only transaction: a consistent snapshot for every query of a report."""
+def _reading(engine: Engine, *, background: bool = False) -> Iterator[Connection]:
+    """One read-only transaction: a consistent snapshot for every query of a report;
+    ``background`` (the rolling gauges a serving worker computes): on one core."""
     reader = read_only(engine)
     if engine.dialect.name == "postgresql":
         reader = reader.execution_options(
             isolation_level="REPEATABLE READ", postgresql_readonly=True
         )
     with reader.begin() as connection:
+        if background:
+            one_core(connection)
         yield connection
 
 
@@ -1345,7 +1354,7 @@ def rolling_figures(
     """
     _check_days("days", days, minimum=1)
     period = Period(today - dt.timedelta(days=days - 1), today)
-    with _reading(engine) as connection:
+    with _reading(engine, background=True) as connection:
         offers = _presented_counts(connection, period, ["product", "channel"])
         feedback = _feedback_counts(connection, period, ["branch"])
         labelled = set(branches) or _largest_branches(connection, branch_limit)
@@ -1394,7 +1403,7 @@ def rolling_uplift(
     if chunk_customers < 1:
         raise ValueError(f"chunk_customers must be at least 1, not {chunk_customers}")
     period = Period(today - dt.timedelta(days=days - 1), today)
-    with _reading(engine) as connection:
+    with _reading(engine, background=True) as connection:
         products = _products(connection)
         low, high = connection.execute(
             select(func.min(_CUSTOMERS.c.id), func.max(_CUSTOMERS.c.id))
@@ -1405,7 +1414,7 @@ def rolling_uplift(
     adopters = {True: 0, False: 0}
     contacted = {True: 0, False: 0}
     for start in range(int(low or 0), int(high or 0) + 1, chunk_customers):
-        with _reading(engine) as connection:
+        with _reading(engine, background=True) as connection:
             customers = (start, start + chunk_customers)
             contacts = _first_contacts(connection, period, customers)
             adoptions = _contacted_adoptions(connection, period, days, customers)
@@ -1417,6 +1426,49 @@ def rolling_uplift(
     rates = {"treated": _ratio(adopters[True], contacted[True])}
     rates["control"] = _ratio(adopters[False], contacted[False])
     return {arm: rate for arm, rate in rates.items() if rate is not None}
+
+
+def rolling_gauges(
+    engine: Engine, today: dt.date, *, branches: Collection[str] = (), branch_limit: int = 200
+) -> dict[str, Any]:
+    """What the business gauges show (:func:`rolling_figures` and :func:`rolling_uplift`
+    over the week that ends ``today``), as JSON: ``conversion`` as ``[product, channel,
+    rate]`` rows, ``nps`` by branch, ``uplift`` by arm. A part that could not be computed
+    is None (and logged); the other is still given."""
+    found: dict[str, Any] = {"conversion": None, "nps": None, "uplift": None}
+    try:
+        conversion, nps = rolling_figures(
+            engine, today, branches=branches, branch_limit=branch_limit
+        )
+    except Exception:  # noqa: BLE001 - a report failing must not stop the other
+        log.warning("business figures could not be computed", exc_info=True)
+    else:
+        found["conversion"] = [
+            [product, channel, rate] for (product, channel), rate in conversion.items()
+        ]
+        found["nps"] = nps
+    try:
+        found["uplift"] = rolling_uplift(engine, today)
+    except Exception:  # noqa: BLE001 - a report failing must not stop the other
+        log.warning("uplift figures could not be computed", exc_info=True)
+    return found
+
+
+def rolling_gauges_in_child(settings: Settings, *, today: str) -> dict[str, Any]:
+    """:func:`rolling_gauges` in a child process (:func:`service.child.run`), on the
+    database and with the branches ``settings`` name."""
+    from service.data.db import engine_from_settings
+
+    engine = engine_from_settings(settings)
+    try:
+        return rolling_gauges(
+            engine,
+            dt.date.fromisoformat(today),
+            branches=settings.known_branches,
+            branch_limit=settings.metric_branch_limit,
+        )
+    finally:
+        engine.dispose()
 
 
 def _largest_branches(connection: Connection, limit: int) -> set[str]:

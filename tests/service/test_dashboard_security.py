@@ -387,6 +387,7 @@ def test_configured_known_branches_label_the_gauge(
         clock=lambda: dt.datetime.combine(TODAY, dt.time(13), tzinfo=dt.UTC),
         engine=engine,
         settings=settings,
+        snapshot=None,
     )
     asyncio.run(_publish_figures(state))  # type: ignore[arg-type]
     assert published_branches() == {

@@ -31,7 +31,8 @@ from models.data import BankData
 from models.propensity import TrainConfig
 from models.propensity.training import train
 from models.synthetic import generate_bank, write_bank
-from service.app import _publish_figures, create_app
+from service import child, metrics
+from service.app import FIGURES_LOCK, _publish_figures, create_app
 from service.data.db import unit_of_work
 from service.reports import measures as reports
 from service.settings import Settings
@@ -251,7 +252,7 @@ def _unheld_product(engine: Engine, customer: str) -> str:
 
 
 def test_uplift_gauge_gives_adoption_by_arm(
-    database_url: str, bank: tuple[Path, Path], tmp_path: Path
+    database_url: str, bank: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with running_app(database_url, bank, tmp_path, control_share=0.5) as app:
         arms: dict[bool, list[str]] = {True: [], False: []}
@@ -279,6 +280,19 @@ def test_uplift_gauge_gives_adoption_by_arm(
         rates = {
             labels["arm"]: value for labels, value in app.values("nbo_uplift_conversion_ratio")
         }
+
+        # A large bank's figures come from a child process: the same gauges.
+        serving = app.client.app.state.serving  # type: ignore[attr-defined]
+        monkeypatch.setattr(child, "CHILD_CUSTOMERS", 0)
+        metrics.set_uplift_figures({})
+        metrics.set_business_figures({}, {})
+        assert app.values("nbo_uplift_conversion_ratio") == []
+        os.utime(serving.settings.data_dir / FIGURES_LOCK, (0, 0))  # the last turn long ago
+        asyncio.run(_publish_figures(serving))
+        from_child = {
+            labels["arm"]: value for labels, value in app.values("nbo_uplift_conversion_ratio")
+        }
+        assert from_child == rates
     assert rates == pytest.approx({"treated": 3 / len(treated), "control": 1 / len(control)})
     # Read a few customer ids at a time (memory bounded at any bank size): the same rates.
     engine = create_engine(database_url)

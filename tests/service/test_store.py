@@ -29,6 +29,7 @@ from models.propensity import TrainConfig
 from models.propensity.training import train
 from models.reasons import ProfileRates
 from models.synthetic import generate_bank, write_bank
+from service import child
 from service.data import registry
 from service.data.db import unit_of_work
 from service.decision import state as serving
@@ -485,7 +486,7 @@ def test_a_large_bank_is_built_in_a_child_process(
     def not_here(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the worker built the store itself")
 
-    monkeypatch.setattr(serving, "CHILD_BUILD_CUSTOMERS", 0)
+    monkeypatch.setattr(child, "CHILD_CUSTOMERS", 0)
     monkeypatch.setattr(serving, "write_serving_store", not_here)  # the child has its own
     state = ServingState(bank, settings_for(bank, tmp_path / "child"))
     built = state.load()
