@@ -638,8 +638,40 @@ def test_a_start_reads_the_windows_offers_as_the_row_reader_does(
         same(read())
         assert unnamed == [[10**9], [10**9], [10**9]]  # the declines' bulk read only
         assert "zzzzzzzz-zzzz-zzzz-zzzz-zzzzzzzzzzzz" in read()[one].offers
+        # So does one of 36 characters in that shape that are not all ASCII (more than
+        # 36 bytes: the rows are no longer of one width).
+        run(bank, "DELETE FROM offers WHERE id = 'zzzzzzzz-zzzz-zzzz-zzzz-zzzzzzzzzzzz'")
+        decisions.clear()
+        offers.clear()
+        accented = "é" + str(uuid.uuid4())[1:]
+        offer(one, first, accented, 2)
+        insert()
+        rows, expected = expect()
+        del unnamed[:]
+        same(read())
+        assert unnamed == [[10**9]]  # the declines' bulk read only
+        assert accented in read()[one].offers
         # A bulk read that fails leaves every offer to the row reader.
         monkeypatch.setattr(window, "_copy", lambda *_: (_ for _ in ()).throw(ValueError("x")))
         same(read())
     else:
         assert unnamed == []
+
+
+def test_the_bulk_read_keeps_the_ids_the_book_holds_as_uuids() -> None:
+    """Of 36-character offer ids, the bulk read keeps as 16 bytes exactly those the
+    database's ``LIKE``/``lower`` pick (lowercase, dashes in place), and fails, as the
+    ``::uuid`` cast did, on one of that shape that is not hexadecimal."""
+    made = uuid.uuid4()
+    ids = [
+        str(made),  # kept
+        str(made).upper(),  # a capital: left to the row reader (held as text)
+        "x" * 36,  # no dashes
+        str(made).replace("-", "_"),  # dashes elsewhere
+    ]
+    raw = np.array([i.encode() for i in ids], dtype="V36")
+    chosen, keys = window._uuids(raw)
+    assert chosen.tolist() == [True, False, False, False]
+    assert [bytes(k) for k in keys] == [made.bytes]
+    with pytest.raises(ValueError, match="not hexadecimal"):
+        window._uuids(np.array([b"zzzzzzzz-zzzz-zzzz-zzzz-zzzzzzzzzzzz"], dtype="V36"))
