@@ -424,6 +424,11 @@ class ApiKey(Base):
     revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+CUSTOMER_EVENTS = "kind IN ('adoption', 'customer', 'outcome')"
+"""SQL true of the change events that change a customer's state (the others: offers,
+the catalogue, model activations, heartbeats)."""
+
+
 class ChangeEvent(Base):
     """A change every serving worker must apply: appended in the transaction of the change.
 
@@ -447,6 +452,15 @@ class ChangeEvent(Base):
             "kind IN ('adoption', 'customer', 'offer', 'outcome', 'catalogue', 'model', "
             "'heartbeat')",
             name="kind",
+        ),
+        # The customers changed since a serving store was built are looked for among
+        # these few; with several workers nearly every event is an offer's (a million an
+        # hour at full load, kept a day), and reading them all took 0.45 s of each load.
+        Index(
+            "ix_change_events_customer_id",
+            "id",
+            sqlite_where=text(CUSTOMER_EVENTS),
+            postgresql_where=text(CUSTOMER_EVENTS),
         ),
     )
 

@@ -55,6 +55,7 @@ from models.eligibility import Catalogue
 from models.reasons import ProfileClaim, ProfileColumn, ProfileRates
 from models.rules import REASON_MIN_CUSTOMERS, REASON_MIN_LIFT, RuleSet
 from service.data.db import one_core
+from service.data.tables import CUSTOMER_EVENTS
 
 log = logging.getLogger("nbo.serving")
 
@@ -208,8 +209,7 @@ def changes_since(
         queries.append(
             (
                 "SELECT DISTINCT customer_external_id FROM change_events WHERE id > :w "
-                "AND kind IN ('adoption', 'customer', 'outcome') "
-                "AND customer_external_id IS NOT NULL",
+                f"AND {CUSTOMER_EVENTS} AND customer_external_id IS NOT NULL",
                 {"w": built.watermark},
             )
         )
