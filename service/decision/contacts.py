@@ -632,28 +632,7 @@ class ContactBook:
     def _mark(self, customer: str, product_code: str | None, stamp: float) -> None:
         """Keep ``stamp`` as the product's last decline (None: the last detractor
         answer) unless a later one is held."""
-        with self._lock:
-            code = _DETRACTOR if product_code is None else self._code_id(product_code)
-            record = self._records.get(customer)
-            if record is None:
-                self._records[customer] = _HEAD.pack(stamp, stamp, 0, HISTORY_TRIM) + _MARK.pack(
-                    stamp, code
-                )
-                return
-            held = _Record(record)
-            marks = held.marks
-            for k, (previous, mark) in enumerate(_MARK.iter_unpack(marks)):
-                if mark == code:
-                    if stamp <= previous:
-                        return
-                    at = k * _MARK_SIZE
-                    held.marks = marks[:at] + _MARK.pack(stamp, code) + marks[at + _MARK_SIZE :]
-                    break
-            else:
-                held.marks = marks + _MARK.pack(stamp, code)
-                held.oldest = min(held.oldest, stamp)
-            held.newest = max(held.newest, stamp)
-            self._records[customer] = held.pack()
+        self._marks(customer, {product_code: stamp})
 
     def _marks(self, customer: str, latest: dict[str | None, float]) -> None:
         """:meth:`_mark` of every ``product code -> stamp`` of ``latest`` at once."""

@@ -429,8 +429,8 @@ class Snapshot:
             return None
         empty: dict[str, Pitch] = {}
         found: list[dict[str, Pitch]] = []
-        bounds = _listed(store.reason_start)
-        chosen = _listed(store.reason_rule)
+        bounds = columns.listed(store.reason_start)
+        chosen = columns.listed(store.reason_rule)
         # By rule index: hashing a Rule (a dataclass) for each of the 100k sequence
         # reasons at 1M customers took half of this.
         made: dict[int, tuple[str, Pitch]] = {}
@@ -750,6 +750,8 @@ class ServingState:
                 # Compiling these reads (planned at millions of rows) took longer than
                 # running them.
                 conn.execute(text("SET LOCAL jit = off"))
+            # (execution_options changes conn itself: every statement from here on is a
+            # server-side cursor, which a SET cannot go through; hence _planner below.)
             stream = conn.execution_options(stream_results=True, yield_per=20_000)
             rest, params = self._bulk(
                 conn, window.read_offers, window.rest_offers, since, snapshot, "offers"
@@ -1516,15 +1518,6 @@ def _max_event(engine: Engine) -> int:
         return int(
             conn.execute(text("SELECT coalesce(max(id), 0) FROM change_events")).scalar() or 0
         )
-
-
-def _listed(values: npt.NDArray[Any], step: int = 8192) -> list[Any]:
-    """``values.tolist()`` a slice at a time: at once, a mapped array of 250k entries
-    held the interpreter for 31 ms of a reload under load (its pages read meanwhile)."""
-    listed: list[Any] = []
-    for start in range(0, len(values), step):
-        listed.extend(values[start : start + step].tolist())
-    return listed
 
 
 def _planner(conn: Connection, *statements: str) -> None:

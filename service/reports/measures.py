@@ -616,9 +616,10 @@ def _feedback_counts(
 
 
 def _dates(values: pd.Series) -> pd.Series:
+    """Calendar days (datetime64 at midnight; NaT for a missing value)."""
     if pd.api.types.is_datetime64_dtype(values):
         return values.dt.normalize()  # already parsed (_clean_adoptions)
-    return pd.to_datetime(values.map(_as_date))
+    return pd.to_datetime(values.map(lambda value: None if pd.isna(value) else _as_date(value)))
 
 
 def _as_date(value: Any) -> dt.date:
@@ -1054,13 +1055,7 @@ def uplift_table(
     n_control = len(contacts) - n_treated
     merged = adoptions.merge(contacts, on="customer_id")
     adopted_at = _dates(merged["adopted_at"]) if len(merged) else pd.Series(dtype="datetime64[ns]")
-    closed_at = (
-        _dates(merged["closed_at"])
-        if pd.api.types.is_datetime64_dtype(merged["closed_at"])
-        else pd.to_datetime(
-            merged["closed_at"].map(lambda value: None if pd.isna(value) else _as_date(value))
-        )
-    )
+    closed_at = _dates(merged["closed_at"])
     day = merged["day"]
     # Held at contact: adopted on an earlier day and not closed before the contact day.
     held = (adopted_at < day) & (closed_at.isna() | (closed_at >= day))
