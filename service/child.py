@@ -17,6 +17,8 @@ never on the command line; the result comes back as JSON in a file.
 from __future__ import annotations
 
 import importlib
+import logging
+import logging.config
 import subprocess
 import sys
 import tempfile
@@ -26,6 +28,7 @@ from typing import Any
 import orjson
 from pydantic import SecretStr
 
+from service.logs import log_config
 from service.settings import Settings
 
 CHILD_CUSTOMERS = 50_000
@@ -81,9 +84,13 @@ def run(settings: Settings, target: str, **arguments: Any) -> Any:
 
 
 def main(payload: bytes) -> None:
-    """The child's side of :func:`run`."""
+    """The child's side of :func:`run`. Its log lines go to the standard error it shares
+    with the worker, in the worker's format (JSON or text, as ``log_format`` decides):
+    unconfigured, a warning came out as a bare traceback among the JSON lines."""
     order = orjson.loads(payload)
+    settings = Settings(**order["settings"])
+    logging.config.dictConfig(log_config(settings.log_format, settings.log_level))
     module, name = order["target"].split(":")
     function = getattr(importlib.import_module(module), name)
-    returned = function(Settings(**order["settings"]), **order["arguments"])
+    returned = function(settings, **order["arguments"])
     Path(order["result"]).write_bytes(orjson.dumps(returned))
