@@ -623,7 +623,11 @@ def test_a_start_reads_the_windows_offers_as_the_row_reader_does(
         assert unnamed == [[10**9], [10**9]]
         # With every customer named, the offers left (the cold one, the ids that are
         # not lowercase UUIDs) come from the partial index of unnamed offers alone.
-        run(bank, "INSERT INTO customers (id, external_id, attributes) VALUES (:i, 'gone-1', '{}')", i=10**9)
+        run(
+            bank,
+            "INSERT INTO customers (id, external_id, attributes) VALUES (:i, 'gone-1', '{}')",
+            i=10**9,
+        )
         same(read())
         assert unnamed[2:] == [[], []]
         run(bank, "DELETE FROM customers WHERE id = :i", i=10**9)
