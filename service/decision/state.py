@@ -1181,13 +1181,10 @@ def _serving_store(
         )
 
     def usable(store: columns.ColumnStore) -> bool:
-        counted = not columns.checked_recently(store)
         with read_only(engine).connect() as conn:
-            found = columns.changes_since(conn, store.fingerprint, counted=counted)
+            found = columns.changes_since(conn, store.fingerprint)
         if found is None:
             return False
-        if counted:
-            columns.mark_checked(store)
         changed.update(found)
         return True
 

@@ -59,12 +59,13 @@ from service.data.tables import CUSTOMER_EVENTS
 
 log = logging.getLogger("nbo.serving")
 
-FORMAT = 3
+FORMAT = 4
 """The layout of a store's files; a store of another format is built again. 2: the
 distinct adoption sequences and profile bands in arrays, not in ``meta.json`` (parsing
 28.8 MB of JSON at 1M customers was one call of 0.2-0.4 s holding the interpreter, while
 a serving worker's requests waited to be answered). 3: each distinct sequence's reason
-rules (finding them was 3.4 s of a worker's reload at 1M customers, 250k sequences)."""
+rules (finding them was 3.4 s of a worker's reload at 1M customers, 250k sequences).
+4: the fingerprint holds the counters of ``bank_changes`` instead of table counts."""
 META = "meta.json"
 KEEP_STORES = 2
 """Stores of other keys kept after a build (the newest), for workers still on them."""
@@ -80,46 +81,50 @@ FloatArray = npt.NDArray[np.floating[Any]]
 
 @dataclass(frozen=True)
 class Fingerprint:
-    """The bank as counted when a store was read from it: enough to find what changed
+    """The bank as it stood when a store was read from it: enough to find what changed
     since with a few indexed queries (:func:`changes_since`)."""
 
-    customers: int
     max_customer: int
     customers_updated: str | None
     """``max(customers.updated_at)`` as the database gave it (text)."""
-    adoptions: int
     max_adoption: int
-    closed: int
-    """Adoptions with a closing day."""
     max_outcome: int
     max_attribute_change: int
     watermark: int
     """The newest change event when the bank was read."""
+    deleted: int
+    """``bank_changes.deleted``: statements that deleted customers or adoptions or moved
+    an adoption (-1: the row was missing)."""
+    closed: int
+    """``bank_changes.closed``: statements that changed an adoption's closing day."""
 
 
 def fingerprint(conn: Connection) -> Fingerprint:
-    """The bank's :class:`Fingerprint` now (four aggregate queries, on one core: see
+    """The bank's :class:`Fingerprint` now: largest ids and ``updated_at`` from their
+    indexes, and the counters the triggers of migration 0013 keep (on one core: see
     :func:`~service.data.db.one_core`)."""
     one_core(conn)
-    customers, max_customer, updated = conn.execute(
-        text("SELECT count(*), coalesce(max(id), 0), max(updated_at) FROM customers")
+    max_customer, updated = conn.execute(
+        text("SELECT coalesce(max(id), 0), max(updated_at) FROM customers")
     ).one()
-    adoptions, max_adoption, closed = conn.execute(
-        text("SELECT count(*), coalesce(max(id), 0), count(closed_at) FROM adoptions")
-    ).one()
+    max_adoption = conn.execute(text("SELECT coalesce(max(id), 0) FROM adoptions")).scalar()
     max_outcome = conn.execute(text("SELECT coalesce(max(id), 0) FROM offer_outcomes")).scalar()
     max_change = conn.execute(text("SELECT coalesce(max(id), 0) FROM attribute_changes")).scalar()
     watermark = conn.execute(text("SELECT coalesce(max(id), 0) FROM change_events")).scalar()
+    counters = conn.execute(text("SELECT deleted, closed FROM bank_changes WHERE id = 1")).first()
+    if counters is None:
+        # Someone deleted the row: no store can be checked, so every one is built again.
+        log.warning("bank_changes holds no row: serving stores are built, not checked")
+    deleted, closed = (-1, -1) if counters is None else (int(counters[0]), int(counters[1]))
     return Fingerprint(
-        customers=int(customers),
         max_customer=int(max_customer),
         customers_updated=None if updated is None else _stamp_text(updated),
-        adoptions=int(adoptions),
-        max_adoption=int(max_adoption),
-        closed=int(closed),
+        max_adoption=int(max_adoption or 0),
         max_outcome=int(max_outcome or 0),
         max_attribute_change=int(max_change or 0),
         watermark=int(watermark or 0),
+        deleted=deleted,
+        closed=closed,
     )
 
 
@@ -153,7 +158,7 @@ def store_key(
 
 
 def changes_since(
-    conn: Connection, built: Fingerprint, *, limit: int = MAX_REREAD, counted: bool = True
+    conn: Connection, built: Fingerprint, *, limit: int = MAX_REREAD
 ) -> set[str] | None:
     """The external ids of customers changed since a store with fingerprint ``built``
     was read; None when the store cannot be brought up to date that way and must be
@@ -167,9 +172,8 @@ def changes_since(
     Customers added since are not listed: a worker reads an unknown customer on first
     use.
 
-    Without ``counted``, the whole-table counts that find deleted rows and closings
-    are skipped: for a store whose counts were checked moments ago (see
-    :func:`checked_recently`); every other change is still found.
+    Deleted rows and closings are told by the counters of ``bank_changes``
+    (:class:`~service.data.tables.BankChanges`), not by counting the tables.
     """
     one_core(conn)
     oldest = conn.execute(
@@ -178,7 +182,7 @@ def changes_since(
     # Ids come from a sequence: the first one after the watermark is watermark + 1,
     # unless pruned (or rolled back, which reads as pruned: built again, to be safe).
     complete = oldest is None or int(oldest) == built.watermark + 1
-    if counted and not _counts_agree(conn, built, complete=complete):
+    if not _counters_agree(fingerprint(conn), built, complete=complete):
         return None
     queries: list[tuple[str, dict[str, Any]]] = [
         (
@@ -223,58 +227,12 @@ def changes_since(
     return changed
 
 
-def _counts_agree(conn: Connection, built: Fingerprint, *, complete: bool) -> bool:
-    """Whether the bank's counts now are those at ``built`` plus the rows added since:
-    no customer or adoption deleted, and no old adoption closed unless the change log
-    since (``complete``) says whose."""
-    now = fingerprint(conn)
-    new_customers = conn.execute(
-        text("SELECT count(*) FROM customers WHERE id > :m"), {"m": built.max_customer}
-    ).scalar()
-    if now.customers != built.customers + int(new_customers or 0):
-        return False
-    added, added_closed = conn.execute(
-        text("SELECT count(*), count(closed_at) FROM adoptions WHERE id > :m"),
-        {"m": built.max_adoption},
-    ).one()
-    if now.adoptions != built.adoptions + int(added):
-        return False
-    return now.closed == built.closed + int(added_closed) or complete
-
-
-CHECKED = "checked"
-"""The file in a store's folder whose time says when a worker of this machine last
-found the bank's counts agreeing with the store (:func:`changes_since`)."""
-CHECK_REUSE_SECONDS = 60.0
-"""How long one worker's count check of a store serves the others of its machine.
-
-An activation checks the new version's store when it prepares it, and then every
-worker checks it again as it loads the version, a second later: at a million
-customers each check counted the customers and adoptions tables (a few hundred
-milliseconds of a core each time) while the machine served at full load. The counts
-find rows deleted or closed behind the service's back since the store was built; what
-changes after a check is not found until the next build anyway, so a check a minute
-old is as good as one made now. Changes the service makes itself, and added rows, are
-found by every worker as before."""
-
-
-def checked_recently(store: ColumnStore) -> bool:
-    """Whether a worker of this machine checked ``store``'s counts in the last
-    :data:`CHECK_REUSE_SECONDS`."""
-    try:
-        at = (store.folder / CHECKED).stat().st_mtime
-    except OSError:
-        return False
-    return 0.0 <= time.time() - at <= CHECK_REUSE_SECONDS
-
-
-def mark_checked(store: ColumnStore) -> None:
-    """Record that ``store``'s counts were found agreeing with the bank now (best
-    effort: a worker that cannot write it only makes the others count again)."""
-    try:
-        (store.folder / CHECKED).touch()
-    except OSError:
-        log.warning("could not record the serving store's check", exc_info=True)
+def _counters_agree(now: Fingerprint, built: Fingerprint, *, complete: bool) -> bool:
+    """Whether nothing was deleted or moved since ``built``, and no adoption closed
+    unless the change log since (``complete``) says whose."""
+    if min(now.deleted, now.closed, built.deleted, built.closed) < 0:
+        return False  # the counters' row was missing at one of the two reads
+    return now.deleted == built.deleted and (now.closed == built.closed or complete)
 
 
 def _stamp_text(value: Any) -> str:

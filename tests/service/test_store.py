@@ -5,7 +5,6 @@ read again rather than served from it."""
 from __future__ import annotations
 
 import datetime as dt
-import os
 import random
 import sys
 import threading
@@ -20,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, event, text
 
 from models.artifacts import save_bundle
 from models.data import BankData, to_ns
@@ -32,6 +31,7 @@ from models.synthetic import generate_bank, write_bank
 from service import child
 from service.data import registry
 from service.data.db import unit_of_work
+from service.data.events import record_event
 from service.decision import state as serving
 from service.decision import store as columns
 from service.decision import window
@@ -42,7 +42,7 @@ from tests.bank import load_trained_bank, register_bundle
 
 AS_OF = dt.date(2026, 1, 1)
 TINY = TrainConfig(n_cutoffs=2, max_rounds=20, rules=True, num_threads=1)
-FINGERPRINT = columns.Fingerprint(0, 0, None, 0, 0, 0, 0, 0, 0)
+FINGERPRINT = columns.Fingerprint(0, None, 0, 0, 0, 0, 0, 0)
 
 
 def _sequence(state: Any, as_of: dt.date) -> tuple[str, ...]:
@@ -312,9 +312,7 @@ def test_workers_map_the_store_one_built_and_reread_what_changed_since(
     assert third.customers[updated].state.segment == "renamed"
     assert third.customers[customers[0]].state == first.customers[customers[0]].state
 
-    # A customer deleted: the store cannot say who is gone; it is built again (once the
-    # last count check is too old to stand for one made now).
-    age_check(third)
+    # A customer deleted: the store cannot say who is gone; it is built again.
     run(
         bank,
         "DELETE FROM adoptions WHERE customer_id = (SELECT id FROM customers "
@@ -328,65 +326,94 @@ def test_workers_map_the_store_one_built_and_reread_what_changed_since(
     assert fourth.customers[updated].state.segment == "renamed"
 
 
-def age_check(snapshot: serving.Snapshot) -> None:
-    """Make the last count check of ``snapshot``'s store older than a check may be reused."""
-    store = snapshot.customers.store
-    assert store is not None
-    old = time.time() - columns.CHECK_REUSE_SECONDS - 1
-    (store.folder / columns.CHECKED).touch()
-    os.utime(store.folder / columns.CHECKED, (old, old))
+def counters(engine: Engine) -> tuple[int, int]:
+    with engine.connect() as conn:
+        deleted, closed = conn.execute(text("SELECT deleted, closed FROM bank_changes")).one()
+    return int(deleted), int(closed)
 
 
-def test_a_count_check_serves_the_workers_of_a_machine_for_a_minute(
+def test_the_bank_counts_what_its_largest_ids_cannot_tell(bank: Engine) -> None:
+    """The triggers of migration 0013: a statement that deletes customers or adoptions,
+    or moves an adoption, counts in ``deleted``; one that changes a closing day in
+    ``closed``; statements that change nothing of that count in neither."""
+    start = counters(bank)
+    with bank.connect() as conn:
+        customer, adoption, adopted = conn.execute(
+            text(
+                "SELECT a.customer_id, a.id, a.adopted_at FROM adoptions a "
+                "WHERE a.closed_at IS NULL ORDER BY a.id LIMIT 1"
+            )
+        ).one()
+    run(bank, "DELETE FROM adoptions WHERE id = -1")
+    run(bank, "UPDATE adoptions SET source = source WHERE id = :a", a=adoption)
+    run(bank, "UPDATE adoptions SET closed_at = NULL WHERE id = :a", a=adoption)
+    assert counters(bank) == start
+    run(bank, "UPDATE adoptions SET closed_at = :d WHERE id = :a", d=AS_OF, a=adoption)
+    assert counters(bank) == (start[0], start[1] + 1)
+    run(
+        bank,
+        "UPDATE adoptions SET adopted_at = :d WHERE id = :a",
+        d=adopted - dt.timedelta(days=1) if isinstance(adopted, dt.date) else "2020-01-01",
+        a=adoption,
+    )
+    assert counters(bank) == (start[0] + 1, start[1] + 1)
+    run(bank, "DELETE FROM adoptions WHERE customer_id = :c", c=customer)
+    run(bank, "DELETE FROM customers WHERE id = :c", c=customer)
+    assert counters(bank)[0] >= start[0] + 3
+    if bank.dialect.name == "postgresql":
+        before = counters(bank)
+        run(bank, "TRUNCATE adoptions")
+        assert counters(bank) == (before[0] + 1, before[1])
+
+
+def test_a_check_reads_two_counters_not_the_bank(
     bank: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A worker loading a store another checked moments ago does not count the bank's
-    tables again, yet finds every change found by ids; once the check is older than
-    :data:`~service.decision.store.CHECK_REUSE_SECONDS`, the counts are made again and a
-    deleted customer gets the store built again."""
-    counts = []
-    real = columns._counts_agree
-
-    def counting(*args: Any, **kwargs: Any) -> bool:
-        counts.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(columns, "_counts_agree", counting)
+    """Mapping a store checks it against the counters alone (no table is counted): an
+    adoption closed behind the service's back is read again while the change log since
+    the build is whole, and gets the store built again once it is not; a missing
+    counters row gets every store built again."""
     builds = Builds(monkeypatch)
     settings = settings_for(bank, tmp_path)
     first = ServingState(bank, settings).load()
-    assert builds.count == 1 and not counts  # built now: nothing to check
+    statements: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(bank, "before_cursor_execute", seen)
+    try:
+        ServingState(bank, settings).load()
+    finally:
+        event.remove(bank, "before_cursor_execute", seen)
+    assert builds.count == 1
+    assert not [q for q in statements if "count(*)" in q.lower() and "FROM customers" in q]
+    assert not [q for q in statements if "count(*)" in q.lower() and "FROM adoptions" in q]
+
+    closing = sorted(first.customers)[5]
+    run(
+        bank,
+        "UPDATE adoptions SET closed_at = :d WHERE closed_at IS NULL AND customer_id = "
+        "(SELECT id FROM customers WHERE external_id = :c)",
+        d=AS_OF,
+        c=closing,
+    )
+    with bank.begin() as conn:
+        record_event(conn, kind="customer", origin="test", customer=closing)
     second = ServingState(bank, settings).load()
-    assert builds.count == 1 and len(counts) == 1
-    customers = sorted(second.customers)
+    assert builds.count == 1 and closing in second.customers.overlay  # the log says whose
 
-    # Deleted behind the service's back, and an adoption added: within the minute the
-    # next worker finds the adoption (by id) but does not count, so the deletion waits.
-    gone, changed = customers[-1], customers[3]
-    run(
-        bank,
-        "INSERT INTO adoptions (customer_id, product_id, adopted_at, source) "
-        "SELECT c.id, p.id, :d, 'import' FROM customers c, products p "
-        "WHERE c.external_id = :c AND p.id = (SELECT max(id) FROM products)",
-        d=dt.date(2025, 12, 30),
-        c=changed,
-    )
-    # (Deleted after the insert: SQLite gives a deleted largest id to the next row.)
-    run(
-        bank,
-        "DELETE FROM adoptions WHERE customer_id = (SELECT id FROM customers "
-        "WHERE external_id = :c)",
-        c=gone,
-    )
-    run(bank, "DELETE FROM customers WHERE external_id = :c", c=gone)
-    third = ServingState(bank, settings).load()
-    assert builds.count == 1 and len(counts) == 1
-    assert set(third.customers.overlay) == {changed}
+    # The change log pruned since the build: nothing says whose adoption closed.
+    with bank.begin() as conn:
+        record_event(conn, kind="heartbeat", origin="test")
+    run(bank, "DELETE FROM change_events WHERE id < (SELECT max(id) FROM change_events)")
+    ServingState(bank, settings).load()
+    assert builds.count == 2
 
-    age_check(third)
-    fourth = ServingState(bank, settings).load()
-    assert len(counts) == 2 and builds.count == 2
-    assert gone not in fourth.customers and len(fourth.customers) == len(first.customers) - 1
+    run(bank, "DELETE FROM bank_changes")
+    ServingState(bank, settings).load()
+    ServingState(bank, settings).load()
+    assert builds.count == 4
 
 
 def test_a_version_store_is_prepared_before_it_is_activated(
