@@ -870,6 +870,10 @@ def _contacted_adoptions(
         _date_text(ADOPTIONS.c.closed_at, dialect).label("closed_at"),
     ).where(
         ADOPTIONS.c.customer_id.in_(contacted),
+        # Implied by the line above, but said: the range is read from the adoptions'
+        # (customer_id, ...) index instead of every adoption being hashed (1.2 s
+        # instead of 2.1 s for 200k customers of 1M).
+        *_in_range(ADOPTIONS.c.customer_id, customers),
         ADOPTIONS.c.adopted_at <= period.end + dt.timedelta(days=window_days),
     )
     return _clean_adoptions(_frame(connection, query), key="customer_id")
@@ -1377,6 +1381,14 @@ UPLIFT_CHUNK_CUSTOMERS = 10_000
 serving worker: a frame is made in calls that hold the interpreter, and 100k customers'
 adoptions (880k rows at 1M customers) held it for half a second at a time while
 decisions waited."""
+CHILD_UPLIFT_CHUNK_CUSTOMERS = 200_000
+"""Customer ids read at a time by :func:`rolling_uplift` in a child process
+(:func:`rolling_gauges_in_child`), where holding the interpreter costs no request. Each
+range's reads visit most pages of the week's decisions (they lie in time order, not by
+customer), so the ranges' count is what the database's work grows with: 10k-customer
+ranges at 1M customers made 100 ranges and about 15 s of PostgreSQL's CPU for the
+gauges, every five minutes, beside the decisions. Memory stays bounded (a range of
+200k customers' week is a few hundred MB at most)."""
 
 
 def rolling_uplift(
@@ -1424,12 +1436,18 @@ def rolling_uplift(
 
 
 def rolling_gauges(
-    engine: Engine, today: dt.date, *, branches: Collection[str] = (), branch_limit: int = 200
+    engine: Engine,
+    today: dt.date,
+    *,
+    branches: Collection[str] = (),
+    branch_limit: int = 200,
+    uplift_chunk: int = UPLIFT_CHUNK_CUSTOMERS,
 ) -> dict[str, Any]:
-    """What the business gauges show (:func:`rolling_figures` and :func:`rolling_uplift`
-    over the week that ends ``today``), as JSON: ``conversion`` as ``[product, channel,
-    rate]`` rows, ``nps`` by branch, ``uplift`` by arm. A part that could not be computed
-    is None (and logged); the other is still given."""
+    """What the business gauges show (:func:`rolling_figures` and :func:`rolling_uplift`,
+    ``uplift_chunk`` customers at a time, over the week that ends ``today``), as JSON:
+    ``conversion`` as ``[product, channel, rate]`` rows, ``nps`` by branch, ``uplift``
+    by arm. A part that could not be computed is None (and logged); the other is still
+    given."""
     found: dict[str, Any] = {"conversion": None, "nps": None, "uplift": None}
     try:
         conversion, nps = rolling_figures(
@@ -1443,7 +1461,7 @@ def rolling_gauges(
         ]
         found["nps"] = nps
     try:
-        found["uplift"] = rolling_uplift(engine, today)
+        found["uplift"] = rolling_uplift(engine, today, chunk_customers=uplift_chunk)
     except Exception:  # noqa: BLE001 - a report failing must not stop the other
         log.warning("uplift figures could not be computed", exc_info=True)
     return found
@@ -1461,6 +1479,7 @@ def rolling_gauges_in_child(settings: Settings, *, today: str) -> dict[str, Any]
             dt.date.fromisoformat(today),
             branches=settings.known_branches,
             branch_limit=settings.metric_branch_limit,
+            uplift_chunk=CHILD_UPLIFT_CHUNK_CUSTOMERS,
         )
     finally:
         engine.dispose()
