@@ -47,7 +47,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
-from sqlalchemy import Connection, Engine, ForeignKeyConstraint, Table, UniqueConstraint, text
+from sqlalchemy import (
+    Connection,
+    Engine,
+    ForeignKeyConstraint,
+    Index,
+    Table,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.schema import AddConstraint, DropConstraint
 
@@ -1145,12 +1153,18 @@ def _load_customers_directly(
     try:
         with conn.begin_nested():
             unique = None
+            indexes: list[Index] = []
             if rows is not None and 0 < bulk_rows <= rows:
                 from service.data.tables import Customer
 
                 table: Table = Customer.__table__  # type: ignore[assignment]  # a declarative class's __table__ is its Table
                 unique = next(c for c in table.constraints if isinstance(c, UniqueConstraint))
                 conn.execute(DropConstraint(unique))
+                # The table's indexes (updated_at) are built once after the load too:
+                # kept, each row went into them (2.4 to 2.9 s for 1M rows, one run).
+                indexes = list(table.indexes)
+                for index in indexes:
+                    index.drop(conn)
                 if _customers_stored(conn):  # stored before the lock was taken
                     raise _NotDirect
             first_id = _reserve_customer_ids(conn, rows) if rows else None
@@ -1172,6 +1186,8 @@ def _load_customers_directly(
                 # The sort of every id in memory rather than in files on disk.
                 conn.exec_driver_sql("SET LOCAL maintenance_work_mem = '256MB'")
                 conn.execute(AddConstraint(unique))
+                for index in indexes:
+                    index.create(conn)
     except (_NotDirect, psycopg.IntegrityError, IntegrityError):
         summary.added = 0
         return False

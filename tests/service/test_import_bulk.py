@@ -297,12 +297,17 @@ def customer_rows(engine: Engine) -> list[tuple[Any, ...]]:
 
 
 def customer_constraints(engine: Engine) -> list[str]:
+    """The constraints and indexes of ``customers`` (PostgreSQL: a bulk load sets them
+    aside and builds them again)."""
     if engine.dialect.name != "postgresql":
         return []
     with engine.connect() as conn:
         return sorted(
             conn.execute(
-                text("SELECT conname FROM pg_constraint WHERE conrelid = 'customers'::regclass")
+                text(
+                    "SELECT conname FROM pg_constraint WHERE conrelid = 'customers'::regclass "
+                    "UNION ALL SELECT indexname FROM pg_indexes WHERE tablename = 'customers'"
+                )
             ).scalars()
         )
 
@@ -316,12 +321,15 @@ def empty_customers(engine: Engine) -> None:
 def test_direct_customers_load_what_the_staged_path_loads(engine: Engine, tmp_path: Path) -> None:
     path = write_customers(tmp_path, customer_lines())
     loaded = {}
+    schema = customer_constraints(engine)
+    assert engine.dialect.name != "postgresql" or "ix_customers_updated_at" in schema
     for label, direct, bulk_rows in [("staged", False, 0), ("direct", True, 0), ("bulk", True, 1)]:
         empty_customers(engine)
         summary = import_customers(
             engine, path, chunk_rows=250, direct=direct, bulk_rows=bulk_rows, today=TODAY
         )
         assert (summary.rows_read, summary.added, summary.updated) == (ROWS, ROWS, 0)
+        assert customer_constraints(engine) == schema
         loaded[label] = customer_rows(engine)
     assert len(loaded["staged"]) == ROWS + 3
     assert loaded["direct"] == loaded["staged"]
