@@ -435,26 +435,53 @@ def ensure_second_version(database: Database, how: str = "train") -> list[tuple[
     return versions
 
 
-def settle(kind: str, url: str) -> None:
+PG_SETTINGS = ("shared_buffers", "synchronous_commit", "autovacuum", "max_wal_size")
+"""PostgreSQL settings a decision's cost depends on, printed with each section."""
+
+
+def settle(kind: str, url: str) -> str:
     """Statistics fresh and dirty pages written before any run: a database just imported
     (or grown by earlier runs) otherwise spends the first runs writing the import's
     pages back, and those runs measure that instead of decisions (seen: p99 14 ms in the
-    runs after an import, 7 ms in the same runs on the settled database)."""
+    runs after an import, 7 ms in the same runs on the settled database).
+
+    Returns what the runs start from: on PostgreSQL, the rows already in the audit
+    tables and :data:`PG_SETTINGS` (a database grown by earlier runs answers slower with
+    a small ``shared_buffers``: runs are comparable on equal footing only)."""
     from sqlalchemy import create_engine, text
 
     started = time.perf_counter()
     engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    state = ""
     try:
         with engine.connect() as conn:
             if kind == "postgresql":
                 conn.execute(text("VACUUM ANALYZE"))
                 conn.execute(text("CHECKPOINT"))
+                rows = dict(
+                    conn.execute(
+                        text(
+                            "SELECT relname, reltuples::bigint FROM pg_class "
+                            "WHERE relname IN ('decisions', 'offers') AND relkind = 'r'"
+                        )
+                    ).all()
+                )
+                settings = [
+                    f"{name} {conn.execute(text(f'SHOW {name}')).scalar()}" for name in PG_SETTINGS
+                ]
+                state = (
+                    f"database: {rows.get('decisions', 0):,} decisions and "
+                    f"{rows.get('offers', 0):,} offers before the runs; " + ", ".join(settings)
+                )
             else:
                 conn.execute(text("ANALYZE"))
                 conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
     finally:
         engine.dispose()
     say(f"{kind}: vacuumed, analysed and checkpointed in {time.perf_counter() - started:.1f} s")
+    if state:
+        say(f"{kind}: {state}")
+    return state
 
 
 def api_key(database: Database, role: str = "teller") -> str | None:
@@ -803,6 +830,7 @@ class Section:
     memory: dict[str, Any] | None = None  # decision server, after the measured runs
     activation: dict[str, Any] | None = None
     soak: dict[str, Any] | None = None
+    database_state: str = ""  # what settle() found before the runs
 
 
 def describe_run(name: str, result: dict[str, Any]) -> None:
@@ -1190,6 +1218,7 @@ def summarize(section: Section) -> dict[str, Any]:
         "memory": section.memory,
         "activation": section.activation,
         "soak": section.soak,
+        "database": section.database_state,
     }
     if section.decision:
         ratios = [d["rps"] / b["rps"] for b, d in zip(section.bare, section.decision, strict=True)]
@@ -1405,6 +1434,8 @@ def report(sections: list[Section], info: dict[str, Any], args: argparse.Namespa
         summary = summarize(section)
         print()
         print(f"== {section.label} ==")
+        if section.database_state:
+            print(section.database_state)
         if section.probe is not None:
             print(f"probe: {section.probe}")
         if section.decision and not section.api_key:
@@ -1651,7 +1682,7 @@ def main() -> None:
                     say(f"{database.kind}: prepared in {database.folder} ({database.url})")
                 return
             for database in databases:
-                settle(database.kind, database.url)
+                state = settle(database.kind, database.url)
                 for workers in args.workers:
                     bare = bare_server(database.folder, workers)
                     if args.stub_decision:
@@ -1676,6 +1707,7 @@ def main() -> None:
                         database=database,
                     )
                     section.serving_before_mb = serving_before
+                    section.database_state = state
                     sections.append(section)
                     bare.stop()
                     decision.stop()
