@@ -145,9 +145,9 @@ class BankChanges(Base):
     """What the bank's tables cannot tell by their largest ids: deletions and closings.
 
     One row, kept by triggers (migration 0013): ``deleted`` grows with every statement
-    that deletes customers or adoptions (``TRUNCATE`` too) or moves an adoption to
-    another customer, product or day; ``closed`` with every one that changes an
-    adoption's ``closed_at``. A serving store records both when it reads the bank and
+    that deletes customers or adoptions (``TRUNCATE`` too) or sets an adoption's
+    customer, product or day; ``closed`` with every one that updates adoptions (nbo's
+    own updates only change closing days, so each counts as a closing). A serving store records both when it reads the bank and
     compares them when mapped (:func:`service.decision.store.changes_since`): two
     numbers read where counting the customers and adoptions tables took half a second
     of a core at a million customers, at every worker start and activation. The

@@ -93,10 +93,10 @@ class Fingerprint:
     watermark: int
     """The newest change event when the bank was read."""
     deleted: int
-    """``bank_changes.deleted``: statements that deleted customers or adoptions or moved
-    an adoption (-1: the row was missing)."""
+    """``bank_changes.deleted``: statements that deleted customers or adoptions or set
+    an adoption's customer, product or day (-1: the row was missing)."""
     closed: int
-    """``bank_changes.closed``: statements that changed an adoption's closing day."""
+    """``bank_changes.closed``: statements that updated adoptions (closing days)."""
 
 
 def fingerprint(conn: Connection) -> Fingerprint:
