@@ -34,14 +34,21 @@ depends_on: str | Sequence[str] | None = None
 _BUMP_DELETED = "UPDATE bank_changes SET deleted = deleted + 1 WHERE id = 1"
 _BUMP_CLOSED = "UPDATE bank_changes SET closed = closed + 1 WHERE id = 1"
 
-POSTGRESQL = [
-    f"""CREATE FUNCTION nbo_bank_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
+
+def _bump_if_rows(function: str, rows: str, bump: str) -> str:
+    """A trigger function that runs ``bump`` when the transition table ``rows`` of its
+    statement holds any row."""
+    return f"""CREATE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF EXISTS (SELECT 1 FROM gone) THEN
-        {_BUMP_DELETED};
+    IF EXISTS (SELECT 1 FROM {rows}) THEN
+        {bump};
     END IF;
     RETURN NULL;
-END $$""",
+END $$"""
+
+
+POSTGRESQL = [
+    _bump_if_rows("nbo_bank_deleted", "gone", _BUMP_DELETED),
     # Every statement: TRUNCATE has no transition table, and a statement that sets an
     # adoption's customer, product or day is never nbo's own.
     f"""CREATE FUNCTION nbo_bank_truncated() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -49,13 +56,7 @@ BEGIN
     {_BUMP_DELETED};
     RETURN NULL;
 END $$""",
-    f"""CREATE FUNCTION nbo_adoptions_closed() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF EXISTS (SELECT 1 FROM now_is) THEN
-        {_BUMP_CLOSED};
-    END IF;
-    RETURN NULL;
-END $$""",
+    _bump_if_rows("nbo_adoptions_closed", "now_is", _BUMP_CLOSED),
     "CREATE TRIGGER customers_deleted AFTER DELETE ON customers REFERENCING OLD TABLE AS gone "
     "FOR EACH STATEMENT EXECUTE FUNCTION nbo_bank_deleted()",
     "CREATE TRIGGER adoptions_deleted AFTER DELETE ON adoptions REFERENCING OLD TABLE AS gone "
