@@ -147,11 +147,12 @@ class BankChanges(Base):
     One row, kept by triggers (migration 0013): ``deleted`` grows with every statement
     that deletes customers or adoptions (``TRUNCATE`` too) or sets an adoption's
     customer, product or day; ``closed`` with every one that updates adoptions (nbo's
-    own updates only change closing days, so each counts as a closing). A serving store records both when it reads the bank and
-    compares them when mapped (:func:`service.decision.store.changes_since`): two
-    numbers read where counting the customers and adoptions tables took half a second
-    of a core at a million customers, at every worker start and activation. The
-    triggers see every writer, nbo or not, that does not switch triggers off.
+    own updates only change closing days, so each counts as a closing). A serving store
+    records both when it reads the bank and compares them when mapped
+    (:func:`service.decision.store.changes_since`): two numbers read where counting the
+    customers and adoptions tables took half a second of a core at a million customers,
+    at every worker start and activation. The triggers see every writer, nbo or not,
+    that does not switch triggers off.
     """
 
     __tablename__ = "bank_changes"

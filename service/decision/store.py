@@ -175,14 +175,14 @@ def changes_since(
     Deleted rows and closings are told by the counters of ``bank_changes``
     (:class:`~service.data.tables.BankChanges`), not by counting the tables.
     """
-    one_core(conn)
+    now = fingerprint(conn)  # which keeps the rest of the transaction on one core
     oldest = conn.execute(
         text("SELECT min(id) FROM change_events WHERE id > :w"), {"w": built.watermark}
     ).scalar()
     # Ids come from a sequence: the first one after the watermark is watermark + 1,
     # unless pruned (or rolled back, which reads as pruned: built again, to be safe).
     complete = oldest is None or int(oldest) == built.watermark + 1
-    if not _counters_agree(fingerprint(conn), built, complete=complete):
+    if not _counters_agree(now, built, complete=complete):
         return None
     queries: list[tuple[str, dict[str, Any]]] = [
         (

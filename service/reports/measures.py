@@ -1386,8 +1386,9 @@ CHILD_UPLIFT_CHUNK_CUSTOMERS = 200_000
 (:func:`rolling_gauges_in_child`), where holding the interpreter costs no request. Each
 range's reads visit most pages of the week's decisions (they lie in time order, not by
 customer), so the ranges' count is what the database's work grows with: 10k-customer
-ranges at 1M customers made 100 ranges and about 15 s of PostgreSQL's CPU for the
-gauges, every five minutes, beside the decisions. Memory stays bounded (a range of
+ranges at 1M customers made 100 ranges and about 22 s of PostgreSQL's CPU for the
+gauges (30.7 s of the machine's, 8.1 s of them the worker's; ``bench/reload.py
+--figures``), every five minutes, beside the decisions. Memory stays bounded (a range of
 200k customers' week is a few hundred MB at most)."""
 
 
