@@ -57,6 +57,24 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.serving = state
     audit = audit_writer(engine, settings.data_dir / "spool", lanes=settings.audit_commit_lanes)
     app.state.audit = audit
+    # When the server was told to stop: uvicorn's own signal handlers, wrapped. The
+    # shutdown below gets what uvicorn's wait for requests in flight left of
+    # shutdown_timeout_seconds, so that the worker exits within it. Wrapped before the
+    # load: a stop during start-up ends the load's long work (a store build in a child
+    # takes minutes at a million customers), and uvicorn, told to exit, shuts down once
+    # the start-up returns.
+    signalled: list[float] = []
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            handler = signal.getsignal(signum)
+            if callable(handler):
+
+                def noted(sig: int, frame: FrameType | None, handler: Any = handler) -> None:
+                    signalled.append(time.monotonic())
+                    state.stop()
+                    handler(sig, frame)
+
+                signal.signal(signum, noted)
     await _load(state)
     try:
         await audit.start()
@@ -68,20 +86,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # event loop made each commit wait ~25 ms for it. A short interval lets it in.
         sys.setswitchinterval(0.0002)
     poller = asyncio.create_task(_poll_forever(state, settings.poll_interval_seconds))
-    # When the server was told to stop: uvicorn's own signal handlers, wrapped. The
-    # shutdown below gets what uvicorn's wait for requests in flight left of
-    # shutdown_timeout_seconds, so that the worker exits within it.
-    signalled: list[float] = []
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            handler = signal.getsignal(signum)
-            if callable(handler):
-
-                def noted(sig: int, frame: FrameType | None, handler: Any = handler) -> None:
-                    signalled.append(time.monotonic())
-                    handler(sig, frame)
-
-                signal.signal(signum, noted)
     try:
         yield
     finally:
@@ -332,6 +336,8 @@ async def _publish_figures(state: ServingState) -> None:
                 )
             else:
                 found = await asyncio.to_thread(_gauges, state, today)
+        except child.ChildStopped:
+            return  # the worker is stopping
         except Exception:  # noqa: BLE001 - a report failing must not stop the poll loop
             log.warning("business figures could not be computed", exc_info=True)
             return

@@ -619,9 +619,21 @@ class ServingState:
         self._failures = 0  # failed loads in a row, for the back-off
         self._stale: dict[str, int] = {}  # customer -> failed refreshes, retried by poll
         self._stale_lock = threading.Lock()
+        self._stopping = threading.Event()
         # What "now" is for decisions, outcomes and policy windows: the wall clock, or
         # a simulated one (``nbo simulate`` replays days in minutes).
         self.clock: Callable[[], dt.datetime] = _utcnow
+
+    def stop(self) -> None:
+        """The worker is stopping: end the long work of a load under way (a store build
+        in a child process, the contact history's reads between two of them), and start
+        no more. Safe in a signal handler: it only sets flags and signals children."""
+        self._stopping.set()
+        child.stop_all()
+
+    def _unless_stopping(self) -> None:
+        if self._stopping.is_set():
+            raise child.ChildStopped("the worker is stopping")
 
     def held(self) -> tuple[int, int]:
         """Customers held in memory: in the contact history, in the snapshot's overlay."""
@@ -688,9 +700,11 @@ class ServingState:
         enabled = gc.isenabled()
         gc.disable()
         try:
+            self._unless_stopping()
             snapshot = build_snapshot(self.engine, self.settings)
             snapshot.warm_rules()
             if self.last_event == 0:
+                self._unless_stopping()
                 self._load_history(snapshot)
                 self.last_event = started
         finally:
@@ -704,10 +718,14 @@ class ServingState:
         return snapshot
 
     def _load_failed(self, exc: Exception) -> Snapshot:
+        served = self.snapshot
+        if self._stopping.is_set():
+            # Not a failure: the worker was told to stop (SIGTERM during start-up).
+            log.info("snapshot load stopped: the worker is stopping")
+            return served if served is not None else empty_snapshot(self.settings, "stopping")
         self._failures += 1
         delay = min(RETRY_SECONDS * 2 ** (self._failures - 1), MAX_RETRY_SECONDS)
         self._retry_at = time.monotonic() + delay
-        served = self.snapshot
         what = "reload" if served is not None else "load"
         # The exception's type, not its text: a driver's message may quote row values.
         self.load_error = f"snapshot {what} failed ({type(exc).__name__}); retrying"
@@ -782,6 +800,7 @@ class ServingState:
             )
             if narrow:
                 _planner(conn, "RESET enable_seqscan", "RESET enable_bitmapscan")
+            self._unless_stopping()
             # Each customer's declines and detractor answers together, added one
             # customer at a time (a busy month has hundreds of thousands of declines).
             rest, params = self._bulk(
@@ -1245,6 +1264,8 @@ def _build_store(
             version=version if model is not None else None,
             folder=str(folder),
         )
+    except child.ChildStopped:
+        raise
     except child.ChildFailed as exc:
         raise RuntimeError(f"building the serving store in a child process failed: {exc}") from None
 

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -343,3 +344,66 @@ def test_a_database_that_does_not_answer_does_not_hold_the_exit(
     assert "audit commits did not end in time" in log, log[-3000:]
     assert took < timeout + MARGIN_SECONDS, log[-3000:]
     assert not [o for o in load.outcomes if o.status == 200], "nothing could be recorded"
+
+
+def serve_with_a_slow_store_build() -> None:
+    """``nbo serve`` (arguments from ``sys.argv[2:]``) whose serving store is built in a
+    child process that only sleeps, its pid written to ``sys.argv[1]``: a start-up that
+    lasts as long as a store build of a million customers."""
+    import sys
+
+    from service import child
+    from service.cli.main import main
+
+    pid_file, arguments = sys.argv[1], sys.argv[2:]
+    run = child.run
+
+    def slow(settings: Any, target: str, **named: Any) -> Any:
+        if target.endswith(":build_in_child"):
+            target, named = "tests.service.test_child:sleep_a_while", {"pid_file": pid_file}
+        return run(settings, target, **named)
+
+    child.CHILD_CUSTOMERS = 0  # every build in a child, however small the bank
+    child.run = slow
+    sys.argv = ["nbo", *arguments]
+    main()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_sigterm_during_start_up_stops_the_store_build_and_exits(
+    database_url: str, bank: Path, tmp_path: Path
+) -> None:
+    load_trained_bank(database_url, bank, None, tmp_path)
+    pid_file, log = tmp_path / "builder.pid", tmp_path / "serve.log"
+    env = {**os.environ, "NBO_DATABASE_URL": database_url, "NBO_DATA_DIR": str(tmp_path)}
+    script = (
+        "from tests.service.test_shutdown import serve_with_a_slow_store_build as serve; serve()"
+    )
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [str(NBO.parent / "python"), "-c", script, str(pid_file), "serve"]
+            + ["--port", str(_free_port())],
+            cwd=REPO,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        from tests.service.test_child import _pid_from, gone
+
+        builder = _pid_from(pid_file, timeout=60)
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        status = process.wait(timeout=30)
+        took = time.monotonic() - signalled
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+    text_ = log.read_text()
+    print(f"start-up stopped: exit {status} {took:.2f} s after SIGTERM")
+    assert status == 0, text_[-3000:]
+    assert took < 5.0, text_[-3000:]  # the build slept for a minute
+    assert gone(builder, timeout=1), "the store build outlived its worker"
+    assert "snapshot load stopped: the worker is stopping" in text_, text_[-3000:]
+    assert '"level":"ERROR"' not in text_ and "Traceback" not in text_, text_[-3000:]
