@@ -693,6 +693,14 @@ class Server:
         """The server's processes: everything in its process group (uvicorn workers too)."""
         return [] if self.process is None else group_pids(self.process.pid)
 
+    def worker_pids(self) -> list[int]:
+        """The processes that answer requests (not the supervisor, not a child that
+        computes the business figures or builds a store)."""
+        if self.process is None:
+            return []
+        leader = self.process.pid
+        return [p for p in self.pids() if process_role(p, leader, self.workers) == "worker"]
+
     def memory_mb(self) -> tuple[float, float]:
         """Current RSS and the sum of each process's peak RSS, in MiB, over the group."""
         rss = hwm = 0
@@ -788,10 +796,28 @@ def probe(url: str, customer_id: str, key: str | None) -> str:
 # ------------------------------------------------------------------------------ load
 
 
+def page_faults(pids: list[int]) -> tuple[int, int]:
+    """Minor and major page faults the processes ``pids`` took so far (summed)."""
+    minor = major = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            minor, major = minor + int(fields[7]), major + int(fields[9])
+    return minor, major
+
+
 def run_wrk(
-    url: str, ids: Path, key: str | None, seconds: int, args: argparse.Namespace
+    url: str,
+    ids: Path,
+    key: str | None,
+    seconds: int,
+    args: argparse.Namespace,
+    server: Server | None = None,
 ) -> dict[str, Any]:
-    """One wrk run; the figures from the lua script's WRK_RESULT line."""
+    """One wrk run; the figures from the lua script's WRK_RESULT line, and with
+    ``server`` the page faults its workers took meanwhile (``major_faults``: a page read
+    from disk while the worker's requests waited)."""
+    faults = page_faults(server.worker_pids()) if server is not None else None
     argv = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{seconds}s"]
     argv += ["--timeout", "10s", "-s", str(LUA_SCRIPT), url, "--", str(ids)]
     env = dict(os.environ)
@@ -804,6 +830,12 @@ def run_wrk(
                 result[k] for k in ("connect_errors", "read_errors", "write_errors", "timeouts")
             )
             result["ok"] = result["requests"] - result["non2xx"]
+            if server is not None and faults is not None:
+                minor, major = page_faults(server.worker_pids())
+                result["minor_faults"], result["major_faults"] = (
+                    minor - faults[0],
+                    major - faults[1],
+                )
             return result
     raise RuntimeError(f"wrk gave no result (exit {done.returncode}):\n{done.stdout}{done.stderr}")
 
@@ -834,9 +866,11 @@ class Section:
 
 
 def describe_run(name: str, result: dict[str, Any]) -> None:
+    faults = result.get("major_faults")
     say(
         f"  {name:8s} {result['rps']:9,.0f} req/s  p50 {result['p50_ms']:.2f} ms  "
         f"p99 {result['p99_ms']:.2f} ms  non-2xx {result['non2xx']:,}  errors {result['errors']:,}"
+        + (f"  major faults {faults:,}" if faults is not None else "")
     )
 
 
@@ -877,9 +911,16 @@ class IntervalLoad:
     runs give the latency of each interval of a longer load."""
 
     def __init__(
-        self, url: str, ids: Path, key: str | None, seconds: int, args: argparse.Namespace
+        self,
+        url: str,
+        ids: Path,
+        key: str | None,
+        seconds: int,
+        args: argparse.Namespace,
+        server: Server | None = None,
     ) -> None:
         self.url, self.ids, self.key, self.seconds, self.args = url, ids, key, seconds, args
+        self.server = server
         self.origin = time.monotonic()
         self.intervals: list[dict[str, Any]] = []
         self.error: BaseException | None = None
@@ -893,7 +934,7 @@ class IntervalLoad:
         try:
             while not self._stop.is_set():
                 start = self.now()
-                result = run_wrk(self.url, self.ids, self.key, self.seconds, self.args)
+                result = run_wrk(self.url, self.ids, self.key, self.seconds, self.args, self.server)
                 self.intervals.append(result | {"start_s": start, "end_s": self.now()})
         except BaseException as exc:  # noqa: BLE001 - reported by stop()
             self.error = exc
@@ -931,7 +972,7 @@ def measure_activation(
         f"activation under load: {ACTIVATION_BEFORE} intervals of {interval} s, then "
         f"POST /v1/models/{target}/activate (active: {active})"
     )
-    load = IntervalLoad(decision.url, ids, key, interval, args).start()
+    load = IntervalLoad(decision.url, ids, key, interval, args, decision).start()
     try:
         while len(load.intervals) < ACTIVATION_BEFORE and load.error is None:
             time.sleep(0.1)
@@ -1039,7 +1080,7 @@ def measure_soak(
     intervals = []
     while (elapsed := time.monotonic() - origin) < args.soak - 0.5:
         seconds = max(1, min(args.sample_every, round(args.soak - elapsed)))
-        result = run_wrk(decision.url, ids, key, seconds, args)
+        result = run_wrk(decision.url, ids, key, seconds, args, decision)
         intervals.append(result)
         samples.append({"t_s": time.monotonic() - origin} | decision.memory())
         last = samples[-1]
@@ -1135,7 +1176,7 @@ def measure(
         say(f"warm-up, {args.warmup} s each (not reported)")
         describe_run("bare", run_wrk(bare.url, ids, key, args.warmup, args))
         if url:
-            warm = run_wrk(url, ids, key, args.warmup, args)
+            warm = run_wrk(url, ids, key, args.warmup, args, decision)
             answered += warm["ok"]
             describe_run("decision", warm)
     for run in range(1, args.runs + 1):
@@ -1144,7 +1185,7 @@ def measure(
         describe_run("bare", section.bare[-1])
         section.bare_memory = max(section.bare_memory, bare.memory_mb())
         if url:
-            section.decision.append(run_wrk(url, ids, key, args.duration, args))
+            section.decision.append(run_wrk(url, ids, key, args.duration, args, decision))
             answered += section.decision[-1]["ok"]
             describe_run("decision", section.decision[-1])
             if decision:
@@ -1282,13 +1323,14 @@ def report_activation(section: Section) -> None:
     )
     print(
         f"  {'interval s':>13s}{'req/s':>9s}{'p50 ms':>9s}{'p99 ms':>9s}{'max ms':>9s}{'failed':>8s}"
+        f"{'majflt':>8s}"
     )
     for item in act["intervals"]:
         mark = "  <- activation" if item["during"] else ""
         print(
             f"  {item['start_s'] - act['post_s']:6.1f}..{item['end_s'] - act['post_s']:5.1f}"
             f"{item['rps']:9,.0f}{item['p50_ms']:9.2f}{item['p99_ms']:9.2f}{item['max_ms']:9.1f}"
-            f"{item['non2xx'] + item['errors']:8,}{mark}"
+            f"{item['non2xx'] + item['errors']:8,}{item.get('major_faults', '-'):>8}{mark}"
         )
     if act["ratio"] is not None:
         met = "met" if act["ratio"] <= TARGET_ACTIVATION_RATIO else "NOT met"
