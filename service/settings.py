@@ -146,6 +146,16 @@ class Settings(BaseSettings):
             "turns them off."
         ),
     )
+    lock_serving_store: bool = Field(
+        default=True,
+        description=(
+            "Lock each worker's serving store in memory (mlock) when it loads, so that "
+            "the kernel never pages it out and a decision never waits for a disk read; "
+            "needs a locked-memory limit (ulimit -l, or CAP_IPC_LOCK) above the store's "
+            "size, else a warning and the pages are only brought in. false: only "
+            "brought in."
+        ),
+    )
     audit_commit_lanes: int = Field(
         default=2,
         ge=1,

@@ -571,7 +571,12 @@ def _retire(snapshot: Snapshot) -> None:
     """Free a replaced snapshot's caches a slice at a time, giving the interpreter to
     the requests between slices: dropped at once, the pitches of every adoption sequence
     (50k dicts at 1M customers) took 0.1 s of the GIL. A request still holding the
-    snapshot finds the caches empty and makes what it needs again."""
+    snapshot finds the caches empty and makes what it needs again. Its store's pages
+    are given back here too (:meth:`~service.decision.store.ColumnStore.let_go`), not
+    wherever its last reference goes."""
+    store = snapshot.customers.store
+    if store is not None:
+        store.let_go()
     sequences = snapshot.customers.sequence_pitches
     while sequences:  # the dicts made from the store's reasons are held here alone
         del sequences[-RETIRE_SLICE:]
@@ -1147,6 +1152,8 @@ def build_snapshot(engine: Engine, settings: Settings) -> Snapshot:
         None if model is None or row is None else row.checksum,
         changed,
     )
+    # Every page in memory before the store serves (see ColumnStore.keep_in_memory).
+    store.keep_in_memory(lock=settings.lock_serving_store)
     catalogue = store.catalogue
     base_rates: dict[str, float] = {}
     if model is not None:

@@ -5,6 +5,7 @@ read again rather than served from it."""
 from __future__ import annotations
 
 import datetime as dt
+import mmap
 import random
 import sys
 import threading
@@ -64,8 +65,9 @@ def synthetic() -> BankData:
     )
 
 
-def test_the_store_holds_what_the_batch_load_read(synthetic: BankData, tmp_path: Path) -> None:
-    data = synthetic
+def _write_store(data: BankData, folder: Path) -> dict[str, Any]:
+    """A store of ``data`` written to ``folder``, with random propensities (30 % not a
+    candidate) and one customer left without a database id (the fifth); what went in."""
     catalogue = Catalogue.from_data(data)
     cids = data.customers["customer_id"].astype(str).tolist()
     rng = np.random.default_rng(0)
@@ -79,7 +81,7 @@ def test_the_store_holds_what_the_batch_load_read(synthetic: BankData, tmp_path:
     db_ids = {cid: 1000 + i for i, cid in enumerate(cids) if i != 5}  # one without an id
     popularity = serving._popularity(data, AS_OF)
     columns.write_store(
-        tmp_path / "s",
+        folder,
         data=data,
         db_ids=db_ids,
         matrix=matrix,
@@ -90,6 +92,23 @@ def test_the_store_holds_what_the_batch_load_read(synthetic: BankData, tmp_path:
         bands=bands,
         built=FINGERPRINT,
     )
+    return {
+        "cids": cids,
+        "catalogue": catalogue,
+        "matrix": matrix,
+        "profiles": profiles,
+        "bands": bands,
+        "db_ids": db_ids,
+        "popularity": popularity,
+    }
+
+
+def test_the_store_holds_what_the_batch_load_read(synthetic: BankData, tmp_path: Path) -> None:
+    data = synthetic
+    made = _write_store(data, tmp_path / "s")
+    cids, catalogue, matrix = made["cids"], made["catalogue"], made["matrix"]
+    profiles, bands, db_ids = made["profiles"], made["bands"], made["db_ids"]
+    popularity, codes = made["popularity"], catalogue.product_codes
     store = columns.ColumnStore(tmp_path / "s")
     states = customer_states(data)
     assert store.n == len(cids) - 1 and store.find(cids[5]) == -1
@@ -119,6 +138,80 @@ def test_the_store_holds_what_the_batch_load_read(synthetic: BankData, tmp_path:
             assert again.key(code, band) == key
             if key is not None:
                 assert again.claim(code, key) == profiles.claim(code, key)
+
+
+def _locked_kib() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmLck:")[1].split()[0])
+
+
+def _may_lock(nbytes: int) -> bool:
+    """Whether this process may lock ``nbytes`` more: CAP_IPC_LOCK, or room under
+    RLIMIT_MEMLOCK."""
+    import resource
+
+    status = Path("/proc/self/status").read_text()
+    if int(status.split("CapEff:")[1].split()[0], 16) >> 14 & 1:
+        return True
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    return soft == resource.RLIM_INFINITY or _locked_kib() * 1024 + nbytes + 2**20 < soft
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_serving_store_is_kept_in_memory_locked_or_populated(
+    synthetic: BankData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    _write_store(synthetic, tmp_path / "s")
+    store = columns.ColumnStore(tmp_path / "s")
+    mapped = sum(a.nbytes for a in store._mapped)
+    before = _locked_kib()
+    if _may_lock(mapped):
+        assert store.keep_in_memory() == "locked"
+        # Every mapped page counted (a page may hold the end of one array and the
+        # start of the next, hence the slack).
+        assert _locked_kib() - before >= mapped // 1024 - 4 * len(store._mapped)
+    else:
+        assert store.keep_in_memory() == "populated"
+    # Replaced, it gives its pages back, and still answers a request that holds it.
+    first = store.external_id(0)
+    store.let_go()
+    assert store.kept == "mapped" and _locked_kib() == before
+    assert store.find(first) == 0
+    # Not asked to lock: only brought in, nothing more locked.
+    other = columns.ColumnStore(tmp_path / "s")
+    locked = _locked_kib()
+    assert other.keep_in_memory(lock=False) == "populated"
+    assert _locked_kib() == locked
+    del other
+
+    # A refused lock (a limit too low, no CAP_IPC_LOCK) is said once, and the pages are
+    # brought in all the same; a kernel without MADV_POPULATE_READ: left mapped.
+    class Refusing:
+        def __init__(self, madvise: int) -> None:
+            self.calls: list[str] = []
+            self._madvise = madvise
+
+        def mlock(self, start: int, size: int) -> int:
+            self.calls.append("mlock")
+            return -1
+
+        def madvise(self, start: int, size: int, advice: int) -> int:
+            assert start % mmap.PAGESIZE == 0
+            self.calls.append("madvise")
+            return self._madvise
+
+    refusing = Refusing(madvise=0)
+    monkeypatch.setattr(columns, "_libc", lambda: refusing)
+    third = columns.ColumnStore(tmp_path / "s")
+    with caplog.at_level("WARNING", logger=columns.log.name):
+        assert third.keep_in_memory() == "populated"
+    warnings = [r for r in caplog.records if "could not be locked" in r.getMessage()]
+    assert len(warnings) == 1, caplog.text
+    arrays = sum(1 for a in third._mapped if a.nbytes)
+    assert refusing.calls == ["mlock"] + ["madvise"] * arrays
+    old = Refusing(madvise=-1)
+    monkeypatch.setattr(columns, "_libc", lambda: old)
+    assert columns.ColumnStore(tmp_path / "s").keep_in_memory() == "mapped"
 
 
 def test_one_process_builds_and_the_others_wait_for_it(tmp_path: Path) -> None:
@@ -256,6 +349,8 @@ def test_workers_map_the_store_one_built_and_reread_what_changed_since(
     settings = settings_for(bank, tmp_path)
     first = ServingState(bank, settings).load()
     assert builds.count == 1 and first.version == "v1" and first.customers.store is not None
+    # Brought into memory before serving (locked where the process may lock it).
+    assert first.customers.store.kept in ("locked", "populated")
     customers = sorted(first.customers)
     assert len(customers) == len(first.customers) == 300
     assert not first.customers.overlay
