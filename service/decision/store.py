@@ -389,27 +389,19 @@ class ColumnStore:
                 while handle.readinto(buffer):
                     pass
         how = "locked" if lock else "populated"
-        for array in self._mapped:
-            if not array.nbytes:
-                continue
-            start = int(array.__array_interface__["data"][0])
-            end = start + array.nbytes
-            # madvise wants page-aligned starts (mlock aligns them itself).
-            at = start - start % mmap.PAGESIZE
-            while at < end and how != "mapped":
-                size = min(KEEP_CHUNK, end - at)
-                if how == "locked" and libc.mlock(at, size) != 0:
-                    how = "populated"
-                    log.warning(
-                        "the serving store could not be locked in memory (mlock: %s); its "
-                        "pages are mapped now but may be paged out when cold: raise the "
-                        "process's locked-memory limit (ulimit -l) or give it CAP_IPC_LOCK",
-                        os.strerror(ctypes.get_errno()),
-                        extra={"store": self.folder.name, "megabytes": self.nbytes() // 2**20},
-                    )
-                if how == "populated" and libc.madvise(at, size, _MADV_POPULATE_READ) != 0:
-                    how = "mapped"  # MADV_POPULATE_READ: Linux 5.14+
-                at += size
+        for at, size in self._chunks():
+            if how == "locked" and libc.mlock(at, size) != 0:
+                how = "populated"
+                log.warning(
+                    "the serving store could not be locked in memory (mlock: %s); its "
+                    "pages are mapped now but may be paged out when cold: raise the "
+                    "process's locked-memory limit (ulimit -l) or give it CAP_IPC_LOCK",
+                    os.strerror(ctypes.get_errno()),
+                    extra={"store": self.folder.name, "megabytes": self.nbytes() // 2**20},
+                )
+            if how == "populated" and libc.madvise(at, size, _MADV_POPULATE_READ) != 0:
+                how = "mapped"  # MADV_POPULATE_READ: Linux 5.14+
+                break
         self.kept = how
         return how
 
@@ -423,6 +415,15 @@ class ColumnStore:
         event loop: unmapping 264 MiB of locked pages there held the interpreter for
         over 100 ms, and even the pages only touched by requests cost a pause."""
         libc = _libc()
+        for at, size in self._chunks():
+            if self.kept == "locked":
+                libc.munlock(at, size)
+            libc.madvise(at, size, _MADV_DONTNEED)
+        self.kept = "mapped"
+
+    def _chunks(self) -> Iterator[tuple[int, int]]:
+        """The mapped arrays' memory as (address, bytes), :data:`KEEP_CHUNK` bytes at
+        most, each from a page boundary (as ``madvise`` wants; ``mlock`` aligns itself)."""
         for array in self._mapped:
             if not array.nbytes:
                 continue
@@ -430,12 +431,8 @@ class ColumnStore:
             end = start + array.nbytes
             at = start - start % mmap.PAGESIZE
             while at < end:
-                size = min(KEEP_CHUNK, end - at)
-                if self.kept == "locked":
-                    libc.munlock(at, size)
-                libc.madvise(at, size, _MADV_DONTNEED)
-                at += size
-        self.kept = "mapped"
+                yield at, min(KEEP_CHUNK, end - at)
+                at += KEEP_CHUNK
 
     def __len__(self) -> int:
         return self.n
