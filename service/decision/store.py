@@ -416,8 +416,7 @@ class ColumnStore:
         over 100 ms, and even the pages only touched by requests cost a pause."""
         libc = _libc()
         for at, size in self._chunks():
-            if self.kept == "locked":
-                libc.munlock(at, size)
+            libc.munlock(at, size)  # also what a lock refused part-way had locked
             libc.madvise(at, size, _MADV_DONTNEED)
         self.kept = "mapped"
 
