@@ -68,7 +68,7 @@ class ChildStopped(ChildFailed):
 
 
 _running: set[subprocess.Popen[bytes]] = set()
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entrant: stop_all runs in a signal handler
 _stopping = False
 
 
