@@ -104,10 +104,8 @@ def write_files(folder: Path, rows: int, customers: int, seed: int = 0) -> None:
             ).to_csv(out, index=False, header=start == 0)
             # The same adoptions, every open one closed: its import updates ~70 % of the
             # rows (the bank_changes trigger of migration 0013 sees one statement).
-            last = (adopted + pd.to_timedelta(1000, unit="D")).where(
-                adopted + pd.to_timedelta(1000, unit="D") <= pd.Timestamp("2025-12-31"),
-                pd.Timestamp("2025-12-31"),
-            )
+            late = adopted + pd.to_timedelta(1000, unit="D")
+            last = late.where(late <= pd.Timestamp("2025-12-31"), pd.Timestamp("2025-12-31"))
             pd.DataFrame(
                 {
                     "customer_id": ids[customer_idx],

@@ -624,7 +624,6 @@ class ServingState:
         self._failures = 0  # failed loads in a row, for the back-off
         self._stale: dict[str, int] = {}  # customer -> failed refreshes, retried by poll
         self._stale_lock = threading.Lock()
-        self._stopping = threading.Event()
         # What "now" is for decisions, outcomes and policy windows: the wall clock, or
         # a simulated one (``nbo simulate`` replays days in minutes).
         self.clock: Callable[[], dt.datetime] = _utcnow
@@ -632,12 +631,12 @@ class ServingState:
     def stop(self) -> None:
         """The worker is stopping: end the long work of a load under way (a store build
         in a child process, the contact history's reads between two of them), and start
-        no more. Safe in a signal handler: it only sets flags and signals children."""
-        self._stopping.set()
+        no more (:func:`service.child.stopping` then says so, for the whole worker).
+        Safe in a signal handler: it only sets a flag and signals children."""
         child.stop_all()
 
     def _unless_stopping(self) -> None:
-        if self._stopping.is_set():
+        if child.stopping():
             raise child.ChildStopped("the worker is stopping")
 
     def held(self) -> tuple[int, int]:
@@ -724,7 +723,7 @@ class ServingState:
 
     def _load_failed(self, exc: Exception) -> Snapshot:
         served = self.snapshot
-        if self._stopping.is_set():
+        if child.stopping():
             # Not a failure: the worker was told to stop (SIGTERM during start-up).
             log.info("snapshot load stopped: the worker is stopping")
             return served if served is not None else empty_snapshot(self.settings, "stopping")
