@@ -508,6 +508,20 @@ class Snapshot:
         return self.model is None
 
 
+_EVENT_COLUMNS = "id, kind, customer_external_id, product_code, detail, occurred_at, origin"
+_POLL = text(f"SELECT {_EVENT_COLUMNS} FROM change_events WHERE id > :last ORDER BY id LIMIT 20000")
+"""A poll's read of the change log: the events after the last one seen, by the primary
+key. Nearly always there are no gaps, and this is the whole query: written with the
+gaps' ``OR id IN :gaps``, an empty list made PostgreSQL test that condition on every
+row of the log, walking all of it twice a second (171 ms of the database's CPU a poll at
+843k events, where this reads the few new ones in well under a millisecond)."""
+_POLL_WITH_GAPS = text(
+    f"SELECT {_EVENT_COLUMNS} FROM change_events WHERE id > :last UNION ALL "
+    f"SELECT {_EVENT_COLUMNS} FROM change_events WHERE id IN :gaps ORDER BY id LIMIT 20000"
+).bindparams(bindparam("gaps", expanding=True))
+"""The same and the ids still missing (:data:`GAP_SECONDS`, all below ``:last``), each
+read by the key (as one ``OR``, SQLite scanned the whole log)."""
+
 GAP_SECONDS = 30.0
 """How long a skipped change-event id is looked for (a transaction's longest commit)."""
 MAX_GAPS = 10_000
@@ -950,14 +964,12 @@ class ServingState:
         for gap in [g for g, seen in self._gaps.items() if now - seen > GAP_SECONDS]:
             del self._gaps[gap]
         with read_only(self.engine).connect() as conn:
-            rows = conn.execute(
-                text(
-                    "SELECT id, kind, customer_external_id, product_code, detail, occurred_at, "
-                    "origin FROM change_events WHERE id > :last OR id IN :gaps "
-                    "ORDER BY id LIMIT 20000"
-                ).bindparams(bindparam("gaps", expanding=True)),
-                {"last": self.last_event, "gaps": sorted(self._gaps)},
-            ).all()
+            if self._gaps:
+                rows = conn.execute(
+                    _POLL_WITH_GAPS, {"last": self.last_event, "gaps": sorted(self._gaps)}
+                ).all()
+            else:
+                rows = conn.execute(_POLL, {"last": self.last_event}).all()
         if not rows:
             if self._stale:
                 self.refresh_customers(self._take_stale())

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, event, text
 
 from service.decision.state import ServingState
 from service.settings import Settings
@@ -43,3 +46,62 @@ def test_an_event_committed_late_is_not_missed(engine: Engine, tmp_path: Path) -
     assert not state._gaps
     assert set(state.history["C1"].offers) == {"o1", "o2", "o3"}
     assert state.poll() == 0
+
+
+def _plans_of_change_log_reads(engine: Engine, poll: Callable[[], int]) -> list[str]:
+    """The query plans of the change-log reads ``poll`` makes, as the database gives them
+    (PostgreSQL: ``EXPLAIN ANALYZE``; SQLite: ``EXPLAIN QUERY PLAN``)."""
+    reads: list[tuple[str, Any]] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if statement.lstrip().startswith("SELECT") and "FROM change_events" in statement:
+            reads.append((statement, parameters))
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        poll()
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert reads, "the poll read no change events"
+    explain = "EXPLAIN ANALYZE " if engine.dialect.name == "postgresql" else "EXPLAIN QUERY PLAN "
+    plans = []
+    with engine.connect() as conn:
+        for statement, parameters in reads:
+            rows = conn.exec_driver_sql(explain + statement, parameters).all()
+            plans.append("\n".join(str(row[-1]) for row in rows))
+    return plans
+
+
+def test_a_poll_reads_only_the_new_events_however_long_the_log(
+    engine: Engine, tmp_path: Path
+) -> None:
+    settings = Settings(database_url=str(engine.url), data_dir=tmp_path, announce_offers="never")
+    state = ServingState(engine, settings)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO change_events (id, kind, customer_external_id, product_code, "
+                "detail, origin, occurred_at) VALUES (:id, 'offer', 'C1', 'card', :offer, "
+                "'worker-other', :at)"
+            ),
+            [{"id": n, "offer": f"o{n}", "at": AT} for n in range(1, 3001)],
+        )
+        conn.execute(text("ANALYZE change_events"))
+    state.last_event = 3000  # every event seen, no gaps: the usual poll
+    _event(engine, 3001, "new")
+    plans = _plans_of_change_log_reads(engine, state.poll)
+    assert set(state.history["C1"].offers) == {"new"}
+    for plan in plans:
+        # The log is read by its key from the last event seen on, not tested row by row.
+        if engine.dialect.name == "postgresql":
+            assert "Index Cond: (id > " in plan and "Rows Removed by Filter" not in plan, plan
+        else:
+            assert "SEARCH change_events USING INTEGER PRIMARY KEY (rowid>?)" in plan, plan
+    # With a gap to look for, both reads are by the key too.
+    state._gaps[1500] = time.monotonic()
+    _event(engine, 3002, "newer")
+    for plan in _plans_of_change_log_reads(engine, state.poll):
+        if engine.dialect.name == "postgresql":
+            assert "Rows Removed by Filter" not in plan and "Seq Scan" not in plan, plan
+        else:
+            assert "SCAN change_events" not in plan.replace("SCAN change_events USING", ""), plan
