@@ -758,6 +758,18 @@ def test_a_start_reads_the_windows_offers_as_the_row_reader_does(
         same(read())
         assert unnamed == [[10**9], [10**9], [10**9]]  # the declines' bulk read only
         assert "zzzzzzzz-zzzz-zzzz-zzzz-zzzzzzzzzzzz" in read()[one].offers
+        # The same failure part-way through the stream, while the COPY still sends: it is
+        # cancelled and drained, and on the same connection the row reader reads them all.
+        abandoned: list[Any] = []
+        real_abandon = window._abandon
+        monkeypatch.setattr(window, "_abandon", lambda pg: abandoned.append(real_abandon(pg)))
+        monkeypatch.setattr(window, "COPY_BLOCK", 1)
+        monkeypatch.setattr(window, "BATCH_ROWS", 1)
+        del unnamed[:]
+        same(read())
+        assert unnamed == [[10**9]] and len(abandoned) == 1
+        monkeypatch.setattr(window, "COPY_BLOCK", 1 << 20)
+        monkeypatch.setattr(window, "BATCH_ROWS", 100_000)
         # So does one of 36 characters in that shape that are not all ASCII (more than
         # 36 bytes: the rows are no longer of one width).
         run(bank, "DELETE FROM offers WHERE id = 'zzzzzzzz-zzzz-zzzz-zzzz-zzzzzzzzzzzz'")
