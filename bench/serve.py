@@ -806,6 +806,30 @@ def page_faults(pids: list[int]) -> tuple[int, int]:
     return minor, major
 
 
+def cpu_seconds(pids: list[int], *, children: bool = False) -> float:
+    """CPU time (user and system) the processes ``pids`` used so far; with ``children``,
+    with that of their children already waited for (a PostgreSQL server's ended
+    backends; not a worker's, whose business-figures child is not a request's work)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(f) for f in fields[11 : 15 if children else 13])
+    return total / tick
+
+
+def database_pids() -> list[int]:
+    """This machine's PostgreSQL server processes (empty when it runs elsewhere)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "comm").read_text().strip() in ("postgres", "postmaster"):
+                    found.append(int(entry.name))
+    return found
+
+
 def run_wrk(
     url: str,
     ids: Path,
@@ -816,8 +840,15 @@ def run_wrk(
 ) -> dict[str, Any]:
     """One wrk run; the figures from the lua script's WRK_RESULT line, and with
     ``server`` the page faults its workers took meanwhile (``major_faults``: a page read
-    from disk while the worker's requests waited)."""
+    from disk while the worker's requests waited) and the CPU its workers and this
+    machine's PostgreSQL used per request answered (``worker_us``, ``database_us``)."""
     faults = page_faults(server.worker_pids()) if server is not None else None
+    database = database_pids() if server is not None else []
+    cpu = (
+        (cpu_seconds(server.worker_pids()), cpu_seconds(database, children=True))
+        if server
+        else None
+    )
     argv = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{seconds}s"]
     argv += ["--timeout", "10s", "-s", str(LUA_SCRIPT), url, "--", str(ids)]
     env = dict(os.environ)
@@ -836,6 +867,12 @@ def run_wrk(
                     minor - faults[0],
                     major - faults[1],
                 )
+            if server is not None and cpu is not None and result["requests"]:
+                per = 1e6 / result["requests"]
+                result["worker_us"] = (cpu_seconds(server.worker_pids()) - cpu[0]) * per
+                if database:
+                    used = cpu_seconds(database, children=True) - cpu[1]
+                    result["database_us"] = used * per
             return result
     raise RuntimeError(f"wrk gave no result (exit {done.returncode}):\n{done.stdout}{done.stderr}")
 
@@ -871,6 +908,8 @@ def describe_run(name: str, result: dict[str, Any]) -> None:
         f"  {name:8s} {result['rps']:9,.0f} req/s  p50 {result['p50_ms']:.2f} ms  "
         f"p99 {result['p99_ms']:.2f} ms  non-2xx {result['non2xx']:,}  errors {result['errors']:,}"
         + (f"  major faults {faults:,}" if faults is not None else "")
+        + (f"  CPU a request: worker {result['worker_us']:.0f} us" if "worker_us" in result else "")
+        + (f", PostgreSQL {result['database_us']:.0f} us" if "database_us" in result else "")
     )
 
 
