@@ -35,7 +35,6 @@ garbage collector never tracks it, whatever its size.
 
 from __future__ import annotations
 
-import array
 import datetime as dt
 import hashlib
 import itertools
@@ -43,6 +42,8 @@ import operator
 import struct
 import threading
 from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
 
 from service.decision.policy import HISTORY_TRIM, Policy
 
@@ -435,10 +436,10 @@ class ContactBook:
         self,
         customers: Sequence[str],
         starts: Sequence[int],
-        stamps: bytes,
+        stamps: bytes | memoryview,
         codes: Sequence[str],
-        product: bytes,
-        keys: bytes,
+        product: bytes | memoryview,
+        keys: bytes | memoryview,
     ) -> None:
         """Add offers read at start-up in bulk, already packed: customer ``i``'s offers
         are ``starts[i]`` to ``starts[i + 1]`` of ``stamps`` (native float64 POSIX
@@ -447,13 +448,14 @@ class ContactBook:
         :meth:`load_offers` of the same rows, made with a few slices per customer
         instead of Python work per offer. Each customer's offers must be distinct and
         the customers distinct (as read from the offers table); a customer already held
-        is added offer by offer, as :meth:`load_offers` would.
+        is added offer by offer, as :meth:`load_offers` would. The three columns may be
+        views (of bytes) of the caller's arrays: each record copies its slices.
         """
-        table = array.array("H", (self._code_id(code) for code in codes))
-        ours = array.array("H")
-        ours.frombytes(product)
-        # The book's own code for each offer (never _TEXT_ID: the ids are UUIDs).
-        packed = array.array("H", (table[c] for c in ours)).tobytes() if len(codes) else b""
+        table = np.array([self._code_id(code) for code in codes], dtype=np.uint16)
+        ours = np.frombuffer(product, dtype=np.uint16)
+        # The book's own code for each offer (never _TEXT_ID: the ids are UUIDs), in one
+        # array operation (a generator over 10M offers took 0.7 s of a start-up).
+        packed = table[ours].tobytes() if len(codes) else b""
         bounds = list(starts)
         records = self._records
         again: list[int] = []  # customers held already: added offer by offer below
@@ -484,8 +486,8 @@ class ContactBook:
                 customers[i],
                 [
                     (
-                        _offer_id(keys[16 * k : 16 * k + 16], 0),
-                        codes[ours[k]],
+                        _offer_id(bytes(keys[16 * k : 16 * k + 16]), 0),
+                        codes[int(ours[k])],
                         _STAMP.unpack_from(stamps, 8 * k)[0],
                     )
                     for k in range(bounds[i], bounds[i + 1])

@@ -370,24 +370,25 @@ def read_offers(
     returns the database ids of customers it could not name (read them with
     :func:`rest_offers`)."""
     read = _Read(conn, _OFFERS, since, _OFFER_ROW, store)
-    columns, names, codes, product, keep = (
-        read.columns,
-        read.names,
-        read.codes,
-        read.product,
-        read.keep,
-    )
-    at = columns["at"]
-    order = keep[np.lexsort((at[keep], read.who[keep]))]
+    # Each column is replaced by its sorted copy as soon as that is made, and handed on
+    # as a view, not copied into bytes: at 10.9M offers a worker's start-up peaked at
+    # 2.2 GB, its columns held three times over.
+    columns, keep = read.columns, read.keep
+    order = keep[np.lexsort((columns["at"][keep], read.who[keep]))]
+    del keep, read.keep
     who = read.who[order]
     present, starts = np.unique(who, return_index=True)
+    stamps = columns.pop("at")[order]
+    product = read.product[order].astype(np.uint16)
+    keys = columns.pop("key")[order]
+    columns.clear()
     book.load_packed(
-        [names[i] for i in present.tolist()],
+        [read.names[i] for i in present.tolist()],
         [*starts.tolist(), len(who)],
-        at[order].tobytes(),
-        codes,
-        product[order].astype(np.uint16).tobytes(),
-        columns["key"][order].tobytes(),
+        stamps.view(np.uint8).data,
+        read.codes,
+        product.view(np.uint8).data,
+        keys.view(np.uint8).data,
     )
     return read.unnamed
 

@@ -129,6 +129,41 @@ def test_loading_at_start_up_builds_what_adding_a_product_at_a_time_does() -> No
     assert loaded._records == added._records
 
 
+def test_packed_columns_make_the_records_the_rows_make() -> None:
+    """load_packed (the bulk read's columns, handed on as views of arrays) builds the
+    records load_offers builds from the same rows, a customer already held included."""
+    codes = ["card", "loan", "fund"]
+    rows = sorted(
+        (
+            (customer, codes[(n + k) % 3], str(uuid.uuid4()), (NOW - k * DAY).timestamp())
+            for n, customer in enumerate(("C1", "C2", "C3"))
+            for k in range(2 + 3 * n)
+        ),
+        key=lambda row: (row[0], row[3]),
+    )
+    early = ("C2", "card", str(uuid.uuid4()), (NOW - 9 * DAY).timestamp())
+    loaded, packed = ContactBook(), ContactBook()
+    for book in (loaded, packed):
+        book.load_offers([early])  # held before the bulk read: added offer by offer
+    loaded.load_offers(rows)
+    customers = sorted({row[0] for row in rows})
+    starts = [0] + [sum(1 for row in rows if row[0] <= customer) for customer in customers]
+    stamps = np.array([row[3] for row in rows], dtype=np.float64)
+    product = np.array([codes.index(row[1]) for row in rows], dtype=np.uint16)
+    keys = np.frombuffer(b"".join(uuid.UUID(row[2]).bytes for row in rows), dtype="V16")
+    packed.load_packed(
+        customers,
+        starts,
+        stamps.view(np.uint8).data,
+        codes,
+        product.view(np.uint8).data,
+        keys.view(np.uint8).data,
+    )
+    assert packed._records == loaded._records
+    assert all(type(record) is bytes for record in packed._records.values())
+    assert early[2] in packed["C2"].offers and len(packed["C3"].offers) == 8
+
+
 def test_declines_loaded_at_start_up_are_those_added_one_at_a_time() -> None:
     rng = np.random.default_rng(3)
     rows: list[tuple[str, str | None, float]] = []
