@@ -138,12 +138,20 @@ def _uuids(ids: npt.NDArray[Any]) -> tuple[npt.NDArray[np.bool_], npt.NDArray[An
     return chosen, np.ascontiguousarray(packed).view("V16").reshape(-1)
 
 
+def _wait(pgconn: Any) -> None:
+    """Wait, not holding the interpreter, until the connection's socket has data, then
+    hand it to libpq. (``poll``, not ``select``: no limit on the descriptor's number.)"""
+    waiting = select.poll()
+    waiting.register(pgconn.socket, select.POLLIN)
+    waiting.poll()
+    pgconn.consume_input()
+
+
 def _result(pgconn: Any) -> Any:
-    """The connection's next result, waiting for the socket (not holding the
-    interpreter) while the server has not sent it whole."""
+    """The connection's next result, waiting for the socket while the server has not
+    sent it whole."""
     while pgconn.is_busy():
-        select.select([pgconn.socket], [], [])
-        pgconn.consume_input()
+        _wait(pgconn)
     return pgconn.get_result()
 
 
@@ -181,19 +189,18 @@ def _copy_out(raw: Any, query: str, params: dict[str, Any]) -> Generator[bytes, 
                     yield bytes(pending)
                     pending.clear()
             elif size == 0:  # no whole row buffered: wait for the socket
-                select.select([pgconn.socket], [], [])
-                pgconn.consume_input()
+                _wait(pgconn)
             else:
                 break
-        done = True
-        if pending:
-            yield bytes(pending)
         outcome = _result(pgconn)
         while _result(pgconn) is not None:
             pass
+        done = True  # the COPY is over on both sides: the connection takes commands
         if size != -1 or outcome is None or outcome.status != pq.ExecStatus.COMMAND_OK:
             why = pgconn.error_message if outcome is None else outcome.error_message
             raise psycopg.OperationalError(f"COPY failed: {why.decode(errors='replace')}")
+        if pending:
+            yield bytes(pending)
     finally:
         if not done:
             _abandon(pgconn)
@@ -210,8 +217,7 @@ def _abandon(pgconn: Any) -> None:
             if size < 0:
                 break
             if size == 0:
-                select.select([pgconn.socket], [], [])
-                pgconn.consume_input()
+                _wait(pgconn)
         while _result(pgconn) is not None:
             pass
 

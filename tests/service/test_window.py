@@ -1,0 +1,77 @@
+"""The start-up's bulk read of the policy windows takes its COPY rows from libpq itself
+(service.decision.window._copy_out): the data must be psycopg's, and a reader that
+stops or fails, or a COPY the server fails, must leave the connection usable."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from service.decision import window
+
+pytestmark = pytest.mark.postgres
+
+ROWS = "COPY (SELECT g, g * 2 FROM generate_series(1, %(n)s) g) TO STDOUT (FORMAT binary)"
+
+
+@pytest.fixture
+def raw(empty_postgres_url: str) -> Iterator[psycopg.Connection[Any]]:
+    url = empty_postgres_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(url) as conn:
+        yield conn
+
+
+def _psycopg_copy(conn: psycopg.Connection[Any], n: int) -> bytes:
+    with conn.cursor() as cursor, cursor.copy(ROWS, {"n": n}) as copy:
+        return b"".join(bytes(data) for data in copy)
+
+
+def _usable(conn: psycopg.Connection[Any]) -> bool:
+    return conn.execute("SELECT 41 + 1").fetchone() == (42,)
+
+
+def test_the_blocks_hold_what_psycopg_reads(
+    raw: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(window, "COPY_BLOCK", 4096)
+    blocks = list(window._copy_out(raw, ROWS, {"n": 50_000}))
+    assert len(blocks) > 100 and all(len(b) >= 4096 for b in blocks[:-1])
+    assert b"".join(blocks) == _psycopg_copy(raw, 50_000)
+    assert _usable(raw)  # the same transaction goes on
+
+
+def test_a_reader_that_stops_leaves_the_connection_usable(
+    raw: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(window, "COPY_BLOCK", 4096)
+    # Part-way: the COPY is cancelled and drained; the transaction rolls back.
+    blocks = window._copy_out(raw, ROWS, {"n": 2_000_000})
+    assert len(next(blocks)) >= 4096
+    blocks.close()
+    raw.rollback()
+    assert _usable(raw)
+    # After its last rows but before the generator ended: the COPY is over, nothing to
+    # cancel, and the transaction is still good.
+    whole = len(list(window._copy_out(raw, ROWS, {"n": 1_000})))
+    blocks = window._copy_out(raw, ROWS, {"n": 1_000})
+    assert len(list(itertools.islice(blocks, whole))) == whole
+    blocks.close()
+    assert _usable(raw)
+
+
+def test_a_copy_the_server_fails_raises_and_the_connection_recovers(
+    raw: psycopg.Connection[Any],
+) -> None:
+    failing = "COPY (SELECT 1 / (g - 5000) FROM generate_series(1, 9000) g) TO STDOUT"
+    with pytest.raises(psycopg.OperationalError, match="division by zero"):
+        list(window._copy_out(raw, failing, {}))
+    raw.rollback()
+    assert _usable(raw)
+    with pytest.raises(psycopg.OperationalError, match="COPY did not start"):
+        list(window._copy_out(raw, "COPY no_such_table TO STDOUT", {}))
+    raw.rollback()
+    assert _usable(raw)
