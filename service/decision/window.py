@@ -171,14 +171,16 @@ def _copy_out(raw: Any, query: str, params: dict[str, Any]) -> Generator[bytes, 
     pgconn = raw.pgconn
     statement = psycopg.ClientCursor(raw).mogrify(query, params)
     pgconn.send_query(statement.encode())
-    started = _result(pgconn)
-    if started is None or started.status != pq.ExecStatus.COPY_OUT:
-        message = b"" if started is None else started.error_message
-        while _result(pgconn) is not None:
-            pass
-        raise psycopg.OperationalError(f"COPY did not start: {message.decode(errors='replace')}")
     done = False
     try:
+        started = _result(pgconn)
+        if started is None or started.status != pq.ExecStatus.COPY_OUT:
+            message = b"" if started is None else started.error_message
+            while _result(pgconn) is not None:
+                pass
+            done = True
+            why = message.decode(errors="replace")
+            raise psycopg.OperationalError(f"COPY did not start: {why}")
         pending = bytearray()
         get = pgconn.get_copy_data
         while True:

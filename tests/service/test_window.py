@@ -5,6 +5,8 @@ stops or fails, or a COPY the server fails, must leave the connection usable."""
 from __future__ import annotations
 
 import itertools
+import os
+import resource
 from collections.abc import Iterator
 from typing import Any
 
@@ -75,3 +77,25 @@ def test_a_copy_the_server_fails_raises_and_the_connection_recovers(
         list(window._copy_out(raw, "COPY no_such_table TO STDOUT", {}))
     raw.rollback()
     assert _usable(raw)
+
+
+def test_a_connection_numbered_past_1024_is_read(empty_postgres_url: str) -> None:
+    """A worker may hold over a thousand descriptors (the suite's process does), and
+    ``select`` cannot wait for one numbered 1024 or more."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"at most {hard} open files here")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    spare = [os.open(os.devnull, os.O_RDONLY)]
+    try:
+        while spare[-1] < 1100:  # every lower number taken: the socket's is above
+            spare.append(os.dup(spare[0]))
+        url = empty_postgres_url.replace("postgresql+psycopg://", "postgresql://")
+        with psycopg.connect(url) as conn:
+            assert conn.pgconn.socket > 1024
+            blocks = b"".join(window._copy_out(conn, ROWS, {"n": 20_000}))
+            assert blocks == _psycopg_copy(conn, 20_000)
+    finally:
+        for fd in spare:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
