@@ -36,7 +36,10 @@ errors, the servers' RSS, and a durability check: the rows added to ``decisions`
 during the run must be at least the 2xx answers wrk counted (every acknowledged
 decision recorded, the activation and soak loads included). The rows are counted
 right after the last decision run while the service is still up; with ``--sigkill``
-the service is killed with SIGKILL first.
+the service is killed with SIGKILL first. Each decision run's line also gives the major
+page faults its workers took and the CPU a request cost the workers and this machine's
+PostgreSQL (its server processes, ended backends included): on two cores every
+microsecond of the database's is taken from the worker and wrk.
 
 With ``--workers 1,2`` every database gets one section per worker count, both servers
 restarted with that many workers. The decision server starts alone (the bare one after
