@@ -105,6 +105,8 @@ BATCH_ROWS = 100_000
 COPY_BLOCK = 1 << 20
 """Bytes of COPY data gathered from libpq before they are handed on (a few thousand
 rows)."""
+DENSE_SPAN = 4
+"""See :func:`_distinct`."""
 _NAME_BATCH = 10_000
 """Customer ids named per query, for customers the store does not hold."""
 
@@ -300,12 +302,38 @@ def _copy(
     }
 
 
+def _distinct(ids: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.intp]]:
+    """``np.unique(ids, return_inverse=True)``: the distinct ids, sorted, and each id's
+    index among them. Database ids are dense (a sequence from 1), so where the largest
+    is at most :data:`DENSE_SPAN` times the ids' count (plus a million) they are marked
+    in an array as long as the largest instead of sorted: 0.1 s for 10.9M offers'
+    customers, where the sort took 2.7 s of a start-up."""
+    if not len(ids) or int(ids.min()) < 0 or int(ids.max()) > DENSE_SPAN * len(ids) + 2**20:
+        distinct, inverse = np.unique(ids, return_inverse=True)
+        return distinct, inverse.reshape(-1)
+    seen = np.zeros(int(ids.max()) + 1, dtype=np.bool_)
+    seen[ids] = True
+    distinct = np.flatnonzero(seen).astype(np.int64)
+    position = np.full(len(seen), -1, dtype=np.intp)
+    position[distinct] = np.arange(len(distinct), dtype=np.intp)
+    return distinct, position[ids]
+
+
+def _runs(sorted_: npt.NDArray[np.intp]) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+    """``np.unique(sorted_, return_index=True)`` of an array already sorted: each
+    distinct value and where its run starts, without sorting again."""
+    if not len(sorted_):
+        return sorted_[:0], np.zeros(0, dtype=np.intp)
+    starts = np.flatnonzero(np.concatenate(([True], sorted_[1:] != sorted_[:-1])))
+    return sorted_[starts], starts
+
+
 def _names(
     conn: Connection, ids: npt.NDArray[np.int64], store: ColumnStore | None
 ) -> tuple[list[str], npt.NDArray[np.intp]]:
     """Each customer database id's external id: the distinct names, and for each id
     its index into them (-1: no such customer, deleted since)."""
-    distinct, inverse = np.unique(ids, return_inverse=True)
+    distinct, inverse = _distinct(ids)
     index = np.full(len(distinct), -1, dtype=np.intp)
     names: list[str] = []
     if store is not None and store.n:
@@ -331,7 +359,7 @@ def _names(
             if name is not None:
                 index[position] = len(names)
                 names.append(name)
-    return names, index[inverse.reshape(-1)]
+    return names, index[inverse]
 
 
 def _products(conn: Connection) -> tuple[list[str], npt.NDArray[np.int32]]:
@@ -385,7 +413,7 @@ def read_offers(
     order = keep[np.lexsort((columns["at"][keep], read.who[keep]))]
     del keep, read.keep
     who = read.who[order]
-    present, starts = np.unique(who, return_index=True)
+    present, starts = _runs(who)  # sorted by customer: runs, not another sort
     stamps = columns.pop("at")[order]
     product = read.product[order].astype(np.uint16)
     keys = columns.pop("key")[order]

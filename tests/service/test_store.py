@@ -807,3 +807,24 @@ def test_the_bulk_read_keeps_the_ids_the_book_holds_as_uuids() -> None:
     assert [bytes(k) for k in keys] == [made.bytes]
     with pytest.raises(ValueError, match="not hexadecimal"):
         window._uuids(np.array([b"zzzzzzzz-zzzz-zzzz-zzzz-zzzzzzzzzzzz"], dtype="V36"))
+
+
+def test_the_bulk_read_names_customers_as_a_sort_would() -> None:
+    """window._distinct and window._runs give what np.unique gives, on dense database
+    ids (marked in an array), sparse ones (sorted), and none."""
+    rng = np.random.default_rng(11)
+    cases = [
+        rng.integers(1, 5_000, size=40_000),  # dense: most customers, many offers each
+        rng.integers(1, 10**12, size=1_000),  # sparse: sorted instead
+        np.array([7, 7, 3, 10**6, 3]),  # one far id among few: sorted
+        np.zeros(0, dtype=np.int64),
+    ]
+    for ids in cases:
+        ids = ids.astype(np.int64)
+        want, inverse = np.unique(ids, return_inverse=True)
+        got, index = window._distinct(ids)
+        assert got.tolist() == want.tolist() and index.tolist() == inverse.reshape(-1).tolist()
+        ordered = np.sort(index)
+        values, starts = np.unique(ordered, return_index=True)
+        runs, begins = window._runs(ordered)
+        assert runs.tolist() == values.tolist() and begins.tolist() == starts.tolist()
