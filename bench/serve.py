@@ -525,10 +525,15 @@ def group_pids(group: int) -> list[int]:
         if not entry.name.isdigit():
             continue
         with contextlib.suppress(OSError, ValueError, IndexError):
-            stat = (entry / "stat").read_text()
-            if int(stat.rsplit(")", 1)[1].split()[2]) == group:
+            if int(stat_fields(int(entry.name))[2]) == group:
                 found.append(int(entry.name))
     return found
+
+
+def stat_fields(pid: int) -> list[str]:
+    """The fields of ``/proc/PID/stat`` after the command's name (the state first);
+    OSError when the process is gone."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
 def process_memory(pid: int) -> dict[str, float]:
@@ -799,27 +804,18 @@ def probe(url: str, customer_id: str, key: str | None) -> str:
 # ------------------------------------------------------------------------------ load
 
 
-def page_faults(pids: list[int]) -> tuple[int, int]:
-    """Minor and major page faults the processes ``pids`` took so far (summed)."""
-    minor = major = 0
+def usage(pids: list[int], *, children: bool = False) -> tuple[int, int, float]:
+    """Minor and major page faults and CPU seconds (user and system) the processes
+    ``pids`` took so far, summed; with ``children``, the CPU of their children already
+    waited for too (a PostgreSQL server's ended backends; not a worker's, whose
+    business-figures child is not a request's work)."""
+    minor = major = ticks = 0
     for pid in pids:
         with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = stat_fields(pid)
             minor, major = minor + int(fields[7]), major + int(fields[9])
-    return minor, major
-
-
-def cpu_seconds(pids: list[int], *, children: bool = False) -> float:
-    """CPU time (user and system) the processes ``pids`` used so far; with ``children``,
-    with that of their children already waited for (a PostgreSQL server's ended
-    backends; not a worker's, whose business-figures child is not a request's work)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += sum(int(f) for f in fields[11 : 15 if children else 13])
-    return total / tick
+            ticks += sum(int(f) for f in fields[11 : 15 if children else 13])
+    return minor, major, ticks / os.sysconf("SC_CLK_TCK")
 
 
 def database_pids() -> list[int]:
@@ -845,13 +841,9 @@ def run_wrk(
     ``server`` the page faults its workers took meanwhile (``major_faults``: a page read
     from disk while the worker's requests waited) and the CPU its workers and this
     machine's PostgreSQL used per request answered (``worker_us``, ``database_us``)."""
-    faults = page_faults(server.worker_pids()) if server is not None else None
     database = database_pids() if server is not None else []
-    cpu = (
-        (cpu_seconds(server.worker_pids()), cpu_seconds(database, children=True))
-        if server
-        else None
-    )
+    workers = usage(server.worker_pids()) if server is not None else None
+    queried = usage(database, children=True)
     argv = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{seconds}s"]
     argv += ["--timeout", "10s", "-s", str(LUA_SCRIPT), url, "--", str(ids)]
     env = dict(os.environ)
@@ -864,18 +856,19 @@ def run_wrk(
                 result[k] for k in ("connect_errors", "read_errors", "write_errors", "timeouts")
             )
             result["ok"] = result["requests"] - result["non2xx"]
-            if server is not None and faults is not None:
-                minor, major = page_faults(server.worker_pids())
+            if server is not None and workers is not None:
+                minor, major, cpu = usage(server.worker_pids())
                 result["minor_faults"], result["major_faults"] = (
-                    minor - faults[0],
-                    major - faults[1],
+                    minor - workers[0],
+                    major - workers[1],
                 )
-            if server is not None and cpu is not None and result["requests"]:
-                per = 1e6 / result["requests"]
-                result["worker_us"] = (cpu_seconds(server.worker_pids()) - cpu[0]) * per
-                if database:
-                    used = cpu_seconds(database, children=True) - cpu[1]
-                    result["database_us"] = used * per
+                if result["requests"]:
+                    per = 1e6 / result["requests"]
+                    result["worker_us"] = (cpu - workers[2]) * per
+                    if database:
+                        result["database_us"] = (
+                            usage(database, children=True)[2] - queried[2]
+                        ) * per
             return result
     raise RuntimeError(f"wrk gave no result (exit {done.returncode}):\n{done.stdout}{done.stderr}")
 

@@ -157,6 +157,12 @@ def _result(pgconn: Any) -> Any:
     return pgconn.get_result()
 
 
+def _finish(pgconn: Any) -> None:
+    """Take the results the connection has left, until it is ready for a command."""
+    while _result(pgconn) is not None:
+        pass
+
+
 def _copy_out(raw: Any, query: str, params: dict[str, Any]) -> Generator[bytes, None, None]:
     """The data of ``query`` (a ``COPY ... TO STDOUT``) in blocks of about
     :data:`COPY_BLOCK` bytes, read from libpq itself.
@@ -178,8 +184,7 @@ def _copy_out(raw: Any, query: str, params: dict[str, Any]) -> Generator[bytes, 
         started = _result(pgconn)
         if started is None or started.status != pq.ExecStatus.COPY_OUT:
             message = b"" if started is None else started.error_message
-            while _result(pgconn) is not None:
-                pass
+            _finish(pgconn)
             done = True
             why = message.decode(errors="replace")
             raise psycopg.OperationalError(f"COPY did not start: {why}")
@@ -197,8 +202,7 @@ def _copy_out(raw: Any, query: str, params: dict[str, Any]) -> Generator[bytes, 
             else:
                 break
         outcome = _result(pgconn)
-        while _result(pgconn) is not None:
-            pass
+        _finish(pgconn)
         done = True  # the COPY is over on both sides: the connection takes commands
         if size != -1 or outcome is None or outcome.status != pq.ExecStatus.COMMAND_OK:
             why = pgconn.error_message if outcome is None else outcome.error_message
@@ -222,8 +226,7 @@ def _abandon(pgconn: Any) -> None:
                 break
             if size == 0:
                 _wait(pgconn)
-        while _result(pgconn) is not None:
-            pass
+        _finish(pgconn)
 
 
 def _copy(
