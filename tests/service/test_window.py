@@ -99,3 +99,19 @@ def test_a_connection_numbered_past_1024_is_read(empty_postgres_url: str) -> Non
         for fd in spare:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_database_that_goes_away_mid_copy_fails_the_read_without_hanging(
+    raw: psycopg.Connection[Any], empty_postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(window, "COPY_BLOCK", 4096)
+    backend = raw.info.backend_pid
+    blocks = window._copy_out(raw, ROWS, {"n": 5_000_000})
+    assert len(next(blocks)) >= 4096
+    url = empty_postgres_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", [backend])
+    with pytest.raises(psycopg.OperationalError):
+        for _ in blocks:
+            pass
+    assert raw.closed or raw.pgconn.status != psycopg.pq.ConnStatus.OK
