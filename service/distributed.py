@@ -48,6 +48,7 @@ from models.propensity.distributed import (
     check_workers,
     holdout_dask,
     load_partitions,
+    scatter_partitions,
     score_partitions,
     split_bank,
     train_dask,
@@ -156,8 +157,7 @@ def open_bank(
     parts = split_bank(data, partitions)
     products = data.products
     del data
-    futures = client.scatter(parts, hash=False)
-    return ClusterBank(client, list(futures), products, "database")
+    return ClusterBank(client, scatter_partitions(client, parts), products, "database")
 
 
 def last_adoption(bank: ClusterBank) -> pd.Timestamp | None:
