@@ -561,20 +561,35 @@ the requests: at the default 5 ms a request waiting for the interpreter waited u
 the build ran."""
 
 
+_sharing_lock = threading.Lock()
+_sharing = 0  # threads inside sharing_the_interpreter
+_switch_before = 0.0  # the interval the first of them found
+
+
 @contextlib.contextmanager
 def sharing_the_interpreter(serving: bool = True) -> Iterator[None]:
     """While inside, with ``serving``, threads take turns every
     :data:`RELOAD_SWITCH_SECONDS`: for long Python work in a worker that serves (a
-    snapshot build, the business figures). The interval before is restored after."""
+    snapshot build, the business figures). The interval is process-wide:
+    the first thread in sets it and the last one out restores what the first found, so
+    threads inside at once (a reload while the figures are computed) leave it as it was.
+    """
+    global _sharing, _switch_before
     if not serving:
         yield
         return
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(min(before, RELOAD_SWITCH_SECONDS))
+    with _sharing_lock:
+        if _sharing == 0:
+            _switch_before = sys.getswitchinterval()
+            sys.setswitchinterval(min(_switch_before, RELOAD_SWITCH_SECONDS))
+        _sharing += 1
     try:
         yield
     finally:
-        sys.setswitchinterval(before)
+        with _sharing_lock:
+            _sharing -= 1
+            if _sharing == 0:
+                sys.setswitchinterval(_switch_before)
 
 
 RETIRE_SLICE = 2000

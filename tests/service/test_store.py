@@ -554,6 +554,40 @@ def test_a_reload_while_serving_shares_the_interpreter_with_requests(
         sys.setswitchinterval(outside)
 
 
+def test_threads_sharing_the_interpreter_at_once_restore_the_interval() -> None:
+    """A reload while the figures are computed: the first in sets the short interval,
+    the last out restores it, whatever order they leave in (each restoring what it
+    found left the short interval in place for good)."""
+    outside = sys.getswitchinterval()
+    sys.setswitchinterval(0.005)
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, float] = {}
+
+    def figures() -> None:
+        with serving.sharing_the_interpreter():
+            first_in.set()
+            second_in.wait(5)
+        seen["after the first left"] = sys.getswitchinterval()
+        first_out.set()
+
+    try:
+        thread = threading.Thread(target=figures)
+        thread.start()
+        first_in.wait(5)
+        with serving.sharing_the_interpreter():
+            second_in.set()
+            first_out.wait(5)
+            seen["inside the second"] = sys.getswitchinterval()
+        thread.join(5)
+        assert seen == {
+            "after the first left": serving.RELOAD_SWITCH_SECONDS,
+            "inside the second": serving.RELOAD_SWITCH_SECONDS,
+        }
+        assert sys.getswitchinterval() == 0.005
+    finally:
+        sys.setswitchinterval(outside)
+
+
 def test_a_replaced_snapshot_gives_its_caches_back(bank: Engine, tmp_path: Path) -> None:
     """The snapshot a reload replaces has its pitch caches emptied (a slice at a time),
     and one still held by a request goes on answering."""
