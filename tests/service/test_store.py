@@ -843,6 +843,46 @@ def test_the_bulk_read_keeps_the_ids_the_book_holds_as_uuids() -> None:
         window._uuids(np.array([b"zzzzzzzz-zzzz-zzzz-zzzz-zzzzzzzzzzzz"], dtype="V36"))
 
 
+def test_the_bulk_read_sorts_every_byte_at_every_place_of_an_id_as_the_database() -> None:
+    """Any byte at any of an id's 36 places, beside ids that are all lowercase UUIDs
+    (the quick path of window._uuids) and alone (the careful one): kept as its UUID's
+    16 bytes when ASCII, no capital and dashes in place; a failure when such an id is
+    not hexadecimal; else left to the row reader."""
+    made = [uuid.UUID(int=k * 0x0123456789ABCDEF0123456789ABCDEF % 2**128) for k in (1, 2)]
+    text = str(made[0]).encode()
+
+    def expected(candidate: bytes) -> str | bytes | None:
+        shaped = all(candidate[i] == ord("-") for i in (8, 13, 18, 23))
+        if not shaped or any(b >= 0x80 or ord("A") <= b <= ord("Z") for b in candidate):
+            return None  # left to the row reader
+        digits = candidate.replace(b"-", b"", 4)
+        if len(digits) != 32 or any(b not in b"0123456789abcdef" for b in digits):
+            return "fails"  # (uuid.UUID and bytes.fromhex let some of these pass)
+        return bytes.fromhex(digits.decode())
+
+    for place in range(36):
+        for byte in range(256):
+            candidate = text[:place] + bytes([byte]) + text[place + 1 :]
+            want = expected(candidate)
+            for batch in ([candidate], [str(made[1]).encode(), candidate, text]):
+                raw = np.array(batch, dtype="V36")
+                if want == "fails":
+                    with pytest.raises(ValueError, match="not hexadecimal"):
+                        window._uuids(raw)
+                    continue
+                chosen, keys = window._uuids(raw)
+                held = [uuid.UUID(i.decode()).bytes for i in batch if i != candidate]
+                kept = [bytes(k) for k in keys]
+                if want is None:
+                    assert chosen.tolist() == [i != candidate for i in batch]
+                    assert kept == held
+                else:
+                    assert chosen.all() and len(kept) == len(batch)
+                    assert kept[batch.index(candidate)] == want
+    chosen, keys = window._uuids(np.array([], dtype="V36"))
+    assert chosen.tolist() == [] and len(keys) == 0
+
+
 def test_the_bulk_read_names_customers_as_a_sort_would() -> None:
     """window._distinct and window._runs give what np.unique gives, on dense database
     ids (marked in an array), sparse ones (sorted), and none."""
