@@ -554,6 +554,22 @@ def test_a_reload_while_serving_shares_the_interpreter_with_requests(
         sys.setswitchinterval(outside)
 
 
+def test_a_starting_worker_trims_its_heap_once_and_a_reload_does_not(
+    bank: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the start-up's bulk reads freed goes back to the system after the first
+    load, before any request; a reload, with requests being served, does not take the
+    allocator's lock for it (a worker that finds the store built trims for this alone)."""
+    ServingState(bank, settings_for(bank, tmp_path)).load()  # builds the store
+    state = ServingState(bank, settings_for(bank, tmp_path))
+    trims: list[bool] = []
+    monkeypatch.setattr(serving, "_trim_heap", lambda: trims.append(state.snapshot is not None))
+    state.load()
+    assert trims == [True]  # once its snapshot is in place, before it is ready
+    state.load()
+    assert trims == [True]
+
+
 def test_threads_sharing_the_interpreter_at_once_restore_the_interval() -> None:
     """A reload while the figures are computed: the first in sets the short interval,
     the last out restores it, whatever order they leave in (each restoring what it
