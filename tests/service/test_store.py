@@ -899,6 +899,25 @@ def test_the_bulk_read_sorts_every_byte_at_every_place_of_an_id_as_the_database(
     assert chosen.tolist() == [] and len(keys) == 0
 
 
+def test_the_bulk_read_orders_offers_as_lexsort_would() -> None:
+    """window._by_customer_and_time gives np.lexsort's order: by customer, then
+    instant, rows of one instant (a decision's offers) in their order; with a packed
+    key where it fits, and when customers and instants span too many bits for one."""
+    rng = np.random.default_rng(5)
+    epoch = 1_780_000_000_000_000  # microseconds
+    for customers, span_us, n in [
+        (1_000, 30 * 86_400 * 10**6, 20_000),
+        (3, 10, 5_000),  # many ties
+        (1, 0, 10),  # one customer, one instant
+        (2**20, 2**45, 5_000),  # 20 + 45 bits: lexsort itself
+        (0, 0, 0),
+    ]:
+        who = rng.integers(0, max(customers, 1), n).astype(np.intp)
+        micros = epoch + rng.integers(0, span_us + 1, n)
+        at = (micros / 1e6).astype(np.float64)
+        assert np.array_equal(window._by_customer_and_time(who, at), np.lexsort((at, who)))
+
+
 def test_the_bulk_read_names_customers_as_a_sort_would() -> None:
     """window._distinct and window._runs give what np.unique gives, on dense database
     ids (marked in an array), sparse ones (sorted), and none."""
