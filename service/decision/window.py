@@ -125,7 +125,7 @@ def _uuids(ids: npt.NDArray[Any]) -> tuple[npt.NDArray[np.bool_], npt.NDArray[An
 
     Nearly every batch is all such ids, which a few passes over the bytes show; a batch
     that is not is sorted out byte class by byte class (:func:`_chosen`). (Every class
-    checked on every batch took 2.6 s of a start-up with 10.9M offers, this 1.5 s.)
+    checked on every batch took 2.6 s for 10.9M offers' ids, this 0.8 s.)
 
     Raises
     ------
@@ -149,8 +149,7 @@ def _uuids(ids: npt.NDArray[Any]) -> tuple[npt.NDArray[np.bool_], npt.NDArray[An
     else:
         chosen = _chosen(raw)
         nibbles = nibbles[chosen]
-    pairs = nibbles.view(np.uint16)  # two digits, the first in the low byte
-    packed = ((pairs << 4) | (pairs >> 8)).astype(np.uint8)
+    packed = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]
     return chosen, np.ascontiguousarray(packed).view("V16").reshape(-1)
 
 
