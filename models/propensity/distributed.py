@@ -627,13 +627,6 @@ def _pick(sampled: dict[tuple[int, bool], _Rows], key: tuple[int, bool]) -> _Row
     return sampled[key]
 
 
-def _field(rows: _Rows, name: str) -> Any:
-    value = getattr(rows, name)
-    if name == "labels":
-        return value.astype(np.float32)
-    return value
-
-
 # --------------------------------------------------------------------------- boosters
 
 
