@@ -421,7 +421,7 @@ def _by_customer_and_time(
     of microsecond instants, as :func:`_copy` reads them), rows of the same instant in
     their order: ``np.lexsort((at, who))``. Where both fit in 63 bits (the customer
     index, and microseconds since the earliest row: 99 days at a million customers) it
-    is one stable sort of a key holding both, 3.2 s against 7.7 s for 18.4M offers."""
+    is one stable sort of a key holding both: 3.8-4.2 s against 6.8 s for 18.4M offers."""
     if not len(who):
         return np.zeros(0, dtype=np.intp)
     micros = np.rint(at * 1e6).astype(np.int64)  # each instant's microseconds, exactly
