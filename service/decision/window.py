@@ -434,6 +434,24 @@ def _by_customer_and_time(
     return order
 
 
+def _latest(
+    who: npt.NDArray[np.intp], product: npt.NDArray[np.integer[Any]], at: npt.NDArray[np.float64]
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], npt.NDArray[np.float64]]:
+    """Each customer's latest decline of each product (what the cooldown counts from),
+    of declines by customer index ``who`` (at least 0) and product index ``product``
+    at ``at``: the customer, product and instant of each, by customer, then product."""
+    if not len(who):
+        return who[:0], np.zeros(0, dtype=np.intp), at[:0]
+    products = int(product.max()) + 1
+    pair = who.astype(np.int64) * products + product  # customers x products: far below 2**63
+    order = np.argsort(pair)
+    pair = pair[order]
+    starts = np.flatnonzero(np.concatenate(([True], pair[1:] != pair[:-1])))
+    latest = np.maximum.reduceat(at[order], starts)
+    pair = pair[starts]
+    return (pair // products).astype(np.intp), (pair % products).astype(np.intp), latest
+
+
 def read_offers(
     conn: Connection, since: dt.datetime, book: ContactBook, store: ColumnStore | None
 ) -> list[int]:
@@ -471,15 +489,15 @@ def read_declines(
     ``book``; returns the database ids of customers it could not name (read them with
     :func:`rest_declines`)."""
     read = _Read(conn, _DECLINES, since, _DECLINE_ROW, store)
-    order = read.keep[np.argsort(read.who[read.keep], kind="stable")]
-    names, codes = read.names, read.codes
-    book.load_marks(
-        (names[w], codes[p], stamp)
-        for w, p, stamp in zip(
-            read.who[order].tolist(),
-            read.product[order].tolist(),
-            read.columns["at"][order].tolist(),
-            strict=True,
-        )
+    who, product, at = _latest(
+        read.who[read.keep], read.product[read.keep], read.columns["at"][read.keep]
+    )
+    present, starts = _runs(who)
+    book.load_packed_marks(
+        [read.names[i] for i in present.tolist()],
+        [*starts.tolist(), len(who)],
+        at,
+        read.codes,
+        product,
     )
     return read.unnamed

@@ -191,6 +191,52 @@ def test_declines_loaded_at_start_up_are_those_added_one_at_a_time() -> None:
     assert loaded["C3"].declines["loan"] >= NOW - 40 * DAY
 
 
+def test_packed_declines_make_the_records_the_rows_make() -> None:
+    """load_packed_marks (the bulk read's declines, reduced to each product's latest)
+    gives every customer what load_marks gives from the declines unreduced: customers
+    new to the book, holding offers only, and holding marks already."""
+    rng = np.random.default_rng(11)
+    codes = list(CODES)
+    rows: list[tuple[str, str | None, float]] = []
+    for customer in ("C1", "C2", "C3", "C4", "C5"):
+        for _ in range(int(rng.integers(1, 14))):
+            rows.append(
+                (customer, str(rng.choice(codes)), (NOW - rng.uniform(0, 90) * DAY).timestamp())
+            )
+    rows.sort(key=lambda row: row[0])
+    loaded, packed = ContactBook(), ContactBook()
+    for book in (loaded, packed):
+        book["C2"].add_offer(UUIDS[0], "card", NOW + DAY)  # offers only: newest stays
+        book["C3"].add_offer(UUIDS[1], "loan", NOW - 200 * DAY)  # offers only: oldest stays
+        book["C4"].add_decline("loan", NOW + 2 * DAY)  # marks already: merged
+        book["C4"].add_decline("savings", NOW - 100 * DAY)
+        book["C5"].add_detractor(NOW - 3 * DAY)
+    loaded.load_marks(rows)
+    latest: dict[tuple[str, str], float] = {}
+    for customer, code, stamp in rows:
+        assert code is not None
+        latest[customer, code] = max(stamp, latest.get((customer, code), -np.inf))
+    reduced = sorted(latest.items(), key=lambda item: (item[0][0], codes.index(item[0][1])))
+    customers = sorted({customer for customer, _ in latest} | {"C0", "C35", "C9"})  # 3 without
+    starts = [0] + [sum(1 for (c, _), _ in reduced if c <= customer) for customer in customers]
+    packed.load_packed_marks(
+        customers,
+        starts,
+        np.array([stamp for _, stamp in reduced]),
+        codes,
+        np.array([codes.index(code) for (_, code), _ in reduced], dtype=np.intp),
+    )
+    assert sorted(packed) == sorted(loaded) == ["C1", "C2", "C3", "C4", "C5"]
+    for customer in loaded:
+        got, want = packed._records[customer], loaded._records[customer]
+        assert got[:24] == want[:24], customer  # oldest, newest, offers held, trim
+        assert packed[customer].declines == loaded[customer].declines
+        assert packed[customer].detractor_at == loaded[customer].detractor_at
+        assert list(packed[customer].offers) == list(loaded[customer].offers)
+    assert packed["C4"].declines["loan"] == NOW + 2 * DAY  # a later decline held is kept
+    assert all(type(record) is bytes for record in packed._records.values())
+
+
 # --------------------------------------------------------------------------- de-duplication
 
 

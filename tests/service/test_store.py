@@ -681,11 +681,13 @@ def test_a_start_reads_the_windows_offers_as_the_row_reader_does(
     decisions: list[dict[str, Any]] = []
     offers: list[dict[str, Any]] = []
 
-    def offer(external_id: str, db_id: int | None, offer_id: str, hours: float) -> str:
+    def offer(
+        external_id: str, db_id: int | None, offer_id: str, hours: float, product: int = 0
+    ) -> str:
         at = now - dt.timedelta(hours=hours)
         decision = str(uuid.uuid4())
         decisions.append({"id": decision, "cid": db_id, "xid": external_id, "at": at})
-        product = rng.choice(products)
+        product = product or rng.choice(products)
         offers.append({"id": offer_id, "did": decision, "cid": db_id, "pid": product, "at": at})
         return offer_id
 
@@ -699,6 +701,11 @@ def test_a_start_reads_the_windows_offers_as_the_row_reader_does(
     gone = offer("gone-1", 10**9, str(uuid.uuid4()), 8)  # a customer deleted since
     offer(three, third, str(uuid.uuid4()), 24 * 40)  # older than every window
     declined = [offer(three, third, str(uuid.uuid4()), 30), cold, gone, offers[0]["id"]]
+    # Two declines of one product by one customer, the later of an older offer: the
+    # cooldown counts from the later decline.
+    declined += [
+        offer(two, second, str(uuid.uuid4()), hours, product=products[-1]) for hours in (9, 50)
+    ]
 
     def insert() -> None:
         """Store the decisions and offers made by offer() so far."""
@@ -781,7 +788,21 @@ def test_a_start_reads_the_windows_offers_as_the_row_reader_does(
         for customer, code, offer_id, _ in rows:
             if offer_id in declined:
                 assert code in held[customer].declines, (customer, offer_id)
-        assert sum(len(held[c].declines) for c in held) == len(declined)
+        assert sum(len(held[c].declines) for c in held) == len(declined) - 1
+        with bank.connect() as conn:
+            refused = conn.execute(
+                text(
+                    "SELECT d.customer_external_id, p.code, oo.created_at FROM offer_outcomes oo "
+                    "JOIN offers o ON o.id = oo.offer_id JOIN decisions d ON d.id = o.decision_id "
+                    "JOIN products p ON p.id = o.product_id WHERE oo.outcome = 'declined'"
+                )
+            ).all()
+        latest: dict[str, dict[str, dt.datetime]] = {}
+        for customer, code, at in refused:
+            at = dt.datetime.fromtimestamp(serving._posix(at), dt.UTC)
+            marks = latest.setdefault(customer, {})
+            marks[code] = max(at, marks.get(code, at))
+        assert {c: held[c].declines for c in held if held[c].declines} == latest
 
     same(read())
     if bank.dialect.name == "postgresql":
@@ -916,6 +937,24 @@ def test_the_bulk_read_orders_offers_as_lexsort_would() -> None:
         micros = epoch + rng.integers(0, span_us + 1, n)
         at = (micros / 1e6).astype(np.float64)
         assert np.array_equal(window._by_customer_and_time(who, at), np.lexsort((at, who)))
+
+
+def test_the_bulk_read_keeps_each_customers_latest_decline_of_each_product() -> None:
+    """window._latest reduces the declines to what the cooldown counts from, as a dict
+    of the maximum per (customer, product) would, ordered by customer, then product."""
+    rng = np.random.default_rng(17)
+    for customers, products, n in [(500, 20, 4_000), (3, 1, 50), (1, 7, 1), (0, 0, 0)]:
+        who = rng.integers(0, max(customers, 1), n).astype(np.intp)
+        product = rng.integers(0, max(products, 1), n).astype(np.int32)
+        at = 1.78e9 + np.round(rng.uniform(0, 86_400 * 90, n), 6)
+        if n:
+            at[: n // 4] = at[0]  # ties
+        want: dict[tuple[int, int], float] = {}
+        for w, p, stamp in zip(who.tolist(), product.tolist(), at.tolist(), strict=True):
+            want[w, p] = max(stamp, want.get((w, p), stamp))
+        got_who, got_product, got_at = window._latest(who, product, at)
+        got = list(zip(got_who.tolist(), got_product.tolist(), got_at.tolist(), strict=True))
+        assert got == sorted((w, p, stamp) for (w, p), stamp in want.items())
 
 
 def test_the_bulk_read_names_customers_as_a_sort_would() -> None:
