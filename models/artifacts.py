@@ -33,7 +33,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-import lightgbm as lgb
 import pandas as pd
 
 from models.eligibility import Catalogue
@@ -379,7 +378,7 @@ def load_bundle(path: str | Path) -> PropensityModel:
             window=dict(manifest["data_window"]),
             report=report,
         )
-    except (KeyError, TypeError, ValueError, lgb.basic.LightGBMError) as error:
+    except (KeyError, TypeError, ValueError) as error:  # NativeError: a ValueError
         raise BundleError(f"{folder}: inconsistent bundle ({error})", path=folder) from error
 
 

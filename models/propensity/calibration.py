@@ -23,8 +23,6 @@ from typing import Any, Final, Literal
 
 import numpy as np
 import numpy.typing as npt
-from sklearn.isotonic import IsotonicRegression
-from sklearn.linear_model import LogisticRegression
 
 __all__ = [
     "Blend",
@@ -145,6 +143,8 @@ def fit_calibrator(
     if method == "identity":
         return Calibrator("platt", params=(1.0, 0.0))
     if method == "isotonic":
+        from sklearn.isotonic import IsotonicRegression  # fitting only: see _logistic
+
         iso = IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0)
         iso.fit(raw, labels.astype(np.float64), sample_weight=weights)
         return Calibrator(
@@ -152,7 +152,7 @@ def fit_calibrator(
             x=tuple(float(v) for v in iso.X_thresholds_),
             y=tuple(float(v) for v in iso.y_thresholds_),
         )
-    platt = LogisticRegression(C=1e4, max_iter=1000)
+    platt = _logistic(C=1e4, max_iter=1000)
     platt.fit(raw[:, None], labels, sample_weight=weights)
     return Calibrator("platt", params=(float(platt.coef_[0, 0]), float(platt.intercept_[0])))
 
@@ -184,10 +184,19 @@ def fit_blend(
     if not labels.any() or labels.all():
         return None
     design = np.column_stack([logit(lgbm), rules, (rules > 0).astype(np.float64)])
-    stack = LogisticRegression(C=10.0, max_iter=1000)
+    stack = _logistic(C=10.0, max_iter=1000)
     stack.fit(design, labels, sample_weight=weights)
     c = stack.coef_[0]
     return Blend(float(stack.intercept_[0]), float(c[0]), float(c[1]), float(c[2]))
+
+
+def _logistic(**params: Any) -> Any:
+    """scikit-learn's logistic regression, imported when a calibrator or blend is fitted:
+    applying them needs NumPy alone, and a serving worker that imported scikit-learn (and
+    SciPy with it) spent about a second and tens of MiB of its memory on them."""
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(**params)
 
 
 def log_loss(

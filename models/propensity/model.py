@@ -38,7 +38,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import lightgbm as lgb
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
@@ -48,6 +47,7 @@ from models.eligibility import Catalogue, combine, rule_failures, state_arrays
 from models.features import FeatureBuilder, FeatureFrame, FeatureSpec, joined_before
 from models.propensity.calibration import Blend, Calibrator, logit, sigmoid
 from models.propensity.config import TrainConfig
+from models.propensity.native import NativeBooster
 from models.propensity.predictor import FastPredictor
 from models.reasons import MAX_COLUMNS as MAX_PROFILE_COLUMNS
 from models.reasons import profile_columns
@@ -564,9 +564,8 @@ class _Runtime:
         codes = tuple(p.product_code for p in model.products)
         self.product_index = {code: k for k, code in enumerate(codes)}
         self.spec_columns = np.asarray([spec.product_codes.index(c) for c in codes], dtype=np.intp)
-        self.boosters: list[lgb.Booster | None] = [
-            None if p.model_text is None else lgb.Booster(model_str=p.model_text)
-            for p in model.products
+        self.boosters: list[NativeBooster | None] = [
+            None if p.model_text is None else NativeBooster(p.model_text) for p in model.products
         ]
         self.fast = FastPredictor([p.model_text for p in model.products], len(spec.columns))
         self._explainers: dict[int, FastPredictor | None] = {}
@@ -626,7 +625,7 @@ class _Runtime:
         out = np.empty(rows.size, dtype=np.float64)
         for start in range(0, rows.size, _PREDICT_CHUNK):
             chunk = rows[start : start + _PREDICT_CHUNK]
-            out[start : start + chunk.size] = booster.predict(values[chunk], raw_score=True)
+            out[start : start + chunk.size] = booster.predict(values[chunk])
         return out
 
     def finish_product(

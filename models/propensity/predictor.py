@@ -5,9 +5,10 @@ layout (tree ``i * K + k`` belongs to product ``k``), so one call of LightGBM's
 single-row fast path scores every product; its raw scores are bit-identical to the
 per-product boosters' (the same trees summed in the same order).
 
-The fast path calls LightGBM's C library through ``lightgbm.basic._LIB``, a private
-name; it is confined to this module, and :class:`FastPredictor` falls back to
-``Booster.predict`` on the same merged model if those internals change.
+The fast path calls LightGBM's C library through :mod:`models.propensity.native`
+(without importing the ``lightgbm`` package); should the library lack the single-row
+functions, :class:`FastPredictor` falls back to its matrix prediction on the same merged
+model.
 """
 
 from __future__ import annotations
@@ -19,15 +20,20 @@ import weakref
 from collections.abc import Sequence
 from typing import Any, Final
 
-import lightgbm as lgb
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["FastPredictor"]
+from models.propensity.native import (
+    C_API_DTYPE_FLOAT32,
+    C_API_PREDICT_CONTRIB,
+    C_API_PREDICT_RAW_SCORE,
+    NativeBooster,
+    NativeError,
+    check,
+    library,
+)
 
-_C_API_PREDICT_RAW_SCORE: Final[int] = 1
-_C_API_PREDICT_CONTRIB: Final[int] = 3
-_C_API_DTYPE_FLOAT32: Final[int] = 0
+__all__ = ["FastPredictor"]
 
 
 class FastPredictor:
@@ -44,44 +50,41 @@ class FastPredictor:
         self.n_features = n_features
         self.n_trees = 0
         self._lock = threading.Lock()
-        self.booster: lgb.Booster | None = None
+        self.booster: NativeBooster | None = None
         if not texts:
             return
         merged, self.n_trees = _merge_models(texts)
-        self.booster = lgb.Booster(model_str=merged)
+        self.booster = NativeBooster(merged)
         self._predict: Any = None
         try:
             self._init_fast_path(n_features)
-        except (ImportError, AttributeError, OSError, lgb.basic.LightGBMError):
-            # The fast path uses LightGBM internals; if they change, Booster.predict on
-            # the same merged model gives the same scores, only slower.
+        except (AttributeError, NativeError):
+            # A library without the single-row functions: the matrix prediction on the
+            # same merged model gives the same scores, only slower.
             self._predict = None
 
     def _init_fast_path(self, n_features: int) -> None:
-        self._handle, self._predict = self._fast_handle(_C_API_PREDICT_RAW_SCORE, n_features)
-        self._contrib_handle, self._contrib = self._fast_handle(_C_API_PREDICT_CONTRIB, n_features)
+        self._handle, self._predict = self._fast_handle(C_API_PREDICT_RAW_SCORE, n_features)
+        self._contrib_handle, self._contrib = self._fast_handle(C_API_PREDICT_CONTRIB, n_features)
 
     def _fast_handle(self, predict_type: int, n_features: int) -> tuple[ctypes.c_void_p, Any]:
         assert self.booster is not None
-        # Imported here so that a LightGBM without these internals only loses the fast path.
-        from lightgbm.basic import _c_str, _safe_call
-        from lightgbm.libpath import _LIB
-
+        lib = library()
         handle = ctypes.c_void_p()
-        _safe_call(
-            _LIB.LGBM_BoosterPredictForMatSingleRowFastInit(
-                self.booster._handle,
+        check(
+            lib.LGBM_BoosterPredictForMatSingleRowFastInit(
+                self.booster.handle,
                 ctypes.c_int(predict_type),
                 ctypes.c_int(0),
                 ctypes.c_int(-1),
-                ctypes.c_int(_C_API_DTYPE_FLOAT32),
+                ctypes.c_int(C_API_DTYPE_FLOAT32),
                 ctypes.c_int32(n_features),
-                _c_str("num_threads=1"),
+                ctypes.c_char_p(b"num_threads=1"),
                 ctypes.byref(handle),
             )
         )
         # Free the fast config before the booster it points to goes.
-        weakref.finalize(self, _free_fast_config, _LIB.LGBM_FastConfigFree, handle, self.booster)
+        weakref.finalize(self, _free_fast_config, lib.LGBM_FastConfigFree, handle, self.booster)
         prototype = ctypes.CFUNCTYPE(
             ctypes.c_int,
             ctypes.c_void_p,
@@ -89,7 +92,7 @@ class FastPredictor:
             ctypes.POINTER(ctypes.c_int64),
             ctypes.c_void_p,
         )
-        return handle, prototype(("LGBM_BoosterPredictForMatSingleRowFast", _LIB))
+        return handle, prototype(("LGBM_BoosterPredictForMatSingleRowFast", lib))
 
     def predict(self, row: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
         """Raw scores (log-odds) of every model for one float32 feature row."""
@@ -98,9 +101,7 @@ class FastPredictor:
             return out
         row = np.ascontiguousarray(row, dtype=np.float32)
         if self._predict is None:
-            return np.asarray(
-                self.booster.predict(row[None, :], raw_score=True)[0], dtype=np.float64
-            )
+            return self.booster.predict(row[None, :]).reshape(-1)
         self._call(self._predict, self._handle, row, out)
         return out
 
@@ -113,8 +114,8 @@ class FastPredictor:
             return out.reshape(self.n_models, width)
         row = np.ascontiguousarray(row, dtype=np.float32)
         if self._predict is None:
-            values = self.booster.predict(row[None, :], pred_contrib=True, num_threads=1)
-            return np.asarray(values, dtype=np.float64).reshape(self.n_models, width)
+            values = self.booster.predict(row[None, :], predict_type=C_API_PREDICT_CONTRIB)
+            return values.reshape(self.n_models, width)
         self._call(self._contrib, self._contrib_handle, row, out)
         return out.reshape(self.n_models, width)
 
@@ -128,13 +129,10 @@ class FastPredictor:
         length = ctypes.c_int64()
         with self._lock:
             code = function(handle, row.ctypes.data, ctypes.byref(length), out.ctypes.data)
-        if code != 0:
-            from lightgbm.libpath import _LIB
-
-            raise lgb.basic.LightGBMError(_LIB.LGBM_GetLastError().decode("utf-8"))
+        check(code)
 
 
-def _free_fast_config(free: Any, handle: ctypes.c_void_p, booster: lgb.Booster) -> None:
+def _free_fast_config(free: Any, handle: ctypes.c_void_p, booster: NativeBooster) -> None:
     free(handle)
 
 
