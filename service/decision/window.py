@@ -446,10 +446,8 @@ def _latest(
     products = int(product.max()) + 1
     pair = who.astype(np.int64) * products + product  # customers x products: far below 2**63
     order = np.argsort(pair)
-    pair = pair[order]
-    starts = np.flatnonzero(np.concatenate(([True], pair[1:] != pair[:-1])))
+    pair, starts = _runs(pair[order])
     latest = np.maximum.reduceat(at[order], starts)
-    pair = pair[starts]
     return (pair // products).astype(np.intp), (pair % products).astype(np.intp), latest
 
 
