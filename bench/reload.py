@@ -21,6 +21,12 @@ whole-table counts the check made before (customers and adoptions counted, on on
 core). The ``updated_at`` reads use their new index in both, so the old way's cost is
 understated by its two scans of the customers table.
 
+``--pacing`` alternates reloads paced (:func:`service.decision.sharing.pace`, as a
+serving worker's are) and not paced, with a thread standing for an event loop that
+always has a request to serve (back-to-back units of :data:`REQUEST_US` of Python): it
+prints how many such requests ran, and how long they took, in the second before the
+reload and during it.
+
 ``--figures`` measures the business figures instead (the rolling conversion and the
 uplift gauge, as one worker of each machine computes them every
 ``NBO_FIGURES_INTERVAL_SECONDS``), on a thread of this process (as a worker did before,
@@ -52,6 +58,7 @@ from sqlalchemy import text  # noqa: E402
 from service import child  # noqa: E402
 from service.data import registry  # noqa: E402
 from service.data.db import engine_from_settings, unit_of_work  # noqa: E402
+from service.decision import sharing  # noqa: E402
 from service.decision import state as serving  # noqa: E402
 from service.decision import store as columns  # noqa: E402
 from service.settings import Settings  # noqa: E402
@@ -61,6 +68,8 @@ OLD_COUNTS = (
     "SELECT count(*), coalesce(max(id), 0), count(closed_at) FROM adoptions",
 )
 """The counts a store's check made before the counters of migration 0013."""
+REQUEST_US = 250.0
+"""With ``--pacing``: the Python work of one stand-in request (about a decision's)."""
 GAP_MS = 20.0
 """Wake-up gaps longer than this are listed."""
 
@@ -85,6 +94,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--figures", action="store_true", help="Measure the business figures, not a reload."
+    )
+    parser.add_argument(
+        "--pacing",
+        action="store_true",
+        help="Alternate reloads paced (as a serving worker's are) and not paced, with a "
+        "thread standing for a busy event loop: requests of REQUEST_US of Python each.",
     )
     args = parser.parse_args()
     if args.figures:
@@ -133,10 +148,15 @@ def main() -> None:
             conn.execute(text(query)).all()
         return fingerprint(conn)
 
+    loops = calibrate(REQUEST_US)
+    paced_work = sharing.PACE_WORK_SECONDS
     for reload in range(1, args.reloads + 1):
         marks.clear()
         gaps: list[tuple[float, float]] = []
+        requests: list[tuple[float, float]] = []
         stop = threading.Event()
+        unpaced = args.pacing and reload % 2 == 0
+        sharing.PACE_WORK_SECONDS = float("inf") if unpaced else paced_work
 
         def ping(stop: threading.Event = stop, gaps: list[tuple[float, float]] = gaps) -> None:
             last = time.perf_counter()
@@ -148,8 +168,11 @@ def main() -> None:
 
         thread = threading.Thread(target=ping)
         thread.start()
-        time.sleep(0.3)
-        before = reload % 2 == 0 and args.activate
+        busy = threading.Thread(target=serve_requests, args=(stop, loops, requests))
+        if args.pacing:
+            busy.start()
+        time.sleep(0.3 if not args.pacing else 1.0)
+        before = reload % 2 == 0 and args.activate and not args.pacing
         if before:  # as activations were made before: the bank's tables counted
             columns.fingerprint = counting  # type: ignore[assignment]
         cpu, mine = machine_cpu(), own_cpu()
@@ -170,14 +193,20 @@ def main() -> None:
         time.sleep(0.3)
         stop.set()
         thread.join()
+        if args.pacing:
+            busy.join()
         lengths = sorted((b - a) * 1000 for a, b in gaps)
         how = " (as before)" if before else " (now)" if args.activate else ""
+        if args.pacing:
+            how += " not paced" if unpaced else " paced"
         print(
             f"{'activation' if args.activate else 'reload'} {reload}{how}: {took:.2f} s; "
             f"CPU: machine {cpu:.2f} s, this process {mine:.2f} s; "
             f"wake-up gaps: median {lengths[len(lengths) // 2]:.2f} ms, "
             f"p99.9 {lengths[int(len(lengths) * 0.999)]:.1f} ms, max {lengths[-1]:.0f} ms"
         )
+        if args.pacing:
+            print("  " + request_line(requests, origin, origin + took))
         for a, b in gaps:
             if (b - a) * 1000 > GAP_MS:
                 doing = [n for t, n in marks if t <= a]
@@ -186,6 +215,54 @@ def main() -> None:
                     f"(after: {doing[-1] if doing else 'before the reload'})"
                 )
     engine.dispose()
+
+
+def calibrate(micros: float) -> int:
+    """Loop turns of :func:`work_for` taking ``micros`` microseconds on this machine."""
+    turns = 1000
+    while True:
+        started = time.perf_counter()
+        work_for(turns)
+        took = time.perf_counter() - started
+        if took > 0.05:
+            return max(1, int(turns * micros / 1e6 / took))
+        turns *= 2
+
+
+def work_for(turns: int) -> int:
+    total = 0
+    for i in range(turns):
+        total += i
+    return total
+
+
+def serve_requests(stop: threading.Event, turns: int, done: list[tuple[float, float]]) -> None:
+    """Stand for an event loop that always has a request to serve: back to back, units
+    of pure Python work (see :data:`REQUEST_US`), each one's start and end recorded."""
+    while not stop.is_set():
+        started = time.perf_counter()
+        work_for(turns)
+        done.append((started, time.perf_counter()))
+
+
+def request_line(done: list[tuple[float, float]], start: float, end: float) -> str:
+    """How the stand-in requests fared during [start, end] against the second before."""
+
+    def stats(chosen: list[tuple[float, float]], seconds: float) -> str:
+        if not chosen:
+            return "none"
+        took = sorted((b - a) * 1000 for a, b in chosen)
+        return (
+            f"{len(chosen) / seconds:,.0f}/s, p50 {took[len(took) // 2]:.2f} ms, "
+            f"p99 {took[int(len(took) * 0.99)]:.2f} ms, max {took[-1]:.1f} ms"
+        )
+
+    before = [(a, b) for a, b in done if start - 1.0 <= a and b <= start]
+    during = [(a, b) for a, b in done if a < end and b > start]
+    return (
+        f"requests ({REQUEST_US:.0f} us of Python each) before: {stats(before, 1.0)}; "
+        f"during: {stats(during, max(end - start, 1e-9))}"
+    )
 
 
 def gaps_during(work: Callable[[], Any]) -> tuple[float, list[float], float, float]:
@@ -232,7 +309,7 @@ def figures() -> None:
         time.sleep(10)
 
     def here() -> None:
-        with serving.sharing_the_interpreter():  # as service/app.py computes them
+        with sharing.sharing_the_interpreter():  # as service/app.py computes them
             reports.rolling_gauges(engine, today)
 
     def in_child() -> None:

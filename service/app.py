@@ -28,8 +28,9 @@ from service.auth import KeyStore, ops_access
 from service.data import db
 from service.decision import lane
 from service.decision.audit import AuditWriter, audit_writer
+from service.decision.sharing import sharing_the_interpreter
 from service.decision.spool import record_counts
-from service.decision.state import ServingState, release_memory, sharing_the_interpreter
+from service.decision.state import ServingState, release_memory
 from service.errors import TooLarge, install_error_handlers, render_problem
 from service.metrics import MetricsMiddleware
 from service.reports import api as report_routes

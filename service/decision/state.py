@@ -21,7 +21,6 @@ import ctypes
 import datetime as dt
 import gc
 import logging
-import sys
 import threading
 import time
 import uuid
@@ -53,6 +52,7 @@ from service.decision import store as columns
 from service.decision import window
 from service.decision.contacts import ContactBook
 from service.decision.policy import Arbiter, Policy
+from service.decision.sharing import pace, sharing_the_interpreter
 from service.settings import Settings
 
 log = logging.getLogger("nbo.serving")
@@ -357,14 +357,19 @@ class Snapshot:
                 else [self._sequence_pitches(s) for s in store.sequences]
             )
             distinct.update(store.band_table)
-        for entry in list(customers.overlay.values()):
+        for done, entry in enumerate(list(customers.overlay.values())):
+            if not done % PACE_EVERY:
+                pace()
             self.pitches(entry)
             if entry.bands is not None:
                 distinct.add(entry.bands)
         profiles = self.profiles
         if profiles is not None:
             for code in profiles.positions:
-                for key in {profiles.key(code, bands) for bands in distinct}:
+                pace()
+                for done, key in enumerate({profiles.key(code, bands) for bands in distinct}):
+                    if not done % PACE_EVERY:
+                        pace()
                     if key is not None:
                         self._profile_pitch(profiles, code, key)
         return len(self.rule_pitches)
@@ -435,6 +440,8 @@ class Snapshot:
         # reasons at 1M customers took half of this.
         made: dict[int, tuple[str, Pitch]] = {}
         for start, end in zip(bounds, bounds[1:], strict=False):
+            if not len(found) % PACE_EVERY:
+                pace()
             if start == end:
                 found.append(empty)  # read-only, as every pitches dict
                 continue
@@ -552,48 +559,11 @@ WORKER_ORIGIN = "worker-"
 """How the origin of a serving worker's change events starts."""
 
 
-RELOAD_SWITCH_SECONDS = 0.0005
-"""The interpreter's thread switch interval while a serving worker builds its next
-snapshot. The build's Python work (the pitches of every distinct adoption sequence,
-about 3 s at a million customers; re-reading changed customers) runs in a thread beside
-the requests: at the default 5 ms a request waiting for the interpreter waited up to
-5 ms at each of its turns, so its latency grew by tens of milliseconds for as long as
-the build ran."""
-
-
-_sharing_lock = threading.Lock()
-_sharing = 0  # threads inside sharing_the_interpreter
-_switch_before = 0.0  # the interval the first of them found
-
-
-@contextlib.contextmanager
-def sharing_the_interpreter(serving: bool = True) -> Iterator[None]:
-    """While inside, with ``serving``, threads take turns every
-    :data:`RELOAD_SWITCH_SECONDS`: for long Python work in a worker that serves (a
-    snapshot build, the business figures). The interval is process-wide:
-    the first thread in sets it and the last one out restores what the first found, so
-    threads inside at once (a reload while the figures are computed) leave it as it was.
-    """
-    global _sharing, _switch_before
-    if not serving:
-        yield
-        return
-    with _sharing_lock:
-        if _sharing == 0:
-            _switch_before = sys.getswitchinterval()
-            sys.setswitchinterval(min(_switch_before, RELOAD_SWITCH_SECONDS))
-        _sharing += 1
-    try:
-        yield
-    finally:
-        with _sharing_lock:
-            _sharing -= 1
-            if _sharing == 0:
-                sys.setswitchinterval(_switch_before)
-
-
 RETIRE_SLICE = 2000
 """Cache entries of a replaced snapshot freed between two turns of the other threads."""
+PACE_EVERY = 256
+"""Steps (sequences' pitches made, customers warmed, profile claims) of a build between
+two calls of :func:`~service.decision.sharing.pace`."""
 
 
 def _retire(snapshot: Snapshot) -> None:
@@ -609,7 +579,7 @@ def _retire(snapshot: Snapshot) -> None:
     sequences = snapshot.customers.sequence_pitches
     while sequences:  # the dicts made from the store's reasons are held here alone
         del sequences[-RETIRE_SLICE:]
-        time.sleep(0)
+        pace()
     caches: list[dict[Any, Any]] = [
         snapshot.rule_cache,
         snapshot.rule_pitches,
@@ -620,7 +590,7 @@ def _retire(snapshot: Snapshot) -> None:
             with contextlib.suppress(KeyError):  # emptied meanwhile
                 for _ in range(min(RETIRE_SLICE, len(cache))):
                     cache.popitem()
-            time.sleep(0)
+            pace()
 
 
 def _utcnow() -> dt.datetime:
@@ -1211,6 +1181,7 @@ def build_snapshot(engine: Engine, settings: Settings) -> Snapshot:
     )
     ids = sorted(changed)
     for start in range(0, len(ids), 1000):
+        pace()
         for external_id, entry in read_customers(
             engine, snapshot, ids[start : start + 1000]
         ).items():

@@ -58,6 +58,7 @@ from models.reasons import ProfileClaim, ProfileColumn, ProfileRates
 from models.rules import REASON_MIN_CUSTOMERS, REASON_MIN_LIFT, RuleSet
 from service.data.db import one_core
 from service.data.tables import CUSTOMER_EVENTS
+from service.decision.sharing import pace
 
 log = logging.getLogger("nbo.serving")
 
@@ -512,6 +513,7 @@ def listed(values: npt.NDArray[Any], step: int = 8192) -> list[Any]:
     under load (its pages read meanwhile)."""
     found: list[Any] = []
     for start in range(0, len(values), step):
+        pace()
         found.extend(values[start : start + step].tolist())
     return found
 

@@ -33,9 +33,9 @@ from service import child
 from service.data import registry
 from service.data.db import unit_of_work
 from service.data.events import record_event
+from service.decision import sharing, window
 from service.decision import state as serving
 from service.decision import store as columns
-from service.decision import window
 from service.decision.contacts import ContactBook
 from service.decision.state import Customers, ServingState, customer_states
 from service.settings import Settings
@@ -548,10 +548,62 @@ def test_a_reload_while_serving_shares_the_interpreter_with_requests(
     try:
         state.load()
         state.load()
-        assert seen == [0.005, serving.RELOAD_SWITCH_SECONDS]
+        assert seen == [0.005, sharing.RELOAD_SWITCH_SECONDS]
         assert sys.getswitchinterval() == 0.005
     finally:
         sys.setswitchinterval(outside)
+
+
+def test_a_reload_while_serving_rests_between_steps_and_start_up_does_not(
+    bank: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A serving worker's build is paced: it rests between steps (the requests have the
+    interpreter meanwhile), where at start-up, with no request to serve, it never
+    rests. (Every pace() rests here: PACE_WORK_SECONDS is 0.)"""
+    state = ServingState(bank, settings_for(bank, tmp_path))
+    rests: list[float] = []
+    monkeypatch.setattr(sharing, "PACE_WORK_SECONDS", 0.0)
+    monkeypatch.setattr(sharing.time, "sleep", rests.append)
+    state.load()
+    assert rests == []
+    state.load()
+    assert rests and set(rests) == {sharing.PACE_REST_SECONDS}
+
+
+def test_pace_rests_only_inside_sharing_and_after_its_work_slice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pace() rests once PACE_WORK_SECONDS have passed since the thread last rested,
+    and only in a thread inside sharing_the_interpreter(); other threads, and the
+    start-up's sharing_the_interpreter(serving=False), never rest."""
+    now = [100.0]
+    rests: list[float] = []
+    monkeypatch.setattr(sharing.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(sharing.time, "sleep", rests.append)
+    sharing.pace()
+    with sharing.sharing_the_interpreter(serving=False):
+        now[0] += 1.0
+        sharing.pace()
+    assert rests == []
+    with sharing.sharing_the_interpreter():
+        assert sharing.paced()
+        now[0] += sharing.PACE_WORK_SECONDS / 2
+        sharing.pace()
+        assert rests == []
+        now[0] += sharing.PACE_WORK_SECONDS
+        sharing.pace()
+        assert rests == [sharing.PACE_REST_SECONDS]
+        sharing.pace()  # no time passed since that rest
+        assert len(rests) == 1
+        other: list[bool] = []
+        thread = threading.Thread(target=lambda: other.append(sharing.paced()))
+        thread.start()
+        thread.join(5)
+        assert other == [False]  # pacing is the sharing thread's own
+    assert not sharing.paced()
+    now[0] += 1.0
+    sharing.pace()
+    assert len(rests) == 1
 
 
 def test_a_starting_worker_trims_its_heap_once_and_a_reload_does_not(
@@ -580,7 +632,7 @@ def test_threads_sharing_the_interpreter_at_once_restore_the_interval() -> None:
     seen: dict[str, float] = {}
 
     def figures() -> None:
-        with serving.sharing_the_interpreter():
+        with sharing.sharing_the_interpreter():
             first_in.set()
             second_in.wait(5)
         seen["after the first left"] = sys.getswitchinterval()
@@ -590,14 +642,14 @@ def test_threads_sharing_the_interpreter_at_once_restore_the_interval() -> None:
         thread = threading.Thread(target=figures)
         thread.start()
         first_in.wait(5)
-        with serving.sharing_the_interpreter():
+        with sharing.sharing_the_interpreter():
             second_in.set()
             first_out.wait(5)
             seen["inside the second"] = sys.getswitchinterval()
         thread.join(5)
         assert seen == {
-            "after the first left": serving.RELOAD_SWITCH_SECONDS,
-            "inside the second": serving.RELOAD_SWITCH_SECONDS,
+            "after the first left": sharing.RELOAD_SWITCH_SECONDS,
+            "inside the second": sharing.RELOAD_SWITCH_SECONDS,
         }
         assert sys.getswitchinterval() == 0.005
     finally:
