@@ -39,7 +39,6 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
-from mlxtend.frequent_patterns import association_rules, fpgrowth
 
 from models.sequences import NEVER, AdoptionMatrix, DateLike, first_adoption_matrix
 
@@ -783,6 +782,8 @@ def _onehot_rules(
     confidence = _threshold(min_confidence, "min_confidence", low=0.0, high=1.0)
     if min_len < 1 or (max_len is not None and max_len < max(min_len, 1)):
         raise ValueError(f"need 1 <= min_len <= max_len, got {min_len} and {max_len}")
+    from mlxtend.frequent_patterns import association_rules  # mining only: see _fpgrowth
+
     n = onehot.shape[0]
     records: list[dict[str, Any]] = []
     needed = max(_ceil(support * n), min_count, 1)
@@ -848,6 +849,10 @@ def _fpgrowth(onehot: npt.NDArray[np.bool_], min_count: int, max_len: int | None
 
     Returns mlxtend's frame (``support``, ``itemsets``) plus the exact ``count``.
     """
+    # Imported here: mlxtend (with joblib and psutil) is for mining, and a serving
+    # worker that imports this module for its rules would carry it for nothing.
+    from mlxtend.frequent_patterns import fpgrowth
+
     n = onehot.shape[0]
     frame = pd.DataFrame(onehot, columns=range(onehot.shape[1]))
     # mlxtend keeps itemsets with count / n >= min_support; halfway between two counts
