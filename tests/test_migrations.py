@@ -57,3 +57,25 @@ def test_upgrade_matches_tables_then_downgrades_to_base(empty_url: str) -> None:
         assert db.current_revision(engine) is not None
     finally:
         engine.dispose()
+
+
+def test_current_revision_reads_what_alembic_reads(empty_url: str) -> None:
+    """The revision readiness reports, read without Alembic: None on an empty database,
+    Alembic's own answer at every step up and after a downgrade to base."""
+    engine = db.make_engine(empty_url)
+
+    def alembics() -> str | None:
+        with engine.connect() as conn:
+            found: str | None = MigrationContext.configure(conn).get_current_revision()
+            return found
+
+    try:
+        assert db.current_revision(engine) is None
+        db.upgrade(empty_url, "0001")
+        assert db.current_revision(engine) == alembics() is not None
+        db.upgrade(empty_url)
+        assert db.current_revision(engine) == alembics() == db.head_revision()
+        db.downgrade(empty_url, "base")
+        assert db.current_revision(engine) == alembics() is None
+    finally:
+        engine.dispose()

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 from service.settings import Settings
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+VERSION_TABLE = "alembic_version"
+"""Where Alembic keeps the schema's revision (its default, which nbo keeps)."""
 
 log = logging.getLogger("nbo.db")
 
@@ -285,11 +287,18 @@ def head_revision() -> str:
 
 
 def current_revision(engine: Engine) -> str | None:
-    """The schema revision the database is at, or None when unmigrated."""
-    from alembic.runtime.migration import MigrationContext
+    """The schema revision the database is at, or None when unmigrated.
 
+    Read from Alembic's version table directly, as Alembic reads it: readiness asks
+    this of every worker every few seconds, and a worker would otherwise import Alembic
+    for it (26 MiB)."""
     with engine.connect() as connection:
-        return MigrationContext.configure(connection).get_current_revision()
+        if not inspect(connection).has_table(VERSION_TABLE):
+            return None
+        found = connection.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).all()
+    if len(found) > 1:
+        raise RuntimeError(f"the database is at {len(found)} schema revisions; expected one")
+    return str(found[0][0]) if found else None
 
 
 def warn_unless_at_head(url: str) -> None:
