@@ -31,12 +31,12 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
+from service.settings import Settings
+
 if TYPE_CHECKING:
     # Alembic (with Mako and Pygments) is for migrating: 26 MiB and 0.5 s of every
     # serving worker's start-up when imported here, so each function imports it.
     from alembic.config import Config
-
-from service.settings import Settings
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 VERSION_TABLE = "alembic_version"

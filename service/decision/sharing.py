@@ -87,8 +87,3 @@ def pace() -> None:
     if time.perf_counter() - since >= PACE_WORK_SECONDS:
         time.sleep(PACE_REST_SECONDS)
         _paced.since = time.perf_counter()
-
-
-def paced() -> bool:
-    """Whether this thread is paced (inside :func:`sharing_the_interpreter`)."""
-    return getattr(_paced, "since", None) is not None

@@ -366,7 +366,6 @@ class Snapshot:
         profiles = self.profiles
         if profiles is not None:
             for code in profiles.positions:
-                pace()
                 for done, key in enumerate({profiles.key(code, bands) for bands in distinct}):
                     if not done % PACE_EVERY:
                         pace()
