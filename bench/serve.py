@@ -5,7 +5,8 @@ Usage::
     .venv/bin/python bench/serve.py [--customers 100000] [--database {postgresql,sqlite,both}]
         [--connections 32] [--duration 20] [--warmup 5] [--runs 2] [--workers 1[,2...]]
         [--threads 1] [--keep DIR] [--json FILE] [--pg-database NAME]
-        [--activation [--activation-interval 2]] [--soak SECONDS [--sample-every 10]]
+        [--activation [--activations 1] [--activation-interval 2]]
+        [--soak SECONDS [--sample-every 10]]
     .venv/bin/python bench/serve.py --only-bare            # the anchor alone (no database)
     .venv/bin/python bench/serve.py --target-url URL       # decisions from a server you started
     .venv/bin/python bench/serve.py --prepare-only ...     # prepare a bank and stop
@@ -39,7 +40,14 @@ right after the last decision run while the service is still up; with ``--sigkil
 the service is killed with SIGKILL first. Each decision run's line also gives the major
 page faults its workers took and the CPU a request cost the workers and this machine's
 PostgreSQL (its server processes, ended backends included): on two cores every
-microsecond of the database's is taken from the worker and wrk.
+microsecond of the database's is taken from the worker and wrk. Bare runs give their
+worker's CPU too, and both the share of the run a worker spent runnable but waiting
+for a CPU (``/proc/PID/task/TID/schedstat``) and how busy the machine's cores were:
+at 32 connections in a closed loop the p99 follows the throughput (Little's law: 32
+requests in flight at 8,000/s is 4 ms on average), and a worker that waits for a CPU
+held by wrk or PostgreSQL is latency no code of the service's can remove. The report
+gives the medians, and the ratio of the worker's CPU per request, bare over decision:
+what the throughput ratio would be if the worker's CPU alone set both.
 
 With ``--workers 1,2`` every database gets one section per worker count, both servers
 restarted with that many workers. The decision server starts alone (the bare one after
@@ -62,7 +70,10 @@ it is ready), and the section reports:
   intervals before it (target <= 2 x). Intervals are short (2 s) because a pause of
   the 32 in-flight requests is under 1% of a longer interval's requests and would not
   move its p99; wrk restarts between intervals (tens of ms; reading the ids file, more
-  at 1M customers), so the load has short gaps.
+  at 1M customers), so the load has short gaps. One interval's p99 is noisy (on a
+  shared machine a normal interval's p99 ranged from 7 to 34 ms in one run):
+  ``--activations N`` activates N times, back and forth, each against the intervals
+  right before it, and the target is judged on the median of the N ratios.
 - ``--soak SECONDS``: a load of that length, as consecutive wrk runs of
   ``--sample-every`` seconds with every process's RSS and PSS read after each (under
   load), reported per worker and for the workers together: start, end, max, and the
@@ -818,6 +829,29 @@ def usage(pids: list[int], *, children: bool = False) -> tuple[int, int, float]:
     return minor, major, ticks / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_waits(pids: list[int]) -> float:
+    """Seconds the threads of the processes ``pids`` have spent runnable but waiting for
+    a CPU (``/proc/PID/task/TID/schedstat``, its second field), summed: time a request
+    waited that no code of the worker's could have saved. 0 where the kernel keeps no
+    such figures."""
+    waited = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    waited += int((task / "schedstat").read_text().split()[1])
+    return waited / 1e9
+
+
+def machine_busy() -> tuple[int, int]:
+    """This machine's CPU time so far, in ticks of all its cores: (busy, total); busy
+    is all but idle and I/O wait (``/proc/stat``)."""
+    with contextlib.suppress(OSError, ValueError):
+        fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields) - fields[3] - fields[4], sum(fields)
+    return 0, 0
+
+
 def database_pids() -> list[int]:
     """This machine's PostgreSQL server processes (empty when it runs elsewhere)."""
     found = []
@@ -836,14 +870,23 @@ def run_wrk(
     seconds: int,
     args: argparse.Namespace,
     server: Server | None = None,
+    *,
+    database: bool = True,
 ) -> dict[str, Any]:
     """One wrk run; the figures from the lua script's WRK_RESULT line, and with
     ``server`` the page faults its workers took meanwhile (``major_faults``: a page read
-    from disk while the worker's requests waited) and the CPU its workers and this
-    machine's PostgreSQL used per request answered (``worker_us``, ``database_us``)."""
-    database = database_pids() if server is not None else []
-    workers = usage(server.worker_pids()) if server is not None else None
-    queried = usage(database, children=True)
+    from disk while the worker's requests waited), the CPU its workers and (with
+    ``database``) this machine's PostgreSQL used per request answered (``worker_us``,
+    ``database_us``), the share of the run a worker spent waiting for a CPU while it had
+    work (``worker_wait_pct``, averaged over the workers) and how busy the machine's
+    cores were (``machine_busy_pct``)."""
+    database_processes = database_pids() if server is not None and database else []
+    worker_pids = server.worker_pids() if server is not None else []
+    workers = usage(worker_pids) if server is not None else None
+    queried = usage(database_processes, children=True)
+    waited = cpu_waits(worker_pids)
+    busy = machine_busy()
+    started = time.monotonic()
     argv = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{seconds}s"]
     argv += ["--timeout", "10s", "-s", str(LUA_SCRIPT), url, "--", str(ids)]
     env = dict(os.environ)
@@ -857,17 +900,26 @@ def run_wrk(
             )
             result["ok"] = result["requests"] - result["non2xx"]
             if server is not None and workers is not None:
-                minor, major, cpu = usage(server.worker_pids())
+                minor, major, cpu = usage(worker_pids)
+                wall = time.monotonic() - started
+                busy_after = machine_busy()
                 result["minor_faults"], result["major_faults"] = (
                     minor - workers[0],
                     major - workers[1],
                 )
+                result["worker_wait_pct"] = (
+                    100 * (cpu_waits(worker_pids) - waited) / wall / max(len(worker_pids), 1)
+                )
+                if busy_after[1] > busy[1]:
+                    result["machine_busy_pct"] = (
+                        100 * (busy_after[0] - busy[0]) / (busy_after[1] - busy[1])
+                    )
                 if result["requests"]:
                     per = 1e6 / result["requests"]
                     result["worker_us"] = (cpu - workers[2]) * per
-                    if database:
+                    if database_processes:
                         result["database_us"] = (
-                            usage(database, children=True)[2] - queried[2]
+                            usage(database_processes, children=True)[2] - queried[2]
                         ) * per
             return result
     raise RuntimeError(f"wrk gave no result (exit {done.returncode}):\n{done.stdout}{done.stderr}")
@@ -893,7 +945,7 @@ class Section:
     all_ready_seconds: float | None = None
     serving_before_mb: float | None = None  # <NBO_DATA_DIR>/serving/ at start; None: absent
     memory: dict[str, Any] | None = None  # decision server, after the measured runs
-    activation: dict[str, Any] | None = None
+    activations: list[dict[str, Any]] = field(default_factory=list)
     soak: dict[str, Any] | None = None
     database_state: str = ""  # what settle() found before the runs
 
@@ -906,6 +958,12 @@ def describe_run(name: str, result: dict[str, Any]) -> None:
         + (f"  major faults {faults:,}" if faults is not None else "")
         + (f"  CPU a request: worker {result['worker_us']:.0f} us" if "worker_us" in result else "")
         + (f", PostgreSQL {result['database_us']:.0f} us" if "database_us" in result else "")
+        + (
+            f"; a worker waited for a CPU {result['worker_wait_pct']:.0f}% of the run, "
+            f"the machine {result.get('machine_busy_pct', 0):.0f}% busy"
+            if "worker_wait_pct" in result
+            else ""
+        )
     )
 
 
@@ -1209,14 +1267,14 @@ def measure(
 
     if args.warmup > 0:
         say(f"warm-up, {args.warmup} s each (not reported)")
-        describe_run("bare", run_wrk(bare.url, ids, key, args.warmup, args))
+        describe_run("bare", run_wrk(bare.url, ids, key, args.warmup, args, bare, database=False))
         if url:
             warm = run_wrk(url, ids, key, args.warmup, args, decision)
             answered += warm["ok"]
             describe_run("decision", warm)
     for run in range(1, args.runs + 1):
         say(f"run {run}/{args.runs}, {args.duration} s each")
-        section.bare.append(run_wrk(bare.url, ids, key, args.duration, args))
+        section.bare.append(run_wrk(bare.url, ids, key, args.duration, args, bare, database=False))
         describe_run("bare", section.bare[-1])
         section.bare_memory = max(section.bare_memory, bare.memory_mb())
         if url:
@@ -1233,8 +1291,9 @@ def measure(
         if database.admin_key is None:
             say("activation skipped: no admin key (nbo keys create --role admin failed)")
         else:
-            section.activation = measure_activation(decision, ids, key, database, args)
-            answered += section.activation["answered_2xx"]
+            for _ in range(args.activations):  # each switches to the other version
+                section.activations.append(measure_activation(decision, ids, key, database, args))
+                answered += section.activations[-1]["answered_2xx"]
     if decision is not None and args.soak:
         section.soak = measure_soak(
             decision, ids, key, args, None if database is None else database.admin_key
@@ -1292,7 +1351,8 @@ def summarize(section: Section) -> dict[str, Any]:
         "all_ready_s": section.all_ready_seconds,
         "serving_before_mb": section.serving_before_mb,
         "memory": section.memory,
-        "activation": section.activation,
+        "activations": section.activations,
+        "activation_ratio": activation_ratio(section),
         "soak": section.soak,
         "database": section.database_state,
     }
@@ -1302,6 +1362,34 @@ def summarize(section: Section) -> dict[str, Any]:
         out["ratio"] = statistics.median(ratios)
         out["valid"] = not any(r["non2xx"] + r["errors"] for r in section.decision)
     return out
+
+
+def report_cpu(section: Section) -> None:
+    """Where a request's time went, as medians over the runs: the CPU the worker spent
+    per request, bare and decision (their ratio is what the throughput ratio would be
+    if the worker alone set it), PostgreSQL's per decision, and the machine: how much
+    of each run a worker waited for a CPU it could not get (wrk, PostgreSQL and the
+    worker share the cores), and how busy the cores were."""
+    needed = ("worker_us", "worker_wait_pct", "machine_busy_pct")
+    if not all(k in r for r in section.bare + section.decision for k in needed):
+        return
+    bare, decision = median(section.bare, "worker_us"), median(section.decision, "worker_us")
+    database = (
+        f" + PostgreSQL {median(section.decision, 'database_us'):.0f} us"
+        if all("database_us" in r for r in section.decision)
+        else ""
+    )
+    print(
+        f"CPU a request (median): worker {bare:.0f} us bare, {decision:.0f} us decision"
+        f"{database} (worker bare / decision: {bare / decision:.3f})"
+    )
+    print(
+        "waiting for a CPU (median share of a run, a worker): "
+        f"{median(section.bare, 'worker_wait_pct'):.0f}% bare, "
+        f"{median(section.decision, 'worker_wait_pct'):.0f}% decision; machine busy "
+        f"{median(section.bare, 'machine_busy_pct'):.0f}% / "
+        f"{median(section.decision, 'machine_busy_pct'):.0f}%"
+    )
 
 
 def mib(value: float | None) -> str:
@@ -1343,10 +1431,29 @@ def report_memory(section: Section) -> None:
     )
 
 
+def activation_ratio(section: Section) -> float | None:
+    """The median over the activations of their p99 around the activation against the
+    normal p99 before it (one activation's ratio is one interval's p99: noisy)."""
+    ratios = [a["ratio"] for a in section.activations if a["ratio"] is not None]
+    return float(statistics.median(ratios)) if ratios else None
+
+
 def report_activation(section: Section) -> None:
-    act = section.activation
-    if act is None:
-        return
+    for act in section.activations:
+        report_one_activation(act)
+    ratio = activation_ratio(section)
+    if len(section.activations) > 1 and ratio is not None:
+        each = ", ".join(
+            "-" if a["ratio"] is None else f"{a['ratio']:.2f}" for a in section.activations
+        )
+        met = "met" if ratio <= TARGET_ACTIVATION_RATIO else "NOT met"
+        print(
+            f"activations: p99 around each against the normal p99 before it: median "
+            f"{ratio:.2f} x (each: {each}); target <= {TARGET_ACTIVATION_RATIO:.0f} x {met}"
+        )
+
+
+def report_one_activation(act: dict[str, Any]) -> None:
     print(
         f"activation under load: {act['from']} -> {act['to']}: HTTP {act['status']} after "
         f"{act['answered_s'] - act['post_s']:.2f} s; every worker serving it after "
@@ -1465,13 +1572,14 @@ def report_targets(section: Section) -> None:
                 "under 10 ms at 100k, 32 connections, PostgreSQL",
             )
         )
-    act = section.activation
-    if act is not None and act["ratio"] is not None:
-        met = "met" if act["ratio"] <= TARGET_ACTIVATION_RATIO else "NOT met"
+    ratio = activation_ratio(section)
+    if ratio is not None:
+        met = "met" if ratio <= TARGET_ACTIVATION_RATIO else "NOT met"
+        many = len(section.activations)
         lines.append(
             (
                 "activation p99",
-                f"{act['ratio']:.2f} x normal",
+                f"{ratio:.2f} x normal" + (f" (median of {many})" if many > 1 else ""),
                 f"<= {TARGET_ACTIVATION_RATIO:.0f} x {met}",
                 TODAY_ACTIVATION,
             )
@@ -1538,6 +1646,7 @@ def report(sections: list[Section], info: dict[str, Any], args: argparse.Namespa
                 f"decision p99: {p99:.2f} ms; target <= {TARGET_P99_MS:.0f} ms "
                 f"{'met' if p99 <= TARGET_P99_MS else 'NOT met'}{invalid}"
             )
+            report_cpu(section)
         if section.durability:
             d = section.durability
             verdict = "OK" if d["ok"] else "FAILED: acknowledged decisions are missing"
@@ -1671,6 +1780,14 @@ def parse_args() -> argparse.Namespace:
         "active bundle registered again under a new id: seconds, not a training run).",
     )
     parser.add_argument(
+        "--activations",
+        type=int,
+        default=1,
+        metavar="N",
+        help="With --activation: activate this many times, back and forth between the two "
+        "versions, each measured on its own; the target is judged on the median ratio.",
+    )
+    parser.add_argument(
         "--activation-interval",
         type=int,
         default=2,
@@ -1690,8 +1807,10 @@ def parse_args() -> argparse.Namespace:
         "--sample-every", type=int, default=10, metavar="SECONDS", help="Soak sampling period."
     )
     args = parser.parse_args()
-    if min(args.activation_interval, args.sample_every) < 1 or args.soak < 0:
-        parser.error("--activation-interval and --sample-every must be >= 1, --soak >= 0")
+    if min(args.activation_interval, args.sample_every, args.activations) < 1 or args.soak < 0:
+        parser.error(
+            "--activations, --activation-interval and --sample-every must be >= 1, --soak >= 0"
+        )
     if not PG_NAME.fullmatch(args.pg_database):
         parser.error("--pg-database must be a lower-case identifier (a-z, 0-9, _; <= 63)")
     if args.connections < args.threads:
