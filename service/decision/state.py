@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import datetime as dt
 import gc
+import itertools
 import logging
 import threading
 import time
@@ -527,6 +528,16 @@ _POLL_WITH_GAPS = text(
 ).bindparams(bindparam("gaps", expanding=True))
 """The same and the ids still missing (:data:`GAP_SECONDS`, all below ``:last``), each
 read by the key (as one ``OR``, SQLite scanned the whole log)."""
+_POLL_WITH_GAP_ARRAY = text(
+    f"SELECT {_EVENT_COLUMNS} FROM change_events WHERE id > :last UNION ALL "
+    f"SELECT {_EVENT_COLUMNS} FROM change_events WHERE id = ANY(CAST(:gaps AS bigint[])) "
+    "ORDER BY id LIMIT 20000"
+)
+""":data:`_POLL_WITH_GAPS` on PostgreSQL: the ids as one array parameter. Up to
+:data:`MAX_GAPS` of them (a worker that loaded while the log was empty and then saw an
+event far above its last one): sent as that many parameters, every poll's statement was
+made and parsed anew for 30 s, and a worker under load answered with a p99 of 25-32 ms
+instead of under 10."""
 
 GAP_SECONDS = 30.0
 """How long a skipped change-event id is looked for (a transaction's longest commit)."""
@@ -954,8 +965,11 @@ class ServingState:
             del self._gaps[gap]
         with read_only(self.engine).connect() as conn:
             if self._gaps:
+                query = (
+                    _POLL_WITH_GAP_ARRAY if conn.dialect.name == "postgresql" else _POLL_WITH_GAPS
+                )
                 rows = conn.execute(
-                    _POLL_WITH_GAPS, {"last": self.last_event, "gaps": sorted(self._gaps)}
+                    query, {"last": self.last_event, "gaps": sorted(self._gaps)}
                 ).all()
             else:
                 rows = conn.execute(_POLL, {"last": self.last_event}).all()
@@ -966,11 +980,18 @@ class ServingState:
         fresh = {int(row[0]) for row in rows if row[0] > self.last_event}
         if fresh:
             newest = max(fresh)
-            for missing in range(self.last_event + 1, newest):
+            # Only the MAX_GAPS ids below the newest can be kept, so only they are made
+            # gaps. A worker that loaded while the log was empty (pruned, or emptied by
+            # hand) has seen no event, and the first one's id may be in the millions: a
+            # gap made for every id from 1, and the excess then dropped from the front of
+            # the dict one at a time (each drop walking past the ones dropped before),
+            # held the interpreter for minutes while decisions crawled.
+            for missing in range(max(self.last_event + 1, newest - MAX_GAPS), newest):
                 if missing not in fresh:
                     self._gaps[missing] = now
-            while len(self._gaps) > MAX_GAPS:
-                del self._gaps[next(iter(self._gaps))]
+            if len(self._gaps) > MAX_GAPS:  # the oldest go: the dict keeps their order
+                kept = itertools.islice(self._gaps.items(), len(self._gaps) - MAX_GAPS, None)
+                self._gaps = dict(kept)
             self.last_event = newest
         refresh: set[str] = set()
         reload = False

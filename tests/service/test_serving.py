@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import Engine, event, text
 
-from service.decision.state import ServingState
+from service.decision.state import MAX_GAPS, ServingState
 from service.settings import Settings
 
 AT = dt.datetime(2026, 11, 23, 10, tzinfo=dt.UTC)
@@ -46,6 +46,43 @@ def test_an_event_committed_late_is_not_missed(engine: Engine, tmp_path: Path) -
     assert not state._gaps
     assert set(state.history["C1"].offers) == {"o1", "o2", "o3"}
     assert state.poll() == 0
+
+
+class _CountingDict(dict[int, float]):
+    """A dict that counts the keys set in it."""
+
+    sets = 0
+
+    def __setitem__(self, key: int, value: float) -> None:
+        self.sets += 1
+        super().__setitem__(key, value)
+
+
+def test_a_first_event_far_above_the_last_makes_at_most_max_gaps(
+    engine: Engine, tmp_path: Path
+) -> None:
+    # A worker that loaded while the log was empty (pruned, or emptied by hand) has seen
+    # no event, and the first it sees may have an id in the millions (its sequence went
+    # on). Every id below it was made a gap, and all but MAX_GAPS then dropped one at a
+    # time from the front of the dict: at 3.5M ids that held the interpreter for
+    # minutes while decisions crawled at a tenth of their rate.
+    settings = Settings(database_url=str(engine.url), data_dir=tmp_path, announce_offers="never")
+    state = ServingState(engine, settings)
+    assert state.poll() == 0 and state.last_event == 0
+    counting = state._gaps = _CountingDict()
+    far = 3 * MAX_GAPS + 5
+    _event(engine, far, "far")
+    assert state.poll() == 1
+    assert counting.sets == MAX_GAPS
+    assert sorted(state._gaps) == list(range(far - MAX_GAPS, far))
+    # An event committed late below it is still found; the oldest gaps go first.
+    _event(engine, far - 1, "late")
+    assert state.poll() == 1
+    assert far - 1 not in state._gaps and len(state._gaps) == MAX_GAPS - 1
+    _event(engine, far + 3, "next")  # two more gaps: the oldest one goes
+    assert state.poll() == 1
+    assert len(state._gaps) == MAX_GAPS and min(state._gaps) == far - MAX_GAPS + 1
+    assert set(state.history["C1"].offers) == {"far", "late", "next"}
 
 
 def _plans_of_change_log_reads(engine: Engine, poll: Callable[[], int]) -> list[str]:
