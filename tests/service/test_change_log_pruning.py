@@ -3,6 +3,8 @@ than an hour ago (offers are announced, so there are a few events per decision).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sqlalchemy import Engine, text
 
 from service.data.db import unit_of_work
@@ -43,5 +45,42 @@ def test_events_seen_over_an_hour_ago_are_deleted_and_newer_ones_kept(engine: En
     # Pruning runs at most every PRUNE_EVERY_SECONDS.
     assert state.prune_events(now=start + 6 + hour) == 0
     later = start + 610 + hour + state_module.PRUNE_EVERY_SECONDS
-    assert state.prune_events(now=later) == 3
-    assert _remaining(engine) == []
+    newest = state.last_event
+    assert state.prune_events(now=later) == 2  # all seen an hour ago but the newest
+    assert _remaining(engine) == [newest]
+
+
+def test_a_log_pruned_to_its_last_event_never_hands_out_a_seen_id_again(
+    engine: Engine, tmp_path: Path
+) -> None:
+    # SQLite gives a new row the largest id held plus one (1 in an empty table): had the
+    # prune emptied the log, the next events would take ids every worker had seen, and
+    # each poll (ids above the last seen) would skip them.
+    settings = Settings(database_url=str(engine.url), data_dir=tmp_path, announce_offers="never")
+    state = ServingState(engine, settings)
+    with unit_of_work(engine) as session:
+        for offer in ("o1", "o2", "o3"):
+            record_event(
+                session.connection(),
+                kind="offer",
+                origin="worker-other",
+                customer="C1",
+                product="card",
+                detail=offer,
+            )
+    assert state.poll() == 3
+    start = state._pruned_at
+    state.prune_events(now=start + 1)  # notes what was seen, and when
+    hour = state_module.EVENT_RETENTION_SECONDS
+    assert state.prune_events(now=start + 2 + hour + state_module.PRUNE_EVERY_SECONDS) == 2
+    with unit_of_work(engine) as session:  # another worker's offer, after a quiet hour
+        record_event(
+            session.connection(),
+            kind="offer",
+            origin="worker-other",
+            customer="C1",
+            product="card",
+            detail="o4",
+        )
+    assert state.poll() == 1
+    assert set(state.history["C1"].offers) == {"o1", "o2", "o3", "o4"}
