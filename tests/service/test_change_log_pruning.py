@@ -20,6 +20,19 @@ def _events(engine: Engine, count: int) -> None:
             record_event(session.connection(), kind="offer", origin="elsewhere", detail=str(n))
 
 
+def _offer(engine: Engine, offer_id: str) -> None:
+    """Another worker's offer of a card to C1, in its own transaction."""
+    with unit_of_work(engine) as session:
+        record_event(
+            session.connection(),
+            kind="offer",
+            origin="worker-other",
+            customer="C1",
+            product="card",
+            detail=offer_id,
+        )
+
+
 def _remaining(engine: Engine) -> list[int]:
     with engine.connect() as conn:
         return [int(i) for i in conn.scalars(text("SELECT id FROM change_events ORDER BY id"))]
@@ -58,29 +71,13 @@ def test_a_log_pruned_to_its_last_event_never_hands_out_a_seen_id_again(
     # each poll (ids above the last seen) would skip them.
     settings = Settings(database_url=str(engine.url), data_dir=tmp_path, announce_offers="never")
     state = ServingState(engine, settings)
-    with unit_of_work(engine) as session:
-        for offer in ("o1", "o2", "o3"):
-            record_event(
-                session.connection(),
-                kind="offer",
-                origin="worker-other",
-                customer="C1",
-                product="card",
-                detail=offer,
-            )
+    for offer in ("o1", "o2", "o3"):
+        _offer(engine, offer)
     assert state.poll() == 3
     start = state._pruned_at
     state.prune_events(now=start + 1)  # notes what was seen, and when
     hour = state_module.EVENT_RETENTION_SECONDS
     assert state.prune_events(now=start + 2 + hour + state_module.PRUNE_EVERY_SECONDS) == 2
-    with unit_of_work(engine) as session:  # another worker's offer, after a quiet hour
-        record_event(
-            session.connection(),
-            kind="offer",
-            origin="worker-other",
-            customer="C1",
-            product="card",
-            detail="o4",
-        )
+    _offer(engine, "o4")  # another worker's offer, after a quiet hour
     assert state.poll() == 1
     assert set(state.history["C1"].offers) == {"o1", "o2", "o3", "o4"}
