@@ -20,7 +20,6 @@ import contextlib
 import ctypes
 import datetime as dt
 import gc
-import itertools
 import logging
 import threading
 import time
@@ -625,7 +624,8 @@ class ServingState:
         self.snapshot: Snapshot | None = None
         self.history = ContactBook()
         self.last_event = 0
-        self._gaps: dict[int, float] = {}  # event id not seen yet -> when first missed
+        # Event id not seen yet -> when first missed; oldest first (see poll).
+        self._gaps: OrderedDict[int, float] = OrderedDict()
         # (when, last event id seen then), oldest first: what prune_events may delete.
         self._marks: deque[tuple[float, int]] = deque()
         self._pruned_at = time.monotonic()
@@ -992,14 +992,13 @@ class ServingState:
             # gaps. A worker that loaded while the log was empty (pruned, or emptied by
             # hand) has seen no event, and the first one's id may be in the millions: a
             # gap made for every id from 1, and the excess then dropped from the front of
-            # the dict one at a time (each drop walking past the ones dropped before),
-            # held the interpreter for minutes while decisions crawled.
+            # a plain dict one at a time (each drop walking past the ones dropped
+            # before), held the interpreter for minutes while decisions crawled.
             for missing in range(max(self.last_event + 1, newest - MAX_GAPS), newest):
                 if missing not in fresh:
                     self._gaps[missing] = now
-            if len(self._gaps) > MAX_GAPS:  # the oldest go: the dict keeps their order
-                kept = itertools.islice(self._gaps.items(), len(self._gaps) - MAX_GAPS, None)
-                self._gaps = dict(kept)
+            while len(self._gaps) > MAX_GAPS:
+                self._gaps.popitem(last=False)
             self.last_event = newest
         refresh: set[str] = set()
         reload = False

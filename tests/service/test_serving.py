@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,8 @@ def test_an_event_committed_late_is_not_missed(engine: Engine, tmp_path: Path) -
     assert state.poll() == 0
 
 
-class _CountingDict(dict[int, float]):
-    """A dict that counts the keys set in it."""
+class _CountingDict(OrderedDict[int, float]):
+    """The poll's ordered dict of gaps, counting the keys set in it."""
 
     sets = 0
 
