@@ -52,7 +52,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import serve as bench  # noqa: E402 - bench/serve.py: /proc readers
 from sqlalchemy import text  # noqa: E402
 
 from service import child  # noqa: E402
@@ -76,9 +78,7 @@ GAP_MS = 20.0
 
 def machine_cpu() -> float:
     """CPU seconds the whole machine has spent busy since boot."""
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    busy = sum(int(v) for i, v in enumerate(fields[:8]) if i not in (3, 4))  # not idle, iowait
-    return busy / os.sysconf("SC_CLK_TCK")
+    return bench.machine_busy()[0] / os.sysconf("SC_CLK_TCK")
 
 
 def own_cpu() -> float:

@@ -845,9 +845,11 @@ def cpu_waits(pids: list[int]) -> float:
 
 def machine_busy() -> tuple[int, int]:
     """This machine's CPU time so far, in ticks of all its cores: (busy, total); busy
-    is all but idle and I/O wait (``/proc/stat``)."""
+    is all but idle and I/O wait (``/proc/stat``; its guest fields are left out, as
+    they are counted in user time already)."""
     with contextlib.suppress(OSError, ValueError):
-        fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        line = Path("/proc/stat").read_text().split("\n", 1)[0]
+        fields = [int(f) for f in line.split()[1:9]]
         return sum(fields) - fields[3] - fields[4], sum(fields)
     return 0, 0
 
