@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--changes", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    if min(args.limit, args.changes, args.rounds) < 1:
+        parser.error("--limit, --changes and --rounds must be >= 1")
     import service
 
     print(

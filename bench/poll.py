@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("--polls", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
+    if min(args.gaps, args.polls, args.rounds) < 1:
+        parser.error("--gaps, --polls and --rounds must be >= 1")
     url = os.environ.get("NBO_DATABASE_URL")
     if not url:
         sys.exit("set NBO_DATABASE_URL to the database to read")
