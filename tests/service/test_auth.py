@@ -160,11 +160,29 @@ def test_store_is_safe_across_threads(engine: Engine) -> None:
 
 
 def test_cache_is_bounded(engine: Engine) -> None:
+    keys = [new_key(engine, ["models"], name=f"app-{i}") for i in range(8)]
     store = KeyStore(engine, max_entries=5)
     for i in range(20):
         with pytest.raises(Unauthorized):
             store.authenticate(None, f"nbo_{i:08d}_" + "x" * 43, "models")
+    for key in keys:
+        store.authenticate(None, key, "models")
     assert len(store._entries) <= 5
+    assert len(store._unknown) <= 5
+
+
+def test_made_up_keys_never_push_out_a_known_key(engine: Engine) -> None:
+    # The entry a database outage would serve from stays, however many unknown
+    # prefixes arrive after it, all still fresh.
+    key = new_key(engine, ["models"])
+    store = KeyStore(engine, max_entries=5, ttl_seconds=60, negative_ttl_seconds=60)
+    store.authenticate(None, key, "models")
+    for i in range(50):
+        with pytest.raises(Unauthorized):
+            store.authenticate(None, f"nbo_{i:08d}_" + "x" * 43, "models")
+    queries = count_queries(engine)
+    assert store.authenticate(None, key, "models").scopes == {"models"}
+    assert queries == []  # still held: answered from memory
 
 
 def test_revocation_takes_effect_after_the_ttl(engine: Engine) -> None:
