@@ -256,6 +256,46 @@ def test_one_process_builds_and_the_others_wait_for_it(tmp_path: Path) -> None:
     assert found[0].find("A") == 0  # a store mapped before stays readable
 
 
+def test_a_built_store_is_on_disk_before_it_is_renamed_into_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After a power loss the store must be whole or absent: every file and the build
+    # folder synced while still in the build folder, then the rename synced too.
+    synced: list[str] = []
+    real_fsync = columns.os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(columns.os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(columns.os, "fsync", fsync)
+    data = BankData.from_frames(*_tiny_frames())
+    catalogue = Catalogue.from_data(data)
+
+    def build(folder: Path) -> None:
+        columns.write_store(
+            folder,
+            data=data,
+            db_ids={"A": 1, "B": 2},
+            matrix=np.zeros((2, len(catalogue.product_codes))),
+            as_of=AS_OF,
+            catalogue=catalogue,
+            popularity={None: Counter()},
+            profiles=None,
+            bands=None,
+            built=FINGERPRINT,
+        )
+
+    source = tmp_path / "source"
+    store, built = columns.open_or_build(source, "k", build=build, usable=lambda s: True)
+    assert built and store.n == 2
+    in_scratch = [Path(s) for s in synced if Path(s).parent.name.startswith(".build-k-")]
+    assert sorted(p.name for p in in_scratch) == sorted(p.name for p in (source / "k").iterdir())
+    # Then the build folder itself, then (after the rename) the folder it went into.
+    assert Path(synced[-2]).name.startswith(".build-k-")
+    assert synced[-1] == str(source.resolve())
+
+
 def _tiny_frames() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     products = pd.DataFrame(
         {"product_code": ["p1", "p2"], "name": ["P1", "P2"], "category": ["c", "c"]}
