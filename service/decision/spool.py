@@ -220,7 +220,7 @@ class Journal:
             finally:
                 os.close(fd)  # releases the flock
             if created:
-                _fsync_folder(self.folder)  # the new file's name must survive a crash too
+                fsync_folder(self.folder)  # the new file's name must survive a crash too
 
     def _make_folder(self) -> None:
         self.folder.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
@@ -321,7 +321,7 @@ class Journal:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
             raise
-        _fsync_folder(self.folder)
+        fsync_folder(self.folder)
         os.close(claim.fd)
         claim.fd = fd
         claim.entries = list(entries)
@@ -353,7 +353,7 @@ class Journal:
         finally:
             os.close(fd)
         if created:
-            _fsync_folder(self.folder)
+            fsync_folder(self.folder)
         AUDIT_DEAD_LETTERS.labels(reason).inc()
         log.error(
             "audit spool record moved to the dead-letter file",
@@ -483,7 +483,9 @@ def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
+    """Make a folder's entries (files created, renamed or removed in it) survive a
+    crash of the machine."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)

@@ -59,6 +59,7 @@ from models.rules import REASON_MIN_CUSTOMERS, REASON_MIN_LIFT, RuleSet
 from service.data.db import one_core
 from service.data.tables import CUSTOMER_EVENTS
 from service.decision.sharing import pace
+from service.decision.spool import fsync_folder
 
 log = logging.getLogger("nbo.serving")
 
@@ -872,7 +873,7 @@ def open_or_build(
                 target.rename(retired)
                 shutil.rmtree(retired, ignore_errors=True)
             scratch.rename(target)
-            _sync_folder(folder)  # the rename itself
+            fsync_folder(folder)  # the rename itself
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         store = ColumnStore(target)
@@ -902,15 +903,7 @@ def _sync(scratch: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-    _sync_folder(scratch)
-
-
-def _sync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_folder(scratch)
 
 
 def _forget_old(folder: Path, *, keep: str) -> None:

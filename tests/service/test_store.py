@@ -217,24 +217,11 @@ def test_a_serving_store_is_kept_in_memory_locked_or_populated(
 def test_one_process_builds_and_the_others_wait_for_it(tmp_path: Path) -> None:
     built: list[int] = []
     source = tmp_path / "source"
-    data = BankData.from_frames(*_tiny_frames())
-    catalogue = Catalogue.from_data(data)
 
     def build(folder: Path) -> None:
         built.append(threading.get_ident())
         time.sleep(0.3)  # long enough for the others to find the lock held
-        columns.write_store(
-            folder,
-            data=data,
-            db_ids={"A": 1, "B": 2},
-            matrix=np.zeros((2, len(catalogue.product_codes))),
-            as_of=AS_OF,
-            catalogue=catalogue,
-            popularity={None: Counter()},
-            profiles=None,
-            bands=None,
-            built=FINGERPRINT,
-        )
+        _write_tiny_store(folder)
 
     found: list[columns.ColumnStore] = []
 
@@ -269,31 +256,34 @@ def test_a_built_store_is_on_disk_before_it_is_renamed_into_place(
         real_fsync(fd)
 
     monkeypatch.setattr(columns.os, "fsync", fsync)
-    data = BankData.from_frames(*_tiny_frames())
-    catalogue = Catalogue.from_data(data)
-
-    def build(folder: Path) -> None:
-        columns.write_store(
-            folder,
-            data=data,
-            db_ids={"A": 1, "B": 2},
-            matrix=np.zeros((2, len(catalogue.product_codes))),
-            as_of=AS_OF,
-            catalogue=catalogue,
-            popularity={None: Counter()},
-            profiles=None,
-            bands=None,
-            built=FINGERPRINT,
-        )
-
     source = tmp_path / "source"
-    store, built = columns.open_or_build(source, "k", build=build, usable=lambda s: True)
+    store, built = columns.open_or_build(
+        source, "k", build=_write_tiny_store, usable=lambda s: True
+    )
     assert built and store.n == 2
     in_scratch = [Path(s) for s in synced if Path(s).parent.name.startswith(".build-k-")]
     assert sorted(p.name for p in in_scratch) == sorted(p.name for p in (source / "k").iterdir())
     # Then the build folder itself, then (after the rename) the folder it went into.
     assert Path(synced[-2]).name.startswith(".build-k-")
     assert synced[-1] == str(source.resolve())
+
+
+def _write_tiny_store(folder: Path) -> None:
+    """A store of the two customers of :func:`_tiny_frames`, written into ``folder``."""
+    data = BankData.from_frames(*_tiny_frames())
+    catalogue = Catalogue.from_data(data)
+    columns.write_store(
+        folder,
+        data=data,
+        db_ids={"A": 1, "B": 2},
+        matrix=np.zeros((2, len(catalogue.product_codes))),
+        as_of=AS_OF,
+        catalogue=catalogue,
+        popularity={None: Counter()},
+        profiles=None,
+        bands=None,
+        built=FINGERPRINT,
+    )
 
 
 def _tiny_frames() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
