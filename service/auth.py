@@ -301,7 +301,7 @@ class KeyStore:
         self._clock = clock
         # Known keys and unknown prefixes apart, each oldest first (an entry read again
         # goes to the end). Eviction takes the oldest in O(1): a sweep for expired
-        # entries walked the whole cache on every made-up key once it was full (0.36 ms
+        # entries walked the whole cache on every made-up key once it was full (0.3 ms
         # holding the interpreter each, so a flood of 3,000 a second took a worker's core).
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._unknown: OrderedDict[str, _Entry] = OrderedDict()
