@@ -517,22 +517,25 @@ class Snapshot:
 
 
 _EVENT_COLUMNS = "id, kind, customer_external_id, product_code, detail, occurred_at, origin"
-_POLL = text(f"SELECT {_EVENT_COLUMNS} FROM change_events WHERE id > :last ORDER BY id LIMIT 20000")
+_AFTER_LAST = f"SELECT {_EVENT_COLUMNS} FROM change_events WHERE id > :last"
+_IN_ORDER = "ORDER BY id LIMIT 20000"
+"""How every poll's read ends: the events in id order, at most this many a poll."""
+_POLL = text(f"{_AFTER_LAST} {_IN_ORDER}")
 """A poll's read of the change log: the events after the last one seen, by the primary
 key. Nearly always there are no gaps, and this is the whole query: written with the
 gaps' ``OR id IN :gaps``, an empty list made PostgreSQL test that condition on every
 row of the log, walking all of it twice a second (171 ms of the database's CPU a poll at
 843k events, where this reads the few new ones in well under a millisecond)."""
 _POLL_WITH_GAPS = text(
-    f"SELECT {_EVENT_COLUMNS} FROM change_events WHERE id > :last UNION ALL "
-    f"SELECT {_EVENT_COLUMNS} FROM change_events WHERE id IN :gaps ORDER BY id LIMIT 20000"
+    f"{_AFTER_LAST} UNION ALL "
+    f"SELECT {_EVENT_COLUMNS} FROM change_events WHERE id IN :gaps {_IN_ORDER}"
 ).bindparams(bindparam("gaps", expanding=True))
 """The same and the ids still missing (:data:`GAP_SECONDS`, all below ``:last``), each
 read by the key (as one ``OR``, SQLite scanned the whole log)."""
 _POLL_WITH_GAP_ARRAY = text(
-    f"SELECT {_EVENT_COLUMNS} FROM change_events WHERE id > :last UNION ALL "
+    f"{_AFTER_LAST} UNION ALL "
     f"SELECT {_EVENT_COLUMNS} FROM change_events WHERE id = ANY(CAST(:gaps AS bigint[])) "
-    "ORDER BY id LIMIT 20000"
+    f"{_IN_ORDER}"
 )
 """:data:`_POLL_WITH_GAPS` on PostgreSQL: the ids as one array parameter. Up to
 :data:`MAX_GAPS` of them (a worker that loaded while the log was empty and then saw an
