@@ -28,9 +28,10 @@ from service.auth import KeyStore, ops_access
 from service.data import db
 from service.decision import lane
 from service.decision.audit import AuditWriter, audit_writer
+from service.decision.contacts import SWEEP_SLICE
 from service.decision.sharing import sharing_the_interpreter
 from service.decision.spool import record_counts
-from service.decision.state import ServingState, release_memory
+from service.decision.state import HISTORY_SWEEP_BUDGET, ServingState, release_memory
 from service.errors import TooLarge, install_error_handlers, render_problem
 from service.metrics import MetricsMiddleware
 from service.reports import api as report_routes
@@ -147,6 +148,7 @@ class _RepeatedFailure:
 async def _poll_forever(state: ServingState, interval: float) -> None:
     poll_failure = _RepeatedFailure("change poll failed")
     prune_failure = _RepeatedFailure("change log pruning failed")
+    sweep_failure = _RepeatedFailure("contact history sweep failed")
     every = state.settings.figures_interval_seconds
     figures_due = time.monotonic() + min(every, 10.0)  # not while the worker warms up
     while True:
@@ -179,6 +181,32 @@ async def _poll_forever(state: ServingState, interval: float) -> None:
                 prune_failure.failed()
             else:
                 prune_failure.succeeded()
+            try:
+                await _sweep_history(state)
+            except Exception:  # noqa: BLE001 - an unswept history only holds more
+                sweep_failure.failed()
+            else:
+                sweep_failure.succeeded()
+
+
+async def _sweep_history(state: ServingState) -> None:
+    """A little of the contact history forgotten at each poll (up to
+    :data:`~service.decision.state.HISTORY_SWEEP_BUDGET` customers), on the event loop
+    a slice of :data:`~service.decision.contacts.SWEEP_SLICE` customers at a time, the
+    requests served between two slices.
+
+    On the poll's thread the same work (about 4 ms at a million customers, and 18 ms
+    at the start of each pass for a copy of the book's keys, no longer made) held the
+    interpreter for up to its 5 ms switch interval at a time twice a second, while the
+    requests in flight waited. With a million customers held, a coroutine sleeping 1 ms
+    on the loop woke more than 3 ms late 152 times a minute beside the thread's sweep,
+    27 times beside this one and 33 times with no sweep at all (the machine's own
+    noise); a request here waits at most one slice, about 0.1 ms.
+    """
+    for _ in range(max(1, HISTORY_SWEEP_BUDGET // SWEEP_SLICE)):
+        if not state.sweep_history(SWEEP_SLICE):
+            return  # the pass ended: the next poll begins the next one
+        await asyncio.sleep(0)
 
 
 class NboApp(FastAPI):

@@ -70,8 +70,11 @@ _DETRACTOR = 0xFFFF
 MAX_CODES = _CODE_MASK + 1
 """Distinct product codes a book can name."""
 SWEEP_CHUNK = 4096
-"""Customers examined per hold of the lock while sweeping (a fraction of a millisecond:
-decisions adding offers wait at most that long)."""
+"""Customers loaded per hold of the lock at start-up (a fraction of a millisecond)."""
+SWEEP_SLICE = 256
+"""Customers a sweep examines per hold of the lock (about 0.1 ms), and what a serving
+worker sweeps at a time on its event loop between requests (see
+:func:`service.app._sweep_history`)."""
 
 
 def _offer_key(offer_id: str) -> tuple[bytes, int]:
@@ -376,11 +379,12 @@ class ContactBook:
 
     ``book[customer]`` gives the customer's :class:`Contacts` (a record is made by the
     first thing added, so a customer only looked up is not held), ``book.get(customer)``
-    gives them or None when nothing is held; ``in`` and ``len`` count customers held.
-    :meth:`sweep` drops what every policy window has left behind.
+    gives them or None when nothing is held; ``in`` and ``len`` count customers held (a
+    customer whose offers :meth:`Contacts.forget_before` trimmed all away is held, empty,
+    until the next sweep). :meth:`sweep` drops what every policy window has left behind.
     """
 
-    __slots__ = ("_code_ids", "_cursor", "_lock", "_names", "_pending", "_records")
+    __slots__ = ("_code_ids", "_cursor", "_lock", "_names", "_next", "_pending", "_records")
 
     def __init__(self) -> None:
         self._records: dict[str, bytes] = {}
@@ -388,9 +392,14 @@ class ContactBook:
         """Product code by index (append-only: readers index it without the lock)."""
         self._code_ids: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._pending: tuple[str, ...] = ()
-        """Customers the current sweep pass has still to examine (a tuple of strings:
-        the collector stops tracking it at its first collection)."""
+        self._pending: list[str] = []
+        """The current sweep pass: every customer held when it began, each once, in the
+        order they were first held (read from :attr:`_cursor` on; those read are blanked).
+        Only the sweep drops a customer (:meth:`_forget_locked`), so a customer
+        is in exactly one of the two lists: a pass needs no copy of the dict's keys (a
+        tuple of a million took 18 ms holding the interpreter)."""
+        self._next: list[str] = []
+        """The next pass: this pass's customers kept so far, and those held since."""
         self._cursor = 0
 
     def __getitem__(self, customer: str) -> Contacts:
@@ -485,6 +494,7 @@ class ContactBook:
                             keys[16 * start : 16 * end],
                         )
                     )
+                    self._next.append(customer)
         for i in again:
             self._add_offers(
                 customers[i],
@@ -545,6 +555,7 @@ class ContactBook:
                             _HEAD.pack(low[i], high[i], 0, HISTORY_TRIM)
                             + packed[_MARK_SIZE * start : _MARK_SIZE * end]
                         )
+                        self._next.append(customer)
                         continue
                     oldest, newest, n, trim_at = _HEAD.unpack_from(record)
                     if len(record) != _HEAD_SIZE + _OFFER_SIZE * n:
@@ -570,29 +581,47 @@ class ContactBook:
         policy window): customers whose every entry is older are dropped, others lose
         their older entries. Returns how many customers were dropped.
 
-        ``budget`` None examines every customer (about 0.2 s a million); a number
+        ``budget`` None examines every customer (about 0.4 s a million); a number
         examines at most that many, going on where the last call stopped, so that a
-        poll can sweep a little at a time; a pass starts over once it has seen every
-        customer (customers added during a pass wait for the next). One caller at a
-        time (the poll); decisions go on meanwhile, waiting at most one chunk of
-        :data:`SWEEP_CHUNK` customers for the lock.
+        poll can sweep a little at a time; a pass ends once it has seen every customer
+        held when it began (:attr:`sweeping` is then False), and the next starts at the
+        next call (customers first held meanwhile wait for it). The lock is held for
+        :data:`SWEEP_SLICE` customers at a time. One caller at a time (the poll).
         """
         cutoff = (now - dt.timedelta(seconds=keep_seconds)).timestamp()
-        if budget is not None and budget <= 0:
-            return 0
         if budget is None:
-            self._pending, self._cursor = tuple(self._records), 0
-            budget = len(self._pending)
-        elif self._cursor >= len(self._pending):
-            self._pending, self._cursor = tuple(self._records), 0
-        dropped = 0
-        end = min(self._cursor + budget, len(self._pending))
+            # Every customer: the rest of a pass under way (else a whole pass), then a
+            # whole pass.
+            under_way = bool(self._pending)
+            dropped = self._sweep(cutoff, None)
+            return dropped + (self._sweep(cutoff, None) if under_way else 0)
+        return self._sweep(cutoff, budget) if budget > 0 else 0
+
+    @property
+    def sweeping(self) -> bool:
+        """Whether a sweep pass is under way (begun and not yet over)."""
+        return bool(self._pending)
+
+    def _sweep(self, cutoff: float, budget: int | None) -> int:
+        """:meth:`sweep` within one pass: at most ``budget`` customers (None: to its end)."""
         records = self._records
-        while self._cursor < end:
-            chunk = self._pending[self._cursor : min(self._cursor + SWEEP_CHUNK, end)]
-            self._cursor += len(chunk)
+        dropped = 0
+        over = False
+        while not over and (budget is None or budget > 0):
             with self._lock:
-                for customer in chunk:
+                if not self._pending:  # a pass begins
+                    self._pending, self._next = self._next, []
+                    if not self._pending:
+                        break
+                pending, start = self._pending, self._cursor
+                stop = min(len(pending), start + SWEEP_SLICE)
+                if budget is not None:
+                    stop = min(stop, start + budget)
+                    budget -= stop - start
+                kept = self._next
+                for k in range(start, stop):
+                    customer = pending[k]
+                    pending[k] = ""  # read: the pass holds no reference to it
                     record = records.get(customer)
                     if record is None:
                         continue
@@ -600,10 +629,17 @@ class ContactBook:
                     if newest < cutoff:
                         del records[customer]
                         dropped += 1
-                    elif oldest < cutoff:
-                        self._forget_locked(customer, record, cutoff, marks=True, retrim=False)
-        if self._cursor >= len(self._pending):
-            self._pending, self._cursor = (), 0
+                    elif oldest < cutoff and not self._forget_locked(
+                        customer, record, cutoff, marks=True, retrim=False
+                    ):
+                        dropped += 1
+                    else:
+                        kept.append(customer)
+                over = stop == len(pending)
+                if over:
+                    self._pending, self._cursor = [], 0
+                else:
+                    self._cursor = stop
         return dropped
 
     # ------------------------------------------------------------------ changing
@@ -630,6 +666,7 @@ class ContactBook:
                 self._records[customer] = (
                     _FIRST.pack(stamp, stamp, 1, HISTORY_TRIM, stamp, code | flag) + key
                 )
+                self._next.append(customer)
                 return
             oldest, newest, n, trim_at = _HEAD.unpack_from(record)
             if _holds(record, n, key, flag):
@@ -660,6 +697,7 @@ class ContactBook:
         code_ids = self._code_ids
         with self._lock:
             record = self._records.get(customer)
+            new = record is None
             if record is None:
                 record = _EMPTY
             oldest, newest, n, trim_at = _HEAD.unpack_from(record)
@@ -698,6 +736,8 @@ class ContactBook:
                     record[marks_at:],
                 )
             )
+            if new:
+                self._next.append(customer)
 
     def _mark(self, customer: str, product_code: str | None, stamp: float) -> None:
         """Keep ``stamp`` as the product's last decline (None: the last detractor
@@ -711,7 +751,8 @@ class ContactBook:
                 _DETRACTOR if code is None else self._code_id(code): stamp
                 for code, stamp in latest.items()
             }
-            held = _Record(self._records.get(customer, _EMPTY))
+            record = self._records.get(customer)
+            held = _Record(_EMPTY if record is None else record)
             marks = {code: stamp for stamp, code in _MARK.iter_unpack(held.marks)}
             for code, stamp in wanted.items():
                 previous = marks.get(code)
@@ -723,6 +764,8 @@ class ContactBook:
                 held.newest = max(held.newest, stamp)
             held.marks = b"".join(_MARK.pack(stamp, code) for code, stamp in marks.items())
             self._records[customer] = held.pack()
+            if record is None:
+                self._next.append(customer)
 
     def _forget(self, customer: str, cutoff: float, *, marks: bool, retrim: bool) -> None:
         with self._lock:
@@ -732,9 +775,11 @@ class ContactBook:
 
     def _forget_locked(
         self, customer: str, record: bytes, cutoff: float, *, marks: bool, retrim: bool
-    ) -> None:
+    ) -> bool:
         """Drop offers (and with ``marks`` declines and detractor answers) older than
-        ``cutoff``; with ``retrim`` put the next trim off until the offers double."""
+        ``cutoff``; with ``retrim`` put the next trim off until the offers double.
+        Returns whether the customer is still held: with ``marks`` (only the sweep
+        passes it) a customer left with nothing is dropped."""
         held = _Record(record)
         keep = [k for k, stamp in enumerate(memoryview(held.stamps).cast("d")) if stamp >= cutoff]
         if len(keep) < held.n:
@@ -751,8 +796,14 @@ class ContactBook:
             )
         if retrim:
             held.trim_at = max(HISTORY_TRIM, 2 * held.n)
-        if held.empty():
-            del self._records[customer]
-        else:
+        if not held.empty():
             held.bound()
             self._records[customer] = held.pack()
+            return True
+        if marks:  # the sweep, which drops the customer from its passes too
+            del self._records[customer]
+            return False
+        # Held on, empty, for the sweep to drop: a customer dropped here and held again
+        # would be in its passes twice.
+        self._records[customer] = _HEAD.pack(float("inf"), -float("inf"), 0, held.trim_at)
+        return True

@@ -337,6 +337,81 @@ def test_a_sweep_on_a_budget_goes_round_every_customer() -> None:
     assert len(book) == 5000
 
 
+def test_a_sweep_pass_sees_each_customer_once_whatever_was_trimmed_meanwhile() -> None:
+    # A pass walks the customers in the order they were first held, not a copy of the
+    # book's keys. A customer trimmed empty by forget_before and then held again must
+    # not be walked twice: passes would grow with every such turn.
+    book = ContactBook()
+    for k in range(50):
+        book[f"C{k}"].add_offer(f"o{k}", "card", NOW - 40 * DAY)
+    for turn in range(20):
+        book["C1"].forget_before(NOW)  # every offer older: nothing left but the customer
+        assert "C1" in book and len(book["C1"].offers) == 0
+        book["C1"].add_offer(f"again-{turn}", "loan", NOW - DAY)
+    book["C2"].forget_before(NOW)
+    book["C2"].add_decline("card", NOW)
+    steps = 0
+    while True:
+        book.sweep(NOW, 30 * 86400.0, budget=1)
+        steps += 1
+        if not book.sweeping:
+            break
+    assert steps == 50  # one look at each customer held when the pass began
+    assert set(book) == {"C1", "C2"}
+    assert book.sweep(NOW, 30 * 86400.0) == 0 and set(book) == {"C1", "C2"}
+    assert not book.sweeping
+
+
+def test_a_serving_worker_sweeps_on_its_event_loop_a_slice_at_a_time() -> None:
+    import asyncio
+
+    from service import app
+    from service.decision.contacts import SWEEP_SLICE
+    from service.decision.state import HISTORY_SWEEP_BUDGET
+
+    class State:
+        def __init__(self, book: ContactBook) -> None:
+            self.history = book
+            self.slices: list[int] = []
+
+        def sweep_history(self, budget: int) -> bool:
+            self.slices.append(budget)
+            self.history.sweep(NOW, 30 * 86400.0, budget=budget)
+            return self.history.sweeping
+
+    async def sweep_beside_requests(state: State) -> int:
+        served = 0
+        done = False
+
+        async def requests() -> None:
+            nonlocal served
+            while not done:
+                served += 1
+                await asyncio.sleep(0)
+
+        other = asyncio.create_task(requests())
+        await asyncio.sleep(0)
+        await app._sweep_history(state)  # type: ignore[arg-type]
+        done = True
+        await other
+        return served
+
+    big = ContactBook()
+    for k in range(HISTORY_SWEEP_BUDGET + 5000):
+        big[f"C{k}"].add_offer("o1", "card", NOW - (40 if k % 2 else 1) * DAY)
+    state = State(big)
+    served = asyncio.run(sweep_beside_requests(state))
+    # A poll's budget in slices, with the other task served between them.
+    assert state.slices == [SWEEP_SLICE] * (HISTORY_SWEEP_BUDGET // SWEEP_SLICE)
+    assert served >= len(state.slices) - 1 and big.sweeping
+    small = ContactBook()
+    for k in range(10):
+        small[f"C{k}"].add_offer("o1", "card", NOW - 40 * DAY)
+    state = State(small)
+    asyncio.run(sweep_beside_requests(state))
+    assert state.slices == [SWEEP_SLICE] and len(small) == 0  # the pass ended: no more
+
+
 # --------------------------------------------------------------------------- size
 
 
