@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import gc
 import os
 import platform
 import random
@@ -39,6 +40,7 @@ from pathlib import Path
 if not os.environ.get("PYTHONPATH"):  # else the code it names (another checkout)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from service import app  # noqa: E402
 from service.decision.contacts import ContactBook  # noqa: E402
 from service.decision.state import HISTORY_SWEEP_BUDGET  # noqa: E402
 
@@ -76,8 +78,6 @@ async def measure(book: ContactBook, mode: str, seconds: float) -> list[float]:
     stop = False
 
     async def polls() -> None:
-        from service import app
-
         while not stop:
             await asyncio.sleep(POLL_SECONDS)
             if mode == "loop":
@@ -116,6 +116,8 @@ def main() -> None:
     )
     started = time.perf_counter()
     book = book_of(args.customers)
+    gc.collect()
+    gc.freeze()  # as a serving worker does once loaded (service.decision.state)
     print(f"{len(book):,} customers held (built in {time.perf_counter() - started:.0f} s)")
     print(f"sweeping up to {HISTORY_SWEEP_BUDGET:,} customers every {POLL_SECONDS} s")
     for round_ in range(args.rounds):
