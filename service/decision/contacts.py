@@ -71,6 +71,8 @@ MAX_CODES = _CODE_MASK + 1
 """Distinct product codes a book can name."""
 SWEEP_CHUNK = 4096
 """Customers loaded per hold of the lock at start-up (a fraction of a millisecond)."""
+PASS_CHUNK = 4096
+"""Customers per chunk of a sweep pass's list (see :class:`ContactBook`)."""
 SWEEP_SLICE = 256
 """Customers a sweep examines per hold of the lock (about 0.1 ms), and what a serving
 worker sweeps at a time on its event loop between requests (see
@@ -384,7 +386,16 @@ class ContactBook:
     until the next sweep). :meth:`sweep` drops what every policy window has left behind.
     """
 
-    __slots__ = ("_code_ids", "_cursor", "_lock", "_names", "_next", "_pending", "_records")
+    __slots__ = (
+        "_code_ids",
+        "_cursor",
+        "_fresh",
+        "_lock",
+        "_names",
+        "_next",
+        "_pending",
+        "_records",
+    )
 
     def __init__(self) -> None:
         self._records: dict[str, bytes] = {}
@@ -392,15 +403,20 @@ class ContactBook:
         """Product code by index (append-only: readers index it without the lock)."""
         self._code_ids: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._pending: list[str] = []
-        """The current sweep pass: every customer held when it began, each once, in the
-        order they were first held (read from :attr:`_cursor` on; those read are blanked).
-        Only the sweep drops a customer (:meth:`_forget_locked`), so a customer
-        is in exactly one of the two lists: a pass needs no copy of the dict's keys (a
-        tuple of a million took 18 ms holding the interpreter)."""
-        self._next: list[str] = []
-        """The next pass: this pass's customers kept so far, and those held since."""
-        self._cursor = 0
+        # The sweep's passes walk the customers in the order they were first held, not a
+        # copy of the dict's keys (a tuple of a million took 18 ms holding the
+        # interpreter). Only the sweep drops a customer (see _forget_locked), so each is
+        # in exactly one of these, once. They are tuples of PASS_CHUNK customers, which
+        # the collector stops tracking at its first look: a list of a million would add
+        # 14 ms to every full collection.
+        self._pending: list[tuple[str, ...]] = []
+        """The pass under way: its customers, chunk by chunk (a chunk read is emptied)."""
+        self._cursor = (0, 0)
+        """Where the pass goes on: a chunk of :attr:`_pending` and a place in it."""
+        self._next: list[tuple[str, ...]] = []
+        """The next pass: this pass's customers kept so far and those held since."""
+        self._fresh: list[str] = []
+        """The latest of them, until there are :data:`PASS_CHUNK` to make a chunk."""
 
     def __getitem__(self, customer: str) -> Contacts:
         return Contacts(self, customer)
@@ -494,7 +510,7 @@ class ContactBook:
                             keys[16 * start : 16 * end],
                         )
                     )
-                    self._next.append(customer)
+                    self._hold(customer)
         for i in again:
             self._add_offers(
                 customers[i],
@@ -555,7 +571,7 @@ class ContactBook:
                             _HEAD.pack(low[i], high[i], 0, HISTORY_TRIM)
                             + packed[_MARK_SIZE * start : _MARK_SIZE * end]
                         )
-                        self._next.append(customer)
+                        self._hold(customer)
                         continue
                     oldest, newest, n, trim_at = _HEAD.unpack_from(record)
                     if len(record) != _HEAD_SIZE + _OFFER_SIZE * n:
@@ -602,6 +618,14 @@ class ContactBook:
         """Whether a sweep pass is under way (begun and not yet over)."""
         return bool(self._pending)
 
+    def _hold(self, customer: str) -> None:
+        """Put ``customer`` in the next pass (under the lock)."""
+        fresh = self._fresh
+        fresh.append(customer)
+        if len(fresh) >= PASS_CHUNK:
+            self._next.append(tuple(fresh))
+            fresh.clear()
+
     def _sweep(self, cutoff: float, budget: int | None) -> int:
         """:meth:`sweep` within one pass: at most ``budget`` customers (None: to its end)."""
         records = self._records
@@ -610,18 +634,19 @@ class ContactBook:
         while not over and (budget is None or budget > 0):
             with self._lock:
                 if not self._pending:  # a pass begins
-                    self._pending, self._next = self._next, []
+                    if self._fresh:
+                        self._next.append(tuple(self._fresh))
+                        self._fresh.clear()
+                    self._pending, self._next, self._cursor = self._next, [], (0, 0)
                     if not self._pending:
                         break
-                pending, start = self._pending, self._cursor
-                stop = min(len(pending), start + SWEEP_SLICE)
+                chunk_at, start = self._cursor
+                chunk = self._pending[chunk_at]
+                stop = min(len(chunk), start + SWEEP_SLICE)
                 if budget is not None:
                     stop = min(stop, start + budget)
                     budget -= stop - start
-                kept = self._next
-                for k in range(start, stop):
-                    customer = pending[k]
-                    pending[k] = ""  # read: the pass holds no reference to it
+                for customer in chunk[start:stop]:
                     record = records.get(customer)
                     if record is None:
                         continue
@@ -634,12 +659,16 @@ class ContactBook:
                     ):
                         dropped += 1
                     else:
-                        kept.append(customer)
-                over = stop == len(pending)
+                        self._hold(customer)
+                if stop < len(chunk):
+                    self._cursor = (chunk_at, stop)
+                    continue
+                self._pending[chunk_at] = ()  # read: the pass holds it no longer
+                over = chunk_at + 1 == len(self._pending)
                 if over:
-                    self._pending, self._cursor = [], 0
+                    self._pending, self._cursor = [], (0, 0)
                 else:
-                    self._cursor = stop
+                    self._cursor = (chunk_at + 1, 0)
         return dropped
 
     # ------------------------------------------------------------------ changing
@@ -666,7 +695,7 @@ class ContactBook:
                 self._records[customer] = (
                     _FIRST.pack(stamp, stamp, 1, HISTORY_TRIM, stamp, code | flag) + key
                 )
-                self._next.append(customer)
+                self._hold(customer)
                 return
             oldest, newest, n, trim_at = _HEAD.unpack_from(record)
             if _holds(record, n, key, flag):
@@ -737,7 +766,7 @@ class ContactBook:
                 )
             )
             if new:
-                self._next.append(customer)
+                self._hold(customer)
 
     def _mark(self, customer: str, product_code: str | None, stamp: float) -> None:
         """Keep ``stamp`` as the product's last decline (None: the last detractor
@@ -765,7 +794,7 @@ class ContactBook:
             held.marks = b"".join(_MARK.pack(stamp, code) for code, stamp in marks.items())
             self._records[customer] = held.pack()
             if record is None:
-                self._next.append(customer)
+                self._hold(customer)
 
     def _forget(self, customer: str, cutoff: float, *, marks: bool, retrim: bool) -> None:
         with self._lock:

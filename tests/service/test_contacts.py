@@ -17,7 +17,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.decision.contacts import ContactBook
+from service.decision.contacts import PASS_CHUNK, ContactBook
 from service.decision.policy import Arbiter, ContactHistory, ContactRecord, Policy
 
 NOW = dt.datetime(2026, 11, 23, 12, tzinfo=dt.UTC)
@@ -100,6 +100,17 @@ def test_the_book_gives_the_garbage_collector_nothing_to_scan() -> None:
     book["C1"].add_detractor(NOW)
     assert not gc.is_tracked(book._records) and not gc.is_tracked(book._code_ids)
     assert all(type(record) is bytes for record in book._records.values())
+    # Nor do the sweep's passes, but for a list of at most a chunk's customers and one
+    # of a chunk for every few thousand.
+    for k in range(3 * PASS_CHUNK):
+        book[f"D{k}"].add_decline("card", NOW)
+    book.sweep(NOW, 30 * 86400.0, budget=10)
+    for k in range(PASS_CHUNK + 10):
+        book[f"E{k}"].add_detractor(NOW)
+    gc.collect()
+    chunks = [*book._pending, *book._next]
+    assert book.sweeping and len(chunks) >= 4 and len(book._fresh) < PASS_CHUNK
+    assert not any(gc.is_tracked(chunk) for chunk in chunks)
 
 
 def test_a_thousand_codes_and_the_bounds_of_the_code_table() -> None:
