@@ -498,7 +498,10 @@ class LoopAuditWriter(_Spool):
     Requests queue their records; a flush task writes everything queued while earlier
     commits were in flight as one statement (one round trip, one transaction), then
     resolves those requests. Up to ``lanes`` commits are in flight at once, each on its
-    own connection, so requests do not wait for a whole commit before theirs can start.
+    own connection, so requests need not wait for a whole commit before theirs can start;
+    but one lane (the default) makes groups about twice as large and the database does
+    half the commits, which with PostgreSQL on the same 2-core machine answered 12-28 %
+    more decisions at a lower p99 at 4 and 32 connections, and as many at 1 and 2.
     No writer thread means no contention for the GIL with the event loop, which under
     load cost a thread-based writer more than the commits themselves.
     """
@@ -509,7 +512,7 @@ class LoopAuditWriter(_Spool):
         spool_dir: Path,
         *,
         max_batch: int = 500,
-        lanes: int = 2,
+        lanes: int = 1,
         commit_seconds: float = 10.0,
         close_seconds: float = 5.0,
         stall_seconds: float = 60.0,
@@ -769,7 +772,7 @@ AuditSink = AuditWriter | LoopAuditWriter
 """Either writer: what the application holds as ``app.state.audit``."""
 
 
-def audit_writer(engine: Engine, spool_dir: Path, *, lanes: int = 2) -> AuditSink:
+def audit_writer(engine: Engine, spool_dir: Path, *, lanes: int = 1) -> AuditSink:
     """The writer for ``engine``'s database: on the event loop for PostgreSQL (``lanes``
     commits in flight), a thread otherwise."""
     if engine.dialect.name == "postgresql":
