@@ -69,7 +69,7 @@ _DETRACTOR = 0xFFFF
 """The mark code of the last detractor answer."""
 MAX_CODES = _CODE_MASK + 1
 """Distinct product codes a book can name."""
-SWEEP_CHUNK = 4096
+LOAD_CHUNK = 4096
 """Customers loaded per hold of the lock at start-up (a fraction of a millisecond)."""
 PASS_CHUNK = 4096
 """Customers per chunk of a sweep pass's list (see :class:`ContactBook`)."""
@@ -488,8 +488,8 @@ class ContactBook:
         bounds = list(starts)
         records = self._records
         again: list[int] = []  # customers held already: added offer by offer below
-        for first in range(0, len(customers), SWEEP_CHUNK):
-            last = min(first + SWEEP_CHUNK, len(customers))
+        for first in range(0, len(customers), LOAD_CHUNK):
+            last = min(first + LOAD_CHUNK, len(customers))
             with self._lock:
                 for i in range(first, last):
                     customer = customers[i]
@@ -557,8 +557,8 @@ class ContactBook:
         low, high = lows.tolist(), highs.tolist()
         records = self._records
         again: list[int] = []  # customers holding marks already: merged as load_marks does
-        for first in range(0, len(customers), SWEEP_CHUNK):
-            last = min(first + SWEEP_CHUNK, len(customers))
+        for first in range(0, len(customers), LOAD_CHUNK):
+            last = min(first + LOAD_CHUNK, len(customers))
             with self._lock:
                 for i in range(first, last):
                     start, end = bounds[i], bounds[i + 1]
