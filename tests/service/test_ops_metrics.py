@@ -347,3 +347,51 @@ def test_one_worker_of_a_machine_computes_the_business_figures(tmp_path: Path) -
         fcntl.flock(held, fcntl.LOCK_EX)
         with _figures_turn(worker(0.0)) as blocked:
             assert not blocked
+
+
+def test_the_change_poll_goes_on_while_the_figures_are_computed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The figures take seconds at a large bank (longer on a busy machine): the change
+    poll, which carries other workers' decisions to this one's contact policy, must not
+    wait for them."""
+    from types import SimpleNamespace
+
+    import service.app as app_module
+
+    polls: list[float] = []
+    figures_started = asyncio.Event()
+
+    async def stuck_figures(state: object) -> None:
+        figures_started.set()
+        await asyncio.Event().wait()  # never done
+
+    class State:
+        snapshot = object()
+        settings = SimpleNamespace(figures_interval_seconds=0.01)
+
+        def poll(self) -> int:
+            polls.append(time.monotonic())
+            return 0
+
+        def prune_events(self) -> None:
+            pass
+
+    async def no_sweep(state: object) -> None:
+        pass
+
+    monkeypatch.setattr(app_module, "_publish_figures", stuck_figures)
+    monkeypatch.setattr(app_module, "_sweep_history", no_sweep)
+
+    async def scenario() -> None:
+        state = State()
+        figures = asyncio.create_task(app_module._figures_forever(state, 0.01))  # type: ignore[arg-type]
+        poller = asyncio.create_task(app_module._poll_forever(state, 0.01))  # type: ignore[arg-type]
+        await asyncio.wait_for(figures_started.wait(), 5)
+        seen = len(polls)
+        await asyncio.sleep(0.2)
+        for task in (figures, poller):
+            task.cancel()
+        assert len(polls) >= seen + 5, polls
+
+    asyncio.run(scenario())
