@@ -5,14 +5,16 @@ Usage::
     python bench/sweep.py [--customers 1000000] [--seconds 60] [--rounds 1]
 
 A serving worker forgets, at each change poll (twice a second), a little of its
-contact history: up to ``HISTORY_SWEEP_BUDGET`` customers examined. This builds a
-``ContactBook`` of ``--customers`` customers (1-3 offers each, all inside the windows,
-so nothing is dropped and every poll does its whole budget), then for ``--seconds``
+contact history: enough customers examined for a pass in ten minutes
+(``service.decision.state.sweep_budget``; before, ``HISTORY_SWEEP_BUDGET`` a poll). This
+builds a ``ContactBook`` of ``--customers`` customers (1-3 offers each, all inside the
+windows, so nothing is dropped and every poll does its whole budget), then for ``--seconds``
 runs an event loop on which a coroutine sleeps 1 ms at a time and records how late it
 wakes, while the polls sweep:
 
 - ``loop``: as a worker does now, on the event loop a slice at a time
-  (``service.app._sweep_history``);
+  (``service.app._sweep_history``; with ``PYTHONPATH`` pointing at a checkout from
+  before the paced sweep, ``HISTORY_SWEEP_BUDGET`` a poll);
 - ``thread``: as a worker did before, the whole budget on a thread
   (``asyncio.to_thread(book.sweep, ..., budget=HISTORY_SWEEP_BUDGET)``); with
   ``PYTHONPATH`` pointing at a checkout of the code before, this is that code's sweep;
@@ -41,8 +43,13 @@ if not os.environ.get("PYTHONPATH"):  # else the code it names (another checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service import app  # noqa: E402
+from service.decision import state as state_module  # noqa: E402
 from service.decision.contacts import ContactBook  # noqa: E402
 from service.decision.state import HISTORY_SWEEP_BUDGET  # noqa: E402
+
+PACED = hasattr(state_module, "sweep_budget")
+"""Whether the sweep on the loop is paced to a pass every ten minutes (this checkout's)
+or sweeps ``HISTORY_SWEEP_BUDGET`` a poll (one from before)."""
 
 NOW = dt.datetime.now(dt.UTC)
 KEEP_SECONDS = 90 * 86400.0
@@ -81,7 +88,10 @@ async def measure(book: ContactBook, mode: str, seconds: float) -> list[float]:
         while not stop:
             await asyncio.sleep(POLL_SECONDS)
             if mode == "loop":
-                await app._sweep_history(_State(book))  # type: ignore[arg-type]
+                if PACED:
+                    await app._sweep_history(_State(book), POLL_SECONDS)  # type: ignore[arg-type,call-arg]
+                else:  # a checkout from before the paced sweep
+                    await app._sweep_history(_State(book))  # type: ignore[arg-type,call-arg]
             elif mode == "thread":
                 await asyncio.to_thread(book.sweep, NOW, KEEP_SECONDS, budget=HISTORY_SWEEP_BUDGET)
 
@@ -119,7 +129,14 @@ def main() -> None:
     gc.collect()
     gc.freeze()  # as a serving worker does once loaded (service.decision.state)
     print(f"{len(book):,} customers held (built in {time.perf_counter() - started:.0f} s)")
-    print(f"sweeping up to {HISTORY_SWEEP_BUDGET:,} customers every {POLL_SECONDS} s")
+    if PACED:
+        budget = state_module.sweep_budget(len(book), POLL_SECONDS)
+        print(
+            f"every {POLL_SECONDS} s sweeping {budget:,} customers on the loop (a pass in "
+            f"{state_module.HISTORY_PASS_SECONDS:.0f} s), {HISTORY_SWEEP_BUDGET:,} on the thread"
+        )
+    else:
+        print(f"sweeping up to {HISTORY_SWEEP_BUDGET:,} customers every {POLL_SECONDS} s")
     for round_ in range(args.rounds):
         for mode in modes:
             gaps = asyncio.run(measure(book, mode, args.seconds))

@@ -7,6 +7,7 @@ import contextlib
 import datetime as dt
 import fcntl
 import logging
+import math
 import os
 import signal
 import sys
@@ -31,7 +32,7 @@ from service.decision.audit import AuditWriter, audit_writer
 from service.decision.contacts import SWEEP_SLICE
 from service.decision.sharing import sharing_the_interpreter
 from service.decision.spool import record_counts
-from service.decision.state import HISTORY_SWEEP_BUDGET, ServingState, release_memory
+from service.decision.state import ServingState, release_memory, sweep_budget
 from service.errors import TooLarge, install_error_handlers, render_problem
 from service.metrics import MetricsMiddleware
 from service.reports import api as report_routes
@@ -179,7 +180,7 @@ async def _poll_forever(state: ServingState, interval: float) -> None:
             else:
                 prune_failure.succeeded()
             try:
-                await _sweep_history(state)
+                await _sweep_history(state, interval)
             except Exception:  # noqa: BLE001 - an unswept history only holds more
                 sweep_failure.failed()
             else:
@@ -209,11 +210,11 @@ async def _figures_forever(state: ServingState, every: float) -> None:
         await asyncio.sleep(max(0.0, every - (time.monotonic() - started)))
 
 
-async def _sweep_history(state: ServingState) -> None:
-    """A little of the contact history forgotten at each poll (up to
-    :data:`~service.decision.state.HISTORY_SWEEP_BUDGET` customers), on the event loop
-    a slice of :data:`~service.decision.contacts.SWEEP_SLICE` customers at a time, the
-    requests served between two slices.
+async def _sweep_history(state: ServingState, interval: float) -> None:
+    """A little of the contact history forgotten at a poll every ``interval`` seconds
+    (:func:`~service.decision.state.sweep_budget` customers: a pass in about ten
+    minutes), on the event loop a slice of :data:`~service.decision.contacts.SWEEP_SLICE`
+    customers at a time, the requests served between two slices.
 
     On the poll's thread the same work (about 4 ms at a million customers, and 18 ms
     at the start of each pass for a copy of the book's keys, no longer made) held the
@@ -223,7 +224,8 @@ async def _sweep_history(state: ServingState) -> None:
     27 times beside this one and 33 times with no sweep at all (the machine's own
     noise); a request here waits at most one slice, about 0.1 ms.
     """
-    for _ in range(max(1, HISTORY_SWEEP_BUDGET // SWEEP_SLICE)):
+    budget = sweep_budget(len(state.history), interval)
+    for _ in range(math.ceil(budget / SWEEP_SLICE)):
         if not state.sweep_history(SWEEP_SLICE):
             return  # the pass ended: the next poll begins the next one
         await asyncio.sleep(0)

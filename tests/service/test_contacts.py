@@ -7,6 +7,7 @@ import datetime as dt
 import gc
 import hashlib
 import itertools
+import math
 import threading
 import tracemalloc
 import uuid
@@ -378,7 +379,7 @@ def test_a_serving_worker_sweeps_on_its_event_loop_a_slice_at_a_time() -> None:
 
     from service import app
     from service.decision.contacts import SWEEP_SLICE
-    from service.decision.state import HISTORY_SWEEP_BUDGET
+    from service.decision.state import HISTORY_PASS_SECONDS, HISTORY_SWEEP_BUDGET
 
     class State:
         def __init__(self, book: ContactBook) -> None:
@@ -390,7 +391,7 @@ def test_a_serving_worker_sweeps_on_its_event_loop_a_slice_at_a_time() -> None:
             self.history.sweep(NOW, 30 * 86400.0, budget=budget)
             return self.history.sweeping
 
-    async def sweep_beside_requests(state: State) -> int:
+    async def sweep_beside_requests(state: State, interval: float) -> int:
         served = 0
         done = False
 
@@ -402,7 +403,7 @@ def test_a_serving_worker_sweeps_on_its_event_loop_a_slice_at_a_time() -> None:
 
         other = asyncio.create_task(requests())
         await asyncio.sleep(0)
-        await app._sweep_history(state)  # type: ignore[arg-type]
+        await app._sweep_history(state, interval)  # type: ignore[arg-type]
         done = True
         await other
         return served
@@ -410,17 +411,37 @@ def test_a_serving_worker_sweeps_on_its_event_loop_a_slice_at_a_time() -> None:
     big = ContactBook()
     for k in range(HISTORY_SWEEP_BUDGET + 5000):
         big[f"C{k}"].add_offer("o1", "card", NOW - (40 if k % 2 else 1) * DAY)
+    # At a poll every half second a pass over 15,000 customers in ten minutes wants a
+    # slice a poll, not a tenth of the book.
     state = State(big)
-    served = asyncio.run(sweep_beside_requests(state))
-    # A poll's budget in slices, with the other task served between them.
-    assert state.slices == [SWEEP_SLICE] * (HISTORY_SWEEP_BUDGET // SWEEP_SLICE)
+    asyncio.run(sweep_beside_requests(state, 0.5))
+    assert state.slices == [SWEEP_SLICE] and big.sweeping
+    # Polls so far apart that a pass needs every customer at each: at most the budget,
+    # in slices, with the other task served between them.
+    state = State(big)
+    served = asyncio.run(sweep_beside_requests(state, HISTORY_PASS_SECONDS))
+    assert state.slices == [SWEEP_SLICE] * math.ceil(HISTORY_SWEEP_BUDGET / SWEEP_SLICE)
     assert served >= len(state.slices) - 1 and big.sweeping
     small = ContactBook()
     for k in range(10):
         small[f"C{k}"].add_offer("o1", "card", NOW - 40 * DAY)
     state = State(small)
-    asyncio.run(sweep_beside_requests(state))
+    asyncio.run(sweep_beside_requests(state, HISTORY_PASS_SECONDS))
     assert state.slices == [SWEEP_SLICE] and len(small) == 0  # the pass ended: no more
+
+
+def test_a_sweep_pass_takes_about_ten_minutes_whatever_the_customers_held() -> None:
+    from service.decision.contacts import SWEEP_SLICE
+    from service.decision.state import HISTORY_PASS_SECONDS, HISTORY_SWEEP_BUDGET, sweep_budget
+
+    polls_a_pass = HISTORY_PASS_SECONDS / 0.5
+    for held in (10**6, 3 * 10**6, 10**7):
+        budget = sweep_budget(held, 0.5)
+        assert budget * polls_a_pass >= held  # the pass keeps its time
+        assert (budget - 1) * polls_a_pass < held  # and no more work than that
+    assert sweep_budget(0, 0.5) == sweep_budget(100, 0.5) == SWEEP_SLICE  # always a slice
+    assert sweep_budget(10**8, 0.5) == HISTORY_SWEEP_BUDGET  # a poll's work is bounded
+    assert sweep_budget(10**6, 0.0) == SWEEP_SLICE
 
 
 # --------------------------------------------------------------------------- size
