@@ -351,7 +351,14 @@ class KeyStore:
         key, prefix = _parse(authorization_header, x_api_key)
         entry = self._cached(prefix)
         if entry is None:
-            entry = await asyncio.to_thread(self._refresh, prefix)
+            try:
+                entry = await asyncio.to_thread(self._refresh, prefix)
+            except BaseException:
+                # Cancelled before the thread began: no _refresh to let go of the claim
+                # _cached made, and the key's last entry would be served for good.
+                with self._lock:
+                    self._refreshing.discard(prefix)
+                raise
         return _check(entry, key, prefix, scope)
 
     def invalidate(self, prefix: str | None = None) -> None:
@@ -367,15 +374,24 @@ class KeyStore:
     def _cached(self, prefix: str) -> _Entry | None:
         """The entry of ``prefix`` if it has not expired, or if it is a known key being
         re-read right now (by one request; the others need not all wait on the database);
-        None when the caller must read it."""
+        None when the caller must read it.
+
+        The caller told to read an expired known key is its one reader from here on:
+        the claim is made under the lock, now, not when its thread begins the read. Made
+        there, every request the event loop took up before that thread ran (all 32 in
+        flight, at 32 connections) found no reader and started a read of its own, each
+        TTL: a burst of database reads on a few threads that those requests waited for.
+        """
         with self._lock:
             entry = self._entries.get(prefix) or self._unknown.get(prefix)
             if entry is None:
                 return None
             if entry.expires_at > self._clock():
                 return entry
-            if entry.principal is not None and prefix in self._refreshing:
-                return entry
+            if entry.principal is not None:
+                if prefix in self._refreshing:
+                    return entry
+                self._refreshing.add(prefix)  # this caller reads it (see _refresh)
         return None
 
     def _refresh(self, prefix: str) -> _Entry:

@@ -219,6 +219,82 @@ def test_concurrent_requests_for_an_expired_key_read_it_once(engine: Engine) -> 
     assert store._cached(prefix) is None
 
 
+def test_requests_on_the_event_loop_for_an_expired_key_read_it_once(engine: Engine) -> None:
+    """Every request the loop takes up while the first one's read waits for its thread
+    uses the key's last entry: one read a TTL, not one per request in flight."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    with unit_of_work(engine) as session:
+        good = auth.create_key(session, name="teller", scopes=["decisions"])
+    now = [0.0]
+    store = KeyStore(engine, ttl_seconds=1, clock=lambda: now[0])
+    store.authenticate(None, good, "decisions")
+    reads: list[str] = []
+    load = store._load
+
+    def counted_load(prefix: str, at: float) -> Any:
+        reads.append(prefix)
+        return load(prefix, at)
+
+    store._load = counted_load  # type: ignore[method-assign]
+    now[0] = 5.0
+
+    async def in_flight() -> list[str]:
+        # As under load: the loop takes up every request before a thread begins a read
+        # (here the executor's one thread is busy for a moment).
+        busy = threading.Event()
+        executor = ThreadPoolExecutor(max_workers=1)
+        asyncio.get_running_loop().set_default_executor(executor)
+        executor.submit(busy.wait, 5)
+        calls = [store.authenticate_async(None, good, "decisions") for _ in range(32)]
+        tasks = [asyncio.ensure_future(call) for call in calls]
+        await asyncio.sleep(0.1)
+        busy.set()
+        return [principal.name for principal in await asyncio.gather(*tasks)]
+
+    assert asyncio.run(in_flight()) == ["teller"] * 32
+    assert len(reads) == 1
+    prefix = good.split("_")[1]
+    assert prefix not in store._refreshing and store._cached(prefix) is not None
+
+
+def test_a_read_cancelled_before_its_thread_began_leaves_no_claim(engine: Engine) -> None:
+    """Else the key's last entry would be served for ever, a revocation never seen."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    with unit_of_work(engine) as session:
+        good = auth.create_key(session, name="teller", scopes=["decisions"])
+    now = [0.0]
+    store = KeyStore(engine, ttl_seconds=1, clock=lambda: now[0])
+    store.authenticate(None, good, "decisions")
+    now[0] = 5.0
+    prefix = good.split("_")[1]
+
+    read = store._refresh
+    reads: list[str] = []
+    store._refresh = lambda p: reads.append(p) or read(p)  # type: ignore[assignment,func-returns-value,method-assign]
+
+    async def cancelled() -> None:
+        # The loop's one thread busy: the read waits in the executor's queue.
+        busy = threading.Event()
+        executor = ThreadPoolExecutor(max_workers=1)
+        asyncio.get_running_loop().set_default_executor(executor)
+        executor.submit(busy.wait, 5)
+        task = asyncio.ensure_future(store.authenticate_async(None, good, "decisions"))
+        await asyncio.sleep(0.05)
+        assert prefix in store._refreshing  # claimed, its thread not begun
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        busy.set()
+
+    asyncio.run(cancelled())
+    assert reads == [] and prefix not in store._refreshing
+    assert store._cached(prefix) is None  # the next request reads it
+
+
 # --------------------------------------------------------------------------- the app
 
 
