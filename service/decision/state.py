@@ -572,9 +572,8 @@ million customers, on the event loop a slice at a time: see
 HISTORY_PASS_SECONDS = 600.0
 """How long a sweep pass over the contact history takes (see :func:`sweep_budget`): what
 the windows no longer see is forgotten at most this long after (against windows of
-days), and the sweep's work on the event loop does not grow with the customers held
-until :data:`HISTORY_SWEEP_BUDGET` a poll (about 12M customers at the default poll
-interval)."""
+days). A poll's share grows with the customers held, up to :data:`HISTORY_SWEEP_BUDGET`
+(reached at 12M customers at the default poll interval)."""
 
 
 def sweep_budget(held: int, poll_seconds: float) -> int:
@@ -583,9 +582,9 @@ def sweep_budget(held: int, poll_seconds: float) -> int:
     slice (:data:`~service.decision.contacts.SWEEP_SLICE`), at most
     :data:`HISTORY_SWEEP_BUDGET`.
 
-    A pass every 50 s, as a fixed 10,000 a poll made at a million customers, swept
-    customers whose windows hold weeks ten times a minute: 7 ms of a worker's event
-    loop twice a second under load, in the requests' p99.
+    A fixed 10,000 a poll made a pass every 50 s at a million customers, over windows
+    that hold weeks: 7 ms of a worker's event loop twice a second under load, taken
+    from the requests in flight.
     """
     wanted = math.ceil(held * max(poll_seconds, 0.0) / HISTORY_PASS_SECONDS)
     return min(HISTORY_SWEEP_BUDGET, max(SWEEP_SLICE, wanted))
