@@ -780,6 +780,12 @@ def decision_server(database: Database, workers: int) -> Server:
     # with the default cap (3 offers of a product per 30 days) later runs would answer
     # fewer offers, write less and look faster. Lifted, every run does the same work.
     env.setdefault("NBO_FREQUENCY_CAP", str(FREQUENCY_CAP))
+    # The business figures are computed 10 s after a start unless a worker of the same
+    # data folder did within half their interval (service.app.FIGURES_LOCK): servers
+    # started a minute or two apart, as in a series alternating two checkouts, would
+    # compute them every other start. Forgotten, every start does the same work.
+    with contextlib.suppress(FileNotFoundError):
+        (database.folder / "figures.lock").unlink()
     return Server(
         "decision",
         argv,
