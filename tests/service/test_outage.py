@@ -4,12 +4,14 @@ connections, statements and lock waits are bounded (issue 13, finding 4)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,6 +142,28 @@ def _assert_503(response: httpx.Response) -> None:
 # --------------------------------------------------------------------------- key store
 
 
+def _verified_key(engine: Engine) -> tuple[str, KeyStore, list[float]]:
+    """A teller key, a store with a TTL of 1 s that has verified it, and the store's
+    clock (its one value, settable)."""
+    with unit_of_work(engine) as session:
+        good = auth.create_key(session, name="teller", scopes=["decisions"])
+    now = [0.0]
+    store = KeyStore(engine, ttl_seconds=1, clock=lambda: now[0])
+    store.authenticate(None, good, "decisions")
+    return good, store, now
+
+
+def _busy_default_executor() -> threading.Event:
+    """The running loop's default executor made one thread, kept busy until the event
+    is set: what ``asyncio.to_thread`` submits meanwhile waits in its queue, as under
+    load it waits for the loop to give up the interpreter."""
+    busy = threading.Event()
+    executor = ThreadPoolExecutor(max_workers=1)
+    asyncio.get_running_loop().set_default_executor(executor)
+    executor.submit(busy.wait, 5)
+    return busy
+
+
 def test_a_verified_key_outlives_its_ttl_through_an_outage(
     engine: Engine, database_url: str, tmp_path: Path
 ) -> None:
@@ -176,11 +200,7 @@ def test_a_verified_key_outlives_its_ttl_through_an_outage(
 def test_a_wrong_secret_stays_401_through_an_outage(
     engine: Engine, database_url: str, tmp_path: Path
 ) -> None:
-    with unit_of_work(engine) as session:
-        good = auth.create_key(session, name="teller", scopes=["decisions"])
-    now = [0.0]
-    store = KeyStore(engine, ttl_seconds=1, clock=lambda: now[0])
-    store.authenticate(None, good, "decisions")
+    good, store, now = _verified_key(engine)
     store._engine = _unreachable_like(database_url, tmp_path)
     now[0] = 10.0
     forged = good[:-4] + ("AAAA" if not good.endswith("AAAA") else "BBBB")
@@ -190,11 +210,7 @@ def test_a_wrong_secret_stays_401_through_an_outage(
 
 def test_an_error_that_is_not_an_outage_is_not_hidden(engine: Engine) -> None:
     """Only connection trouble falls back to memory; anything else still raises."""
-    with unit_of_work(engine) as session:
-        good = auth.create_key(session, name="teller", scopes=["decisions"])
-    now = [0.0]
-    store = KeyStore(engine, ttl_seconds=1, clock=lambda: now[0])
-    store.authenticate(None, good, "decisions")
+    good, store, now = _verified_key(engine)
     with engine.begin() as conn:
         conn.execute(text("ALTER TABLE api_keys RENAME TO api_keys_gone"))
     now[0] = 10.0
@@ -206,11 +222,7 @@ def test_an_error_that_is_not_an_outage_is_not_hidden(engine: Engine) -> None:
 def test_concurrent_requests_for_an_expired_key_read_it_once(engine: Engine) -> None:
     """While one request re-reads an expired key, the others use its last entry rather
     than each waiting on the database (a slow database must not pile them up)."""
-    with unit_of_work(engine) as session:
-        good = auth.create_key(session, name="teller", scopes=["decisions"])
-    now = [0.0]
-    store = KeyStore(engine, ttl_seconds=1, clock=lambda: now[0])
-    store.authenticate(None, good, "decisions")
+    good, store, now = _verified_key(engine)
     now[0] = 5.0
     prefix = good.split("_")[1]
     store._refreshing.add(prefix)  # as if another request were reading it right now
@@ -222,14 +234,7 @@ def test_concurrent_requests_for_an_expired_key_read_it_once(engine: Engine) -> 
 def test_requests_on_the_event_loop_for_an_expired_key_read_it_once(engine: Engine) -> None:
     """Every request the loop takes up while the first one's read waits for its thread
     uses the key's last entry: one read a TTL, not one per request in flight."""
-    import asyncio
-    from concurrent.futures import ThreadPoolExecutor
-
-    with unit_of_work(engine) as session:
-        good = auth.create_key(session, name="teller", scopes=["decisions"])
-    now = [0.0]
-    store = KeyStore(engine, ttl_seconds=1, clock=lambda: now[0])
-    store.authenticate(None, good, "decisions")
+    good, store, now = _verified_key(engine)
     reads: list[str] = []
     load = store._load
 
@@ -237,16 +242,12 @@ def test_requests_on_the_event_loop_for_an_expired_key_read_it_once(engine: Engi
         reads.append(prefix)
         return load(prefix, at)
 
-    store._load = counted_load  # type: ignore[method-assign]
+    store._load = counted_load  # type: ignore[assignment,method-assign]
     now[0] = 5.0
 
     async def in_flight() -> list[str]:
-        # As under load: the loop takes up every request before a thread begins a read
-        # (here the executor's one thread is busy for a moment).
-        busy = threading.Event()
-        executor = ThreadPoolExecutor(max_workers=1)
-        asyncio.get_running_loop().set_default_executor(executor)
-        executor.submit(busy.wait, 5)
+        # As under load: the loop takes up every request before a thread begins a read.
+        busy = _busy_default_executor()
         calls = [store.authenticate_async(None, good, "decisions") for _ in range(32)]
         tasks = [asyncio.ensure_future(call) for call in calls]
         await asyncio.sleep(0.1)
@@ -261,14 +262,7 @@ def test_requests_on_the_event_loop_for_an_expired_key_read_it_once(engine: Engi
 
 def test_a_read_cancelled_before_its_thread_began_leaves_no_claim(engine: Engine) -> None:
     """Else the key's last entry would be served for ever, a revocation never seen."""
-    import asyncio
-    from concurrent.futures import ThreadPoolExecutor
-
-    with unit_of_work(engine) as session:
-        good = auth.create_key(session, name="teller", scopes=["decisions"])
-    now = [0.0]
-    store = KeyStore(engine, ttl_seconds=1, clock=lambda: now[0])
-    store.authenticate(None, good, "decisions")
+    good, store, now = _verified_key(engine)
     now[0] = 5.0
     prefix = good.split("_")[1]
 
@@ -277,11 +271,7 @@ def test_a_read_cancelled_before_its_thread_began_leaves_no_claim(engine: Engine
     store._refresh = lambda p: reads.append(p) or read(p)  # type: ignore[assignment,func-returns-value,method-assign]
 
     async def cancelled() -> None:
-        # The loop's one thread busy: the read waits in the executor's queue.
-        busy = threading.Event()
-        executor = ThreadPoolExecutor(max_workers=1)
-        asyncio.get_running_loop().set_default_executor(executor)
-        executor.submit(busy.wait, 5)
+        busy = _busy_default_executor()  # the read waits in the executor's queue
         task = asyncio.ensure_future(store.authenticate_async(None, good, "decisions"))
         await asyncio.sleep(0.05)
         assert prefix in store._refreshing  # claimed, its thread not begun
