@@ -396,10 +396,10 @@ class KeyStore:
 
     def _refresh(self, prefix: str) -> _Entry:
         """Read ``prefix`` from the database and remember it (blocking); through an
-        outage, its last good entry."""
+        outage, its last good entry. Lets go of the claim :meth:`_cached` made for it
+        (the only claims: an entry without a principal, or none, is never served while
+        read)."""
         now = self._clock()
-        with self._lock:
-            self._refreshing.add(prefix)
         try:
             # Read outside the lock so one slow query does not stall every other request.
             entry = self._read(prefix, now)
