@@ -43,6 +43,9 @@ from service.metrics import AUDIT_BATCH_ROWS, AUDIT_COMMIT_SECONDS
 
 log = logging.getLogger("nbo.audit")
 
+COMMIT_LANES = 1
+"""Group commits in flight at once per worker on PostgreSQL, unless told otherwise
+(``NBO_AUDIT_COMMIT_LANES``, whose default says the same): see :class:`LoopAuditWriter`."""
 _MAX_PARAMETERS = 30_000
 """Bound parameters per statement (SQLite allows 32,766; PostgreSQL 65,535)."""
 
@@ -512,7 +515,7 @@ class LoopAuditWriter(_Spool):
         spool_dir: Path,
         *,
         max_batch: int = 500,
-        lanes: int = 1,
+        lanes: int = COMMIT_LANES,
         commit_seconds: float = 10.0,
         close_seconds: float = 5.0,
         stall_seconds: float = 60.0,
@@ -772,7 +775,7 @@ AuditSink = AuditWriter | LoopAuditWriter
 """Either writer: what the application holds as ``app.state.audit``."""
 
 
-def audit_writer(engine: Engine, spool_dir: Path, *, lanes: int = 1) -> AuditSink:
+def audit_writer(engine: Engine, spool_dir: Path, *, lanes: int = COMMIT_LANES) -> AuditSink:
     """The writer for ``engine``'s database: on the event loop for PostgreSQL (``lanes``
     commits in flight), a thread otherwise."""
     if engine.dialect.name == "postgresql":

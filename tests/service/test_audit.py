@@ -258,3 +258,12 @@ def test_a_failed_replay_after_a_commit_still_answers_the_batch_durable(
     assert asyncio.run(scenario()) is True
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM decisions")).scalar() == 1
+
+
+def test_the_setting_and_the_writer_default_to_the_same_commit_lanes() -> None:
+    """The setting's default cannot name the writer's constant (settings import nothing
+    of the service), so they are held equal here."""
+    from service.decision.audit import COMMIT_LANES
+    from service.settings import Settings
+
+    assert Settings.model_fields["audit_commit_lanes"].default == COMMIT_LANES
