@@ -54,6 +54,7 @@ __all__ = [
     "label_pairs",
     "oracle_scores",
     "popularity_scores",
+    "product_codes",
     "product_metrics",
     "ranking_metrics",
     "roc_auc",
@@ -414,7 +415,7 @@ def product_metrics(scores: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
     frame = _scores_frame(scores, "scores")
     label = _labels_for(frame, labels)
     score = frame["score"].to_numpy(dtype=np.float64)
-    codes, products = pd.factorize(frame["product_code"].astype(str), sort=True)
+    codes, products = product_codes(frame["product_code"])
     order = np.argsort(codes, kind="stable")
     bounds = np.searchsorted(codes[order], np.arange(len(products) + 1))
     records = []
@@ -776,6 +777,21 @@ def popularity_scores(
     rate = (adopters / at_risk).astype(np.float64)
     frame["score"] = _by_product(frame["product_code"], rate)
     return frame
+
+
+def product_codes(values: pd.Series) -> tuple[IntArray, list[str]]:
+    """Each row's product as a position among the distinct codes (as text, sorted), and
+    those codes: what ``pd.factorize(values.astype(str), sort=True)`` gives, without
+    turning a column of millions of pairs into as many strings first (at a million
+    customers that copy, a few hundred MB for a moment, was the peak of ``nbo train``).
+
+    A missing code (scores and labels are validated before, so none should come) is the
+    text ``"nan"``.
+    """
+    found, uniques = pd.factorize(values, use_na_sentinel=False)
+    text = [str(code) for code in uniques]
+    position, products = pd.factorize(pd.Index(text, dtype=object), sort=True)
+    return np.asarray(position, dtype=np.int64)[found], [str(p) for p in products]
 
 
 def _by_product(codes: pd.Series, values: pd.Series) -> FloatArray:

@@ -22,6 +22,7 @@ from models.metrics import (
     calibration_table,
     expected_calibration_error,
     label_pairs,
+    product_codes,
     product_metrics,
     roc_auc,
 )
@@ -354,10 +355,11 @@ def _calibration(model: PropensityModel, labelled: pd.DataFrame | None) -> dict[
     holdout_bins: list[dict[str, Any]] = []
     holdout_ece = None
     if labelled is not None:
-        grouped = labelled.groupby(labelled["product_code"].astype(str), sort=False)
-        means = grouped[["score", "label"]].mean()
+        codes, names = product_codes(labelled["product_code"])
+        means = labelled[["score", "label"]].groupby(codes).mean()
         on_holdout = {
-            str(code): (float(row["score"]), float(row["label"])) for code, row in means.iterrows()
+            names[code]: (float(row["score"]), float(row["label"]))
+            for code, row in means.iterrows()
         }
         if len(labelled) >= 10:
             table = calibration_table(labelled["score"], labelled["label"])

@@ -20,6 +20,7 @@ from models.metrics import (
     label_pairs,
     oracle_scores,
     popularity_scores,
+    product_codes,
     product_metrics,
     ranking_metrics,
 )
@@ -352,6 +353,35 @@ def test_product_metrics_by_hand() -> None:
 
     z = table.loc["Z"]  # scores outside [0, 1] are not probabilities: no Brier score
     assert z["auc"] == 1.0 and z["pr_auc"] == 1.0 and math.isnan(z["brier"])
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        pd.Series(["loan", "card", "loan", "account"]),
+        # Categorical codes in catalogue order (not alphabetical), one unused.
+        pd.Series(pd.Categorical(["x", "a", "x", "b"], categories=["x", "b", "a", "unused"])),
+        pd.Series([10, 2, 10], dtype="int64"),  # as text, "10" sorts before "2"
+        pd.Series(["b", "a"], dtype="string"),
+    ],
+)
+def test_product_codes_are_the_sorted_text_factorisation(values: pd.Series) -> None:
+    codes, products = product_codes(values)
+    expected_codes, expected_products = pd.factorize(values.astype(str), sort=True)
+    assert codes.tolist() == expected_codes.tolist()
+    assert products == [str(p) for p in expected_products]
+
+
+def test_product_metrics_of_categorical_codes_equal_those_of_text() -> None:
+    rows = [("c1", "Y", 0.9), ("c2", "X", 0.8), ("c3", "Y", 0.4), ("c1", "X", 0.3)]
+    text = _scores(rows)
+    categorical = text.assign(
+        product_code=pd.Categorical(text["product_code"], categories=["Y", "X"])
+    )
+    labels = _pairs([("c1", "Y"), ("c2", "X")])
+    pd.testing.assert_frame_equal(
+        product_metrics(categorical, labels), product_metrics(text, labels)
+    )
 
 
 def test_product_metrics_label_column_and_ties() -> None:
