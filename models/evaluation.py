@@ -594,7 +594,12 @@ def _product_columns(codes: pd.Series, products: pd.Index) -> npt.NDArray[np.int
 
 def _positions_in(values: pd.Series, uniques: pd.Index) -> npt.NDArray[np.int64]:
     """Position of each value among ``uniques`` (-1 if absent), through Arrow's hash
-    lookup: pandas' would first turn millions of text ids into Python strings."""
+    lookup: pandas' would first turn millions of text ids into Python strings. Values
+    that are categorical are looked up once per category."""
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        codes = values.cat.codes.to_numpy()
+        found = np.append(_positions_in(pd.Series(values.cat.categories), uniques), -1)
+        return np.asarray(found[codes], dtype=np.int64)  # code -1 (missing): -1
     value_set = pa.array(uniques)
     found = pc.index_in(pa.array(values).cast(value_set.type), value_set=value_set)
     return np.asarray(found.fill_null(-1).to_numpy(zero_copy_only=False), dtype=np.int64)
@@ -644,8 +649,10 @@ def truth_reference(bank_dir: str | Path) -> ReferenceScorer:
             as_of=cutoff - dt.timedelta(days=1),
             horizon_days=horizon_days,
             outcomes=outcomes,
+            customer_ids="categorical",
         )
-        # Product codes stay categorical: the reference is joined on its pairs' codes.
+        # Customer ids and product codes stay categorical: the reference is joined on
+        # its pairs' codes, and ids as text would be millions of strings for a moment.
         return probabilities.rename(columns={"probability": "score"})
 
     return score

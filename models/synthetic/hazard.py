@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from numpy.typing import NDArray
 
 from models.synthetic.dates import (
@@ -177,6 +179,17 @@ class _Population:
             self.birth_md[:n],
             self.segment_ok[:, :n],
             self.rate[:, :n],
+        )
+
+    def window(self, start: int, stop: int) -> _Population:
+        """The customers at positions ``start`` to ``stop`` (exclusive), as views."""
+        return _Population(
+            self.persona[start:stop],
+            self.joined[start:stop],
+            self.birth_year[start:stop],
+            self.birth_md[start:stop],
+            self.segment_ok[:, start:stop],
+            self.rate[:, start:stop],
         )
 
     def take(self, rows: IntArray) -> _Population:
@@ -380,7 +393,7 @@ def _holdings(
     since = np.full((len(comp.codes), len(customer_ids)), -1, dtype=np.int32)
     if adoptions.empty:
         return since
-    rows = pd.Index(customer_ids.astype(str)).get_indexer(adoptions["customer_id"].astype(str))
+    rows = _positions(adoptions["customer_id"], customer_ids)
     cols = pd.Index(list(comp.codes)).get_indexer(adoptions["product_code"].astype(str))
     adopted = _days(adoptions["adopted_at"])
     closed = (
@@ -391,6 +404,15 @@ def _holdings(
     return since
 
 
+def _positions(values: pd.Series, ids: pd.Series) -> IntArray:
+    """Position of each value (as text) among the unique ``ids``, -1 if absent, through
+    Arrow's hash lookup: pandas' first turned the millions of ids of a large bank's
+    adoptions into Python strings (a few hundred MB for a moment)."""
+    value_set = pa.array(ids.astype(str), pa.large_string())
+    found = pc.index_in(pa.array(values.astype(str), pa.large_string()), value_set=value_set)
+    return np.asarray(found.fill_null(-1).to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
 def _declines(
     comp: _Compiled, customer_ids: pd.Series, outcomes: pd.DataFrame, as_of_day: int
 ) -> Int32Array:
@@ -398,7 +420,7 @@ def _declines(
     declined = np.full((len(comp.codes), len(customer_ids)), -1, dtype=np.int32)
     if outcomes.empty:
         return declined
-    rows = pd.Index(customer_ids.astype(str)).get_indexer(outcomes["customer_id"].astype(str))
+    rows = _positions(outcomes["customer_id"], customer_ids)
     cols = pd.Index(list(comp.codes)).get_indexer(outcomes["product_code"].astype(str))
     day = _days(outcomes["occurred_at"])
     keep = (

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import date
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from numpy.typing import NDArray
 
 from models.synthetic.dates import (
     _NEVER,
@@ -32,9 +34,15 @@ from models.synthetic.hazard import (
     _declines,
     _eligible,
     _holdings,
+    _Population,
     _population,
 )
 from models.synthetic.truth import TruthModel
+
+CHUNK_CUSTOMERS = 1 << 17
+"""Customers whose hazards :func:`true_propensities` works out at once: its month-by-month
+matrices (products x customers, float64) are then a few tens of MB whatever the bank's
+size, rather than hundreds of MB each at a million customers."""
 
 
 def true_propensities(
@@ -46,6 +54,7 @@ def true_propensities(
     as_of: date,
     horizon_days: int = 90,
     outcomes: pd.DataFrame | None = None,
+    customer_ids: Literal["text", "categorical"] = "text",
 ) -> pd.DataFrame:
     """Each customer's true probability of adopting each product within a horizon.
 
@@ -77,6 +86,9 @@ def true_propensities(
         The day the state is taken (its end).
     horizon_days : int
         Length of the horizon after ``as_of``.
+    customer_ids : {"text", "categorical"}
+        ``customer_id`` of the result as text, or categorical over the customers
+        (a code a row: at a million customers the text is a few hundred MB).
     outcomes : pandas.DataFrame, optional
         The bank's offer outcomes (:attr:`SyntheticBank.outcomes`): declines on or
         before ``as_of`` damp their products' hazards as in the simulation.
@@ -113,11 +125,67 @@ def true_propensities(
     if outcomes is not None:
         declined = _declines(comp, present["customer_id"], outcomes, as_of_day)
 
-    held = since >= 0
-    eligible = _eligible(comp, pop, held, day_from=as_of_day, day_to=as_of_day)
+    if customer_ids not in ("text", "categorical"):
+        raise ValueError(f"customer_ids is 'text' or 'categorical', not {customer_ids!r}")
+    months = list(_months(_date(as_of_day + 1), _date(as_of_day + horizon_days)))
+    parts = [
+        _chunk_propensities(
+            comp,
+            pop.window(start, stop),
+            since[:, start:stop],
+            None if declined is None else declined[:, start:stop],
+            months,
+            as_of_day=as_of_day,
+            horizon_days=horizon_days,
+            offset=start,
+        )
+        for start, stop in _chunks(len(present), CHUNK_CUSTOMERS)
+    ]
+    del since, declined
+    rows = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int32)
+    cols = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.int16)
+    probability = np.concatenate([p[2] for p in parts]) if parts else np.empty(0)
+    del parts
+    ids = present["customer_id"].astype(str)
+    customer: pd.Series | pd.Categorical
+    if customer_ids == "categorical":
+        customer = pd.Categorical.from_codes(rows, categories=pd.Index(ids, dtype="str"))
+    else:
+        customer = pa.array(ids, pa.string()).take(pa.array(rows)).to_pandas()
+    return pd.DataFrame(
+        {
+            "customer_id": customer,
+            "product_code": pd.Categorical.from_codes(
+                cols, categories=pd.Index(comp.codes, dtype="str")
+            ),
+            "probability": probability,
+        },
+        copy=False,
+    )
+
+
+def _chunks(n: int, size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _chunk_propensities(
+    comp: _Compiled,
+    pop: _Population,
+    since: Int32Array,
+    declined: Int32Array | None,
+    months: list[tuple[int, int]],
+    *,
+    as_of_day: int,
+    horizon_days: int,
+    offset: int,
+) -> tuple[Int32Array, NDArray[np.int16], FloatArray]:
+    """:func:`true_propensities` of some customers: each eligible pair's customer
+    (``offset`` plus its position among them), product and probability, customer by
+    customer in catalogue order."""
+    eligible = _eligible(comp, pop, since >= 0, day_from=as_of_day, day_to=as_of_day)
     survival = np.ones(since.shape, dtype=np.float64)
     first, last = as_of_day + 1, as_of_day + horizon_days
-    for month_start, month_end in _months(_date(first), _date(last)):
+    for month_start, month_end in months:
         hazard = _adoption_hazard(
             comp, pop, since, month_start=month_start, month_end=month_end, declined=declined
         )
@@ -132,20 +200,9 @@ def true_propensities(
         del escape
     # Customer-major order: transpose, then flat indices of the (customers, products) view.
     rows, cols = np.divmod(np.flatnonzero(eligible.T), eligible.shape[0])
-    del eligible
     probability = 1.0 - survival[cols, rows]
-    del survival
-    ids = pa.array(present["customer_id"].astype(str).to_numpy(dtype=object), pa.string())
-    return pd.DataFrame(
-        {
-            "customer_id": ids.take(pa.array(rows)).to_pandas(),
-            "product_code": pd.Categorical.from_codes(
-                cols.astype(np.int16), categories=pd.Index(comp.codes, dtype="str")
-            ),
-            "probability": probability,
-        },
-        copy=False,
-    )
+    # Narrow: the bank's rows (fewer than 2**31 customers, 2**15 products) are held whole.
+    return (rows + offset).astype(np.int32), cols.astype(np.int16), probability
 
 
 def offer_acceptance(

@@ -81,7 +81,12 @@ def test_per_product_figures_match_product_metrics(holdout: HoldoutResult) -> No
 
 
 @pytest.mark.parametrize("share", [0.7, 0.02])  # most cells are candidates, or few
-def test_a_reference_scores_the_candidates_as_a_left_join_would(share: float) -> None:
+# The oracle gives its customer ids as categorical (categories: every customer, some of
+# them scoring nothing, and some not among the candidates).
+@pytest.mark.parametrize("categorical_ids", [False, True])
+def test_a_reference_scores_the_candidates_as_a_left_join_would(
+    share: float, categorical_ids: bool
+) -> None:
     rng = np.random.default_rng(5)
     ids = np.array([f"c{i:04d}" for i in range(300)], dtype=object)
     customer = np.repeat(np.arange(300), 60)
@@ -104,7 +109,12 @@ def test_a_reference_scores_the_candidates_as_a_left_join_would(share: float) ->
     )
     reference.loc[reference.index[::40], "score"] = np.nan
     reference = reference.sample(frac=1.0, random_state=2)
-    joined = candidates.merge(reference, on=["customer_id", "product_code"], how="left").fillna(
+    if categorical_ids:
+        everyone = [*ids, "c9999", "unscored"]
+        reference["customer_id"] = pd.Categorical(reference["customer_id"], categories=everyone)
+        reference.loc[reference.index[-3:], "customer_id"] = "c9999"  # not a candidate
+    as_text = reference.assign(customer_id=reference["customer_id"].astype(str))
+    joined = candidates.merge(as_text, on=["customer_id", "product_code"], how="left").fillna(
         {"score": 0.0}
     )
     out = _references({"oracle": lambda *_: reference}, AS_OF, 90, candidates)["oracle"]

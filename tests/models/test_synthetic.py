@@ -27,6 +27,7 @@ from models.synthetic import (
     true_propensities,
     write_bank,
 )
+from models.synthetic import oracle as oracle_module
 
 DAY = pd.Timedelta(days=1)
 
@@ -520,6 +521,27 @@ def test_a_decline_damps_the_product_for_months(offered: SyntheticBank) -> None:
     ratio = marked.probability[possible] / marked.probability_plain[possible]
     np.testing.assert_allclose(ratio, 0.25, rtol=0.05)
     np.testing.assert_array_equal(marked.probability[never], marked.probability_plain[never])
+
+
+def test_the_oracle_in_chunks_of_customers_equals_it_whole(
+    offered: SyntheticBank, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hazards are worked out a chunk of customers at a time (to bound memory at a
+    million customers): chunks of 7, ragged at the end, give the frame of one chunk, to
+    the bit, declines included; and categorical ids name the same customers as text."""
+    args = (offered.truth, offered.customers, offered.adoptions, offered.personas)
+    kwargs = {"as_of": offered.end, "horizon_days": 45, "outcomes": offered.outcomes}
+    whole = true_propensities(*args, **kwargs)  # 8,000 customers: one chunk
+    assert len(offered.customers) < oracle_module.CHUNK_CUSTOMERS
+    monkeypatch.setattr(oracle_module, "CHUNK_CUSTOMERS", 7)
+    pd.testing.assert_frame_equal(true_propensities(*args, **kwargs), whole)
+    coded = true_propensities(*args, **kwargs, customer_ids="categorical")
+    assert isinstance(coded["customer_id"].dtype, pd.CategoricalDtype)
+    pd.testing.assert_frame_equal(
+        coded.assign(customer_id=coded["customer_id"].astype(str)), whole, check_dtype=False
+    )
+    with pytest.raises(ValueError, match="customer_ids"):
+        true_propensities(*args, **kwargs, customer_ids="ids")  # type: ignore[arg-type]
 
 
 def test_live_bank_adopts_like_the_oracle(bank: SyntheticBank) -> None:
