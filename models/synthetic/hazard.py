@@ -394,7 +394,7 @@ def _holdings(
     if adoptions.empty:
         return since
     rows = _positions(adoptions["customer_id"], customer_ids)
-    cols = pd.Index(list(comp.codes)).get_indexer(adoptions["product_code"].astype(str))
+    cols = _positions(adoptions["product_code"], pd.Series(comp.codes, dtype=object))
     adopted = _days(adoptions["adopted_at"])
     closed = (
         _days(adoptions["closed_at"]) if "closed_at" in adoptions else np.full_like(adopted, _NEVER)
@@ -406,8 +406,8 @@ def _holdings(
 
 def _positions(values: pd.Series, ids: pd.Series) -> IntArray:
     """Position of each value (as text) among the unique ``ids``, -1 if absent, through
-    Arrow's hash lookup: pandas' first turned the millions of ids of a large bank's
-    adoptions into Python strings (a few hundred MB for a moment)."""
+    Arrow's hash lookup: pandas' first turned the millions of ids (and product codes) of
+    a large bank's adoptions into Python strings (a few hundred MB for a moment)."""
     value_set = pa.array(ids.astype(str), pa.large_string())
     found = pc.index_in(pa.array(values.astype(str), pa.large_string()), value_set=value_set)
     return np.asarray(found.fill_null(-1).to_numpy(zero_copy_only=False), dtype=np.int64)
@@ -421,7 +421,7 @@ def _declines(
     if outcomes.empty:
         return declined
     rows = _positions(outcomes["customer_id"], customer_ids)
-    cols = pd.Index(list(comp.codes)).get_indexer(outcomes["product_code"].astype(str))
+    cols = _positions(outcomes["product_code"], pd.Series(comp.codes, dtype=object))
     day = _days(outcomes["occurred_at"])
     keep = (
         (rows >= 0)
