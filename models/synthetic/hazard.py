@@ -409,6 +409,9 @@ def _positions(values: pd.Series, ids: pd.Series) -> IntArray:
     Arrow's hash lookup: pandas' first turned the millions of ids (and product codes) of
     a large bank's adoptions into Python strings (a few hundred MB for a moment)."""
     value_set = pa.array(ids.astype(str), pa.large_string())
+    if len(pc.unique(value_set)) != len(value_set):
+        # pandas refused to look up among repeated ids; Arrow would take the first.
+        raise ValueError("the customers (or products) repeat an id")
     found = pc.index_in(pa.array(values.astype(str), pa.large_string()), value_set=value_set)
     return np.asarray(found.fill_null(-1).to_numpy(zero_copy_only=False), dtype=np.int64)
 

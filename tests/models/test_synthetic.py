@@ -542,6 +542,9 @@ def test_the_oracle_in_chunks_of_customers_equals_it_whole(
     )
     with pytest.raises(ValueError, match="customer_ids"):
         true_propensities(*args, **kwargs, customer_ids="ids")  # type: ignore[arg-type]
+    twice = pd.concat([offered.customers, offered.customers.iloc[:1]], ignore_index=True)
+    with pytest.raises(ValueError, match="repeat an id"):
+        true_propensities(offered.truth, twice, *args[2:], **kwargs)
 
 
 def test_live_bank_adopts_like_the_oracle(bank: SyntheticBank) -> None:
