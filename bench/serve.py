@@ -29,8 +29,12 @@ What it measures: requests/s and latency (p50, p90, p99) of
 - decision: ``nbo serve`` on a prepared bank, with an API key
   (``Authorization: Bearer <key>``).
 
-Bare and decision runs alternate (``--runs`` pairs, after a warm-up of each that is
-not reported) so both see the same machine noise; the report gives medians, the
+The runs begin once the decision server has computed its first business figures
+(10 s after its start; at a million customers tens of seconds of a child's and
+PostgreSQL's CPU, then every five minutes, which ``--soak`` holds as they come): begun
+at once, that first round fell in whichever of the first runs it met, bare's or the
+decision's. Bare and decision runs alternate (``--runs`` pairs, after a warm-up of
+each that is not reported) so both see the same machine noise; the report gives medians, the
 ratio decision / bare (median of the pairs; issue 17's target is >= 0.75 with one
 worker, with p99 <= 10 ms at 32 connections on PostgreSQL), non-2xx answers and socket
 errors, the servers' RSS, and a durability check: the rows added to ``decisions``
@@ -118,6 +122,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import fcntl
 import json
 import os
 import platform
@@ -772,6 +777,41 @@ def bare_server(folder: Path, workers: int, name: str = "bare") -> Server:
     return Server(name, argv, env, folder, folder / f"{name}-server.log", port, workers=workers)
 
 
+FIGURES_WAIT = 300.0
+"""Seconds to wait, at most, for a decision server's first business figures."""
+
+
+def await_first_figures(database: Database, started: float, timeout: float) -> float | None:
+    """Seconds from ``started`` (a monotonic time) until the decision server's first
+    business figures are computed, or None when they were not within ``timeout`` (or
+    are off: ``NBO_FIGURES_INTERVAL_SECONDS=0``).
+
+    A worker computes them 10 s after its start, at a million customers for tens of
+    seconds of a child's and PostgreSQL's CPU, and then every five minutes. Measured
+    runs that began at once would hold that first round in whichever of the first runs
+    it fell, bare's or the decision's, and the pairs would compare unlike machines; the
+    soak (``--soak``) holds the rounds as they come. Computed means the lock file
+    (service.app.FIGURES_LOCK) has been written (by the worker holding its lock) and
+    its lock is free again.
+    """
+    if float(database.env.get("NBO_FIGURES_INTERVAL_SECONDS", "300") or 0) <= 0:
+        return None
+    path = database.folder / "figures.lock"
+    deadline = started + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError), path.open("rb") as handle:
+            if os.fstat(handle.fileno()).st_size:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except OSError:
+                    pass  # a worker is computing them
+                else:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+                    return time.monotonic() - started
+        time.sleep(0.2)
+    return None
+
+
 def decision_server(database: Database, workers: int) -> Server:
     port = free_port()
     argv = [nbo_command(), "serve", "--host", HOST, "--port", str(port), "--workers", str(workers)]
@@ -951,6 +991,7 @@ class Section:
     customers: int = 0
     ready_seconds: float | None = None
     all_ready_seconds: float | None = None
+    figures_seconds: float | None = None  # the first business figures, after the start
     serving_before_mb: float | None = None  # <NBO_DATA_DIR>/serving/ at start; None: absent
     memory: dict[str, Any] | None = None  # decision server, after the measured runs
     activations: list[dict[str, Any]] = field(default_factory=list)
@@ -1422,6 +1463,11 @@ def report_memory(section: Section) -> None:
             )
             + f" ({state})"
         )
+        if section.figures_seconds is not None:
+            print(
+                f"first business figures computed {section.figures_seconds:.1f} s after the "
+                "start; the runs began after them"
+            )
     if section.memory is None:
         return
     memory = section.memory
@@ -1899,8 +1945,19 @@ def main() -> None:
                     stack.callback(decision.stop)
                     # The decision server starts alone, so its time to ready is its own.
                     serving_before = folder_mb(database.folder / "serving")
+                    started = time.monotonic()
                     decision.start()
                     decision.wait_ready(args.start_timeout)
+                    say("waiting for the decision server's first business figures")
+                    figures = await_first_figures(database, started, FIGURES_WAIT)
+                    say(
+                        "first business figures computed "
+                        + (
+                            f"{figures:.1f} s after the start"
+                            if figures is not None
+                            else "not seen (off, or not within the wait): runs start now"
+                        )
+                    )
                     bare.start()
                     bare.wait_ready(args.start_timeout)
                     section = measure(
@@ -1913,6 +1970,7 @@ def main() -> None:
                         database=database,
                     )
                     section.serving_before_mb = serving_before
+                    section.figures_seconds = figures
                     section.database_state = state
                     sections.append(section)
                     bare.stop()
