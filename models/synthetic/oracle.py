@@ -86,12 +86,12 @@ def true_propensities(
         The day the state is taken (its end).
     horizon_days : int
         Length of the horizon after ``as_of``.
-    customer_ids : {"text", "categorical"}
-        ``customer_id`` of the result as text, or categorical over the customers
-        (a code a row: at a million customers the text is a few hundred MB).
     outcomes : pandas.DataFrame, optional
         The bank's offer outcomes (:attr:`SyntheticBank.outcomes`): declines on or
         before ``as_of`` damp their products' hazards as in the simulation.
+    customer_ids : {"text", "categorical"}
+        ``customer_id`` of the result as text, or categorical over the customers
+        (a code a row: at a million customers the text is a few hundred MB).
 
     Returns
     -------
@@ -104,6 +104,8 @@ def true_propensities(
     """
     if horizon_days < 1:
         raise ValueError("horizon_days must be at least 1")
+    if customer_ids not in ("text", "categorical"):
+        raise ValueError(f"customer_ids is 'text' or 'categorical', not {customer_ids!r}")
     comp = _compile(truth)
     as_of_day = _day(as_of)
     joined = _days(customers["joined_at"])
@@ -125,8 +127,6 @@ def true_propensities(
     if outcomes is not None:
         declined = _declines(comp, present["customer_id"], outcomes, as_of_day)
 
-    if customer_ids not in ("text", "categorical"):
-        raise ValueError(f"customer_ids is 'text' or 'categorical', not {customer_ids!r}")
     months = list(_months(_date(as_of_day + 1), _date(as_of_day + horizon_days)))
     parts = [
         _chunk_propensities(
