@@ -779,6 +779,9 @@ def bare_server(folder: Path, workers: int, name: str = "bare") -> Server:
 
 FIGURES_WAIT = 300.0
 """Seconds to wait, at most, for a decision server's first business figures."""
+FIGURES_LOCK = "figures.lock"
+"""The data folder's business-figures lock (service.app.FIGURES_LOCK; the bench imports
+nothing of the service, which may be another checkout's)."""
 
 
 def await_first_figures(database: Database, started: float, timeout: float) -> float | None:
@@ -791,12 +794,13 @@ def await_first_figures(database: Database, started: float, timeout: float) -> f
     runs that began at once would hold that first round in whichever of the first runs
     it fell, bare's or the decision's, and the pairs would compare unlike machines; the
     soak (``--soak``) holds the rounds as they come. Computed means the lock file
-    (service.app.FIGURES_LOCK) has been written (by the worker holding its lock) and
+    (:data:`FIGURES_LOCK`) has been written (by the worker holding its lock) and
     its lock is free again.
     """
-    if float(database.env.get("NBO_FIGURES_INTERVAL_SECONDS", "300") or 0) <= 0:
+    interval = database.env.get("NBO_FIGURES_INTERVAL_SECONDS")
+    if interval is not None and float(interval or 0) <= 0:
         return None
-    path = database.folder / "figures.lock"
+    path = database.folder / FIGURES_LOCK
     deadline = started + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(FileNotFoundError), path.open("rb") as handle:
@@ -821,11 +825,11 @@ def decision_server(database: Database, workers: int) -> Server:
     # fewer offers, write less and look faster. Lifted, every run does the same work.
     env.setdefault("NBO_FREQUENCY_CAP", str(FREQUENCY_CAP))
     # The business figures are computed 10 s after a start unless a worker of the same
-    # data folder did within half their interval (service.app.FIGURES_LOCK): servers
+    # data folder did within half their interval (FIGURES_LOCK): servers
     # started a minute or two apart, as in a series alternating two checkouts, would
     # compute them every other start. Forgotten, every start does the same work.
     with contextlib.suppress(FileNotFoundError):
-        (database.folder / "figures.lock").unlink()
+        (database.folder / FIGURES_LOCK).unlink()
     return Server(
         "decision",
         argv,
