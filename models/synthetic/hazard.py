@@ -172,14 +172,7 @@ class _Population:
 
     def head(self, n: int) -> _Population:
         """The first ``n`` customers, as views."""
-        return _Population(
-            self.persona[:n],
-            self.joined[:n],
-            self.birth_year[:n],
-            self.birth_md[:n],
-            self.segment_ok[:, :n],
-            self.rate[:, :n],
-        )
+        return self.window(0, n)
 
     def window(self, start: int, stop: int) -> _Population:
         """The customers at positions ``start`` to ``stop`` (exclusive), as views."""
