@@ -641,16 +641,19 @@ def truth_reference(bank_dir: str | Path) -> ReferenceScorer:
             outcomes: pd.DataFrame | None = _read_table(folder, "outcomes")
         except FileNotFoundError:
             outcomes = None
-        probabilities = true_propensities(
-            truth,
-            customers,
-            adoptions,
-            personas,
-            as_of=cutoff - dt.timedelta(days=1),
-            horizon_days=horizon_days,
-            outcomes=outcomes,
-            customer_ids="categorical",
-        )
+        try:
+            probabilities = true_propensities(
+                truth,
+                customers,
+                adoptions,
+                personas,
+                as_of=cutoff - dt.timedelta(days=1),
+                horizon_days=horizon_days,
+                outcomes=outcomes,
+                customer_ids="categorical",
+            )
+        except ValueError as exc:
+            raise ValueError(f"the synthetic bank in {folder}: {exc}") from exc
         # Customer ids and product codes stay categorical: the reference is joined on
         # its pairs' codes, and ids as text would be millions of strings for a moment.
         return probabilities.rename(columns={"probability": "score"})

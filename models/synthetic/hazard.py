@@ -404,7 +404,8 @@ def _positions(values: pd.Series, ids: pd.Series) -> IntArray:
     value_set = pa.array(ids.astype(str), pa.large_string())
     if len(pc.unique(value_set)) != len(value_set):
         # pandas refused to look up among repeated ids; Arrow would take the first.
-        raise ValueError("the customers (or products) repeat an id")
+        text = ids.astype(str)
+        raise ValueError(f"id {text[text.duplicated()].iloc[0]!r} appears more than once")
     found = pc.index_in(pa.array(values.astype(str), pa.large_string()), value_set=value_set)
     return np.asarray(found.fill_null(-1).to_numpy(zero_copy_only=False), dtype=np.int64)
 

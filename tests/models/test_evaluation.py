@@ -4,6 +4,7 @@ at a time equals the one-pass measurement, and references join the candidates ex
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,10 +18,11 @@ from models.evaluation import (
     campaign_metrics,
     holdout_comparison,
     holdout_evaluation,
+    truth_reference,
 )
 from models.metrics import product_metrics, ranking_metrics
 from models.propensity import TrainConfig
-from models.synthetic import generate_bank
+from models.synthetic import generate_bank, write_bank
 
 AS_OF = dt.date(2025, 12, 1)
 
@@ -127,3 +129,14 @@ def test_a_reference_scores_the_candidates_as_a_left_join_would(
     twice = pd.concat([reference, reference.iloc[:1]])
     with pytest.raises(ValueError, match="more than once"):
         _references({"oracle": lambda *_: twice}, AS_OF, 90, candidates)
+
+
+def test_the_oracle_names_its_bank_folder_and_a_repeated_customer(tmp_path: Path) -> None:
+    """A bank folder edited by hand with a customer twice: the oracle says which folder
+    and which id, rather than scoring one of the two rows."""
+    written = write_bank(generate_bank(300, seed=3), tmp_path)
+    lines = written["customers"].read_text().splitlines()
+    written["customers"].write_text("\n".join([*lines, lines[1]]) + "\n")
+    repeated = lines[1].split(",")[0]
+    with pytest.raises(ValueError, match=f"{tmp_path}: id '{repeated}' appears more than once"):
+        truth_reference(tmp_path)(AS_OF, 90, pd.DataFrame())

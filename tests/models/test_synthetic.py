@@ -543,7 +543,8 @@ def test_the_oracle_in_chunks_of_customers_equals_it_whole(
     with pytest.raises(ValueError, match="customer_ids"):
         true_propensities(*args, **kwargs, customer_ids="ids")  # type: ignore[arg-type]
     twice = pd.concat([offered.customers, offered.customers.iloc[:1]], ignore_index=True)
-    with pytest.raises(ValueError, match="repeat an id"):
+    repeated = str(offered.customers["customer_id"].iloc[0])
+    with pytest.raises(ValueError, match=f"id '{repeated}' appears more than once"):
         true_propensities(offered.truth, twice, *args[2:], **kwargs)
 
 
