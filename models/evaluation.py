@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from models.data import BankData
+from models.errors import TooLittleData
 from models.metrics import (
     CandidatePairs,
     calibration_table,
@@ -360,8 +361,9 @@ def holdout_evaluation(
 
     Raises
     ------
-    ValueError
-        If there is nothing to learn or to measure (no adoption in the window).
+    TooLittleData
+        If there is nothing to learn or to measure (no adoption in the window), or too
+        few adoptions to hold customers out and still train.
     """
     config = config or TrainConfig()
     cutoff = as_of - dt.timedelta(days=horizon_days)
@@ -411,7 +413,7 @@ def _holdout_kind(
         return "random_customers"
     try:
         training_plan(data, as_of=cutoff, horizon_days=horizon_days, config=config)
-    except ValueError:
+    except TooLittleData:
         return "random_customers"
     return "temporal"
 
@@ -443,7 +445,7 @@ def _random_holdout(
     responded = window_responders(data, start=cutoff, end=as_of, products=products)
     held = stratified_split(ids, responded, fraction=fraction, seed=config.seed, stream="holdout")
     if not responded[held].any() or not responded[~held].any():
-        raise ValueError(
+        raise TooLittleData(
             f"too few adoptions between {cutoff} and {as_of - dt.timedelta(days=1)} to hold "
             f"{fraction:.0%} of the customers out and still train: import more responses"
         )

@@ -40,6 +40,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from models.errors import TooLittleData
 from models.sequences import DateLike, to_timestamp
 
 __all__ = [
@@ -748,8 +749,8 @@ def popularity_scores(
     Raises
     ------
     ValueError
-        On missing columns or dates, ``window_days < 1``, or no adoption before
-        ``as_of``.
+        On missing columns or dates, or ``window_days < 1``; :class:`TooLittleData` (a
+        ``ValueError``) when no adoption comes before ``as_of``.
     """
     if window_days < 1:
         raise ValueError(f"window_days must be at least 1, got {window_days}")
@@ -760,7 +761,7 @@ def popularity_scores(
     adopted_at = _naive_datetimes(adoptions["adopted_at"], "train_adoptions.adopted_at")
     seen = (adopted_at < cutoff).to_numpy()
     if not seen.any():
-        raise ValueError(f"train_adoptions has no adoption before {cutoff}")
+        raise TooLittleData(f"train_adoptions has no adoption before {cutoff}")
     history = pd.DataFrame(
         {
             "customer_id": adoptions["customer_id"].to_numpy()[seen],

@@ -66,6 +66,7 @@ import pandas as pd
 
 from models.data import NS_PER_DAY, AdoptionIndex, BankData, DateInput, instant
 from models.eligibility import Catalogue, combine, rule_failures
+from models.errors import TooLittleData
 from models.evaluation import HoldoutResult, holdout_comparison
 from models.features import FeatureBuilder, FeatureSpec
 from models.propensity.calibration import (
@@ -390,7 +391,7 @@ def dask_plan(
             return plan
         plan = plan_cutoffs(end, horizon_days=horizon_days, first_adoption=None)
     if not window.any():
-        raise ValueError(
+        raise TooLittleData(
             f"nothing to learn: no modelled product was adopted between {pd.Timestamp(c).date()} "
             f"and {(end - pd.Timedelta(days=1)).date()} (the {horizon_days} days before as_of "
             f"{end.date()})"
@@ -941,7 +942,7 @@ def train_dask(
     DaskError
         If the plan has one cutoff (a campaign snapshot): its random split of customers
         is trained on one machine.
-    ValueError
+    TooLittleData
         If there is nothing to learn.
     """
     config = config or TrainConfig()
@@ -1215,7 +1216,7 @@ def holdout_dask(
         dask_plan(
             summary.adopted, catalogue, as_of=cutoff, horizon_days=horizon_days, config=config
         )
-    except ValueError:
+    except TooLittleData:
         final = None
     if final is None or final.split_customers:
         raise DaskError(

@@ -50,6 +50,7 @@ from sklearn.metrics import roc_auc_score
 
 from models.data import NS_PER_DAY, BankData, DateInput, instant
 from models.eligibility import Catalogue, ages_at, combine, rule_failures
+from models.errors import TooLittleData
 from models.features import (
     FeatureBuilder,
     FeatureSpec,
@@ -192,7 +193,7 @@ def training_plan(
 
     Raises
     ------
-    ValueError
+    TooLittleData
         If the plan has one cutoff and no modelled product was adopted in its window:
         there is nothing to learn.
     """
@@ -227,7 +228,7 @@ def training_plan(
             return plan
         plan = plan_cutoffs(end, horizon_days=horizon_days, first_adoption=None)
     if not window.any():
-        raise ValueError(
+        raise TooLittleData(
             f"nothing to learn: no modelled product was adopted between {pd.Timestamp(c).date()} "
             f"and {(end - pd.Timedelta(days=1)).date()} (the {horizon_days} days before as_of "
             f"{end.date()}); import the responses as adoptions dated in that window, or choose "
@@ -415,7 +416,7 @@ def train(
 
     Raises
     ------
-    ValueError
+    TooLittleData
         If there is nothing to learn: no modelled product adopted in the label window
         of the plan (:func:`training_plan`).
     """

@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import Engine, func, select
 
+from models.errors import TooLittleData
 from service.cli.context import (
     UserError,
     check_output,
@@ -138,13 +139,22 @@ def _require_history(engine: Engine) -> None:
         )
 
 
-def _too_little(exc: ValueError) -> UserError:
-    return UserError(
-        str(exc),
-        hint="import more history, or choose another --as-of or --horizon-days "
-        "(--debug shows where this came from)",
-        code=1,
-    )
+@contextmanager
+def _training_errors() -> Iterator[None]:
+    """Training's and evaluation's ``ValueError`` as one or two lines (exit 1): too
+    little data with what to do about it, any other (a damaged ``--truth`` bank, say)
+    as it is, for the data advice would mislead there."""
+    try:
+        yield
+    except TooLittleData as exc:
+        raise UserError(
+            str(exc),
+            hint="import more history, or choose another --as-of or --horizon-days "
+            "(--debug shows where this came from)",
+            code=1,
+        ) from exc
+    except ValueError as exc:
+        raise UserError(str(exc), hint="--debug shows where this came from", code=1) from exc
 
 
 def holdout_warnings(holdout: Any) -> list[str]:
@@ -298,7 +308,7 @@ def train(
         _said_training(outcome, report, replaced)
         return
     with _stage_progress() as advance:
-        try:
+        with _training_errors():
             outcome = train_and_register(
                 engine,
                 artifacts_dir=settings.artifacts_dir,
@@ -309,8 +319,6 @@ def train(
                 truth_dir=truth,
                 progress=advance,
             )
-        except ValueError as exc:
-            raise _too_little(exc) from exc
         if report is not None:
             advance("writing the report", 1.0)
             replaced = replacing(report)
@@ -367,7 +375,7 @@ def _train_on_dask(
     with _dask_errors(), cluster(address) as client, _stage_progress() as advance:
         advance("reading the bank", 0.0)
         bank = open_bank(client, engine=engine, parquet=parquet, partitions=partitions)
-        try:
+        with _training_errors():
             outcome = train_and_register_dask(
                 engine,
                 bank,
@@ -378,8 +386,6 @@ def _train_on_dask(
                 config=config,
                 progress=advance,
             )
-        except ValueError as exc:
-            raise _too_little(exc) from exc
         if report is not None:
             advance("writing the report", 1.0)
             replaced = replacing(report)
@@ -439,7 +445,7 @@ def evaluate(
         else:
             assert engine is not None  # made above when there is no --bank
             data = load_bank(engine)
-        try:
+        with _training_errors():
             holdout = run_evaluation(
                 data,
                 as_of=day,
@@ -449,8 +455,6 @@ def evaluate(
                 progress=advance,
                 outcome_comparison=True,
             )
-        except ValueError as exc:
-            raise _too_little(exc) from exc
         advance("writing the report", 1.0)
         replaced = replacing(report)
         write_evaluation_report(holdout, report, data=data)

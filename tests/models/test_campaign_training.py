@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from models.data import BankData
+from models.errors import TooLittleData
 from models.evaluation import campaign_metrics, holdout_evaluation
 from models.propensity import TrainConfig
 from models.propensity.training import stratified_split, train, training_plan
@@ -79,7 +80,7 @@ def test_a_burst_of_responses_after_a_dated_history_is_a_campaign(
 def test_nothing_to_learn_says_what_to_do(campaign: Campaign) -> None:
     """A window before the responses, with no dated holdings: nothing to learn."""
     data = campaign.bank(holdings=False)
-    with pytest.raises(ValueError, match=r"nothing to learn: .*import the responses") as caught:
+    with pytest.raises(TooLittleData, match=r"nothing to learn: .*import the responses") as caught:
         train(data, as_of=SNAPSHOT, horizon_days=DAYS, config=FAST)
     assert "\n" not in str(caught.value)
 

@@ -377,3 +377,23 @@ def test_the_early_break_check_finds_the_old_bug() -> None:
     ]
     assert [first for first, _ in _early_breaks(old, 80)] == [" offer", " accepted"]
     assert re.search(r"\boffer outcomes\b", " ".join(" ".join(old).split()))
+
+
+def test_only_too_little_data_gets_the_advice_to_import_more(
+    places: Places, tmp_path: Path
+) -> None:
+    """`nbo train --truth` on a bank folder with a customer written twice: the error
+    names the folder and the id, with no advice about history or dates, which would
+    send the user to the wrong place; too little data still gets it."""
+    twice = tmp_path / "twice"
+    shutil.copytree(places.bank.bank, twice)
+    lines = (twice / "customers.csv").read_text().splitlines()
+    (twice / "customers.csv").write_text("\n".join([*lines, lines[1]]) + "\n")
+    code, output = run(["train", "--truth", str(twice)], places.bank.url, places.root)
+    said = " ".join(output.split())
+    assert code == 1, output
+    assert f"the synthetic bank in {twice}: id" in said and "appears more than once" in said
+    assert "import more history" not in said and "Traceback" not in said
+    code, output = run(["train", "--as-of", "2001-01-01"], places.bank.url, places.root)
+    said = " ".join(output.split())
+    assert code == 1 and "nothing to learn:" in said and "import more history" in said, output
