@@ -1772,26 +1772,28 @@ def _customer_index(conn: Connection) -> tuple[pd.Index, np.ndarray] | None:
     )
     if estimate > _DIRECT_MAX_CUSTOMERS:
         return None
-    # Three long texts, not a Python object per customer: the ids concatenated, their
-    # lengths in bytes and their numbers, both fixed-width (a customer id has at most
-    # 128 characters, so at most 512 bytes). Each aggregate reads the rows in one order.
+    # Three long values, not a Python object per customer: the ids concatenated, and
+    # their lengths in bytes and their numbers as big-endian binary (a customer id has
+    # at most 128 characters, so at most 512 bytes: a smallint). Each aggregate reads
+    # the rows in one order. At 1M customers this took 0.47 s where the lengths and
+    # numbers as zero-padded decimal text took 0.95 s (0.38 s of it making the text).
     count, names, lengths, numbers = conn.exec_driver_sql(
         "SELECT COUNT(*), string_agg(external_id, ''), "
-        "string_agg(lpad(CAST(octet_length(external_id) AS TEXT), 3, '0'), ''), "
-        "string_agg(lpad(CAST(id AS TEXT), 19, '0'), '') FROM customers"
+        "string_agg(int2send(CAST(octet_length(external_id) AS smallint)), ''::bytea), "
+        "string_agg(int8send(id), ''::bytea) FROM customers"
     ).one()
     if count > _DIRECT_MAX_CUSTOMERS:
         return None
     if count == 0:
         return pd.Index([], dtype=object), np.zeros(0, dtype=np.int64)
     data = names.encode()
-    sizes = np.frombuffer(lengths.encode(), dtype="S3").astype(np.int64)
+    sizes = np.frombuffer(lengths, dtype=">i2").astype(np.int64)
     offsets = np.zeros(count + 1, dtype=np.int64)
     np.cumsum(sizes, out=offsets[1:])
     external = pa.LargeStringArray.from_buffers(
         count, pa.py_buffer(offsets), pa.py_buffer(data)
     ).cast(pa.string())
-    ids = np.frombuffer(numbers.encode(), dtype="S19").astype(np.int64)
+    ids = np.frombuffer(numbers, dtype=">i8").astype(np.int64)
     return pd.Index(external.to_pandas()), ids
 
 

@@ -200,6 +200,27 @@ def test_direct_load_is_taken_on_an_empty_postgres_table(
     assert constraints(engine) == before
 
 
+@PATHS
+def test_customer_ids_of_any_length_and_script_are_resolved(
+    engine: Engine, tmp_path: Path, bulk_rows: int
+) -> None:
+    """The direct load reads every customer's id and number in one query, the ids'
+    lengths in bytes: ids of one to 128 characters, some of several bytes each, are
+    each matched to their own customer (a length read wrong would shift every id
+    after it)."""
+    import_products(engine, FIXTURES / "products.csv")
+    ids = ["K", "Kö-1", "客户-2", "x" * 127 + "é", "Ω" * 128, "K 3", "k"]
+    path = tmp_path / "customers.csv"
+    path.write_text("customer_id\n" + "\n".join(ids) + "\n", encoding="utf-8")
+    import_customers(engine, path)
+    lines = [f"{c},{CODES[i % 4]},2023-0{1 + i}-02," for i, c in enumerate(reversed(ids))]
+    import_adoptions(engine, write_adoptions(tmp_path, lines), bulk_rows=bulk_rows)
+    expected = sorted(
+        (c, CODES[i % 4], f"2023-0{1 + i}-02", None, "import") for i, c in enumerate(reversed(ids))
+    )
+    assert stored(engine) == expected
+
+
 def test_arrow_reader_reads_what_pandas_reads(tmp_path: Path) -> None:
     body = (
         "\ufeffcustomer_id, product_code ,adopted_at,closed_at\n"
