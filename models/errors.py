@@ -7,7 +7,8 @@ class TooLittleData(ValueError):
     """The bank's data cannot support what was asked: no adoption in a training or
     holdout window, or too few to hold customers out and still train.
 
-    A :class:`ValueError`, as before it had a class of its own; callers that tell it
-    apart (the CLI) say what to import or which dates to choose, which would mislead for
-    any other ``ValueError`` (a bad option, a damaged synthetic bank).
+    A :class:`ValueError`, so code that caught ``ValueError`` before this class existed
+    still catches it. Callers that tell it apart (the CLI) say what to import or which
+    dates to choose, advice that would mislead for any other ``ValueError`` (a bad
+    option, a damaged synthetic bank).
     """
