@@ -1207,17 +1207,25 @@ def slope_per_minute(points: list[tuple[float, float]]) -> float | None:
     )
 
 
-def held_customers(url: str, key: str | None) -> float | None:
-    """Customers in the workers' contact histories, summed over the workers (the
-    ``nbo_worker_contact_history_customers`` gauge of ``/metrics``, which needs a key
-    with the ops scope); None when it cannot be read."""
+def read_metrics(url: str, key: str | None) -> str | None:
+    """The server's ``/metrics`` page (it needs a key with the ops scope), or None when
+    it cannot be read."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
         with urllib.request.urlopen(
             urllib.request.Request(f"{url}/metrics", headers=headers), timeout=30
         ) as response:
-            body = response.read().decode()
+            return str(response.read().decode())
     except (OSError, urllib.error.URLError):
+        return None
+
+
+def held_customers(url: str, key: str | None) -> float | None:
+    """Customers in the workers' contact histories, summed over the workers (the
+    ``nbo_worker_contact_history_customers`` gauge of ``/metrics``); None when it cannot
+    be read."""
+    body = read_metrics(url, key)
+    if body is None:
         return None
     values = [
         float(line.rsplit(" ", 1)[1])
@@ -1234,18 +1242,13 @@ SERVED_ROUTE = 'route="/v1/customers/{customer_id}/decisions"'
 def served_buckets(url: str, key: str | None) -> dict[float, float] | None:
     """The decision route's 200 answers so far by upper bound of the service's own
     latency histogram (``nbo_http_request_duration_seconds``, cumulative, summed over
-    the workers), or None when ``/metrics`` cannot be read (it needs the ops scope).
+    the workers), or None when ``/metrics`` cannot be read.
 
     The service measures a decision from the moment its lane takes the request until
     the answer is handed to the socket: the time before (the request waiting in the
     socket and for the event loop) and after (the kernel, wrk) is what wrk adds."""
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    try:
-        with urllib.request.urlopen(
-            urllib.request.Request(f"{url}/metrics", headers=headers), timeout=30
-        ) as response:
-            body = response.read().decode()
-    except (OSError, urllib.error.URLError):
+    body = read_metrics(url, key)
+    if body is None:
         return None
     buckets: dict[float, float] = {}
     for line in body.splitlines():
