@@ -141,9 +141,10 @@ def _require_history(engine: Engine) -> None:
 
 @contextmanager
 def _training_errors() -> Iterator[None]:
-    """Training's and evaluation's ``ValueError`` as one or two lines (exit 1): too
-    little data with what to do about it, any other (a damaged ``--truth`` bank, say)
-    as it is, for the data advice would mislead there."""
+    """Too little data for training or evaluation as one or two lines (exit 1), with
+    what to do about it. Any other ``ValueError`` (a damaged ``--truth`` bank, say), for
+    which that advice would mislead, is explained as every command's is
+    (:func:`service.cli.errors.explain`)."""
     try:
         yield
     except TooLittleData as exc:
@@ -153,8 +154,6 @@ def _training_errors() -> Iterator[None]:
             "(--debug shows where this came from)",
             code=1,
         ) from exc
-    except ValueError as exc:
-        raise UserError(str(exc), hint="--debug shows where this came from", code=1) from exc
 
 
 def holdout_warnings(holdout: Any) -> list[str]:
