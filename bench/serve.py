@@ -963,8 +963,6 @@ def run_wrk(
                 result[k] for k in ("connect_errors", "read_errors", "write_errors", "timeouts")
             )
             result["ok"] = result["requests"] - result["non2xx"]
-            if served is not None:
-                result.update(served_latency(served, served_buckets(url, metrics_key)))
             if server is not None and workers is not None:
                 minor, major, cpu = usage(worker_pids)
                 wall = time.monotonic() - started
@@ -987,6 +985,9 @@ def run_wrk(
                         result["database_us"] = (
                             usage(database_processes, children=True)[2] - queried[2]
                         ) * per
+            if served is not None:
+                # Read after the CPU figures, so rendering /metrics is not counted in them.
+                result.update(served_latency(served, served_buckets(url, metrics_key)))
             return result
     raise RuntimeError(f"wrk gave no result (exit {done.returncode}):\n{done.stdout}{done.stderr}")
 
@@ -2016,14 +2017,14 @@ def main() -> None:
                 if args.activation:
                     versions = ensure_second_version(database, args.second_version)
                     say(f"{database.kind}: model versions {versions}")
-                # Activates a version; reads /metrics (the soak's contact histories,
-                # the service's own latency of the decisions).
-                database.admin_key = api_key(database, role="admin")
             if args.prepare_only:
                 for database in databases:
                     say(f"{database.kind}: prepared in {database.folder} ({database.url})")
                 return
             for database in databases:
+                # Activates a version; reads /metrics (the soak's contact histories,
+                # the service's own latency of the decisions). Made only for runs.
+                database.admin_key = api_key(database, role="admin")
                 state = settle(database.kind, database.url)
                 for workers in args.workers:
                     bare = bare_server(database.folder, workers)
