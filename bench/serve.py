@@ -6,7 +6,7 @@ Usage::
         [--connections 32] [--duration 20] [--warmup 5] [--runs 2] [--workers 1[,2...]]
         [--threads 1] [--keep DIR] [--json FILE] [--pg-database NAME]
         [--activation [--activations 1] [--activation-interval 2]]
-        [--soak SECONDS [--sample-every 10]]
+        [--soak SECONDS [--sample-every 10]] [--compare-customers N]
     .venv/bin/python bench/serve.py --only-bare            # the anchor alone (no database)
     .venv/bin/python bench/serve.py --target-url URL       # decisions from a server you started
     .venv/bin/python bench/serve.py --prepare-only ...     # prepare a bank and stop
@@ -58,7 +58,16 @@ that holds its p99, measured from the moment the decision lane takes a request u
 the answer is on the socket. What wrk sees beyond that is the request waiting in the
 socket and for the event loop, the kernel and wrk itself: in round 17, runs where wrk's
 p99 was 88.7 ms had the service's own within 10 ms, and bare FastAPI's p999 was
-74-78 ms in the same minutes.
+74-78 ms in the same minutes (part of that was wrk itself: see ``bench/wrk/decision.lua``).
+
+``--compare-customers N`` (e.g. 100000 beside ``--customers 1000000``): issue 17 asks
+for decision speed at 1M customers "as at 100k". A second bank of N customers is
+prepared like the first (under ``DIR/compare-N/``, PostgreSQL database
+``<--pg-database>_N``), its decision server started after the main one is ready, and
+each round runs bare, decision, then decision at N; the report gives the decisions/s at
+``--customers`` over those at N (median of the rounds' ratios, read as "as at N" from
+0.9: runs of one server differ by about that much here) and both p99s. Only the main
+server is activated and soaked.
 
 With ``--workers 1,2`` every database gets one section per worker count, both servers
 restarted with that many workers. The decision server starts alone (the bare one after
@@ -178,6 +187,9 @@ FOLLOW_STREAK = 5  # decisions in a row naming the new version, per worker
 SECOND_HORIZON_DAYS = 60
 PG_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 TARGET_P99_MS = 10.0
+TARGET_SCALED = 0.9
+"""Decisions/s at --customers over those at --compare-customers in the same rounds, read
+as "as at 100k": within the 10% that runs of one server differ by here."""
 
 
 def say(message: str) -> None:
@@ -1016,6 +1028,18 @@ class Section:
     activations: list[dict[str, Any]] = field(default_factory=list)
     soak: dict[str, Any] | None = None
     database_state: str = ""  # what settle() found before the runs
+    compare: list[dict[str, Any]] = field(default_factory=list)  # --compare-customers runs
+    compare_customers: int = 0
+    compare_durability: dict[str, Any] | None = None
+
+
+@dataclass
+class Comparison:
+    """The --compare-customers bank's decision server and what its load needs."""
+
+    server: Server
+    ids: Path
+    database: Database
 
 
 def describe_run(name: str, result: dict[str, Any]) -> None:
@@ -1371,14 +1395,17 @@ def measure(
     decision_url: str | None = None,
     key: str | None = None,
     database: Database | None = None,
+    compare: Comparison | None = None,
 ) -> Section:
-    """Warm up, then alternate bare and decision runs; count decisions for durability."""
+    """Warm up, then alternate bare and decision runs (and the --compare-customers
+    decision runs after each decision run); count decisions for durability."""
     section = Section(
         label,
         load_before=load_average(),
         api_key=bool(key),
         workers=bare.workers,
         customers=args.customers,
+        compare_customers=args.compare_customers if compare else 0,
     )
     if decision is not None:
         section.ready_seconds = decision.ready_seconds
@@ -1392,6 +1419,28 @@ def measure(
     offers_before = count_rows(database.url, "offers") if database else None
     answered = 0  # 2xx decision answers, warm-up included: all of them must be recorded
     admin = database.admin_key if database is not None else None  # reads /metrics
+    if compare is not None:
+        compare_rows = count_decisions(compare.database.url)
+        compare_offers = count_rows(compare.database.url, "offers")
+        compare_answered = 0
+
+    def compare_run(seconds: int) -> dict[str, Any]:
+        """One decision run of the --compare-customers server."""
+        nonlocal compare_answered
+        assert compare is not None
+        c = compare.database
+        result = run_wrk(
+            compare.server.url,
+            compare.ids,
+            c.api_key,
+            seconds,
+            args,
+            compare.server,
+            metrics_key=c.admin_key,
+        )
+        compare_answered += result["ok"]
+        describe_run(f"at {count_label(args.compare_customers)}", result)
+        return result
 
     if args.warmup > 0:
         say(f"warm-up, {args.warmup} s each (not reported)")
@@ -1400,6 +1449,8 @@ def measure(
             warm = run_wrk(url, ids, key, args.warmup, args, decision, metrics_key=admin)
             answered += warm["ok"]
             describe_run("decision", warm)
+        if compare is not None:
+            compare_run(args.warmup)
     for run in range(1, args.runs + 1):
         say(f"run {run}/{args.runs}, {args.duration} s each")
         section.bare.append(run_wrk(bare.url, ids, key, args.duration, args, bare, database=False))
@@ -1415,6 +1466,8 @@ def measure(
                 section.decision_memory = max(
                     section.decision_memory or (0.0, 0.0), decision.memory_mb()
                 )
+        if compare is not None:
+            section.compare.append(compare_run(args.duration))
     if decision is not None:
         section.memory = decision.memory()
     if decision is not None and database is not None and args.activation and not args.stub_decision:
@@ -1432,17 +1485,32 @@ def measure(
     if database and rows_before is not None:
         if args.sigkill and decision:
             decision.stop(kill=True)
-        rows = count_decisions(database.url) - rows_before
-        offers = count_rows(database.url, "offers") - (offers_before or 0)
-        section.durability = {
-            "rows_added": rows,
-            "offers_per_decision": offers / rows if rows else 0.0,
-            "answered_2xx": answered,
-            "ok": rows >= answered,
-            "after_sigkill": bool(args.sigkill and decision),
-        }
+        section.durability = durability(
+            database.url, rows_before, offers_before or 0, answered, bool(args.sigkill and decision)
+        )
+    if compare is not None:
+        if args.sigkill:
+            compare.server.stop(kill=True)
+        section.compare_durability = durability(
+            compare.database.url, compare_rows, compare_offers, compare_answered, args.sigkill
+        )
     section.load_after = load_average()
     return section
+
+
+def durability(
+    url: str, rows_before: int, offers_before: int, answered: int, after_sigkill: bool
+) -> dict[str, Any]:
+    """The decisions rows added since ``rows_before`` against the 2xx answers given."""
+    rows = count_decisions(url) - rows_before
+    offers = count_rows(url, "offers") - offers_before
+    return {
+        "rows_added": rows,
+        "offers_per_decision": offers / rows if rows else 0.0,
+        "answered_2xx": answered,
+        "ok": rows >= answered,
+        "after_sigkill": after_sigkill,
+    }
 
 
 # ---------------------------------------------------------------------------- report
@@ -1485,13 +1553,53 @@ def summarize(section: Section) -> dict[str, Any]:
         "activation_ratio": activation_ratio(section),
         "soak": section.soak,
         "database": section.database_state,
+        "compare_customers": section.compare_customers,
+        "compare": section.compare,
+        "compare_durability": section.compare_durability,
     }
     if section.decision:
         ratios = [d["rps"] / b["rps"] for b, d in zip(section.bare, section.decision, strict=True)]
         out["ratios"] = ratios
         out["ratio"] = statistics.median(ratios)
         out["valid"] = not any(r["non2xx"] + r["errors"] for r in section.decision)
+    if section.decision and section.compare:
+        # Each run's decisions/s over the --compare-customers bank's in the same round.
+        scaled = [
+            d["rps"] / c["rps"] for d, c in zip(section.decision, section.compare, strict=True)
+        ]
+        out["compare_ratios"] = scaled
+        out["compare_ratio"] = statistics.median(scaled)
+        out["compare_valid"] = not any(r["non2xx"] + r["errors"] for r in section.compare)
     return out
+
+
+def report_durability(d: dict[str, Any], where: str) -> None:
+    verdict = "OK" if d["ok"] else "FAILED: acknowledged decisions are missing"
+    extra = d["rows_added"] - d["answered_2xx"]
+    when = "after SIGKILL" if d["after_sigkill"] else "right after the last run"
+    print(
+        f"durability{where} ({when}): decisions rows added {d['rows_added']:,} vs 2xx answers "
+        f"{d['answered_2xx']:,} (warm-up included): {verdict}"
+        + (f" ({extra:,} more rows: requests in flight when wrk stopped)" if extra > 0 else "")
+        + (f" ({-extra:,} missing)" if extra < 0 else "")
+    )
+    print(
+        f"work per decision{where}: {d['offers_per_decision']:.2f} offers recorded on average "
+        f"(NBO_FREQUENCY_CAP={os.environ.get('NBO_FREQUENCY_CAP', FREQUENCY_CAP)})"
+    )
+
+
+def report_compare(section: Section, summary: dict[str, Any]) -> None:
+    """Decisions at --customers beside the --compare-customers bank, run for run."""
+    here, there = count_label(section.customers), count_label(section.compare_customers)
+    ratios = ", ".join(f"{r:.3f}" for r in summary["compare_ratios"])
+    failed = sum(r["non2xx"] + r["errors"] for r in section.compare)
+    print(
+        f"decisions/s at {here} / at {there}: {summary['compare_ratio']:.3f} (runs: {ratios}); "
+        f"p99 {median(section.decision, 'p99_ms'):.2f} ms at {here}, "
+        f"{median(section.compare, 'p99_ms'):.2f} ms at {there}"
+        + (f" -- NOT VALID: {failed:,} requests at {there} failed" if failed else "")
+    )
 
 
 def report_cpu(section: Section) -> None:
@@ -1709,6 +1817,19 @@ def report_targets(section: Section) -> None:
                 "under 10 ms at 100k, 32 connections, PostgreSQL",
             )
         )
+    if section.decision and section.compare:
+        scaled = summarize(section)["compare_ratio"]
+        there = count_label(section.compare_customers)
+        met = "met" if scaled >= TARGET_SCALED else "NOT met"
+        lines.append(
+            (
+                f"decisions/s vs {there}",
+                f"{scaled:.3f} x (p99 {median(section.decision, 'p99_ms'):.2f} vs "
+                f"{median(section.compare, 'p99_ms'):.2f} ms)",
+                f"as at {there} (>= {TARGET_SCALED}) {met}",
+                "-",
+            )
+        )
     ratio = activation_ratio(section)
     if ratio is not None:
         met = "met" if ratio <= TARGET_ACTIVATION_RATIO else "NOT met"
@@ -1769,6 +1890,9 @@ def report(sections: list[Section], info: dict[str, Any], args: argparse.Namespa
         print(row("bare", section.bare, section.bare_memory))
         if section.decision:
             print(row("decision", section.decision, section.decision_memory))
+        if section.compare:
+            print(row(f"at {count_label(section.compare_customers)}", section.compare, None))
+        if section.decision:
             ratios = ", ".join(f"{r:.3f}" for r in summary["ratios"])
             p99 = median(section.decision, "p99_ms")
             failed = sum(r["non2xx"] + r["errors"] for r in section.decision)
@@ -1794,27 +1918,16 @@ def report(sections: list[Section], info: dict[str, Any], args: argparse.Namespa
                     f"event loop, the kernel, wrk)"
                 )
             report_cpu(section)
+        if "compare_ratio" in summary:
+            report_compare(section, summary)
         if section.durability:
-            d = section.durability
-            verdict = "OK" if d["ok"] else "FAILED: acknowledged decisions are missing"
-            extra = d["rows_added"] - d["answered_2xx"]
-            when = "after SIGKILL" if d["after_sigkill"] else "right after the last run"
-            print(
-                f"durability ({when}): decisions rows added {d['rows_added']:,} vs 2xx answers "
-                f"{d['answered_2xx']:,} (warm-up included): {verdict}"
-                + (
-                    f" ({extra:,} more rows: requests in flight when wrk stopped)"
-                    if extra > 0
-                    else ""
-                )
-                + (f" ({-extra:,} missing)" if extra < 0 else "")
-            )
-            print(
-                f"work per decision: {d['offers_per_decision']:.2f} offers recorded on average "
-                f"(NBO_FREQUENCY_CAP={os.environ.get('NBO_FREQUENCY_CAP', FREQUENCY_CAP)})"
-            )
+            report_durability(section.durability, "")
         elif section.decision:
             print("durability: not checked (no database known for this target)")
+        if section.compare_durability:
+            report_durability(
+                section.compare_durability, f" at {count_label(section.compare_customers)}"
+            )
         report_memory(section)
         report_activation(section)
         report_soak(section)
@@ -1953,6 +2066,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--sample-every", type=int, default=10, metavar="SECONDS", help="Soak sampling period."
     )
+    parser.add_argument(
+        "--compare-customers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="Also serve a bank of N customers (e.g. 100000; its own bank, folder and "
+        "database, prepared once like the main one) and take its decision runs in turn with "
+        "the others: decision speed at --customers beside N, in the same runs.",
+    )
     args = parser.parse_args()
     if min(args.activation_interval, args.sample_every, args.activations) < 1 or args.soak < 0:
         parser.error(
@@ -1966,7 +2088,27 @@ def parse_args() -> argparse.Namespace:
         parser.error("--customers, --duration, --runs, --workers and --threads must be >= 1")
     if args.only_bare and args.target_url:
         parser.error("--only-bare and --target-url exclude each other")
+    if args.compare_customers:
+        if args.compare_customers < 1 or args.compare_customers == args.customers:
+            parser.error("--compare-customers must be >= 1 and differ from --customers")
+        if args.only_bare or args.target_url or args.stub_decision:
+            parser.error("--compare-customers needs decision servers of its own")
+        if not PG_NAME.fullmatch(compare_pg_database(args)):
+            parser.error("--pg-database is too long for --compare-customers' database name")
     return args
+
+
+def compare_pg_database(args: argparse.Namespace) -> str:
+    """The PostgreSQL database of the --compare-customers bank."""
+    return f"{args.pg_database}_{args.compare_customers}"
+
+
+def count_label(customers: int) -> str:
+    """100000 -> '100k', 1000000 -> '1M', 2500 -> '2.5k'."""
+    for size, unit in ((1_000_000, "M"), (1_000, "k")):
+        if customers >= size:
+            return f"{customers / size:g}{unit}"
+    return str(customers)
 
 
 def interrupt(signum: int, frame: object) -> None:
@@ -1990,6 +2132,9 @@ def main() -> None:
             stack.callback(shutil.rmtree, root, True)
         say(f"work folder: {root}")
         bank, ids = prepare_bank(root, args.customers)
+        compare_root = root / f"compare-{args.compare_customers}"
+        if args.compare_customers:
+            compare_bank, compare_ids = prepare_bank(compare_root, args.compare_customers)
 
         sections: list[Section] = []
         if args.only_bare or args.target_url:
@@ -2007,25 +2152,41 @@ def main() -> None:
         else:
             kinds = ["postgresql", "sqlite"] if args.database == "both" else [args.database]
             if "postgresql" in kinds and not args.keep:
-                stack.callback(
-                    lambda: pg_admin(f"DROP DATABASE IF EXISTS {args.pg_database} WITH (FORCE)")
-                )
+                for name in [args.pg_database] + (
+                    [compare_pg_database(args)] if args.compare_customers else []
+                ):
+                    stack.callback(pg_admin, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
             databases = [
                 prepare_database(k, root, bank, args.customers, args.pg_database) for k in kinds
             ]
+            compares: list[Database | None] = [None] * len(kinds)
+            if args.compare_customers:
+                compares = [
+                    prepare_database(
+                        k,
+                        compare_root,
+                        compare_bank,
+                        args.compare_customers,
+                        compare_pg_database(args),
+                    )
+                    for k in kinds
+                ]
             for database in databases:
                 if args.activation:
                     versions = ensure_second_version(database, args.second_version)
                     say(f"{database.kind}: model versions {versions}")
             if args.prepare_only:
-                for database in databases:
+                for database in databases + [c for c in compares if c is not None]:
                     say(f"{database.kind}: prepared in {database.folder} ({database.url})")
                 return
-            for database in databases:
+            for database, compared in zip(databases, compares, strict=True):
                 # Activates a version; reads /metrics (the soak's contact histories,
                 # the service's own latency of the decisions). Made only for runs.
                 database.admin_key = api_key(database, role="admin")
                 state = settle(database.kind, database.url)
+                if compared is not None:
+                    compared.admin_key = api_key(compared, role="admin")
+                    settle(compared.kind, compared.url)
                 for workers in args.workers:
                     bare = bare_server(database.folder, workers)
                     if args.stub_decision:
@@ -2049,6 +2210,17 @@ def main() -> None:
                             else "not seen (off, or not within the wait): runs start now"
                         )
                     )
+                    comparison = None
+                    if compared is not None:
+                        # Started after the main one is ready, so that ready time is its own.
+                        other = decision_server(compared, workers)
+                        other.name = f"decision at {count_label(args.compare_customers)}"
+                        stack.callback(other.stop)
+                        other_started = time.monotonic()
+                        other.start()
+                        other.wait_ready(args.start_timeout)
+                        await_first_figures(compared, other_started, FIGURES_WAIT)
+                        comparison = Comparison(other, compare_ids, compared)
                     bare.start()
                     bare.wait_ready(args.start_timeout)
                     section = measure(
@@ -2059,6 +2231,7 @@ def main() -> None:
                         decision=decision,
                         key=database.api_key,
                         database=database,
+                        compare=comparison,
                     )
                     section.serving_before_mb = serving_before
                     section.figures_seconds = figures
@@ -2066,6 +2239,8 @@ def main() -> None:
                     sections.append(section)
                     bare.stop()
                     decision.stop()
+                    if comparison is not None:
+                        comparison.server.stop()
         report(sections, info, args)
 
 
