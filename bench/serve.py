@@ -1764,8 +1764,9 @@ def report_soak(section: Section) -> None:
         )
 
 
-def report_targets(section: Section) -> None:
-    """The issue 17 targets beside today's figures, for what this section measured."""
+def report_targets(section: Section, summary: dict[str, Any]) -> None:
+    """The issue 17 targets beside today's figures, for what this section measured
+    (``summary``: its :func:`summarize`)."""
     lines: list[tuple[str, str, str, str]] = []
     scale = section.customers / 100_000
     ready = section.all_ready_seconds or section.ready_seconds
@@ -1800,7 +1801,7 @@ def report_targets(section: Section) -> None:
             )
         )
     if section.decision and section.bare:
-        ratio = summarize(section)["ratio"]
+        ratio = summary["ratio"]
         p99 = median(section.decision, "p99_ms")
         ratio_target = f">= {TARGET_RATIO} (1 worker)"
         if section.workers == 1:
@@ -1818,7 +1819,7 @@ def report_targets(section: Section) -> None:
             )
         )
     if section.decision and section.compare:
-        scaled = summarize(section)["compare_ratio"]
+        scaled = summary["compare_ratio"]
         there = count_label(section.compare_customers)
         met = "met" if scaled >= TARGET_SCALED else "NOT met"
         lines.append(
@@ -1931,7 +1932,7 @@ def report(sections: list[Section], info: dict[str, Any], args: argparse.Namespa
         report_memory(section)
         report_activation(section)
         report_soak(section)
-        report_targets(section)
+        report_targets(section, summary)
         print(f"load average: {section.load_before} before, {section.load_after} after")
     if args.json:
         Path(args.json).write_text(
