@@ -69,6 +69,15 @@ each round runs bare, decision, then decision at N; the report gives the decisio
 0.9: runs of one server differ by about that much here) and both p99s. Only the main
 server is activated and soaked.
 
+``--think-ms 5,10,20,40``: at 32 connections back to back, the latency is set by the
+worker's throughput (the mean is 32 / requests a second, and an event loop answering in
+bursts puts the p99 near twice that: see ``bench/wire.py``). A teller system does not
+send that way: each connection waits while a teller serves a customer. After the
+measured rounds, one bare and one decision run per think time, each connection pausing
+a random time of that mean (exponential) before each request; the report gives the rate
+and latency of each, and the highest decision rate whose p99 is within the target, as a
+share of the back-to-back rate: what one worker can carry within it, for sizing.
+
 With ``--workers 1,2`` every database gets one section per worker count, both servers
 restarted with that many workers. The decision server starts alone (the bare one after
 it is ready), and the section reports:
@@ -945,9 +954,11 @@ def run_wrk(
     *,
     database: bool = True,
     metrics_key: str | None = None,
+    think_ms: float = 0.0,
 ) -> dict[str, Any]:
-    """One wrk run; the figures from the lua script's WRK_RESULT line, and with
-    ``server`` the page faults its workers took meanwhile (``major_faults``: a page read
+    """One wrk run (each connection pausing ``think_ms`` on average before each request,
+    if positive: see ``bench/wrk/decision.lua``); the figures from the lua script's
+    WRK_RESULT line, and with ``server`` the page faults its workers took meanwhile (``major_faults``: a page read
     from disk while the worker's requests waited), the CPU its workers and (with
     ``database``) this machine's PostgreSQL used per request answered (``worker_us``,
     ``database_us``), the share of the run a worker spent waiting for a CPU while it had
@@ -967,6 +978,7 @@ def run_wrk(
     argv += ["--timeout", "10s", "-s", str(LUA_SCRIPT), url, "--", str(ids)]
     env = dict(os.environ)
     env["NBO_BENCH_API_KEY"] = key or ""
+    env["NBO_BENCH_THINK_MS"] = f"{think_ms:g}" if think_ms > 0 else ""
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=seconds + 120)
     for line in done.stdout.splitlines():
         if line.startswith("WRK_RESULT "):
@@ -1031,6 +1043,7 @@ class Section:
     compare: list[dict[str, Any]] = field(default_factory=list)  # --compare-customers runs
     compare_customers: int = 0
     compare_durability: dict[str, Any] | None = None
+    think: list[dict[str, Any]] = field(default_factory=list)  # --think-ms runs
 
 
 @dataclass
@@ -1468,6 +1481,32 @@ def measure(
                 )
         if compare is not None:
             section.compare.append(compare_run(args.duration))
+    section.think = [{"think_ms": t, "bare": [], "decision": []} for t in args.think_ms]
+    for run in range(1, args.runs + 1 if args.think_ms else 1):
+        for lighter in section.think:
+            think = lighter["think_ms"]
+            say(f"think time {think:g} ms (mean), run {run}/{args.runs}, {args.duration} s each")
+            lighter["bare"].append(
+                run_wrk(
+                    bare.url, ids, key, args.duration, args, bare, database=False, think_ms=think
+                )
+            )
+            describe_run("bare", lighter["bare"][-1])
+            if url:
+                lighter["decision"].append(
+                    run_wrk(
+                        url,
+                        ids,
+                        key,
+                        args.duration,
+                        args,
+                        decision,
+                        metrics_key=admin,
+                        think_ms=think,
+                    )
+                )
+                answered += lighter["decision"][-1]["ok"]
+                describe_run("decision", lighter["decision"][-1])
     if decision is not None:
         section.memory = decision.memory()
     if decision is not None and database is not None and args.activation and not args.stub_decision:
@@ -1556,6 +1595,7 @@ def summarize(section: Section) -> dict[str, Any]:
         "compare_customers": section.compare_customers,
         "compare": section.compare,
         "compare_durability": section.compare_durability,
+        "think": section.think,
     }
     if section.decision:
         ratios = [d["rps"] / b["rps"] for b, d in zip(section.bare, section.decision, strict=True)]
@@ -1600,6 +1640,51 @@ def report_compare(section: Section, summary: dict[str, Any]) -> None:
         f"{median(section.compare, 'p99_ms'):.2f} ms at {there}"
         + (f" -- NOT VALID: {failed:,} requests at {there} failed" if failed else "")
     )
+
+
+def report_think(section: Section) -> None:
+    """Latency under lighter loads (--think-ms): the same connections, each pausing a
+    random think time before each request (medians over the runs, and each run's decision
+    p99), and the highest decision rate whose median p99 is within the target: how far
+    one worker can be loaded and still answer within it."""
+    if not section.think:
+        return
+    print(
+        "lighter loads (the same connections, each pausing a random think time before each "
+        "request, exponential of this mean; wrk times a request from its write; medians):"
+    )
+    print(
+        f"{'think ms':>9s}  {'bare req/s':>10s} {'p50':>6s} {'p99':>6s}  "
+        f"{'decision req/s':>14s} {'p50':>6s} {'p99':>6s}  decision p99 of each run"
+    )
+    within: list[tuple[float, float]] = []
+    for lighter in section.think:
+        bare, decision = lighter["bare"], lighter["decision"]
+        line = (
+            f"{lighter['think_ms']:>9g}  {median(bare, 'rps'):>10,.0f} "
+            f"{median(bare, 'p50_ms'):>6.2f} {median(bare, 'p99_ms'):>6.2f}"
+        )
+        if decision:
+            failed = sum(r["non2xx"] + r["errors"] for r in decision)
+            p99 = median(decision, "p99_ms")
+            each = " / ".join(f"{r['p99_ms']:.2f}" for r in decision)
+            line += (
+                f"  {median(decision, 'rps'):>14,.0f} {median(decision, 'p50_ms'):>6.2f} "
+                f"{p99:>6.2f}  {each}" + (f"  NOT VALID: {failed:,} failed" if failed else "")
+            )
+            if not failed and p99 <= TARGET_P99_MS:
+                within.append((median(decision, "rps"), lighter["think_ms"]))
+        print(line)
+    if section.decision and any(t["decision"] for t in section.think):
+        full = median(section.decision, "rps")
+        if within:
+            rate, think = max(within)
+            print(
+                f"highest decision rate with p99 <= {TARGET_P99_MS:.0f} ms: {rate:,.0f} a second "
+                f"(think {think:g} ms), {rate / full:.0%} of the back-to-back rate ({full:,.0f})"
+            )
+        else:
+            print(f"no think time gave a decision p99 <= {TARGET_P99_MS:.0f} ms")
 
 
 def report_cpu(section: Section) -> None:
@@ -1929,6 +2014,7 @@ def report(sections: list[Section], info: dict[str, Any], args: argparse.Namespa
             report_durability(
                 section.compare_durability, f" at {count_label(section.compare_customers)}"
             )
+        report_think(section)
         report_memory(section)
         report_activation(section)
         report_soak(section)
@@ -2076,6 +2162,16 @@ def parse_args() -> argparse.Namespace:
         "database, prepared once like the main one) and take its decision runs in turn with "
         "the others: decision speed at --customers beside N, in the same runs.",
     )
+    parser.add_argument(
+        "--think-ms",
+        type=think_times,
+        default=[],
+        metavar="MS[,MS...]",
+        help="After the runs, one bare and one decision run per think time (e.g. 5,10,20,40): "
+        "each connection pauses a random time of that mean before each request, as tellers "
+        "between customers. Reports latency at lighter loads and the highest decision rate "
+        "with p99 within the target.",
+    )
     args = parser.parse_args()
     if min(args.activation_interval, args.sample_every, args.activations) < 1 or args.soak < 0:
         parser.error(
@@ -2097,6 +2193,17 @@ def parse_args() -> argparse.Namespace:
         if not PG_NAME.fullmatch(compare_pg_database(args)):
             parser.error("--pg-database is too long for --compare-customers' database name")
     return args
+
+
+def think_times(text: str) -> list[float]:
+    """``5,10,20``: mean think times in ms, each > 0 and at most a minute."""
+    try:
+        times = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}': give think times like 5,10,20") from None
+    if not times or not all(0 < t <= 60_000 for t in times):
+        raise argparse.ArgumentTypeError(f"'{text}': think times must be > 0 and <= 60000 ms")
+    return times
 
 
 def compare_pg_database(args: argparse.Namespace) -> str:

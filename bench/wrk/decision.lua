@@ -5,6 +5,11 @@
 --   IDS_FILE            one customer id a line, already URL-safe (bench/serve.py writes it)
 --   NBO_BENCH_API_KEY   environment; when set, every request carries
 --                       "Authorization: Bearer <key>"
+--   NBO_BENCH_THINK_MS  environment; when a positive number, each connection pauses
+--                       before each request for a random think time (exponential, of
+--                       this mean in ms), as a teller between customers: a lighter
+--                       load than back-to-back requests. wrk times a request from its
+--                       write, so the pause is not counted in its latency.
 --
 -- done() prints one line:
 --   WRK_RESULT {"requests":..,"rps":..,"p50_ms":..,"p90_ms":..,"p99_ms":..,"non2xx":..,...}
@@ -70,6 +75,14 @@ function init(args)
    head[#head + 1] = "Content-Length: " .. string.len(body)
    suffix = table.concat(head, "\r\n") .. "\r\n\r\n" .. body
    math.randomseed(os.time() * 1000 + (thread_number or 0) * 7919)
+end
+
+local think = tonumber(os.getenv("NBO_BENCH_THINK_MS") or "")
+if think ~= nil and think > 0 then
+   function delay()
+      -- wrk takes whole milliseconds: rounded, the mean stays the one asked for
+      return math.floor(-think * math.log(1 - math.random()) + 0.5)
+   end
 end
 
 function request()
