@@ -1432,6 +1432,8 @@ def measure(
     offers_before = count_rows(database.url, "offers") if database else None
     answered = 0  # 2xx decision answers, warm-up included: all of them must be recorded
     admin = database.admin_key if database is not None else None  # reads /metrics
+    # PostgreSQL's CPU a decision is counted on PostgreSQL only (SQLite runs in the worker).
+    postgres = database is None or database.kind == "postgresql"
     if compare is not None:
         compare_rows = count_decisions(compare.database.url)
         compare_offers = count_rows(compare.database.url, "offers")
@@ -1449,6 +1451,7 @@ def measure(
             seconds,
             args,
             compare.server,
+            database=postgres,
             metrics_key=c.admin_key,
         )
         compare_answered += result["ok"]
@@ -1459,7 +1462,9 @@ def measure(
         say(f"warm-up, {args.warmup} s each (not reported)")
         describe_run("bare", run_wrk(bare.url, ids, key, args.warmup, args, bare, database=False))
         if url:
-            warm = run_wrk(url, ids, key, args.warmup, args, decision, metrics_key=admin)
+            warm = run_wrk(
+                url, ids, key, args.warmup, args, decision, database=postgres, metrics_key=admin
+            )
             answered += warm["ok"]
             describe_run("decision", warm)
         if compare is not None:
@@ -1471,7 +1476,16 @@ def measure(
         section.bare_memory = max(section.bare_memory, bare.memory_mb())
         if url:
             section.decision.append(
-                run_wrk(url, ids, key, args.duration, args, decision, metrics_key=admin)
+                run_wrk(
+                    url,
+                    ids,
+                    key,
+                    args.duration,
+                    args,
+                    decision,
+                    database=postgres,
+                    metrics_key=admin,
+                )
             )
             answered += section.decision[-1]["ok"]
             describe_run("decision", section.decision[-1])
@@ -1501,6 +1515,7 @@ def measure(
                         args.duration,
                         args,
                         decision,
+                        database=postgres,
                         metrics_key=admin,
                         think_ms=think,
                     )
