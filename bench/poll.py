@@ -12,9 +12,12 @@ the log was empty and then sees an event far above its last one has
 :data:`~service.decision.state.MAX_GAPS` of them. This times that read, read-only, on
 the database of ``NBO_DATABASE_URL`` (ids above any in the log, so nothing is found:
 the cost is the statement's): the gaps as one bound parameter each (the form SQLite
-takes) against one ``bigint[]`` array (PostgreSQL's), alternated ``--rounds`` times,
-``--polls`` reads each. Prints the median wall time and this process's CPU a poll
-(the worker's share; PostgreSQL's is the difference, roughly).
+takes), as one ``bigint[]`` array bound as a Python list (PostgreSQL's before issue 17's
+nineteenth round: the driver dumps each element in Python, on the poll's thread) and as
+that array's text (PostgreSQL's now, :func:`~service.decision.state._bigint_array`),
+alternated ``--rounds`` times, ``--polls`` reads each. Prints the median wall time and
+this process's CPU a poll (the worker's share, held from the event loop; PostgreSQL's is
+the difference, roughly).
 """
 
 from __future__ import annotations
@@ -57,16 +60,17 @@ def main() -> None:
         f"{args.polls} polls a form, {args.rounds} rounds"
     )
     forms = (
-        ("one parameter a gap", state._POLL_WITH_GAPS),
-        ("one bigint[] array", state._POLL_WITH_GAP_ARRAY),
+        ("one parameter a gap", state._POLL_WITH_GAPS, sorted),
+        ("bigint[] as a list", state._POLL_WITH_GAP_ARRAY, sorted),
+        ("bigint[] as text", state._POLL_WITH_GAP_ARRAY, state._bigint_array),
     )
     for round_ in range(1, args.rounds + 1):
-        for name, query in forms:
+        for name, query, bound in forms:
             walls, cpus = [], []
             for _ in range(args.polls):
                 wall, cpu = time.perf_counter(), time.process_time()
                 with engine.connect() as conn:
-                    conn.execute(query, {"last": last, "gaps": gaps}).all()
+                    conn.execute(query, {"last": last, "gaps": bound(gaps)}).all()
                 walls.append(time.perf_counter() - wall)
                 cpus.append(time.process_time() - cpu)
             print(
