@@ -1458,15 +1458,30 @@ def measure(
         describe_run(f"at {count_label(args.compare_customers)}", result)
         return result
 
+    def decision_run(seconds: int, think_ms: float = 0.0) -> dict[str, Any]:
+        """One run of the decision server; its 2xx answers counted for durability."""
+        nonlocal answered
+        assert url is not None
+        result = run_wrk(
+            url,
+            ids,
+            key,
+            seconds,
+            args,
+            decision,
+            database=postgres,
+            metrics_key=admin,
+            think_ms=think_ms,
+        )
+        answered += result["ok"]
+        describe_run("decision", result)
+        return result
+
     if args.warmup > 0:
         say(f"warm-up, {args.warmup} s each (not reported)")
         describe_run("bare", run_wrk(bare.url, ids, key, args.warmup, args, bare, database=False))
         if url:
-            warm = run_wrk(
-                url, ids, key, args.warmup, args, decision, database=postgres, metrics_key=admin
-            )
-            answered += warm["ok"]
-            describe_run("decision", warm)
+            decision_run(args.warmup)
         if compare is not None:
             compare_run(args.warmup)
     for run in range(1, args.runs + 1):
@@ -1475,20 +1490,7 @@ def measure(
         describe_run("bare", section.bare[-1])
         section.bare_memory = max(section.bare_memory, bare.memory_mb())
         if url:
-            section.decision.append(
-                run_wrk(
-                    url,
-                    ids,
-                    key,
-                    args.duration,
-                    args,
-                    decision,
-                    database=postgres,
-                    metrics_key=admin,
-                )
-            )
-            answered += section.decision[-1]["ok"]
-            describe_run("decision", section.decision[-1])
+            section.decision.append(decision_run(args.duration))
             if decision:
                 section.decision_memory = max(
                     section.decision_memory or (0.0, 0.0), decision.memory_mb()
@@ -1507,21 +1509,7 @@ def measure(
             )
             describe_run("bare", lighter["bare"][-1])
             if url:
-                lighter["decision"].append(
-                    run_wrk(
-                        url,
-                        ids,
-                        key,
-                        args.duration,
-                        args,
-                        decision,
-                        database=postgres,
-                        metrics_key=admin,
-                        think_ms=think,
-                    )
-                )
-                answered += lighter["decision"][-1]["ok"]
-                describe_run("decision", lighter["decision"][-1])
+                lighter["decision"].append(decision_run(args.duration, think))
     if decision is not None:
         section.memory = decision.memory()
     if decision is not None and database is not None and args.activation and not args.stub_decision:
