@@ -186,6 +186,9 @@ class Run:
     state: str
 
 
+_THREAD_NAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+"""A name ``--client`` takes (the kernel keeps 15 characters of a thread's name); it goes
+into a tracefs filter."""
 _SWITCH = re.compile(
     r"\s(\d+\.\d+): sched_switch: prev_comm=(.+?) prev_pid=(\d+) prev_prio=\d+ "
     r"prev_state=(\S+) ==> next_comm=(.+?) next_pid=(\d+)"
@@ -203,13 +206,23 @@ class SchedTrace:
         if not (TRACEFS / "trace").exists():
             raise SystemExit("--pid needs tracefs (/sys/kernel/tracing) and root")
         self.threads = {int(t.name): (t / "comm").read_text().strip() for t in _tasks(pid)}
+        bad = [c for c in clients if not _THREAD_NAME.fullmatch(c)]
+        if bad:
+            raise SystemExit(f"--client {bad[0]!r}: a thread name is 1-15 of A-Z a-z 0-9 _ . -")
         self.clients = clients
+        self.saved: dict[str, str] = {}
         self.shift = 0.0
 
     def _write(self, name: str, value: str) -> None:
         (TRACEFS / name).write_text(value)
 
     def start(self) -> None:
+        # What is changed here is put back in stop(): other users of tracefs keep theirs.
+        clock = (TRACEFS / "trace_clock").read_text()
+        self.saved = {
+            "trace_clock": clock[clock.index("[") + 1 : clock.index("]")],
+            "buffer_size_kb": (TRACEFS / "buffer_size_kb").read_text().split()[0],
+        }
         self._write("tracing_on", "0")
         self._write("trace", "")
         self._write("trace_clock", "mono")
@@ -229,6 +242,8 @@ class SchedTrace:
         self._write("events/sched/sched_switch/filter", "0")
         text = (TRACEFS / "trace").read_text()
         self._write("trace", "")
+        for name, value in self.saved.items():
+            self._write(name, value)
         began: dict[int, float] = {}
         runs: list[Run] = []
         for line in text.splitlines():
