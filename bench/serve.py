@@ -958,8 +958,8 @@ def run_wrk(
 ) -> dict[str, Any]:
     """One wrk run (each connection pausing ``think_ms`` on average before each request,
     if positive: see ``bench/wrk/decision.lua``); the figures from the lua script's
-    WRK_RESULT line, and with ``server`` the page faults its workers took meanwhile (``major_faults``: a page read
-    from disk while the worker's requests waited), the CPU its workers and (with
+    WRK_RESULT line, and with ``server`` the page faults its workers took meanwhile
+    (``major_faults``: a page read from disk while the worker's requests waited), the CPU its workers and (with
     ``database``) this machine's PostgreSQL used per request answered (``worker_us``,
     ``database_us``), the share of the run a worker spent waiting for a CPU while it had
     work (``worker_wait_pct``, averaged over the workers) and how busy the machine's
@@ -1399,6 +1399,52 @@ def measure_soak(
     }
 
 
+@dataclass
+class Load:
+    """One server under wrk in a section: its runs, each described as it ends, and with
+    ``recorded_in`` (the database its decisions are recorded in) the 2xx answers counted
+    against the decisions rows added since it was made, for the durability check."""
+
+    label: str
+    url: str
+    ids: Path
+    key: str | None
+    server: Server | None
+    database: bool = True  # count this machine's PostgreSQL CPU a request (run_wrk)
+    metrics_key: str | None = None
+    recorded_in: str | None = None
+    answered: int = 0  # 2xx answers, warm-up included: all of them must be recorded
+    rows_before: int = 0
+    offers_before: int = 0
+
+    def __post_init__(self) -> None:
+        if self.recorded_in is not None:
+            self.rows_before = count_decisions(self.recorded_in)
+            self.offers_before = count_rows(self.recorded_in, "offers")
+
+    def run(self, seconds: int, args: argparse.Namespace, think_ms: float = 0.0) -> dict[str, Any]:
+        result = run_wrk(
+            self.url,
+            self.ids,
+            self.key,
+            seconds,
+            args,
+            self.server,
+            database=self.database,
+            metrics_key=self.metrics_key,
+            think_ms=think_ms,
+        )
+        self.answered += result["ok"]
+        describe_run(self.label, result)
+        return result
+
+    def durability(self, after_sigkill: bool) -> dict[str, Any]:
+        assert self.recorded_in is not None
+        return durability(
+            self.recorded_in, self.rows_before, self.offers_before, self.answered, after_sigkill
+        )
+
+
 def measure(
     label: str,
     bare: Server,
@@ -1428,88 +1474,64 @@ def measure(
     if url:
         section.probe = probe(url, first_id, key)
         say(f"probe: POST /v1/customers/{first_id}/decisions -> {section.probe}")
-    rows_before = count_decisions(database.url) if database else None
-    offers_before = count_rows(database.url, "offers") if database else None
-    answered = 0  # 2xx decision answers, warm-up included: all of them must be recorded
     admin = database.admin_key if database is not None else None  # reads /metrics
     # PostgreSQL's CPU a decision is counted on PostgreSQL only (SQLite runs in the worker).
     postgres = database is None or database.kind == "postgresql"
-    if compare is not None:
-        compare_rows = count_decisions(compare.database.url)
-        compare_offers = count_rows(compare.database.url, "offers")
-        compare_answered = 0
-
-    def compare_run(seconds: int) -> dict[str, Any]:
-        """One decision run of the --compare-customers server."""
-        nonlocal compare_answered
-        assert compare is not None
-        c = compare.database
-        result = run_wrk(
-            compare.server.url,
-            compare.ids,
-            c.api_key,
-            seconds,
-            args,
-            compare.server,
-            database=postgres,
-            metrics_key=c.admin_key,
-        )
-        compare_answered += result["ok"]
-        describe_run(f"at {count_label(args.compare_customers)}", result)
-        return result
-
-    def decision_run(seconds: int, think_ms: float = 0.0) -> dict[str, Any]:
-        """One run of the decision server; its 2xx answers counted for durability."""
-        nonlocal answered
-        assert url is not None
-        result = run_wrk(
+    bare_load = Load("bare", bare.url, ids, key, bare, database=False)
+    # The decisions rows are counted now, before the warm-up: all its answers must be kept.
+    main = (
+        Load(
+            "decision",
             url,
             ids,
             key,
-            seconds,
-            args,
             decision,
             database=postgres,
             metrics_key=admin,
-            think_ms=think_ms,
+            recorded_in=database.url if database else None,
         )
-        answered += result["ok"]
-        describe_run("decision", result)
-        return result
-
+        if url
+        else None
+    )
+    other = (
+        Load(
+            f"at {count_label(args.compare_customers)}",
+            compare.server.url,
+            compare.ids,
+            compare.database.api_key,
+            compare.server,
+            database=compare.database.kind == "postgresql",
+            metrics_key=compare.database.admin_key,
+            recorded_in=compare.database.url,
+        )
+        if compare is not None
+        else None
+    )
     if args.warmup > 0:
         say(f"warm-up, {args.warmup} s each (not reported)")
-        describe_run("bare", run_wrk(bare.url, ids, key, args.warmup, args, bare, database=False))
-        if url:
-            decision_run(args.warmup)
-        if compare is not None:
-            compare_run(args.warmup)
+        for load in (bare_load, main, other):
+            if load is not None:
+                load.run(args.warmup, args)
     for run in range(1, args.runs + 1):
         say(f"run {run}/{args.runs}, {args.duration} s each")
-        section.bare.append(run_wrk(bare.url, ids, key, args.duration, args, bare, database=False))
-        describe_run("bare", section.bare[-1])
+        section.bare.append(bare_load.run(args.duration, args))
         section.bare_memory = max(section.bare_memory, bare.memory_mb())
-        if url:
-            section.decision.append(decision_run(args.duration))
+        if main is not None:
+            section.decision.append(main.run(args.duration, args))
             if decision:
                 section.decision_memory = max(
                     section.decision_memory or (0.0, 0.0), decision.memory_mb()
                 )
-        if compare is not None:
-            section.compare.append(compare_run(args.duration))
+        if other is not None:
+            section.compare.append(other.run(args.duration, args))
     section.think = [{"think_ms": t, "bare": [], "decision": []} for t in args.think_ms]
     for run in range(1, args.runs + 1 if args.think_ms else 1):
         for lighter in section.think:
             think = lighter["think_ms"]
             say(f"think time {think:g} ms (mean), run {run}/{args.runs}, {args.duration} s each")
-            lighter["bare"].append(
-                run_wrk(
-                    bare.url, ids, key, args.duration, args, bare, database=False, think_ms=think
-                )
-            )
-            describe_run("bare", lighter["bare"][-1])
-            if url:
-                lighter["decision"].append(decision_run(args.duration, think))
+            lighter["bare"].append(bare_load.run(args.duration, args, think))
+            if main is not None:
+                lighter["decision"].append(main.run(args.duration, args, think))
     if decision is not None:
         section.memory = decision.memory()
     if decision is not None and database is not None and args.activation and not args.stub_decision:
@@ -1518,24 +1540,22 @@ def measure(
         else:
             for _ in range(args.activations):  # each switches to the other version
                 section.activations.append(measure_activation(decision, ids, key, database, args))
-                answered += section.activations[-1]["answered_2xx"]
+                if main is not None:
+                    main.answered += section.activations[-1]["answered_2xx"]
     if decision is not None and args.soak:
         section.soak = measure_soak(
             decision, ids, key, args, None if database is None else database.admin_key
         )
-        answered += section.soak["answered_2xx"]
-    if database and rows_before is not None:
+        if main is not None:
+            main.answered += section.soak["answered_2xx"]
+    if main is not None and main.recorded_in is not None:
         if args.sigkill and decision:
             decision.stop(kill=True)
-        section.durability = durability(
-            database.url, rows_before, offers_before or 0, answered, bool(args.sigkill and decision)
-        )
-    if compare is not None:
+        section.durability = main.durability(bool(args.sigkill and decision))
+    if compare is not None and other is not None:
         if args.sigkill:
             compare.server.stop(kill=True)
-        section.compare_durability = durability(
-            compare.database.url, compare_rows, compare_offers, compare_answered, args.sigkill
-        )
+        section.compare_durability = other.durability(args.sigkill)
     section.load_after = load_average()
     return section
 
