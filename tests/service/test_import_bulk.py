@@ -500,3 +500,68 @@ def test_customer_id_taken_by_someone_else_during_a_first_load(
     assert stored[:500] == expected[:500]
     if engine.dialect.name == "postgresql":
         assert stored[500][0] == "ZZ-OTHER"
+
+
+# --------------------------------------------------------------------------- id lookup
+
+LOOKUP_IDS = [
+    "a",
+    "ab",
+    "abcdefgh",
+    "abcdefghi",
+    "ünïcödé-ïd",
+    "x" * 64,
+    "C1",
+    "C10",
+    "0",
+    "1" * 16,
+    "1" * 15,
+]
+LOOKUP_QUERIES = [
+    *LOOKUP_IDS,
+    "abcdefg",
+    "abcdefghij",
+    "x" * 65,
+    "ünïcödé",
+    "C100",
+    "1" * 17,
+    "A",
+]
+
+
+def test_id_lookup_finds_what_a_string_index_finds() -> None:
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+
+    rng = np.random.default_rng(0)
+    known = [f"C{i:07d}" for i in rng.permutation(20_000)] + LOOKUP_IDS
+    queries = [known[i] for i in rng.integers(0, len(known), 5_000)] + LOOKUP_QUERIES
+    want = pd.Index(known).get_indexer(queries).tolist()
+    lookup = importing.IdLookup(pa.array(known))
+    # Chunked and large_string, and sliced (an offset into its buffers), as a file's
+    # column can be.
+    chunked = pa.chunked_array(
+        [pa.array(queries[:100], pa.large_string()), pa.array(queries[100:], pa.large_string())]
+    )
+    assert lookup.positions(chunked).tolist() == want
+    assert lookup.positions(pa.array(["zz", *queries])[1:]).tolist() == want
+    assert importing.IdLookup(pa.array([], pa.string())).positions(pa.array(["a"])).tolist() == [-1]
+
+
+def test_id_lookup_checks_matches_and_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow as pa
+
+    # Ids longer than the packed width are looked up as strings.
+    long = importing.IdLookup(pa.array([*LOOKUP_IDS, "y" * 65]))
+    assert long._strings is not None
+    assert long.positions(pa.array(["y" * 65, "a", "zz"])).tolist() == [len(LOOKUP_IDS), 0, -1]
+    # Keys that collide: a query matching a known id's key but not its bytes is not it,
+    # and known ids whose keys collide send the lookup to the strings.
+    monkeypatch.setattr(importing, "_folded", lambda words: words[:, 0] & 0xFF)
+    one = importing.IdLookup(pa.array(["ab", "b"]))
+    assert one._strings is None
+    assert one.positions(pa.array(["ac", "ab", "bb", "b"])).tolist() == [-1, 0, -1, 1]
+    both = importing.IdLookup(pa.array(["ab", "ac"]))
+    assert both._strings is not None
+    assert both.positions(pa.array(["ac", "ab", "ad"])).tolist() == [1, 0, -1]
