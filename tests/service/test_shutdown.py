@@ -268,9 +268,13 @@ def _burst_then_sigterm(database_url: str, bank: Path, tmp_path: Path, *, worker
     assert all(o.status in (200, None) for o in after), [o for o in after if o.status][:5]
     # Later ones find nobody accepting. One worker closes its socket: refused. Several
     # share the parent's socket, which stays open (unserved) until the parent exits:
-    # their connections wait in its queue and are reset then.
+    # their connections wait in its queue and are reset then (ReadError), or one a
+    # worker took in its last moment is closed unread (RemoteProtocolError: closed
+    # without an answer, seen once in a CI run on a busy machine).
     late = [o for o in after if o.started >= signalled + settle]
-    expected = {"ConnectError"} if workers == 1 else {"ConnectError", "ReadError"}
+    expected = (
+        {"ConnectError"} if workers == 1 else {"ConnectError", "ReadError", "RemoteProtocolError"}
+    )
     assert all(o.error in expected for o in late), late[:5]
     closed = [o for o in after if o.error not in (None, "ConnectError")]
     print(f"after SIGTERM: {len(after)} requests, {len(closed)} closed unanswered")
