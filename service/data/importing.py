@@ -1826,11 +1826,12 @@ class IdLookup:
             self._strings = pd.Index(known.to_pandas())
             return
         self._width = max(1, -(-longest // 8))
-        self._words = _packed(known, self._width)
-        keys = pd.Index(_folded(self._words))
+        words, _ = _packed(known, self._width)
+        keys = pd.Index(_folded(words))
         if not keys.is_unique:
             self._strings = pd.Index(known.to_pandas())
             return
+        self._words = words
         self._keys = keys
 
     def positions(self, ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -1838,8 +1839,7 @@ class IdLookup:
         ids = _plain_strings(ids)
         if self._strings is not None:
             return np.asarray(self._strings.get_indexer(ids.to_pandas()), dtype=np.int64)
-        lengths = pc.binary_length(ids).to_numpy(zero_copy_only=False)
-        words = _packed(ids, self._width)
+        words, lengths = _packed(ids, self._width)
         found = np.asarray(self._keys.get_indexer(_folded(words)), dtype=np.int64)
         hit = np.flatnonzero(found >= 0)
         same = (self._words[found[hit]] == words[hit]).all(axis=1)
@@ -1857,9 +1857,9 @@ def _plain_strings(values: pa.Array | pa.ChunkedArray) -> pa.StringArray:
     return values
 
 
-def _packed(values: pa.StringArray, width: int) -> np.ndarray:
+def _packed(values: pa.StringArray, width: int) -> tuple[np.ndarray, np.ndarray]:
     """Each string's UTF-8 bytes in ``width`` little-endian 64-bit words, zero-padded
-    (cut at ``8 * width`` bytes), one row a string."""
+    (cut at ``8 * width`` bytes), one row a string; and each string's length in bytes."""
     n = len(values)
     _, offsets_buffer, data_buffer = values.buffers()
     offsets = np.frombuffer(offsets_buffer, dtype=np.int32)[values.offset : values.offset + n + 1]
@@ -1876,7 +1876,7 @@ def _packed(values: pa.StringArray, width: int) -> np.ndarray:
         if not len(rows):
             break
         out[rows, j] = data[starts[rows] + j]
-    return out.view("<u8")
+    return out.view("<u8"), lengths
 
 
 def _folded(words: np.ndarray) -> np.ndarray:

@@ -1011,15 +1011,13 @@ class ServingState:
         for gap in [g for g, seen in self._gaps.items() if now - seen > GAP_SECONDS]:
             del self._gaps[gap]
         with read_only(self.engine).connect() as conn:
-            if self._gaps and conn.dialect.name == "postgresql":
-                rows = conn.execute(
-                    _POLL_WITH_GAP_ARRAY,
-                    {"last": self.last_event, "gaps": _bigint_array(self._gaps)},
-                ).all()
-            elif self._gaps:
-                rows = conn.execute(
-                    _POLL_WITH_GAPS, {"last": self.last_event, "gaps": sorted(self._gaps)}
-                ).all()
+            if self._gaps:
+                query, gaps = (
+                    (_POLL_WITH_GAP_ARRAY, _bigint_array(self._gaps))
+                    if conn.dialect.name == "postgresql"
+                    else (_POLL_WITH_GAPS, sorted(self._gaps))
+                )
+                rows = conn.execute(query, {"last": self.last_event, "gaps": gaps}).all()
             else:
                 rows = conn.execute(_POLL, {"last": self.last_event}).all()
         if not rows:
