@@ -21,6 +21,11 @@ whole-table counts the check made before (customers and adoptions counted, on on
 core). The ``updated_at`` reads use their new index in both, so the old way's cost is
 understated by its two scans of the customers table.
 
+``--stacks MS`` also names what held the interpreter: whenever the waking thread is
+more than MS ms late, :func:`faulthandler.dump_traceback_later` (a C thread that needs
+no interpreter) takes the loading thread's stack in the middle of the stall, and the
+innermost frames of each stall are printed after the reload's line.
+
 ``--pacing`` alternates reloads paced (:func:`service.decision.sharing.pace`, as a
 serving worker's are) and not paced, with a thread standing for an event loop that
 always has a request to serve (back-to-back units of :data:`REQUEST_US` of Python): it
@@ -42,11 +47,15 @@ PostgreSQL's.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import platform
+import re
 import sys
+import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -94,6 +103,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--figures", action="store_true", help="Measure the business figures, not a reload."
+    )
+    parser.add_argument(
+        "--stacks",
+        type=float,
+        metavar="MS",
+        help="Take the loading thread's stack whenever the waking thread is MS ms late.",
     )
     parser.add_argument(
         "--pacing",
@@ -149,6 +164,8 @@ def main() -> None:
         return fingerprint(conn)
 
     loops = calibrate(REQUEST_US)
+    # Written by faulthandler's own thread, from the file's descriptor.
+    dumps = tempfile.TemporaryFile("w+") if args.stacks else None  # noqa: SIM115 - closed at exit
     paced_work = sharing.PACE_WORK_SECONDS
     for reload in range(1, args.reloads + 1):
         marks.clear()
@@ -158,10 +175,18 @@ def main() -> None:
         unpaced = args.pacing and reload % 2 == 0
         sharing.PACE_WORK_SECONDS = float("inf") if unpaced else paced_work
 
+        if dumps is not None:
+            dumps.seek(0)
+            dumps.truncate()
+
         def ping(stop: threading.Event = stop, gaps: list[tuple[float, float]] = gaps) -> None:
             last = time.perf_counter()
             while not stop.is_set():
+                if dumps is not None:
+                    faulthandler.dump_traceback_later(args.stacks / 1000, file=dumps)
                 time.sleep(0.001)
+                if dumps is not None:
+                    faulthandler.cancel_dump_traceback_later()
                 now = time.perf_counter()
                 gaps.append((last, now))
                 last = now
@@ -207,6 +232,10 @@ def main() -> None:
         )
         if args.pacing:
             print("  " + request_line(requests, origin, origin + took))
+        if dumps is not None:
+            dumps.seek(0)
+            for stall, count in stalls(dumps.read(), threading.main_thread().ident).most_common(12):
+                print(f"  {count:4d} x {stall}")
         for a, b in gaps:
             if (b - a) * 1000 > GAP_MS:
                 doing = [n for t, n in marks if t <= a]
@@ -215,6 +244,22 @@ def main() -> None:
                     f"(after: {doing[-1] if doing else 'before the reload'})"
                 )
     engine.dispose()
+
+
+def stalls(dumped: str, thread: int | None) -> Counter[str]:
+    """How often each innermost place of ``thread`` (its two last frames) was seen in
+    :mod:`faulthandler`'s dumps."""
+    seen: Counter[str] = Counter()
+    for block in dumped.split("\n\n"):
+        lines = block.strip().splitlines()
+        if not lines or thread is None or not lines[0].startswith(f"Thread 0x{thread:016x}"):
+            continue
+        frames = [
+            re.sub(r'File ".*?([^/]+/[^/]+)", line (\d+) in (\S+)', r"\3 (\1:\2)", line.strip())
+            for line in lines[1:3]
+        ]
+        seen[" < ".join(frames)] += 1
+    return seen
 
 
 def calibrate(micros: float) -> int:
