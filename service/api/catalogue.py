@@ -19,6 +19,7 @@ from service.auth import Principal, require
 from service.data import catalogue, registry
 from service.data.db import unit_of_work
 from service.data.tables import ModelVersion, Product
+from service.decision.sharing import sharing_the_interpreter
 from service.decision.state import prepare_store
 from service.errors import Invalid, Unavailable
 from service.schemas import (
@@ -181,8 +182,13 @@ async def activate_model(
     engine: EngineDep,
     state: ServingDep,
 ) -> ActivationResponse:
+    # Both steps load the version's bundle (JSON, rules, boosters: tens of milliseconds
+    # of Python at a million customers) on a thread beside the requests: sharing the
+    # interpreter, a request waits for it at most 0.5 ms at a time, not the default 5.
+    serving = state.snapshot is not None
+
     def activate() -> str | None:
-        with unit_of_work(engine) as session:
+        with sharing_the_interpreter(serving), unit_of_work(engine) as session:
             # Checked through this machine's cache, which the reload below then reuses.
             return registry.activate_version(
                 session,
@@ -193,7 +199,8 @@ async def activate_model(
 
     def prepare() -> None:
         try:
-            prepare_store(engine, state.settings, version)
+            with sharing_the_interpreter(serving):
+                prepare_store(engine, state.settings, version)
         except registry.RegistryError:
             return  # unknown, or a bundle that fails its checks: activate() says which
         except Exception as exc:
