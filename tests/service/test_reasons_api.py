@@ -33,7 +33,7 @@ from models.reasons import MIN_CUSTOMERS, MIN_RATIO, multiplier_text
 from models.rules import REASON_MIN_CUSTOMERS
 from models.synthetic import generate_bank, write_bank
 from service.app import create_app
-from service.decision.state import ServingState
+from service.decision.state import SequencePitches, ServingState
 from service.settings import Settings
 from tests.bank import AS_OF, load_trained_bank
 
@@ -242,3 +242,30 @@ def test_the_reason_rules_the_store_holds_are_the_ones_found_from_the_sequence(
     assert said > 20
     store.reasons = {**store.reasons, "min_lift": -1.0}
     assert snapshot._stored_pitches(store) is None
+
+
+def test_a_sequences_pitches_are_made_when_a_decision_first_needs_them(start: Any) -> None:
+    """A load makes no sequence's pitches (they were a quarter of an activation's work
+    beside the requests); the first decision about a customer on a path makes that
+    path's, from the reason rules the store holds, equal to those found from the
+    sequence, and keeps them for the next."""
+    client, auth = start()
+    snapshot = client.app.state.serving.snapshot  # type: ignore[attr-defined]
+    pitches = snapshot.customers.sequence_pitches
+    store = snapshot.customers.store
+    assert isinstance(pitches, SequencePitches) and store is not None
+    assert len(pitches) == len(store.sequences) > 50
+    assert all(slot is None for slot in pitches.made)
+    said = 0
+    for customer in CUSTOMERS[:150]:
+        answer = _decide(client, auth, customer)
+        sequence = int(store.sequence[store.find(customer)])
+        made = pitches.made[sequence]
+        assert made is not None and pitches[sequence] is made
+        assert list(made.items()) == list(
+            snapshot._sequence_pitches(store.sequences[sequence]).items()
+        )
+        rules = [o["reasons"] for o in answer["offers"] if o["product_code"] in made]
+        said += len(rules)
+    assert said > 5
+    assert sum(slot is not None for slot in pitches.made) < len(pitches)
