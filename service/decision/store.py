@@ -279,13 +279,30 @@ def _libc() -> Any:
     """The C library's ``mlock``, ``munlock`` and ``madvise``, typed (calls release the
     interpreter)."""
     libc = ctypes.CDLL(None, use_errno=True)
-    for name in ("mlock", "munlock", "madvise"):
+    for name in ("mlock", "munlock", "madvise", "mincore"):
         function = getattr(libc, name)
         function.restype = ctypes.c_int
         function.argtypes = [ctypes.c_void_p, ctypes.c_size_t] + (
-            [ctypes.c_int] if name == "madvise" else []
+            [ctypes.c_int] if name == "madvise" else [ctypes.c_void_p] if name == "mincore" else []
         )
     return libc
+
+
+def _cached(path: Path) -> bool:
+    """Whether every page of the file is in the page cache (``mincore`` over a read-only
+    mapping of it; False when that cannot be told)."""
+    size = path.stat().st_size
+    if size == 0:
+        return True
+    pages = np.zeros(-(-size // mmap.PAGESIZE), dtype=np.uint8)
+    with (
+        path.open("rb") as handle,
+        mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped,
+    ):
+        view = np.frombuffer(mapped, dtype=np.uint8)
+        told = _libc().mincore(view.__array_interface__["data"][0], size, pages.ctypes.data) == 0
+        del view  # before the mapping closes
+    return told and bool((pages & 1).all())
 
 
 class ColumnStore:
@@ -387,9 +404,14 @@ class ColumnStore:
         libc = _libc()
         buffer = bytearray(KEEP_CHUNK)
         for path in sorted(self.folder.glob("*.npy")):
-            with contextlib.suppress(OSError), path.open("rb", buffering=0) as handle:
-                while handle.readinto(buffer):
-                    pass
+            # A file the page cache holds whole (a store just built, or served by
+            # another worker) is not read again: reading 264 MiB took 40 ms of CPU.
+            with contextlib.suppress(OSError):
+                if _cached(path):
+                    continue
+                with path.open("rb", buffering=0) as handle:
+                    while handle.readinto(buffer):
+                        pass
         how = "locked" if lock else "populated"
         for at, size in self._chunks():
             if how == "locked" and libc.mlock(at, size) != 0:

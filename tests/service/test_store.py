@@ -200,6 +200,9 @@ def test_a_serving_store_is_kept_in_memory_locked_or_populated(
             self.calls.append("madvise")
             return self._madvise
 
+        def mincore(self, start: int, size: int, pages: int) -> int:
+            return -1  # cannot tell: the files are read through
+
     refusing = Refusing(madvise=0)
     monkeypatch.setattr(columns, "_libc", lambda: refusing)
     third = columns.ColumnStore(tmp_path / "s")
@@ -212,6 +215,38 @@ def test_a_serving_store_is_kept_in_memory_locked_or_populated(
     old = Refusing(madvise=-1)
     monkeypatch.setattr(columns, "_libc", lambda: old)
     assert columns.ColumnStore(tmp_path / "s").keep_in_memory() == "mapped"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="posix_fadvise, mincore")
+def test_a_store_file_is_read_through_only_when_the_page_cache_lacks_some_of_it(
+    synthetic: BankData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    _write_store(synthetic, tmp_path / "s")
+    files = sorted((tmp_path / "s").glob("*.npy"))
+    assert all(columns._cached(path) for path in files)  # just written
+    store = columns.ColumnStore(tmp_path / "s")  # mapped (its headers read)
+    dropped = max(files, key=lambda path: path.stat().st_size)
+    with dropped.open("rb+") as handle:
+        os.fsync(handle.fileno())
+        os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages go
+    if columns._cached(dropped):
+        pytest.skip("the page cache kept the file's pages")
+    read: list[str] = []
+    opened = Path.open
+
+    def counting(self: Path, mode: str = "r", buffering: int = -1, *a: Any, **k: Any) -> Any:
+        if buffering == 0:
+            read.append(self.name)
+        return opened(self, mode, buffering, *a, **k)
+
+    monkeypatch.setattr(Path, "open", counting)
+    store.keep_in_memory(lock=False)
+    assert read == [dropped.name]
+    assert columns._cached(dropped)  # read through: the page cache holds it again
+    columns.ColumnStore(tmp_path / "s").keep_in_memory(lock=False)
+    assert read == [dropped.name]  # nothing read the second time
 
 
 def test_one_process_builds_and_the_others_wait_for_it(tmp_path: Path) -> None:
