@@ -3,6 +3,7 @@
 Usage::
 
     NBO_DATABASE_URL=... NBO_DATA_DIR=... .venv/bin/python bench/reload.py [--reloads 2]
+        [--activate] [--stacks MS] [--pacing] [--figures]
 
 Loads the active version as a worker does (its serving store must be built: `nbo
 models prepare`; the contact history is skipped), then reloads it while a thread that
