@@ -284,8 +284,8 @@ class SequencePitches:
 
     Made all at once when a version was loaded, the dicts of 250k sequences at 1M
     customers took 80 ms of the interpreter (paced, about a quarter of an activation's
-    work beside the requests); one costs a couple of microseconds the first time a
-    customer on its path is asked about, nothing after. Filling a slot is atomic under
+    work beside the requests); one costs about a microsecond the first time a customer
+    on its path is asked about, nothing after. Filling a slot is atomic under
     the interpreter lock; two requests filling the same one make equal dicts.
     """
 

@@ -276,8 +276,8 @@ KEEP_CHUNK = 4 * 2**20
 
 @functools.cache
 def _libc() -> Any:
-    """The C library's ``mlock``, ``munlock`` and ``madvise``, typed (calls release the
-    interpreter)."""
+    """The C library's ``mlock``, ``munlock``, ``madvise`` and ``mincore``, typed (calls
+    release the interpreter)."""
     libc = ctypes.CDLL(None, use_errno=True)
     for name in ("mlock", "munlock", "madvise", "mincore"):
         function = getattr(libc, name)
