@@ -279,12 +279,17 @@ def _libc() -> Any:
     """The C library's ``mlock``, ``munlock``, ``madvise`` and ``mincore``, typed (calls
     release the interpreter)."""
     libc = ctypes.CDLL(None, use_errno=True)
-    for name in ("mlock", "munlock", "madvise", "mincore"):
+    # Each takes an address and a length; madvise then its advice, mincore its vector.
+    after: dict[str, list[Any]] = {
+        "mlock": [],
+        "munlock": [],
+        "madvise": [ctypes.c_int],
+        "mincore": [ctypes.c_void_p],
+    }
+    for name, rest in after.items():
         function = getattr(libc, name)
         function.restype = ctypes.c_int
-        function.argtypes = [ctypes.c_void_p, ctypes.c_size_t] + (
-            [ctypes.c_int] if name == "madvise" else [ctypes.c_void_p] if name == "mincore" else []
-        )
+        function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, *rest]
     return libc
 
 
